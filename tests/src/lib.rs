@@ -17,6 +17,8 @@ use serde_json::Value;
 
 pub use tempfile::TempDir;
 
+pub mod http;
+
 /// Why the fleet tests cannot run here, if they cannot (not root, no Nix, no namespaces).
 pub fn preflight() -> Result<(), String> {
     // The effective uid from /proc: no unsafe libc call needed.
@@ -240,6 +242,11 @@ impl Coordinator {
             )
         })?;
         Ok(())
+    }
+
+    /// The process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 
     /// The URL from the host.
@@ -468,6 +475,32 @@ impl Node {
             &self.veth_host,
             if up { "up" } else { "down" },
         ]))?;
+        Ok(())
+    }
+
+    /// Limits the host→node direction (the node's downloads) to `rate` (tc's syntax, e.g.
+    /// `4mbit`), or lifts the limit with `None`.
+    pub fn set_download_rate(&self, rate: Option<&str>) -> anyhow::Result<()> {
+        let _ = Command::new("tc")
+            .args(["qdisc", "del", "dev", &self.veth_host, "root"])
+            .stderr(Stdio::null())
+            .status();
+        if let Some(rate) = rate {
+            run(Command::new("tc").args([
+                "qdisc",
+                "add",
+                "dev",
+                &self.veth_host,
+                "root",
+                "tbf",
+                "rate",
+                rate,
+                "burst",
+                "32kbit",
+                "latency",
+                "2s",
+            ]))?;
+        }
         Ok(())
     }
 

@@ -1,0 +1,364 @@
+//! roost's benchmarks. Build in release first, then run one scenario:
+//!
+//! ```sh
+//! cargo build --release -p roost-agent -p roost-coordinator -p roost-tests
+//! target/release/bench capacity        # coordinator: conditional GETs, reports, held long-polls
+//! ```
+//!
+//! Figures go to stdout as JSON lines and a human summary; BENCHMARKS.md records them.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use roost_common::envelope::{Context as Ctx, Envelope};
+use roost_common::wire::v1::{self, Manifest, Profile, Report, ReportState};
+use roost_common::{SecretKey, Timestamp, Version};
+use roost_tests::http::{Conn, Latencies};
+use roost_tests::{Coordinator, Keys};
+use serde_json::json;
+use tokio::sync::Mutex;
+
+fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let scenario = args.first().map(String::as_str).unwrap_or("help");
+    let opt = |name: &str, default: u64| -> u64 {
+        args.iter()
+            .position(|a| a == name)
+            .and_then(|i| args.get(i + 1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(default)
+    };
+    raise_fd_limit();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    match scenario {
+        "capacity" => rt.block_on(capacity(
+            opt("--nodes", 10_000) as usize,
+            opt("--conns", 64) as usize,
+            opt("--seconds", 10),
+        )),
+        _ => {
+            eprintln!("usage: bench capacity [--nodes N] [--conns C] [--seconds S]");
+            std::process::exit(2);
+        }
+    }
+}
+
+fn raise_fd_limit() {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let mut lim = getrlimit(Resource::Nofile);
+    lim.current = lim.maximum;
+    let _ = setrlimit(Resource::Nofile, lim);
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .map(str::to_owned)
+        })
+        .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
+        .unwrap_or(0)
+}
+
+/// user+system CPU time of a process, in milliseconds (from /proc/PID/stat).
+fn cpu_ms(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let after = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<u64> = after
+        .split_whitespace()
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    // Fields 14 and 15 (utime, stime) are at 11 and 12 after the state field is skipped.
+    let ticks = f.get(10).copied().unwrap_or(0) + f.get(11).copied().unwrap_or(0);
+    ticks * 1000 / 100
+}
+
+fn node_name(i: usize) -> String {
+    format!("node-{i:05}")
+}
+
+fn manifest(node: &str, version: u64, node_key: Option<&SecretKey>) -> Vec<u8> {
+    let now = Timestamp::now();
+    let m = Manifest {
+        format: v1::FORMAT,
+        node: node.parse().unwrap(),
+        system: "x86_64-linux".into(),
+        version: Version(version),
+        issued_at: now,
+        expires_at: now.plus(Duration::from_secs(86_400 * 30)),
+        source: None,
+        substituters: vec![],
+        node_key: node_key.map(SecretKey::public),
+        profiles: vec![serde_json::from_value::<Profile>(json!({
+            "name": "system",
+            "path": format!("/nix/store/{}-nixos-system-{node}", "0123456789abcdfghijklmnpqrsvwxyz"),
+            "activation": {"kind": "nixos", "goal": "switch"},
+            "closure_size": 912_345_678u64,
+            "health_checks": [{"kind": "command", "argv": ["systemctl", "is-system-running", "--wait"], "timeout_s": 60}]
+        }))
+        .unwrap()],
+        rollout: Default::default(),
+    };
+    serde_json::to_vec(&m).unwrap()
+}
+
+struct Fleet {
+    addr: String,
+    publisher: SecretKey,
+    node_keys: Vec<SecretKey>,
+    etags: Vec<std::sync::Mutex<String>>,
+    seqs: Vec<AtomicU64>,
+}
+
+/// PUTs one manifest version for every node over `conns` connections; returns elapsed time.
+async fn publish_all(fleet: &Arc<Fleet>, version: u64, conns: usize) -> anyhow::Result<Duration> {
+    let n = fleet.node_keys.len();
+    let next = Arc::new(AtomicU64::new(0));
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..conns {
+        let fleet = fleet.clone();
+        let next = next.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut c = Conn::connect(&fleet.addr).await?;
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed) as usize;
+                if i >= n {
+                    return anyhow::Ok(());
+                }
+                let node = node_name(i);
+                let payload = manifest(&node, version, Some(&fleet.node_keys[i]));
+                let env = Envelope::seal(Ctx::Manifest, &payload, &[&fleet.publisher]).to_bytes();
+                let r = c
+                    .request(
+                        "PUT",
+                        &format!("/v1/nodes/{node}/manifest"),
+                        &[("Content-Type", "application/json")],
+                        &env,
+                    )
+                    .await?;
+                if r.status != 200 && r.status != 201 && r.status != 204 {
+                    bail!(
+                        "PUT {node}: {} {}",
+                        r.status,
+                        String::from_utf8_lossy(&r.body)
+                    );
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        t.await??;
+    }
+    Ok(start.elapsed())
+}
+
+async fn learn_etags(fleet: &Arc<Fleet>) -> anyhow::Result<()> {
+    let mut c = Conn::connect(&fleet.addr).await?;
+    for i in 0..fleet.node_keys.len() {
+        let r = c
+            .request(
+                "GET",
+                &format!("/v1/nodes/{}/manifest", node_name(i)),
+                &[],
+                &[],
+            )
+            .await?;
+        let etag = r
+            .etag
+            .with_context(|| format!("no ETag for {}", node_name(i)))?;
+        *fleet.etags[i].lock().unwrap() = etag;
+    }
+    Ok(())
+}
+
+fn report(fleet: &Fleet, i: usize) -> Vec<u8> {
+    let seq = fleet.seqs[i].fetch_add(1, Ordering::Relaxed) + 1;
+    let r = Report {
+        format: v1::FORMAT,
+        node: node_name(i).parse().unwrap(),
+        seq,
+        sent_at: Timestamp::now(),
+        boot_id: "bench".into(),
+        agent_version: "bench".into(),
+        manifest_version: Some(Version(1)),
+        state: ReportState::Idle,
+        profiles: vec![],
+        booted_system: None,
+        error: None,
+        health: vec![],
+        timings_ms: Default::default(),
+        security_events: vec![],
+    };
+    Envelope::seal(
+        Ctx::Report,
+        &serde_json::to_vec(&r).unwrap(),
+        &[&fleet.node_keys[i]],
+    )
+    .to_bytes()
+}
+
+async fn capacity(nodes: usize, conns: usize, seconds: u64) -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let keys = Keys::create(&dir.path().join("keys"))?;
+    let coordinator = Coordinator::start(dir.path(), &keys)?;
+    let pid = coordinator.pid().context("coordinator pid")?;
+    let publisher = SecretKey::read_file(&keys.publisher_sec)?;
+    eprintln!("generating {nodes} node keys …");
+    let node_keys: Vec<SecretKey> = (0..nodes)
+        .map(|i| SecretKey::generate(&node_name(i)).unwrap())
+        .collect();
+    let fleet = Arc::new(Fleet {
+        addr: format!("127.0.0.1:{}", coordinator.port),
+        publisher,
+        etags: (0..nodes)
+            .map(|_| std::sync::Mutex::new(String::new()))
+            .collect(),
+        seqs: (0..nodes).map(|_| AtomicU64::new(0)).collect(),
+        node_keys,
+    });
+    let rss_empty = rss_kib(pid);
+    let t = publish_all(&fleet, 1, 8).await?;
+    println!(
+        "{}",
+        json!({"phase": "upload", "manifests": nodes, "seconds": t.as_secs_f64(), "per_s": nodes as f64 / t.as_secs_f64()})
+    );
+    learn_etags(&fleet).await?;
+    let rss_loaded = rss_kib(pid);
+
+    // Phase 1: conditional GETs (304) with one signed report per 20 requests.
+    let stop = Arc::new(AtomicBool::new(false));
+    let gets = Arc::new(Mutex::new(Latencies::default()));
+    let posts = Arc::new(Mutex::new(Latencies::default()));
+    let cpu0 = cpu_ms(pid);
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for k in 0..conns {
+        let (fleet, stop, gets, posts) = (fleet.clone(), stop.clone(), gets.clone(), posts.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut c = Conn::connect(&fleet.addr).await?;
+            let (mut g, mut p) = (Latencies::default(), Latencies::default());
+            let mut i = k * 7919 % nodes;
+            let mut n = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                i = (i + conns) % nodes;
+                n += 1;
+                if n % 20 == 0 {
+                    let body = report(&fleet, i);
+                    let t = Instant::now();
+                    let r = c
+                        .request(
+                            "POST",
+                            &format!("/v1/nodes/{}/reports", node_name(i)),
+                            &[("Content-Type", "application/json")],
+                            &body,
+                        )
+                        .await?;
+                    p.push(t.elapsed());
+                    if !(200..300).contains(&r.status) {
+                        bail!(
+                            "report {}: {} {}",
+                            node_name(i),
+                            r.status,
+                            String::from_utf8_lossy(&r.body)
+                        );
+                    }
+                } else {
+                    let etag = fleet.etags[i].lock().unwrap().clone();
+                    let t = Instant::now();
+                    let r = c
+                        .request(
+                            "GET",
+                            &format!("/v1/nodes/{}/manifest", node_name(i)),
+                            &[("If-None-Match", &etag)],
+                            &[],
+                        )
+                        .await?;
+                    g.push(t.elapsed());
+                    if r.status != 304 {
+                        bail!("conditional GET {}: {}", node_name(i), r.status);
+                    }
+                }
+            }
+            gets.lock().await.0.extend(g.0);
+            posts.lock().await.0.extend(p.0);
+            anyhow::Ok(())
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs(seconds)).await;
+    stop.store(true, Ordering::Relaxed);
+    for t in tasks {
+        t.await??;
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    let cpu = cpu_ms(pid) - cpu0;
+    let (mut g, mut p) = (
+        std::mem::take(&mut *gets.lock().await),
+        std::mem::take(&mut *posts.lock().await),
+    );
+    println!(
+        "{}",
+        json!({"phase": "conditional_get", "connections": conns, "seconds": elapsed,
+               "get_per_s": g.0.len() as f64 / elapsed, "get_p50_ms": g.quantile_ms(0.5), "get_p99_ms": g.quantile_ms(0.99),
+               "report_per_s": p.0.len() as f64 / elapsed, "report_p50_ms": p.quantile_ms(0.5), "report_p99_ms": p.quantile_ms(0.99),
+               "coordinator_cpu_s": cpu as f64 / 1000.0, "coordinator_rss_mib": rss_kib(pid) as f64 / 1024.0,
+               "rss_empty_mib": rss_empty as f64 / 1024.0, "rss_with_manifests_mib": rss_loaded as f64 / 1024.0})
+    );
+
+    // Phase 2: one held long-poll per node, then a publish of every node wakes them all.
+    learn_etags(&fleet).await?;
+    let rss_before = rss_kib(pid);
+    let mut waiters = Vec::with_capacity(nodes);
+    for i in 0..nodes {
+        let mut c = Conn::connect(&fleet.addr).await?;
+        let etag = fleet.etags[i].lock().unwrap().clone();
+        c.send_only(
+            &format!("/v1/nodes/{}/manifest?wait=300", node_name(i)),
+            &[("If-None-Match", &etag)],
+        )
+        .await?;
+        waiters.push(c);
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let rss_held = rss_kib(pid);
+    let woke = Arc::new(Mutex::new(Vec::with_capacity(nodes)));
+    let t0 = Instant::now();
+    let mut tasks = Vec::new();
+    for mut c in waiters {
+        let woke = woke.clone();
+        tasks.push(tokio::spawn(async move {
+            let r = c.read_response().await?;
+            woke.lock().await.push((t0.elapsed(), r.status));
+            anyhow::Ok(())
+        }));
+    }
+    let publish_time = publish_all(&fleet, 2, 8).await?;
+    let all = tokio::time::timeout(Duration::from_secs(120), async {
+        for t in tasks {
+            t.await??;
+        }
+        anyhow::Ok(())
+    })
+    .await;
+    let woke = woke.lock().await;
+    let ok = woke.iter().filter(|(_, s)| *s == 200).count();
+    let last = woke.iter().map(|(d, _)| *d).max().unwrap_or_default();
+    println!(
+        "{}",
+        json!({"phase": "long_poll", "held": nodes, "rss_before_mib": rss_before as f64 / 1024.0, "rss_held_mib": rss_held as f64 / 1024.0,
+               "held_cost_kib_each": (rss_held.saturating_sub(rss_before)) as f64 / nodes as f64,
+               "publish_all_s": publish_time.as_secs_f64(), "woken_with_200": ok,
+               "last_woken_after_publish_start_s": last.as_secs_f64(),
+               "last_woken_after_publish_end_s": last.saturating_sub(publish_time).as_secs_f64(),
+               "complete": all.is_ok()})
+    );
+    drop(coordinator);
+    Ok(())
+}
