@@ -17,7 +17,10 @@ use serde_json::Value;
 
 pub use tempfile::TempDir;
 
+pub mod fleet;
 pub mod http;
+
+pub use fleet::Fleet;
 
 /// Why the fleet tests cannot run here, if they cannot (not root, no Nix, no namespaces).
 pub fn preflight() -> Result<(), String> {

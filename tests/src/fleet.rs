@@ -1,0 +1,204 @@
+//! A whole fleet: keys, a coordinator, a copy of the offline fixture flake, and namespaced
+//! nodes running real agents. Used by the end-to-end tests, the demo and the benchmarks.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use serde_json::Value;
+
+use crate::{Coordinator, Keys, Node, TempDir, bin, repo_root, run, wait_for};
+
+/// A running fleet.
+#[derive(Debug)]
+pub struct Fleet {
+    /// Nodes, in the order given.
+    pub nodes: Vec<Node>,
+    /// The coordinator every node polls.
+    pub coordinator: Coordinator,
+    /// Keys of the fleet.
+    pub keys: Keys,
+    /// The fixture flake (a private copy that tests may edit).
+    pub flake: PathBuf,
+    /// Agent poll interval.
+    pub interval: String,
+    // Dropped last: everything above lives in here.
+    dir: TempDir,
+}
+
+impl Fleet {
+    /// Keys, a coordinator, the flake copy and one namespaced node per name (agents not started).
+    pub fn new(names: &[&str]) -> anyhow::Result<Self> {
+        let dir = tempfile::Builder::new().prefix("roost-fleet-").tempdir()?;
+        let keys = Keys::create(&dir.path().join("keys"))?;
+        let coordinator = Coordinator::start(dir.path(), &keys)?;
+        let flake = dir.path().join("flake");
+        copy_dir(&repo_root().join("examples/offline"), &flake)?;
+        let nodes = names
+            .iter()
+            .map(|n| Node::create(dir.path(), n))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        Ok(Self {
+            nodes,
+            coordinator,
+            keys,
+            flake,
+            interval: "2s".into(),
+            dir,
+        })
+    }
+
+    /// The fleet's working folder.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// The node called `name`.
+    pub fn node(&self, name: &str) -> &Node {
+        self.nodes
+            .iter()
+            .find(|n| n.name == name)
+            .unwrap_or_else(|| panic!("no node {name}"))
+    }
+
+    /// The node called `name`, mutably.
+    pub fn node_mut(&mut self, name: &str) -> &mut Node {
+        self.nodes
+            .iter_mut()
+            .find(|n| n.name == name)
+            .unwrap_or_else(|| panic!("no node {name}"))
+    }
+
+    /// Writes `content` to `rel` inside the fixture flake (how tests make new versions).
+    pub fn edit(&self, rel: &str, content: &str) -> anyhow::Result<()> {
+        fs::write(self.flake.join(rel), content).with_context(|| format!("editing {rel}"))
+    }
+
+    /// `roost-coordinator publish` of `targets` (`#node`, … relative to the flake; all when
+    /// empty) to the coordinator and its cache; returns the `--json` summary.
+    pub fn publish(&self, targets: &[&str]) -> anyhow::Result<Value> {
+        let out = self.publish_command(targets).output()?;
+        let summary: Value = serde_json::from_slice(&out.stdout).with_context(|| {
+            format!(
+                "publish printed no JSON ({}):\n{}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })?;
+        if !out.status.success() {
+            bail!(
+                "publish failed ({}): {summary}\n{}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(summary)
+    }
+
+    /// The publish command line, for tests that want to run it themselves.
+    pub fn publish_command(&self, targets: &[&str]) -> Command {
+        let flake = self.flake.display().to_string();
+        let mut cmd = Command::new(bin("roost-coordinator"));
+        cmd.arg("publish");
+        if targets.is_empty() {
+            cmd.arg(&flake);
+        }
+        for t in targets {
+            cmd.arg(format!("{flake}{t}"));
+        }
+        cmd.args(["--key"])
+            .arg(&self.keys.publisher_sec)
+            .args(["--to", &self.coordinator.url()])
+            .args(["--cache", &format!("{}/cache", self.coordinator.url())])
+            .arg("--cache-key")
+            .arg(&self.keys.cache_sec)
+            .arg("--json")
+            .env("ROOST_UPLOAD_TOKEN", &self.keys.token);
+        cmd
+    }
+
+    /// The agent's arguments for `node` (`run`, plus `--once` when asked).
+    pub fn agent_args(&self, node: &Node, once: bool) -> Vec<String> {
+        let mut a = vec![
+            "run".to_owned(),
+            "--coordinator".into(),
+            node.coordinator_url(&self.coordinator),
+            "--node".into(),
+            node.name.clone(),
+            "--trusted-key".into(),
+            self.keys.publisher_pub.display().to_string(),
+            "--state-dir".into(),
+            node.state_dir().display().to_string(),
+            "--interval".into(),
+            self.interval.clone(),
+        ];
+        if once {
+            a.push("--once".into());
+        }
+        a
+    }
+
+    /// Starts every node's agent daemon.
+    pub fn start_agents(&mut self) -> anyhow::Result<()> {
+        for i in 0..self.nodes.len() {
+            let args = self.agent_args(&self.nodes[i], false);
+            self.nodes[i].start_agent(&args, &[])?;
+        }
+        Ok(())
+    }
+
+    /// The coordinator's view of `node` from `GET /v1/fleet`.
+    pub fn fleet_entry(&self, node: &str) -> Option<Value> {
+        let fleet = self.coordinator.fleet().ok()?;
+        let nodes = fleet.get("nodes")?;
+        match nodes {
+            Value::Array(a) => a
+                .iter()
+                .find(|n| n.get("node").and_then(Value::as_str) == Some(node))
+                .cloned(),
+            Value::Object(o) => o.get(node).cloned(),
+            _ => None,
+        }
+    }
+
+    /// Waits until `node`'s last report says `state` for manifest `version`.
+    pub fn wait_report(
+        &self,
+        node: &str,
+        version: u64,
+        state: &str,
+        timeout: Duration,
+    ) -> anyhow::Result<Value> {
+        wait_for(
+            &format!("{node} to report {state} at version {version}"),
+            timeout,
+            || {
+                let e = self.fleet_entry(node)?;
+                let r = e.get("last_report")?;
+                (r.get("manifest_version")?.as_u64()? == version
+                    && r.get("state")?.as_str()? == state)
+                    .then(|| r.clone())
+            },
+        )
+        .with_context(|| {
+            format!(
+                "{node}: coordinator sees {:?}\nagent log tail:\n{}",
+                self.fleet_entry(node),
+                tail(&self.node(node).log(), 40)
+            )
+        })
+    }
+}
+
+/// The last `n` lines of `s`.
+pub fn tail(s: &str, n: usize) -> String {
+    let lines: Vec<&str> = s.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+fn copy_dir(from: &Path, to: &Path) -> anyhow::Result<()> {
+    run(Command::new("cp").arg("-r").arg(from).arg(to))?;
+    Ok(())
+}
