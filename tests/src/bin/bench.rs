@@ -41,8 +41,18 @@ fn main() -> anyhow::Result<()> {
             opt("--conns", 64) as usize,
             opt("--seconds", 10),
         )),
+        "publish-scaling" => {
+            let sizes = args
+                .iter()
+                .position(|a| a == "--sizes")
+                .and_then(|i| args.get(i + 1))
+                .cloned()
+                .unwrap_or_else(|| "10,100,1000".into());
+            publish_scaling(&sizes, opt("--baseline-max", 100) as usize)
+        }
         _ => {
             eprintln!("usage: bench capacity [--nodes N] [--conns C] [--seconds S]");
+            eprintln!("       bench publish-scaling [--sizes 10,100,1000] [--baseline-max 100]");
             std::process::exit(2);
         }
     }
@@ -360,5 +370,100 @@ async fn capacity(nodes: usize, conns: usize, seconds: u64) -> anyhow::Result<()
                "complete": all.is_ok()})
     );
     drop(coordinator);
+    Ok(())
+}
+
+/// A flake with `n` nodes, each with one tiny system profile; input-free, builds offline.
+fn scaling_flake(dir: &std::path::Path, n: usize) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    std::fs::write(
+        dir.join("flake.nix"),
+        format!(
+            r#"{{
+  description = "roost publish-scaling fixture: {n} nodes";
+  outputs = {{ self }}:
+    let
+      system = "x86_64-linux";
+      mk = i: derivation {{
+        name = "system-node-${{toString i}}"; inherit system; builder = "/bin/sh";
+        args = [ "-c" "echo ${{toString i}} > $out" ]; PATH = "/usr/bin:/bin";
+      }};
+      node = i: {{
+        name = "node-${{toString i}}";
+        value = {{ hostname = "node-${{toString i}}.example"; profiles.system = {{ path = mk i; user = "root"; }}; }};
+      }};
+    in {{
+      deploy.nodes = builtins.listToAttrs (builtins.genList node {n});
+    }};
+}}
+"#
+        ),
+    )?;
+    Ok(())
+}
+
+fn time_cmd(cmd: &mut std::process::Command) -> anyhow::Result<(Duration, std::process::Output)> {
+    let t = Instant::now();
+    let out = cmd.output()?;
+    let d = t.elapsed();
+    if !out.status.success() {
+        bail!("{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok((d, out))
+}
+
+fn publish_scaling(sizes: &str, baseline_max: usize) -> anyhow::Result<()> {
+    use std::process::Command;
+    let dir = tempfile::tempdir()?;
+    let key = SecretKey::generate("bench-publisher")?;
+    let key_file = dir.path().join("publisher.sec");
+    key.write_new_file(&key_file)?;
+    for n in sizes
+        .split(',')
+        .map(|s| s.trim().parse::<usize>())
+        .collect::<Result<Vec<_>, _>>()?
+    {
+        let flake = dir.path().join(format!("flake-{n}"));
+        scaling_flake(&flake, n)?;
+        let flake_ref = format!("path:{}", flake.display());
+        // Build everything once so both sides measure evaluation and publishing, not builds.
+        time_cmd(Command::new("nix").args(["build", "--no-link", "--impure", "--expr"]).arg(format!(
+            "builtins.map (n: n.profiles.system.path) (builtins.attrValues (builtins.getFlake \"{flake_ref}\").deploy.nodes)"
+        )))?;
+        let out_dir = dir.path().join(format!("out-{n}"));
+        let (publish_time, out) = time_cmd(
+            Command::new(roost_tests::bin("roost-coordinator"))
+                .arg("publish")
+                .arg(&flake_ref)
+                .arg("--key")
+                .arg(&key_file)
+                .arg("--out")
+                .arg(&out_dir)
+                .arg("--json"),
+        )?;
+        let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        let published = std::fs::read_dir(out_dir.join("v1/nodes"))
+            .map(|d| d.count())
+            .unwrap_or(0);
+        // Baseline: one `nix eval` per node, as per-host tools do; capped, then extrapolated.
+        let sample = n.min(baseline_max);
+        let t = Instant::now();
+        for i in 0..sample {
+            time_cmd(Command::new("nix").args(["eval", "--json"]).arg(format!(
+                "{flake_ref}#deploy.nodes.\"node-{i}\".profiles.system.path"
+            )))?;
+        }
+        let per_node = t.elapsed() / sample as u32;
+        let baseline = per_node * n as u32;
+        println!(
+            "{}",
+            json!({"scenario": "publish_scaling", "nodes": n, "published": published,
+                   "publish_s": publish_time.as_secs_f64(),
+                   "nix_invocations": summary.get("nix_invocations").cloned().unwrap_or_default(),
+                   "baseline_per_node_eval_s": per_node.as_secs_f64(), "baseline_sampled_nodes": sample,
+                   "baseline_total_s": baseline.as_secs_f64(), "baseline_extrapolated": sample < n,
+                   "speedup": baseline.as_secs_f64() / publish_time.as_secs_f64()})
+        );
+    }
     Ok(())
 }
