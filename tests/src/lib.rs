@@ -19,6 +19,7 @@ pub use tempfile::TempDir;
 
 pub mod fleet;
 pub mod http;
+pub mod proxy;
 
 pub use fleet::Fleet;
 
