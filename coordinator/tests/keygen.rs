@@ -20,13 +20,23 @@ fn keygen_writes_a_matching_pair_with_a_private_secret() {
     let d = tempfile::tempdir().unwrap();
     let (sk, pk) = (d.path().join("p.sec"), d.path().join("p.pub"));
     let out = keygen("acme-1", &sk, &pk);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let secret = SecretKey::read_file(&sk).unwrap();
     let public = PublicKey::read_file(&pk).unwrap();
     assert_eq!(secret.public(), public);
     assert_eq!(public.name(), "acme-1");
-    assert_eq!(std::fs::metadata(&sk).unwrap().permissions().mode() & 0o777, 0o600);
-    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), public.to_string());
+    assert_eq!(
+        std::fs::metadata(&sk).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        public.to_string()
+    );
 }
 
 #[test]

@@ -21,7 +21,11 @@ pub struct Counters {
 impl Counters {
     /// (up, down, connections) now.
     pub fn snapshot(&self) -> (u64, u64, u64) {
-        (self.up.load(Ordering::Relaxed), self.down.load(Ordering::Relaxed), self.connections.load(Ordering::Relaxed))
+        (
+            self.up.load(Ordering::Relaxed),
+            self.down.load(Ordering::Relaxed),
+            self.connections.load(Ordering::Relaxed),
+        )
     }
 }
 
@@ -47,7 +51,9 @@ impl CountingProxy {
                 c.connections.fetch_add(1, Ordering::Relaxed);
                 let (c, target) = (c.clone(), target.clone());
                 tokio::spawn(async move {
-                    let Ok(server) = TcpStream::connect(&target).await else { return };
+                    let Ok(server) = TcpStream::connect(&target).await else {
+                        return;
+                    };
                     let _ = client.set_nodelay(true);
                     let _ = server.set_nodelay(true);
                     let (cr, cw) = client.into_split();
@@ -58,7 +64,11 @@ impl CountingProxy {
                 });
             }
         });
-        Ok(Self { addr, counters, task })
+        Ok(Self {
+            addr,
+            counters,
+            task,
+        })
     }
 }
 

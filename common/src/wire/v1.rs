@@ -262,6 +262,10 @@ pub struct Report {
     /// Refused forgeries, replays and the like, since the last report.
     #[serde(default)]
     pub security_events: Vec<String>,
+    /// The node's public key, so a coordinator can pin it on first use when the manifest
+    /// names no `node_key` (an addition to DESIGN §6; readers ignore it otherwise).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_key: Option<PublicKey>,
 }
 
 /// The states a report can carry.

@@ -206,6 +206,7 @@ fn report(fleet: &Fleet, i: usize) -> Vec<u8> {
         health: vec![],
         timings_ms: Default::default(),
         security_events: vec![],
+        node_key: None,
     };
     Envelope::seal(
         Ctx::Report,

@@ -1,0 +1,225 @@
+//! The coordinator's state folder: manifests as files in the static layout
+//! (`manifests/v1/nodes/{node}/manifest`, written temp + fsync + rename) and an embedded
+//! SQLite database for reports, report history, pinned node keys and last-seen times.
+
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use roost_common::{NodeName, PublicKey};
+use rusqlite::{Connection, OptionalExtension, params};
+
+/// What can go wrong with the state folder.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// File system trouble.
+    #[error("{path}: {source}")]
+    Io {
+        /// Where.
+        path: String,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// SQLite trouble.
+    #[error("report database: {0}")]
+    Db(#[from] rusqlite::Error),
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
+    move |source| StoreError::Io {
+        path: path.display().to_string(),
+        source,
+    }
+}
+
+/// Writes `bytes` to `path` atomically: temp file in the same folder, fsync, rename, fsync dir.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
+    use std::io::Write;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir).map_err(io(dir))?;
+    let tmp = dir.join(format!(
+        ".{}.tmp-{}",
+        path.file_name().and_then(|f| f.to_str()).unwrap_or("f"),
+        std::process::id()
+    ));
+    let mut f = std::fs::File::create(&tmp).map_err(io(&tmp))?;
+    f.write_all(bytes).map_err(io(&tmp))?;
+    f.sync_all().map_err(io(&tmp))?;
+    std::fs::rename(&tmp, path).map_err(io(path))?;
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io(dir))
+}
+
+/// A node's stored report summary.
+#[derive(Debug, Clone)]
+pub struct NodeRecord {
+    /// The node.
+    pub node: String,
+    /// Key pinned on first use, when the manifest names none.
+    pub pinned_key: Option<String>,
+    /// Highest report `seq` received.
+    pub last_seq: Option<u64>,
+    /// Unix seconds of the last report.
+    pub last_seen: Option<u64>,
+    /// The last report's payload (JSON).
+    pub last_report: Option<String>,
+}
+
+/// The state folder.
+#[derive(Debug)]
+pub struct Store {
+    root: PathBuf,
+    db: Mutex<Connection>,
+}
+
+impl Store {
+    /// Opens (creating when needed) the state folder.
+    pub fn open(root: &Path) -> Result<Self, StoreError> {
+        std::fs::create_dir_all(root.join("manifests/v1/nodes")).map_err(io(root))?;
+        std::fs::create_dir_all(root.join("cache/nar")).map_err(io(root))?;
+        let db = Connection::open(root.join("coordinator.sqlite"))?;
+        db.execute_batch(
+            "PRAGMA journal_mode = WAL;
+             PRAGMA synchronous = NORMAL;
+             CREATE TABLE IF NOT EXISTS nodes (
+                node TEXT PRIMARY KEY, pinned_key TEXT, last_seq INTEGER, last_seen INTEGER, last_report TEXT);
+             CREATE TABLE IF NOT EXISTS reports (
+                node TEXT NOT NULL, seq INTEGER NOT NULL, received_at INTEGER NOT NULL,
+                state TEXT NOT NULL, manifest_version INTEGER, payload TEXT NOT NULL,
+                PRIMARY KEY (node, seq));",
+        )?;
+        Ok(Self {
+            root: root.to_owned(),
+            db: Mutex::new(db),
+        })
+    }
+
+    /// The state folder.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// The binary cache folder.
+    pub fn cache_dir(&self) -> PathBuf {
+        self.root.join("cache")
+    }
+
+    /// Where `node`'s manifest lives.
+    pub fn manifest_path(&self, node: &NodeName) -> PathBuf {
+        self.root
+            .join("manifests/v1/nodes")
+            .join(node.as_str())
+            .join("manifest")
+    }
+
+    /// Every stored manifest: (node, envelope bytes).
+    pub fn load_manifests(&self) -> Result<Vec<(NodeName, Vec<u8>)>, StoreError> {
+        let dir = self.root.join("manifests/v1/nodes");
+        let mut out = Vec::new();
+        for e in std::fs::read_dir(&dir).map_err(io(&dir))? {
+            let e = e.map_err(io(&dir))?;
+            let Some(node) = e
+                .file_name()
+                .to_str()
+                .and_then(|n| n.parse::<NodeName>().ok())
+            else {
+                continue;
+            };
+            let path = e.path().join("manifest");
+            match std::fs::read(&path) {
+                Ok(bytes) => out.push((node, bytes)),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io(&path)(e)),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Stores `node`'s manifest atomically.
+    pub fn save_manifest(&self, node: &NodeName, bytes: &[u8]) -> Result<(), StoreError> {
+        write_atomic(&self.manifest_path(node), bytes)
+    }
+
+    fn db(&self) -> std::sync::MutexGuard<'_, Connection> {
+        self.db.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The node's report record.
+    pub fn node(&self, node: &str) -> Result<Option<NodeRecord>, StoreError> {
+        Ok(self
+            .db()
+            .query_row("SELECT node, pinned_key, last_seq, last_seen, last_report FROM nodes WHERE node = ?1", [node], row_to_record)
+            .optional()?)
+    }
+
+    /// Every node's report record.
+    pub fn nodes(&self) -> Result<Vec<NodeRecord>, StoreError> {
+        let db = self.db();
+        let mut st = db.prepare(
+            "SELECT node, pinned_key, last_seq, last_seen, last_report FROM nodes ORDER BY node",
+        )?;
+        let rows = st
+            .query_map([], row_to_record)?
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(rows)
+    }
+
+    /// Records a verified report in one transaction, unless `seq` is not above the last one
+    /// (then returns the last seq). Pins `pin` as the node's key when given.
+    pub fn add_report(
+        &self,
+        node: &str,
+        seq: u64,
+        state: &str,
+        manifest_version: Option<u64>,
+        payload: &str,
+        now: u64,
+        pin: Option<&PublicKey>,
+    ) -> Result<Result<(), u64>, StoreError> {
+        let mut db = self.db();
+        let tx = db.transaction()?;
+        let last: Option<Option<u64>> = tx
+            .query_row("SELECT last_seq FROM nodes WHERE node = ?1", [node], |r| {
+                r.get(0)
+            })
+            .optional()?;
+        if let Some(Some(last)) = last {
+            if seq <= last {
+                return Ok(Err(last));
+            }
+        }
+        tx.execute(
+            "INSERT INTO reports (node, seq, received_at, state, manifest_version, payload) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![node, seq, now, state, manifest_version, payload],
+        )?;
+        tx.execute(
+            "INSERT INTO nodes (node, pinned_key, last_seq, last_seen, last_report) VALUES (?1, ?2, ?3, ?4, ?5)
+             ON CONFLICT(node) DO UPDATE SET pinned_key = COALESCE(nodes.pinned_key, excluded.pinned_key),
+               last_seq = excluded.last_seq, last_seen = excluded.last_seen, last_report = excluded.last_report",
+            params![node, pin.map(|k| k.to_string()), seq, now, payload],
+        )?;
+        tx.commit()?;
+        Ok(Ok(()))
+    }
+
+    /// The node's report history, newest first.
+    pub fn history(&self, node: &str, limit: u32) -> Result<Vec<String>, StoreError> {
+        let db = self.db();
+        let mut st =
+            db.prepare("SELECT payload FROM reports WHERE node = ?1 ORDER BY seq DESC LIMIT ?2")?;
+        let rows = st
+            .query_map(params![node, limit], |r| r.get::<_, String>(0))?
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(rows)
+    }
+}
+
+fn row_to_record(r: &rusqlite::Row<'_>) -> rusqlite::Result<NodeRecord> {
+    Ok(NodeRecord {
+        node: r.get(0)?,
+        pinned_key: r.get(1)?,
+        last_seq: r.get(2)?,
+        last_seen: r.get(3)?,
+        last_report: r.get(4)?,
+    })
+}
