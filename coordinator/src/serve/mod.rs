@@ -642,15 +642,15 @@ async fn post_report(
         let state = report.state.as_str();
         let mv = report.manifest_version.map(|v| v.0);
         tokio::task::spawn_blocking(move || {
-            app.store.add_report(
-                &n,
+            app.store.add_report(&store::NewReport {
+                node: &n,
                 seq,
                 state,
-                mv,
-                &payload,
-                Timestamp::now().unix(),
-                pin.as_ref(),
-            )
+                manifest_version: mv,
+                payload: &payload,
+                received_at: Timestamp::now().unix(),
+                pin: pin.as_ref(),
+            })
         })
         .await
         .map_err(ApiError::internal)?

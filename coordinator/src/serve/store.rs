@@ -65,6 +65,25 @@ pub struct NodeRecord {
     pub last_report: Option<String>,
 }
 
+/// A verified report to record.
+#[derive(Debug, Clone, Copy)]
+pub struct NewReport<'a> {
+    /// The node.
+    pub node: &'a str,
+    /// Its sequence number.
+    pub seq: u64,
+    /// Its state (wire name).
+    pub state: &'a str,
+    /// The manifest version it is about.
+    pub manifest_version: Option<u64>,
+    /// The payload as received (JSON).
+    pub payload: &'a str,
+    /// Unix seconds of receipt.
+    pub received_at: u64,
+    /// A key to pin on first use.
+    pub pin: Option<&'a PublicKey>,
+}
+
 /// The state folder.
 #[derive(Debug)]
 pub struct Store {
@@ -164,18 +183,18 @@ impl Store {
         Ok(rows)
     }
 
-    /// Records a verified report in one transaction, unless `seq` is not above the last one
-    /// (then returns the last seq). Pins `pin` as the node's key when given.
-    pub fn add_report(
-        &self,
-        node: &str,
-        seq: u64,
-        state: &str,
-        manifest_version: Option<u64>,
-        payload: &str,
-        now: u64,
-        pin: Option<&PublicKey>,
-    ) -> Result<Result<(), u64>, StoreError> {
+    /// Records a verified report in one transaction, unless its `seq` is not above the last
+    /// one (then returns the last seq). Pins `r.pin` as the node's key when given.
+    pub fn add_report(&self, r: &NewReport<'_>) -> Result<Result<(), u64>, StoreError> {
+        let NewReport {
+            node,
+            seq,
+            state,
+            manifest_version,
+            payload,
+            received_at: now,
+            pin,
+        } = *r;
         let mut db = self.db();
         let tx = db.transaction()?;
         let last: Option<Option<u64>> = tx

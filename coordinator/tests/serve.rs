@@ -1,0 +1,703 @@
+//! `roost-coordinator serve` over real HTTP: ETags and long-poll, upload and report rules,
+//! the embedded cache against real Nix, traversal attempts, and restarts.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use roost_common::envelope::{Context, Envelope};
+use roost_common::wire::v1::{self, Manifest, Report, ReportState};
+use roost_common::{SecretKey, Timestamp, TrustedKeys, Version};
+use roost_coordinator::serve::{ServerConfig, serve};
+use serde_json::{Value, json};
+
+struct Server {
+    url: String,
+    addr: std::net::SocketAddr,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+}
+
+impl Server {
+    async fn start(state: &Path, publisher: &SecretKey, token: Option<&str>) -> Self {
+        Self::start_on(state, publisher, token, "127.0.0.1:0".parse().unwrap()).await
+    }
+
+    async fn start_on(
+        state: &Path,
+        publisher: &SecretKey,
+        token: Option<&str>,
+        addr: std::net::SocketAddr,
+    ) -> Self {
+        let listener = std::net::TcpListener::bind(addr).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let cfg = ServerConfig {
+            state_dir: state.to_owned(),
+            publishers: TrustedKeys::new([publisher.public()], 1),
+            upload_token: token.map(str::to_owned),
+            max_nar_bytes: 1 << 30,
+        };
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(serve(listener, None, cfg, async move {
+            let _ = rx.await;
+        }));
+        let s = Self {
+            url: format!("http://{addr}"),
+            addr,
+            stop: Some(tx),
+            task: Some(task),
+        };
+        for _ in 0..100 {
+            if reqwest::get(format!("{}/v1/fleet", s.url)).await.is_ok() {
+                return s;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("server did not start");
+    }
+
+    async fn stop(mut self) {
+        let _ = self.stop.take().unwrap().send(());
+        let _ = self.task.take().unwrap().await;
+    }
+}
+
+fn manifest(node: &str, version: u64, node_key: Option<&SecretKey>) -> Vec<u8> {
+    let now = Timestamp::now();
+    let m = Manifest {
+        format: v1::FORMAT,
+        node: node.parse().unwrap(),
+        system: "x86_64-linux".into(),
+        version: Version(version),
+        issued_at: now,
+        expires_at: now.plus(Duration::from_secs(3600)),
+        source: None,
+        substituters: vec![],
+        node_key: node_key.map(SecretKey::public),
+        profiles: vec![serde_json::from_value(json!({"name": "system", "path": "/nix/store/0123456789abcdfghijklmnpqrsvwxyz-sys"})).unwrap()],
+        rollout: Default::default(),
+    };
+    serde_json::to_vec(&m).unwrap()
+}
+
+fn sealed(key: &SecretKey, payload: &[u8]) -> Vec<u8> {
+    Envelope::seal(Context::Manifest, payload, &[key]).to_bytes()
+}
+
+fn report(node: &str, seq: u64, key: &SecretKey, include_key: bool) -> Vec<u8> {
+    let r = Report {
+        format: 1,
+        node: node.parse().unwrap(),
+        seq,
+        sent_at: Timestamp::now(),
+        boot_id: "b".into(),
+        agent_version: "t".into(),
+        manifest_version: Some(Version(1)),
+        state: ReportState::Success,
+        profiles: vec![],
+        booted_system: None,
+        error: None,
+        health: vec![],
+        timings_ms: Default::default(),
+        security_events: vec![],
+        node_key: include_key.then(|| key.public()),
+    };
+    Envelope::seal(Context::Report, &serde_json::to_vec(&r).unwrap(), &[key]).to_bytes()
+}
+
+async fn put(url: &str, node: &str, body: Vec<u8>) -> (u16, Value) {
+    let r = reqwest::Client::new()
+        .put(format!("{url}/v1/nodes/{node}/manifest"))
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    let s = r.status().as_u16();
+    (s, r.json().await.unwrap_or(Value::Null))
+}
+
+async fn post_report(url: &str, node: &str, body: Vec<u8>) -> (u16, Value) {
+    let r = reqwest::Client::new()
+        .post(format!("{url}/v1/nodes/{node}/reports"))
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    let s = r.status().as_u16();
+    (s, r.json().await.unwrap_or(Value::Null))
+}
+
+#[tokio::test]
+async fn etag_round_trip_gives_200_then_304() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = SecretKey::generate("pub").unwrap();
+    let s = Server::start(dir.path(), &key, None).await;
+    let c = reqwest::Client::new();
+    let missing = c
+        .get(format!("{}/v1/nodes/n1/manifest", s.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(missing.status(), 404);
+    assert_eq!(
+        missing.json::<Value>().await.unwrap()["error"],
+        "unknown_node"
+    );
+    let body = sealed(&key, &manifest("n1", 5, None));
+    assert_eq!(put(&s.url, "n1", body.clone()).await.0, 200);
+    let r = c
+        .get(format!("{}/v1/nodes/n1/manifest", s.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let etag = r.headers()["etag"].to_str().unwrap().to_owned();
+    assert_eq!(
+        r.bytes().await.unwrap().to_vec(),
+        body,
+        "the exact uploaded bytes are served"
+    );
+    let r = c
+        .get(format!("{}/v1/nodes/n1/manifest", s.url))
+        .header("If-None-Match", &etag)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 304);
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn long_poll_is_answered_by_a_put_long_before_wait_expires() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = SecretKey::generate("pub").unwrap();
+    let s = Server::start(dir.path(), &key, None).await;
+    put(&s.url, "n1", sealed(&key, &manifest("n1", 1, None))).await;
+    let etag = "\"1\"";
+    let mut waiters = Vec::new();
+    for _ in 0..50 {
+        let url = format!("{}/v1/nodes/n1/manifest?wait=60", s.url);
+        waiters.push(tokio::spawn(async move {
+            let r = reqwest::Client::new()
+                .get(url)
+                .header("If-None-Match", etag)
+                .send()
+                .await
+                .unwrap();
+            (
+                Instant::now(),
+                r.status().as_u16(),
+                r.bytes().await.unwrap(),
+            )
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for w in &waiters {
+        assert!(
+            !w.is_finished(),
+            "a long-poll returned before anything changed"
+        );
+    }
+    let newer = sealed(&key, &manifest("n1", 2, None));
+    let put_at = Instant::now();
+    assert_eq!(put(&s.url, "n1", newer.clone()).await.0, 200);
+    for w in waiters {
+        let (at, status, body) = w.await.unwrap();
+        assert_eq!(status, 200);
+        assert_eq!(body.to_vec(), newer);
+        // Woken by the PUT, not by the 60 s wait running out.
+        assert!(at.duration_since(put_at) < Duration::from_secs(30));
+    }
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn long_poll_without_change_ends_in_304_after_wait() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = SecretKey::generate("pub").unwrap();
+    let s = Server::start(dir.path(), &key, None).await;
+    put(&s.url, "n1", sealed(&key, &manifest("n1", 1, None))).await;
+    let r = reqwest::Client::new()
+        .get(format!("{}/v1/nodes/n1/manifest?wait=1", s.url))
+        .header("If-None-Match", "\"1\"")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 304);
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn uploads_are_refused_for_bad_signature_unknown_key_node_mismatch_and_old_versions() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = SecretKey::generate("pub").unwrap();
+    let s = Server::start(dir.path(), &key, None).await;
+    assert_eq!(
+        put(&s.url, "n1", sealed(&key, &manifest("n1", 10, None)))
+            .await
+            .0,
+        200
+    );
+
+    let mut bad: Envelope =
+        serde_json::from_slice(&sealed(&key, &manifest("n1", 11, None))).unwrap();
+    bad.signatures[0].sig = Envelope::seal(Context::Manifest, b"other", &[&key]).signatures[0]
+        .sig
+        .clone();
+    let (st, e) = put(&s.url, "n1", bad.to_bytes()).await;
+    assert_eq!((st, e["error"].as_str()), (403, Some("bad_signature")));
+
+    let stranger = SecretKey::generate("stranger").unwrap();
+    let (st, e) = put(&s.url, "n1", sealed(&stranger, &manifest("n1", 11, None))).await;
+    assert_eq!((st, e["error"].as_str()), (403, Some("bad_signature")));
+    assert!(e["message"].as_str().unwrap().contains("stranger"));
+
+    let (st, e) = put(&s.url, "n2", sealed(&key, &manifest("n1", 11, None))).await;
+    assert_eq!((st, e["error"].as_str()), (400, Some("node_mismatch")));
+
+    for v in [10, 9] {
+        let (st, e) = put(&s.url, "n1", sealed(&key, &manifest("n1", v, None))).await;
+        assert_eq!(st, 409, "version {v}");
+        let msg = e["message"].as_str().unwrap();
+        assert!(msg.contains(&v.to_string()) && msg.contains("10"), "{msg}");
+    }
+    // Nothing of the refused uploads is served.
+    let r = reqwest::get(format!("{}/v1/nodes/n1/manifest", s.url))
+        .await
+        .unwrap();
+    assert_eq!(r.headers()["etag"], "\"10\"");
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn racing_uploads_of_one_version_cannot_both_win() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = SecretKey::generate("pub").unwrap();
+    let s = Server::start(dir.path(), &key, None).await;
+    let mut tasks = Vec::new();
+    for i in 0..20u64 {
+        let url = s.url.clone();
+        // Same version, different content each time.
+        let mut p: Value = serde_json::from_slice(&manifest("n1", 7, None)).unwrap();
+        p["profiles"][0]["path"] = json!(format!(
+            "/nix/store/0123456789abcdfghijklmnpqrsvwxyz-sys{i}"
+        ));
+        let body = sealed(&key, &serde_json::to_vec(&p).unwrap());
+        tasks.push(tokio::spawn(async move { put(&url, "n1", body).await.0 }));
+    }
+    let mut ok = 0;
+    for t in tasks {
+        if t.await.unwrap() == 200 {
+            ok += 1;
+        }
+    }
+    assert_eq!(ok, 1);
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn reports_are_refused_for_wrong_key_replayed_seq_and_unknown_node() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = SecretKey::generate("pub").unwrap();
+    let node_key = SecretKey::generate("n1").unwrap();
+    let s = Server::start(dir.path(), &key, None).await;
+    put(
+        &s.url,
+        "n1",
+        sealed(&key, &manifest("n1", 1, Some(&node_key))),
+    )
+    .await;
+
+    assert_eq!(
+        post_report(&s.url, "n1", report("n1", 1, &node_key, false))
+            .await
+            .0,
+        200
+    );
+    let other = SecretKey::generate("n1").unwrap();
+    let (st, e) = post_report(&s.url, "n1", report("n1", 2, &other, true)).await;
+    assert_eq!((st, e["error"].as_str()), (403, Some("bad_signature")));
+    let (st, e) = post_report(&s.url, "n1", report("n1", 1, &node_key, false)).await;
+    assert_eq!((st, e["error"].as_str()), (409, Some("seq_not_increasing")));
+    assert_eq!(
+        post_report(&s.url, "n1", report("n1", 2, &node_key, false))
+            .await
+            .0,
+        200
+    );
+    let (st, e) = post_report(&s.url, "ghost", report("ghost", 1, &node_key, false)).await;
+    assert_eq!((st, e["error"].as_str()), (404, Some("unknown_node")));
+
+    let fleet: Value = reqwest::get(format!("{}/v1/fleet", s.url))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let n1 = &fleet["nodes"][0];
+    assert_eq!(n1["last_seq"], 2);
+    assert_eq!(n1["state"], "success");
+    assert_eq!(n1["key_source"], "manifest");
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn without_node_key_the_first_report_pins_its_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = SecretKey::generate("pub").unwrap();
+    let s = Server::start(dir.path(), &key, None).await;
+    put(&s.url, "n1", sealed(&key, &manifest("n1", 1, None))).await;
+    let first = SecretKey::generate("n1").unwrap();
+    assert_eq!(
+        post_report(&s.url, "n1", report("n1", 1, &first, true))
+            .await
+            .0,
+        200
+    );
+    let intruder = SecretKey::generate("n1").unwrap();
+    let (st, _) = post_report(&s.url, "n1", report("n1", 2, &intruder, true)).await;
+    assert_eq!(st, 403, "a later report with another key is refused");
+    let fleet: Value = reqwest::get(format!("{}/v1/fleet", s.url))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(fleet["nodes"][0]["key_source"], "tofu");
+    assert_eq!(fleet["nodes"][0]["node_key"], first.public().to_string());
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn errors_are_json_and_bodies_are_capped() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = SecretKey::generate("pub").unwrap();
+    let s = Server::start(dir.path(), &key, None).await;
+    let (st, e) = put(&s.url, "n1", vec![b' '; 300 * 1024]).await;
+    assert_eq!(st, 413);
+    assert!(e["error"].is_string() && e["message"].is_string());
+    let r = reqwest::get(format!("{}/nope", s.url)).await.unwrap();
+    assert_eq!(r.status(), 404);
+    assert_eq!(r.json::<Value>().await.unwrap()["error"], "not_found");
+    let (st, e) = put(&s.url, "..", sealed(&key, &manifest("n1", 1, None))).await;
+    assert!(st == 400 || st == 404, "{st} {e}");
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn cache_traversal_attempts_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = SecretKey::generate("pub").unwrap();
+    let token = "0123456789abcdef0123";
+    let s = Server::start(dir.path(), &key, Some(token)).await;
+    std::fs::write(dir.path().join("secret.txt"), "do not serve").unwrap();
+    for raw in [
+        "%2e%2e/secret.txt",
+        "..%2fsecret.txt",
+        "nar/%2e%2e/%2e%2e/secret.txt",
+        "%2E%2E%2Fcoordinator.sqlite",
+        "nar%2F..%2F..%2Fsecret.txt",
+    ] {
+        let mut stream = tokio::net::TcpStream::connect(s.addr).await.unwrap();
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        // Raw request line: no client-side normalisation of the path.
+        stream
+            .write_all(
+                format!("GET /cache/{raw} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                    .as_bytes(),
+            )
+            .await
+            .unwrap();
+        let mut resp = String::new();
+        stream.read_to_string(&mut resp).await.unwrap();
+        assert!(
+            resp.starts_with("HTTP/1.1 400") || resp.starts_with("HTTP/1.1 404"),
+            "{raw}: {resp}"
+        );
+        assert!(!resp.contains("do not serve"));
+        let r = reqwest::Client::new()
+            .put(format!("{}/cache/{raw}", s.url))
+            .basic_auth("roost", Some(token))
+            .body("overwritten")
+            .send()
+            .await
+            .unwrap();
+        assert!(
+            r.status() == 400 || r.status() == 404,
+            "{raw}: {}",
+            r.status()
+        );
+    }
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("secret.txt")).unwrap(),
+        "do not serve"
+    );
+    s.stop().await;
+}
+
+fn have_nix() -> bool {
+    let ok = Command::new("nix")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !ok {
+        eprintln!("SKIP: nix is not installed; this test needs real Nix (CI installs it)");
+    }
+    ok
+}
+
+fn sh(cmd: &mut Command) -> std::process::Output {
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+fn build_fixture(tag: &str) -> String {
+    let expr = format!(
+        r#"derivation {{ name = "roost-serve-fixture"; system = builtins.currentSystem; builder = "/bin/sh";
+            args = [ "-c" "mkdir $out; echo {tag} > $out/data" ]; PATH = "/usr/bin:/bin"; }}"#
+    );
+    let out =
+        sh(Command::new("nix").args(["build", "--impure", "--json", "--no-link", "--expr", &expr]));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    v[0]["outputs"]["out"].as_str().unwrap().to_owned()
+}
+
+fn netrc(dir: &Path, token: &str) -> PathBuf {
+    let p = dir.join("netrc");
+    std::fs::write(
+        &p,
+        format!("machine 127.0.0.1 login roost password {token}\n"),
+    )
+    .unwrap();
+    p
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn nix_copy_to_the_cache_needs_the_token_and_substitutes_into_an_empty_store() {
+    if !have_nix() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let key = SecretKey::generate("pub").unwrap();
+    let token = "nix-copy-token-0123456789";
+    let s = Server::start(&dir.path().join("state"), &key, Some(token)).await;
+    let cache_key = SecretKey::generate("test-cache-1").unwrap();
+    let cache_sk = dir.path().join("cache.sec");
+    cache_key.write_new_file(&cache_sk).unwrap();
+    let path = build_fixture(&format!("{:?}{}", Instant::now(), std::process::id()));
+    sh(Command::new("nix")
+        .args(["store", "sign", "--key-file"])
+        .arg(&cache_sk)
+        .arg(&path));
+    let cache_url = format!("{}/cache", s.url);
+
+    let without = tokio::task::spawn_blocking({
+        let (cache_url, path) = (cache_url.clone(), path.clone());
+        move || {
+            Command::new("nix")
+                .args(["copy", "--to", &cache_url, &path])
+                .output()
+                .unwrap()
+        }
+    })
+    .await
+    .unwrap();
+    assert!(
+        !without.status.success(),
+        "an upload without the token must fail"
+    );
+
+    let wrong = netrc(&dir.path().join("."), "not-the-token-at-all");
+    let with_wrong = tokio::task::spawn_blocking({
+        let (cache_url, path, wrong) = (cache_url.clone(), path.clone(), wrong.clone());
+        move || {
+            Command::new("nix")
+                .args(["copy", "--to", &cache_url, &path, "--option", "netrc-file"])
+                .arg(&wrong)
+                .output()
+                .unwrap()
+        }
+    })
+    .await
+    .unwrap();
+    assert!(
+        !with_wrong.status.success(),
+        "an upload with a wrong token must fail"
+    );
+
+    let good = netrc(dir.path(), token);
+    tokio::task::spawn_blocking({
+        let (cache_url, path) = (cache_url.clone(), path.clone());
+        move || {
+            sh(Command::new("nix")
+                .args(["copy", "--to", &cache_url, &path, "--option", "netrc-file"])
+                .arg(&good))
+        }
+    })
+    .await
+    .unwrap();
+
+    // Into an empty store, trusting only the cache's key.
+    let store = dir.path().join("empty-store");
+    let out = tokio::task::spawn_blocking({
+        let (cache_url, path, store, pk) = (
+            cache_url.clone(),
+            path.clone(),
+            store.clone(),
+            cache_key.public().to_string(),
+        );
+        move || {
+            Command::new("nix")
+                .args(["copy", "--from", &cache_url, &path, "--to"])
+                .arg(&store)
+                .args([
+                    "--option",
+                    "trusted-public-keys",
+                    &pk,
+                    "--option",
+                    "require-sigs",
+                    "true",
+                ])
+                .output()
+                .unwrap()
+        }
+    })
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rel = path.trim_start_matches('/');
+    assert!(store.join(rel).join("data").exists());
+
+    // With another key trusted instead, substitution is refused.
+    let other = SecretKey::generate("other-cache")
+        .unwrap()
+        .public()
+        .to_string();
+    let store2 = dir.path().join("empty-store-2");
+    let out = tokio::task::spawn_blocking({
+        let (cache_url, path, store2) = (cache_url.clone(), path.clone(), store2.clone());
+        move || {
+            Command::new("nix")
+                .args(["copy", "--from", &cache_url, &path, "--to"])
+                .arg(&store2)
+                .args([
+                    "--option",
+                    "trusted-public-keys",
+                    &other,
+                    "--option",
+                    "require-sigs",
+                    "true",
+                ])
+                .output()
+                .unwrap()
+        }
+    })
+    .await
+    .unwrap();
+    assert!(!out.status.success());
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn a_restart_on_the_same_state_serves_the_same_manifests_reports_and_cache() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = SecretKey::generate("pub").unwrap();
+    let node_key = SecretKey::generate("n1").unwrap();
+    let token = "restart-token-0123456789";
+    let s = Server::start(dir.path(), &key, Some(token)).await;
+    let body = sealed(&key, &manifest("n1", 3, Some(&node_key)));
+    put(&s.url, "n1", body.clone()).await;
+    post_report(&s.url, "n1", report("n1", 4, &node_key, false)).await;
+    let r = reqwest::Client::new()
+        .put(format!("{}/cache/abc.narinfo", s.url))
+        .bearer_auth(token)
+        .body("StorePath: x\n")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let addr = s.addr;
+    s.stop().await;
+
+    let s = Server::start_on(dir.path(), &key, Some(token), addr).await;
+    let got = reqwest::get(format!("{}/v1/nodes/n1/manifest", s.url))
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    assert_eq!(got.to_vec(), body);
+    let fleet: Value = reqwest::get(format!("{}/v1/fleet", s.url))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(fleet["nodes"][0]["last_seq"], 4);
+    assert_eq!(
+        reqwest::get(format!("{}/cache/abc.narinfo", s.url))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap(),
+        "StorePath: x\n"
+    );
+    // The seq floor survived too.
+    assert_eq!(
+        post_report(&s.url, "n1", report("n1", 4, &node_key, false))
+            .await
+            .0,
+        409
+    );
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn metrics_expose_versions_states_and_request_counters() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = SecretKey::generate("pub").unwrap();
+    let node_key = SecretKey::generate("n1").unwrap();
+    let s = Server::start(dir.path(), &key, None).await;
+    put(
+        &s.url,
+        "n1",
+        sealed(&key, &manifest("n1", 3, Some(&node_key))),
+    )
+    .await;
+    post_report(&s.url, "n1", report("n1", 1, &node_key, false)).await;
+    let text = reqwest::get(format!("{}/metrics", s.url))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        text.contains("roost_node_desired_version{node=\"n1\"} 3"),
+        "{text}"
+    );
+    assert!(
+        text.contains("roost_node_reported_version{node=\"n1\"} 1"),
+        "{text}"
+    );
+    assert!(
+        text.contains("roost_node_state{node=\"n1\",state=\"success\"} 1"),
+        "{text}"
+    );
+    assert!(
+        text.contains(
+            "roost_http_requests_total{route=\"PUT /v1/nodes/{node}/manifest\",status=\"200\"} 1"
+        ),
+        "{text}"
+    );
+    s.stop().await;
+}
