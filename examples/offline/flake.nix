@@ -1,0 +1,65 @@
+{
+  description = "roost's offline fixture fleet: no inputs, builds offline in milliseconds";
+
+  # Used by the README demo and the end-to-end tests. Three nodes in deploy-rs's schema with
+  # roost's own keys beside it. `settings.nix` is the knob: bump `generation` for a new version,
+  # give a node a `behaviour` to make its deploy fail, hang or turn unhealthy.
+  outputs = { self }:
+    let
+      settings = import ./settings.nix;
+      fixtures = import ./fixtures.nix { inherit (settings) system; };
+      behaviour = node: settings.behaviour.${node} or "ok";
+      blob = node: settings.blobKiB.${node} or 0;
+      system = node: fixtures.fakeSystem {
+        inherit node;
+        inherit (settings) generation;
+        behaviour = behaviour node;
+        blobKiB = blob node;
+      };
+    in
+    {
+      deploy = {
+        # deploy-level settings (lowest precedence)
+        user = "root";
+        activationTimeout = 20;
+        confirmTimeout = 15;
+        sshUser = "ignored-by-roost";
+        roost.healthChecks = [
+          { kind = "command"; argv = [ "/nix/var/nix/profiles/system/bin/health" ]; timeout_s = 10; }
+        ];
+
+        nodes = {
+          laptop = {
+            hostname = "laptop.lan";
+            # node-level settings override deploy-level ones
+            magicRollback = true;
+            profilesOrder = [ "system" "home" ];
+            profiles = {
+              system.path = system "laptop";
+              home = {
+                path = fixtures.userProfile { node = "laptop"; inherit (settings) generation; };
+                # profile-level settings override everything; a plain package profile
+                roost.activation = { kind = "none"; };
+                roost.healthChecks = [ ];
+              };
+            };
+          };
+
+          pi-kitchen = {
+            hostname = "pi-kitchen.lan";
+            roost.wave = 1;
+            profiles.system.path = system "pi-kitchen";
+          };
+
+          pi-garage = {
+            hostname = "pi-garage.lan";
+            roost.wave = 1;
+            profiles.system = {
+              path = system "pi-garage";
+              activationTimeout = 10;
+            };
+          };
+        };
+      };
+    };
+}

@@ -1,0 +1,12 @@
+# The knob of the fixture fleet. Tests and the demo rewrite this file to make new versions.
+{
+  # The Nix system the fixtures are built for (the demo writes the machine's own).
+  system = "x86_64-linux";
+  # Bump for a new version of every profile.
+  generation = 1;
+  # Per node: "ok" (default), "fail" (activation exits 1), "units-failed" (exits 4),
+  # "hang" (activation never returns), "unhealthy" (activation works, health check fails).
+  behaviour = { };
+  # Per node: KiB of random data in the system closure (for download tests).
+  blobKiB = { };
+}
