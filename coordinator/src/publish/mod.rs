@@ -357,14 +357,10 @@ pub fn options(args: &PublishArgs, progress: Progress) -> anyhow::Result<Publish
     })
 }
 
-fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> T + Send + 'static,
-) -> impl std::future::Future<Output = T> {
-    async move {
-        tokio::task::spawn_blocking(f)
-            .await
-            .expect("blocking task panicked")
-    }
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    tokio::task::spawn_blocking(f)
+        .await
+        .expect("blocking task panicked")
 }
 
 /// Publishes. Per-node failures are in the report; an `Err` means nothing was published.
