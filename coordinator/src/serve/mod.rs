@@ -81,6 +81,9 @@ pub struct ServerConfig {
     pub max_nar_bytes: u64,
 }
 
+/// Tells agents this server holds `?wait=S` polls open (static hosts do not send it).
+const LONG_POLL: header::HeaderName = header::HeaderName::from_static("roost-long-poll");
+
 /// Longest long-poll a client may ask for, in seconds.
 pub const MAX_WAIT_S: u64 = 300;
 const MAX_REPORT_BYTES: usize = 64 * 1024;
@@ -404,12 +407,15 @@ fn manifest_response(cur: &Current) -> Response {
     );
     h.insert(header::ETAG, cur.etag.clone());
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    h.insert(LONG_POLL, HeaderValue::from_static("300"));
     r
 }
 
 fn not_modified(cur: &Current) -> Response {
     let mut r = StatusCode::NOT_MODIFIED.into_response();
     r.headers_mut().insert(header::ETAG, cur.etag.clone());
+    r.headers_mut()
+        .insert(LONG_POLL, HeaderValue::from_static("300"));
     r
 }
 

@@ -1,0 +1,168 @@
+//! The agent's configuration: a JSON file with the same keys as the command-line flags;
+//! flags win. Validated once, here, into [`Config`].
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use roost_common::{NodeName, PublicKey, TrustedKeys};
+use serde::{Deserialize, Serialize};
+
+/// When the agent may build instead of substituting.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum BuildPolicy {
+    /// Only substitute from the manifest's caches.
+    SubstituteOnly,
+    /// Substitute; build from `drv_path` when substitution fails.
+    #[default]
+    Fallback,
+    /// Always build from `drv_path`.
+    Build,
+}
+
+/// The config file (every key optional; flags override).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigFile {
+    /// Coordinator base URLs, tried in order.
+    #[serde(default)]
+    pub coordinators: Vec<String>,
+    /// This node's name (default: hostname).
+    pub node: Option<String>,
+    /// This node's Nix system (default: the agent's build system).
+    pub system: Option<String>,
+    /// Publisher public key files.
+    #[serde(default)]
+    pub trusted_keys: Vec<PathBuf>,
+    /// How many trusted keys must sign.
+    pub threshold: Option<usize>,
+    /// The state folder.
+    pub state_dir: Option<PathBuf>,
+    /// Poll interval, e.g. "5min".
+    pub interval: Option<String>,
+    /// `substitute-only`, `fallback` or `build`.
+    pub build_policy: Option<BuildPolicy>,
+    /// Hold polls open on coordinators that offer it (default true).
+    pub long_poll: Option<bool>,
+    /// Extra substituters the node may always use (besides the manifest's).
+    #[serde(default)]
+    pub extra_substituters: Vec<String>,
+    /// Extra cache public keys the node always trusts.
+    #[serde(default)]
+    pub extra_trusted_public_keys: Vec<String>,
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Coordinator base URLs, tried in order (none: `apply` only).
+    pub coordinators: Vec<String>,
+    /// This node.
+    pub node: NodeName,
+    /// Its system.
+    pub system: String,
+    /// Publisher keys and threshold.
+    pub trusted: TrustedKeys,
+    /// The state folder.
+    pub state_dir: PathBuf,
+    /// Poll interval.
+    pub interval: Duration,
+    /// Build policy.
+    pub build_policy: BuildPolicy,
+    /// Use long-poll where offered.
+    pub long_poll: bool,
+    /// Extra substituters.
+    pub extra_substituters: Vec<String>,
+    /// Extra cache keys.
+    pub extra_trusted_public_keys: Vec<String>,
+}
+
+/// A configuration problem (exit 2).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(pub String);
+
+/// The system this agent was built for, in Nix's spelling.
+pub fn build_system() -> String {
+    format!("{}-{}", std::env::consts::ARCH, std::env::consts::OS)
+}
+
+fn hostname() -> Option<String> {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|s| s.trim().to_owned())
+        .filter(|s| !s.is_empty())
+}
+
+impl ConfigFile {
+    /// Reads a config file.
+    pub fn read(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError(format!("config file {}: {e}", path.display())))?;
+        serde_json::from_str(&text)
+            .map_err(|e| ConfigError(format!("config file {}: {e}", path.display())))
+    }
+
+    /// Validates into a [`Config`], loading the trusted keys.
+    pub fn resolve(self) -> Result<Config, ConfigError> {
+        let node_raw = self
+            .node
+            .or_else(hostname)
+            .ok_or_else(|| ConfigError("no node name: pass --node or set `node`".into()))?;
+        let node: NodeName = node_raw
+            .parse()
+            .map_err(|e| ConfigError(format!("node: {e}")))?;
+        for c in &self.coordinators {
+            if !(c.starts_with("http://") || c.starts_with("https://")) {
+                return Err(ConfigError(format!(
+                    "coordinator `{c}`: expected an http:// or https:// URL"
+                )));
+            }
+        }
+        if self.trusted_keys.is_empty() {
+            return Err(ConfigError("no trusted publisher key: pass --trusted-key FILE (the public half of the key `publish --key` uses)".into()));
+        }
+        let keys = self
+            .trusted_keys
+            .iter()
+            .map(|p| PublicKey::read_file(p).map_err(|e| ConfigError(format!("trusted key: {e}"))))
+            .collect::<Result<Vec<_>, _>>()?;
+        let threshold = self.threshold.unwrap_or(1);
+        if threshold == 0 || threshold > keys.len() {
+            return Err(ConfigError(format!(
+                "threshold {threshold} needs between 1 and {} trusted keys",
+                keys.len()
+            )));
+        }
+        let interval = match &self.interval {
+            Some(s) => roost_common::time::parse_duration(s)
+                .map_err(|e| ConfigError(format!("interval: {e}")))?,
+            None => Duration::from_secs(300),
+        };
+        if interval < Duration::from_secs(1) {
+            return Err(ConfigError("interval must be at least 1s".into()));
+        }
+        for k in &self.extra_trusted_public_keys {
+            k.parse::<PublicKey>()
+                .map_err(|e| ConfigError(format!("extra_trusted_public_keys `{k}`: {e}")))?;
+        }
+        Ok(Config {
+            coordinators: self
+                .coordinators
+                .iter()
+                .map(|c| c.trim_end_matches('/').to_owned())
+                .collect(),
+            node,
+            system: self.system.unwrap_or_else(build_system),
+            trusted: TrustedKeys::new(keys, threshold),
+            state_dir: self
+                .state_dir
+                .unwrap_or_else(|| PathBuf::from("/var/lib/roost")),
+            interval,
+            build_policy: self.build_policy.unwrap_or_default(),
+            long_poll: self.long_poll.unwrap_or(true),
+            extra_substituters: self.extra_substituters,
+            extra_trusted_public_keys: self.extra_trusted_public_keys,
+        })
+    }
+}

@@ -1,0 +1,217 @@
+//! The agent's one folder (default `/var/lib/roost`): `state.json`, the node key, and the
+//! report queue. Every write is temp file + fsync + rename + fsync of the folder.
+
+use std::collections::BTreeSet;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use roost_common::verify::Floor;
+use roost_common::wire::v1::{Manifest, ReportError};
+use roost_common::{SecretKey, Timestamp, Version};
+use serde::{Deserialize, Serialize};
+
+/// What is remembered across restarts.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct State {
+    /// Highest version ever accepted (and its payload digest).
+    pub floor: Option<Floor>,
+    /// Newest `issued_at` seen: the trusted now never goes below it.
+    pub newest_issued_at: Option<Timestamp>,
+    /// ETag of the accepted manifest, for conditional GETs.
+    pub etag: Option<String>,
+    /// The accepted manifest: what the node should run.
+    pub desired: Option<Manifest>,
+    /// The version last deployed and confirmed.
+    pub current_version: Option<Version>,
+    /// A deploy in progress (steps 5–7); its presence at start means a crash mid-deploy.
+    pub pending: Option<Pending>,
+    /// Versions that failed here; not retried until a newer one arrives.
+    #[serde(default)]
+    pub quarantined: BTreeSet<u64>,
+    /// The last deploy attempt's outcome.
+    pub last_deploy: Option<DeployRecord>,
+}
+
+/// A deploy in progress.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Pending {
+    /// The manifest version being deployed.
+    pub version: Version,
+    /// Confirmation must be done by then, or the deploy is rolled back.
+    pub deadline: Timestamp,
+    /// When the switch began.
+    pub started_at: Timestamp,
+    /// Per profile, in order.
+    pub profiles: Vec<PendingProfile>,
+}
+
+/// One profile of a pending deploy.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct PendingProfile {
+    /// The profile's name.
+    pub name: String,
+    /// Its link.
+    pub profile_path: PathBuf,
+    /// The exact generation to return to (none: the profile did not exist).
+    pub previous_generation: Option<u64>,
+    /// That generation's store path.
+    pub previous_path: Option<String>,
+    /// The new store path.
+    pub new_path: String,
+    /// Whether the profile link was switched.
+    pub switched: bool,
+    /// Whether its activation finished successfully.
+    pub activated: bool,
+}
+
+/// The outcome of a deploy attempt.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct DeployRecord {
+    /// The version tried.
+    pub version: Option<Version>,
+    /// `success`, `failed`, `rolled_back`, `deferred`, `rejected`.
+    pub state: String,
+    /// What went wrong.
+    pub error: Option<ReportError>,
+    /// When.
+    pub at: Timestamp,
+    /// The report that told the coordinator (none: not queued yet).
+    #[serde(default)]
+    pub report_seq: Option<u64>,
+}
+
+/// The state folder.
+#[derive(Debug, Clone)]
+pub struct StateDir {
+    root: PathBuf,
+}
+
+fn io_err(path: &Path, e: std::io::Error) -> std::io::Error {
+    std::io::Error::new(e.kind(), format!("{}: {e}", path.display()))
+}
+
+/// Writes `bytes` to `path` atomically.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir).map_err(|e| io_err(dir, e))?;
+    let tmp = dir.join(format!(
+        ".{}.tmp",
+        path.file_name().and_then(|f| f.to_str()).unwrap_or("f")
+    ));
+    let mut f = std::fs::File::create(&tmp).map_err(|e| io_err(&tmp, e))?;
+    f.write_all(bytes).map_err(|e| io_err(&tmp, e))?;
+    f.sync_all().map_err(|e| io_err(&tmp, e))?;
+    std::fs::rename(&tmp, path).map_err(|e| io_err(path, e))?;
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| io_err(dir, e))
+}
+
+impl StateDir {
+    /// The folder (created on first write).
+    pub fn new(root: &Path) -> Self {
+        Self {
+            root: root.to_owned(),
+        }
+    }
+
+    /// Its path.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    fn state_file(&self) -> PathBuf {
+        self.root.join("state.json")
+    }
+
+    /// The report queue folder.
+    pub fn queue_dir(&self) -> PathBuf {
+        self.root.join("reports")
+    }
+
+    /// The live daemon's socket.
+    pub fn socket(&self) -> PathBuf {
+        self.root.join("agent.sock")
+    }
+
+    /// Reads `state.json` (empty state when missing).
+    pub fn load(&self) -> std::io::Result<State> {
+        match std::fs::read(self.state_file()) {
+            Ok(b) => serde_json::from_slice(&b).map_err(|e| {
+                std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    format!("{}: {e}", self.state_file().display()),
+                )
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(State::default()),
+            Err(e) => Err(io_err(&self.state_file(), e)),
+        }
+    }
+
+    /// Writes `state.json` atomically.
+    pub fn save(&self, s: &State) -> std::io::Result<()> {
+        let mut bytes = serde_json::to_vec_pretty(s).expect("state serialises");
+        bytes.push(b'\n');
+        write_atomic(&self.state_file(), &bytes)
+    }
+
+    /// The node key, generated (0600) on first use.
+    pub fn node_key(&self, node: &str) -> std::io::Result<SecretKey> {
+        let path = self.root.join("node.key");
+        match SecretKey::read_file(&path) {
+            Ok(k) => Ok(k),
+            Err(roost_common::KeyError::Io { source, .. })
+                if source.kind() == std::io::ErrorKind::NotFound =>
+            {
+                std::fs::create_dir_all(&self.root).map_err(|e| io_err(&self.root, e))?;
+                let k =
+                    SecretKey::generate(node).map_err(|e| std::io::Error::other(e.to_string()))?;
+                k.write_new_file(&path)
+                    .map_err(|e| std::io::Error::other(e.to_string()))?;
+                Ok(k)
+            }
+            Err(e) => Err(std::io::Error::other(e.to_string())),
+        }
+    }
+
+    /// Queued report files, oldest first: (seq, path).
+    pub fn queued_reports(&self) -> Vec<(u64, PathBuf)> {
+        let mut v: Vec<(u64, PathBuf)> = std::fs::read_dir(self.queue_dir())
+            .map(|d| {
+                d.filter_map(|e| e.ok())
+                    .filter_map(|e| {
+                        let name = e.file_name().to_str()?.to_owned();
+                        let seq = name.strip_suffix(".json")?.parse().ok()?;
+                        Some((seq, e.path()))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        v.sort();
+        v
+    }
+
+    /// The next report number: above every queued and every sent report.
+    pub fn next_seq(&self) -> u64 {
+        let sent = std::fs::read_to_string(self.queue_dir().join("last-sent"))
+            .ok()
+            .and_then(|s| s.trim().parse::<u64>().ok())
+            .unwrap_or(0);
+        let queued = self.queued_reports().last().map(|(s, _)| *s).unwrap_or(0);
+        sent.max(queued) + 1
+    }
+
+    /// Queues a signed report envelope under its seq.
+    pub fn queue_report(&self, seq: u64, envelope: &[u8]) -> std::io::Result<()> {
+        write_atomic(&self.queue_dir().join(format!("{seq:020}.json")), envelope)
+    }
+
+    /// Marks `seq` delivered: remembered as the last sent, then removed from the queue.
+    pub fn report_delivered(&self, seq: u64, path: &Path) -> std::io::Result<()> {
+        write_atomic(
+            &self.queue_dir().join("last-sent"),
+            format!("{seq}\n").as_bytes(),
+        )?;
+        std::fs::remove_file(path).map_err(|e| io_err(path, e))
+    }
+}
