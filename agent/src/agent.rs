@@ -448,7 +448,7 @@ impl Agent {
         };
         match ::nix::sys::statvfs::statvfs(store) {
             Ok(s) => {
-                let free = s.blocks_available() as u64 * s.fragment_size() as u64;
+                let free = s.blocks_available() * s.fragment_size();
                 if free < need {
                     return Err(format!(
                         "{store} has {free} bytes free, the closure needs up to {need}; free space (nix-collect-garbage) and it will be retried"
@@ -835,8 +835,7 @@ impl Agent {
             let prev = profiles::generations(&link)
                 .map_err(|e| e.to_string())?
                 .into_iter()
-                .filter(|g| g.number < cur.number)
-                .last()
+                .rfind(|g| g.number < cur.number)
                 .ok_or(format!(
                     "profile `{}` has no generation before {}",
                     p.name, cur.number

@@ -165,7 +165,7 @@ async fn dispatch(cmd: Cmd) -> u8 {
                 Err(c) => return c,
             };
             if once {
-                let recovered = agent.recover().await;
+                agent.recover().await;
                 let (verdict, result) = daemon::cycle(&mut agent, None).await;
                 if let Err(e) = &result {
                     eprintln!("error: {e}");
@@ -174,14 +174,8 @@ async fn dispatch(cmd: Cmd) -> u8 {
                 if left > 0 {
                     eprintln!("{left} report(s) queued for later delivery");
                 }
-                let ok = verdict == Verdict::Converged
-                    && result.is_ok()
-                    && recovered == Verdict::Converged
-                    || (verdict == Verdict::Converged
-                        && result.is_ok()
-                        && recovered != Verdict::Converged
-                        && agent.state().pending.is_none()
-                        && !agent.has_work());
+                print_last(&agent);
+                let ok = verdict == Verdict::Converged && result.is_ok();
                 return if ok { 0 } else { 1 };
             }
             let shutdown = async {
