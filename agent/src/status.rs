@@ -164,7 +164,10 @@ pub fn print(doc: &Value) {
         doc["pending_reports"].as_array().map_or(0, Vec::len)
     );
     println!();
-    println!("{:<12} {:<5} {:<9} CURRENT / DESIRED", "PROFILE", "GEN", "STATE");
+    println!(
+        "{:<12} {:<5} {:<9} CURRENT / DESIRED",
+        "PROFILE", "GEN", "STATE"
+    );
     for p in doc["profiles"].as_array().into_iter().flatten() {
         let ok = if p["up_to_date"].as_bool() == Some(true) {
             "current"

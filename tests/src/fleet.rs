@@ -9,7 +9,28 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use serde_json::Value;
 
-use crate::{Coordinator, Keys, Node, TempDir, bin, repo_root, run, wait_for};
+use crate::{Bridge, Coordinator, Keys, Node, TempDir, bin, repo_root, run, wait_for};
+
+/// The fixture flake's knobs (see `examples/offline/settings.nix`).
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Bump for new versions of every profile.
+    pub generation: u32,
+    /// Per node: `fail`, `units-failed`, `hang`, `unhealthy`.
+    pub behaviour: Vec<(&'static str, &'static str)>,
+    /// Per node: KiB of random data in the system closure.
+    pub blob_kib: Vec<(&'static str, u64)>,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            generation: 1,
+            behaviour: vec![],
+            blob_kib: vec![],
+        }
+    }
+}
 
 /// A running fleet.
 #[derive(Debug)]
@@ -24,6 +45,8 @@ pub struct Fleet {
     pub flake: PathBuf,
     /// Agent poll interval.
     pub interval: String,
+    /// The nodes' network.
+    pub bridge: Bridge,
     // Dropped last: everything above lives in here.
     dir: TempDir,
 }
@@ -36,23 +59,62 @@ impl Fleet {
         let coordinator = Coordinator::start(dir.path(), &keys)?;
         let flake = dir.path().join("flake");
         copy_dir(&repo_root().join("examples/offline"), &flake)?;
+        let bridge = Bridge::create()?;
         let nodes = names
             .iter()
-            .map(|n| Node::create(dir.path(), n))
+            .map(|n| Node::create(dir.path(), n, &bridge))
             .collect::<anyhow::Result<Vec<_>>>()?;
-        Ok(Self {
+        let fleet = Self {
             nodes,
             coordinator,
             keys,
             flake,
             interval: "2s".into(),
+            bridge,
             dir,
-        })
+        };
+        fleet.settings(&Settings::default())?;
+        Ok(fleet)
+    }
+
+    /// Rewrites the fixture's `settings.nix` (the flake's one knob).
+    pub fn settings(&self, s: &Settings) -> anyhow::Result<()> {
+        let attrs = |m: &[(&str, String)]| {
+            m.iter()
+                .map(|(k, v)| format!("\"{k}\" = {v};"))
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
+        let behaviour: Vec<(&str, String)> = s
+            .behaviour
+            .iter()
+            .map(|(k, v)| (*k, format!("\"{v}\"")))
+            .collect();
+        let blobs: Vec<(&str, String)> = s
+            .blob_kib
+            .iter()
+            .map(|(k, v)| (*k, v.to_string()))
+            .collect();
+        self.edit(
+            "settings.nix",
+            &format!(
+                "{{\n  system = \"{}-linux\";\n  generation = {};\n  behaviour = {{ {} }};\n  blobKiB = {{ {} }};\n}}\n",
+                std::env::consts::ARCH,
+                s.generation,
+                attrs(&behaviour),
+                attrs(&blobs)
+            ),
+        )
     }
 
     /// The fleet's working folder.
     pub fn dir(&self) -> &Path {
         self.dir.path()
+    }
+
+    /// The coordinator as every node reaches it.
+    pub fn node_url(&self) -> String {
+        format!("http://{}:{}", self.bridge.ip, self.coordinator.port)
     }
 
     /// The node called `name`.
@@ -112,6 +174,7 @@ impl Fleet {
             .arg(&self.keys.publisher_sec)
             .args(["--to", &self.coordinator.url()])
             .args(["--cache", &format!("{}/cache", self.coordinator.url())])
+            .args(["--substituter", &format!("{}/cache", self.node_url())])
             .arg("--cache-key")
             .arg(&self.keys.cache_sec)
             .arg("--json")

@@ -311,6 +311,54 @@ pub fn http_get(url: &str) -> anyhow::Result<Vec<u8>> {
 
 static NEXT_NET: AtomicU32 = AtomicU32::new(0);
 
+/// A host bridge the nodes' links hang off, so every node reaches the coordinator at one
+/// address (the one its manifests name for the cache).
+#[derive(Debug)]
+pub struct Bridge {
+    name: String,
+    /// The host's address on the bridge.
+    pub ip: Ipv4Addr,
+    subnet: u8,
+    next: AtomicU32,
+}
+
+impl Bridge {
+    /// A new bridge with a /24 of its own out of 10.213.0.0/16 (both ends are ours).
+    pub fn create() -> anyhow::Result<Self> {
+        let n = NEXT_NET.fetch_add(1, Ordering::SeqCst);
+        let subnet = ((std::process::id() * 7 + n * 13) % 250) as u8 + 1;
+        let name = format!("rb{:x}{n:x}", std::process::id() % 0xfffff);
+        let ip = Ipv4Addr::new(10, 213, subnet, 1);
+        run(Command::new("ip").args(["link", "add", &name, "type", "bridge"]))?;
+        run(Command::new("ip").args(["addr", "add", &format!("{ip}/24"), "dev", &name]))?;
+        run(Command::new("ip").args(["link", "set", &name, "up"]))?;
+        Ok(Self {
+            name,
+            ip,
+            subnet,
+            next: AtomicU32::new(2),
+        })
+    }
+
+    fn next_ip(&self) -> Ipv4Addr {
+        Ipv4Addr::new(
+            10,
+            213,
+            self.subnet,
+            self.next.fetch_add(1, Ordering::SeqCst) as u8,
+        )
+    }
+}
+
+impl Drop for Bridge {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.name])
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
 /// A node: its own `/nix`, state folder, network namespace and (when started) agent process.
 #[derive(Debug)]
 pub struct Node {
@@ -321,15 +369,15 @@ pub struct Node {
     /// The network namespace.
     pub netns: String,
     veth_host: String,
-    /// The host's address on this node's link.
+    /// The host's address, as the node reaches it.
     pub host_ip: Ipv4Addr,
     agent: Option<Child>,
     log: PathBuf,
 }
 
 impl Node {
-    /// Creates the node's folders, network namespace and veth link.
-    pub fn create(root: &Path, name: &str) -> anyhow::Result<Self> {
+    /// Creates the node's folders, network namespace and a veth link onto `bridge`.
+    pub fn create(root: &Path, name: &str, bridge: &Bridge) -> anyhow::Result<Self> {
         let dir = root.join("nodes").join(name);
         fs::create_dir_all(dir.join("nix"))?;
         fs::create_dir_all(dir.join("state"))?;
@@ -339,16 +387,13 @@ impl Node {
         let netns = format!("roost-{tag}");
         let veth_host = format!("rh{tag}");
         let veth_node = format!("rn{tag}");
-        // A /30 per node out of 10.213.0.0/16, derived from the tag; both ends are ours.
-        let slot = ((std::process::id() % 64) * 256 + n * 4) % 65_532;
-        let host_ip = Ipv4Addr::new(10, 213, (slot / 256) as u8, (slot % 256) as u8 + 1);
-        let node_ip = Ipv4Addr::new(10, 213, (slot / 256) as u8, (slot % 256) as u8 + 2);
+        let node_ip = bridge.next_ip();
         let node = Self {
             name: name.to_owned(),
             dir: dir.clone(),
             netns: netns.clone(),
             veth_host: veth_host.clone(),
-            host_ip,
+            host_ip: bridge.ip,
             agent: None,
             log: dir.join("agent.log"),
         };
@@ -358,14 +403,14 @@ impl Node {
             "link", "add", &veth_host, "type", "veth", "peer", "name", &veth_node,
         ])?;
         ip(&["link", "set", &veth_node, "netns", &netns])?;
-        ip(&["addr", "add", &format!("{host_ip}/30"), "dev", &veth_host])?;
+        ip(&["link", "set", &veth_host, "master", &bridge.name])?;
         ip(&["link", "set", &veth_host, "up"])?;
         ip(&[
             "-n",
             &netns,
             "addr",
             "add",
-            &format!("{node_ip}/30"),
+            &format!("{node_ip}/24"),
             "dev",
             &veth_node,
         ])?;
@@ -522,12 +567,31 @@ impl Node {
         Some(target.display().to_string())
     }
 
-    /// `roost-agent status --json` for this node's state folder.
+    /// `roost-agent status --json`, run inside the node (it reads the node's profiles).
     pub fn status_json(&self) -> anyhow::Result<Value> {
-        let out = run(Command::new(bin("roost-agent"))
-            .args(["status", "--json", "--state-dir"])
-            .arg(self.state_dir()))?;
+        let out = run(&mut self.command(
+            &bin("roost-agent"),
+            &[
+                "status".into(),
+                "--json".into(),
+                "--state-dir".into(),
+                self.state_dir().display().to_string(),
+            ],
+        ))?;
         Ok(serde_json::from_slice(&out.stdout)?)
+    }
+
+    /// `roost-agent status` for people, run inside the node.
+    pub fn status_text(&self) -> anyhow::Result<String> {
+        let out = run(&mut self.command(
+            &bin("roost-agent"),
+            &[
+                "status".into(),
+                "--state-dir".into(),
+                self.state_dir().display().to_string(),
+            ],
+        ))?;
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
     /// The agent's log so far.

@@ -5,13 +5,14 @@ use std::net::TcpListener;
 use std::path::Path;
 use std::time::Duration;
 
-use roost_tests::{Node, require_fleet};
+use roost_tests::{Bridge, Node, require_fleet};
 
 #[test]
 fn a_node_has_its_own_empty_nix_and_a_cuttable_link() {
     require_fleet!();
     let tmp = tempfile::tempdir().unwrap();
-    let node = Node::create(tmp.path(), "probe").unwrap();
+    let bridge = Bridge::create().unwrap();
+    let node = Node::create(tmp.path(), "probe", &bridge).unwrap();
     // The node sees its own /nix: a marker written there is visible from the host side only
     // under the node's folder, and the host's store is not visible inside.
     let out = node

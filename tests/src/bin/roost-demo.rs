@@ -72,7 +72,7 @@ fn demo() -> anyhow::Result<()> {
             ),
             Err(e) => bail!(
                 "{name} did not converge: {e:#}\n\nagent log:\n{}",
-                tail(&fleet.node(name).log(), 60)
+                tail(&fleet.node(name).log(), 25)
             ),
         }
     }
@@ -84,13 +84,7 @@ fn demo() -> anyhow::Result<()> {
     print!("{}", String::from_utf8_lossy(&out.stdout));
 
     step(&format!("roost-agent status on {}", nodes[1]));
-    let node = fleet.node(nodes[1]);
-    let out = Command::new(bin("roost-agent"))
-        .arg("status")
-        .arg("--state-dir")
-        .arg(node.state_dir())
-        .output()?;
-    print!("{}", String::from_utf8_lossy(&out.stdout));
+    print!("{}", fleet.node(nodes[1]).status_text()?);
 
     step(
         "Cleaning up: agents stopped, namespaces and veth links removed, the fleet folder deleted",
