@@ -306,7 +306,9 @@ fn router(app: Arc<App>) -> Router {
         )
         .route(
             "/v1/nodes/{node}/reports",
-            axum::routing::post(post_report).layer(DefaultBodyLimit::max(MAX_REPORT_BYTES)),
+            get(get_reports)
+                .post(post_report)
+                .layer(DefaultBodyLimit::max(MAX_REPORT_BYTES)),
         )
         .route("/v1/fleet", get(fleet::get_fleet))
         .route("/metrics", get(fleet::get_metrics))
@@ -674,6 +676,36 @@ async fn post_report(
         StatusCode::OK,
         [(header::CONTENT_TYPE, "application/json")],
         serde_json::json!({"node": node, "seq": seq}).to_string(),
+    )
+        .into_response())
+}
+
+#[derive(Debug, Deserialize)]
+struct LimitQuery {
+    limit: Option<u32>,
+}
+
+/// `GET /v1/nodes/{node}/reports?limit=N`: the node's report history, newest first.
+async fn get_reports(
+    State(app): State<Arc<App>>,
+    Path(node): Path<String>,
+    Query(q): Query<LimitQuery>,
+) -> ApiResult {
+    let node = parse_node(&node)?;
+    let limit = q.limit.unwrap_or(100).min(10_000);
+    let n = node.to_string();
+    let app2 = app.clone();
+    let rows = tokio::task::spawn_blocking(move || app2.store.history(&n, limit))
+        .await
+        .map_err(ApiError::internal)?
+        .map_err(ApiError::internal)?;
+    let reports: Vec<serde_json::Value> = rows
+        .iter()
+        .filter_map(|r| serde_json::from_str(r).ok())
+        .collect();
+    Ok((
+        [(header::CONTENT_TYPE, "application/json")],
+        serde_json::json!({"node": node, "reports": reports}).to_string(),
     )
         .into_response())
 }
