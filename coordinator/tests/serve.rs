@@ -8,14 +8,13 @@ use std::time::{Duration, Instant};
 use roost_common::envelope::{Context, Envelope};
 use roost_common::wire::v1::{self, Manifest, Report, ReportState};
 use roost_common::{SecretKey, Timestamp, TrustedKeys, Version};
-use roost_coordinator::serve::{ServerConfig, serve};
+use roost_coordinator::serve::{Running, ServerConfig, start};
 use serde_json::{Value, json};
 
 struct Server {
     url: String,
     addr: std::net::SocketAddr,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+    running: Running,
 }
 
 impl Server {
@@ -29,36 +28,22 @@ impl Server {
         token: Option<&str>,
         addr: std::net::SocketAddr,
     ) -> Self {
-        let listener = std::net::TcpListener::bind(addr).unwrap();
-        let addr = listener.local_addr().unwrap();
-        let cfg = ServerConfig {
-            state_dir: state.to_owned(),
-            publishers: TrustedKeys::new([publisher.public()], 1),
-            upload_token: token.map(str::to_owned),
-            max_nar_bytes: 1 << 30,
-        };
-        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(serve(listener, None, cfg, async move {
-            let _ = rx.await;
-        }));
-        let s = Self {
-            url: format!("http://{addr}"),
-            addr,
-            stop: Some(tx),
-            task: Some(task),
-        };
-        for _ in 0..100 {
-            if reqwest::get(format!("{}/v1/fleet", s.url)).await.is_ok() {
-                return s;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        panic!("server did not start");
+        let mut cfg = ServerConfig::new(state, TrustedKeys::new([publisher.public()], 1));
+        cfg.upload_token = token.map(str::to_owned);
+        Self::with_config(cfg, addr).await
     }
 
-    async fn stop(mut self) {
-        let _ = self.stop.take().unwrap().send(());
-        let _ = self.task.take().unwrap().await;
+    async fn with_config(cfg: ServerConfig, addr: std::net::SocketAddr) -> Self {
+        let running = start(addr, cfg).await.unwrap();
+        Self {
+            url: running.url(),
+            addr: running.addr(),
+            running,
+        }
+    }
+
+    async fn stop(self) {
+        self.running.stop().await.unwrap();
     }
 }
 

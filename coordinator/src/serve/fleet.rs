@@ -11,32 +11,30 @@ use axum::response::{IntoResponse, Response};
 use roost_common::Timestamp;
 use serde_json::{Value, json};
 
-use super::{ApiError, App};
+use super::error::ApiError;
+use super::server::App;
 
 /// Builds the fleet document.
 fn fleet_json(app: &App) -> Result<Value, ApiError> {
     let records = app.store.nodes().map_err(ApiError::internal)?;
     let now = Timestamp::now();
     let mut nodes: BTreeMap<String, Value> = BTreeMap::new();
-    {
-        let map = app.nodes.read().unwrap_or_else(|p| p.into_inner());
-        for (name, slot) in map.iter() {
-            let m = &slot.current.manifest;
-            nodes.insert(
-                name.to_string(),
-                json!({
-                    "node": name,
-                    "desired_version": m.version,
-                    "issued_at": m.issued_at,
-                    "expires_at": m.expires_at,
-                    "system": m.system,
-                    "source": m.source,
-                    "desired": m.profiles.iter().map(|p| json!({"profile": p.name, "path": p.path})).collect::<Vec<_>>(),
-                    "node_key": m.node_key,
-                    "key_source": if m.node_key.is_some() { Some("manifest") } else { None },
-                }),
-            );
-        }
+    for (name, cur) in app.all_current() {
+        let m = &cur.manifest;
+        nodes.insert(
+            name.to_string(),
+            json!({
+                "node": name,
+                "desired_version": m.version,
+                "issued_at": m.issued_at,
+                "expires_at": m.expires_at,
+                "system": m.system,
+                "source": m.source,
+                "desired": m.profiles.iter().map(|p| json!({"profile": p.name, "path": p.path})).collect::<Vec<_>>(),
+                "node_key": m.node_key,
+                "key_source": if m.node_key.is_some() { Some("manifest") } else { None },
+            }),
+        );
     }
     for r in records {
         let e = nodes
@@ -171,6 +169,11 @@ pub(super) async fn get_metrics(State(app): State<Arc<App>>) -> Result<Response,
             );
         }
     }
+    let _ = writeln!(
+        out,
+        "# HELP roost_long_polls_held Manifest long-polls being held open.\n# TYPE roost_long_polls_held gauge\nroost_long_polls_held {}",
+        app.waiting.load(std::sync::atomic::Ordering::Relaxed)
+    );
     let _ = writeln!(
         out,
         "# HELP roost_http_requests_total HTTP requests by route and status.\n# TYPE roost_http_requests_total counter"

@@ -82,6 +82,15 @@ pub struct NewReport<'a> {
     pub received_at: u64,
     /// A key to pin on first use.
     pub pin: Option<&'a PublicKey>,
+    /// The key the report verified with (`NAME:BASE64`).
+    pub signer: &'a str,
+}
+
+/// A report whose `seq` is not above the last one received from the same key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SeqRefused {
+    /// The highest seq received.
+    pub last: u64,
 }
 
 /// The state folder.
@@ -101,12 +110,15 @@ impl Store {
             "PRAGMA journal_mode = WAL;
              PRAGMA synchronous = NORMAL;
              CREATE TABLE IF NOT EXISTS nodes (
-                node TEXT PRIMARY KEY, pinned_key TEXT, last_seq INTEGER, last_seen INTEGER, last_report TEXT);
+                node TEXT PRIMARY KEY, pinned_key TEXT, last_seq INTEGER, last_seen INTEGER, last_report TEXT,
+                last_signer TEXT);
              CREATE TABLE IF NOT EXISTS reports (
-                node TEXT NOT NULL, seq INTEGER NOT NULL, received_at INTEGER NOT NULL,
-                state TEXT NOT NULL, manifest_version INTEGER, payload TEXT NOT NULL,
-                PRIMARY KEY (node, seq));",
+                id INTEGER PRIMARY KEY, node TEXT NOT NULL, seq INTEGER NOT NULL,
+                received_at INTEGER NOT NULL, state TEXT NOT NULL, manifest_version INTEGER,
+                payload TEXT NOT NULL);
+             CREATE INDEX IF NOT EXISTS reports_by_node ON reports (node, id);",
         )?;
+        db.busy_timeout(std::time::Duration::from_secs(10))?;
         Ok(Self {
             root: root.to_owned(),
             db: Mutex::new(db),
@@ -184,8 +196,9 @@ impl Store {
     }
 
     /// Records a verified report in one transaction, unless its `seq` is not above the last
-    /// one (then returns the last seq). Pins `r.pin` as the node's key when given.
-    pub fn add_report(&self, r: &NewReport<'_>) -> Result<Result<(), u64>, StoreError> {
+    /// one from the same key. A new key (the manifest's `node_key` changed, e.g. a
+    /// reinstalled node) starts a new sequence. Pins `r.pin` as the node's key when given.
+    pub fn add_report(&self, r: &NewReport<'_>) -> Result<Result<(), SeqRefused>, StoreError> {
         let NewReport {
             node,
             seq,
@@ -194,17 +207,21 @@ impl Store {
             payload,
             received_at: now,
             pin,
+            signer,
         } = *r;
         let mut db = self.db();
         let tx = db.transaction()?;
-        let last: Option<Option<u64>> = tx
-            .query_row("SELECT last_seq FROM nodes WHERE node = ?1", [node], |r| {
-                r.get(0)
-            })
+        let last: Option<(Option<u64>, Option<String>)> = tx
+            .query_row(
+                "SELECT last_seq, last_signer FROM nodes WHERE node = ?1",
+                [node],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
             .optional()?;
-        if let Some(Some(last)) = last {
-            if seq <= last {
-                return Ok(Err(last));
+        if let Some((Some(last), last_signer)) = last {
+            let same_key = last_signer.as_deref().is_none_or(|k| k == signer);
+            if same_key && seq <= last {
+                return Ok(Err(SeqRefused { last }));
             }
         }
         tx.execute(
@@ -212,10 +229,11 @@ impl Store {
             params![node, seq, now, state, manifest_version, payload],
         )?;
         tx.execute(
-            "INSERT INTO nodes (node, pinned_key, last_seq, last_seen, last_report) VALUES (?1, ?2, ?3, ?4, ?5)
+            "INSERT INTO nodes (node, pinned_key, last_seq, last_seen, last_report, last_signer) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
              ON CONFLICT(node) DO UPDATE SET pinned_key = COALESCE(nodes.pinned_key, excluded.pinned_key),
-               last_seq = excluded.last_seq, last_seen = excluded.last_seen, last_report = excluded.last_report",
-            params![node, pin.map(|k| k.to_string()), seq, now, payload],
+               last_seq = excluded.last_seq, last_seen = excluded.last_seen, last_report = excluded.last_report,
+               last_signer = excluded.last_signer",
+            params![node, pin.map(|k| k.to_string()), seq, now, payload, signer],
         )?;
         tx.commit()?;
         Ok(Ok(()))
@@ -225,7 +243,7 @@ impl Store {
     pub fn history(&self, node: &str, limit: u32) -> Result<Vec<String>, StoreError> {
         let db = self.db();
         let mut st =
-            db.prepare("SELECT payload FROM reports WHERE node = ?1 ORDER BY seq DESC LIMIT ?2")?;
+            db.prepare("SELECT payload FROM reports WHERE node = ?1 ORDER BY id DESC LIMIT ?2")?;
         let rows = st
             .query_map(params![node, limit], |r| r.get::<_, String>(0))?
             .collect::<Result<Vec<_>, _>>()?;

@@ -1,0 +1,266 @@
+//! `GET` and `PUT /v1/nodes/{node}/manifest`.
+//!
+//! Current manifests and their ETags live in memory (loaded from the state folder at start),
+//! so a conditional GET answered 304 touches no disk and no database. Each node has a
+//! `watch` channel carrying its version: a long-poll is a receiver waiting for a higher
+//! number, and one PUT wakes every waiter of that node at once.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::{Body, Bytes};
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use base64::Engine;
+use roost_common::envelope::{self, Context};
+use roost_common::verify::{self, Accepted, Floor, Identity, Rejection};
+use roost_common::wire::v1::Manifest;
+use roost_common::{Envelope, EnvelopeError, NodeName, Timestamp};
+use serde::Deserialize;
+use tokio::sync::watch;
+
+use super::error::{ApiError, ApiResult};
+use super::server::{App, LONG_POLL, MAX_WAIT_S, parse_node, read_body};
+
+/// A node's current manifest as served.
+pub(super) struct Current {
+    /// The envelope exactly as uploaded.
+    pub bytes: Bytes,
+    pub etag: HeaderValue,
+    pub manifest: Manifest,
+    /// SHA-256 of the payload, to tell a re-upload of the same version apart.
+    pub digest: [u8; 32],
+}
+
+impl Current {
+    /// Reads a stored envelope. Stored manifests were verified on upload; a key rotation may
+    /// make old ones unverifiable, so they are parsed, not verified again.
+    pub fn from_stored(bytes: Vec<u8>) -> Result<Self, String> {
+        let env: Envelope = serde_json::from_slice(&bytes).map_err(|e| e.to_string())?;
+        let payload = base64::engine::general_purpose::STANDARD
+            .decode(&env.payload)
+            .map_err(|e| e.to_string())?;
+        let manifest = verify::parse_manifest_payload(&payload).map_err(|e| e.to_string())?;
+        Ok(Self {
+            etag: etag_for(manifest.version.0),
+            digest: verify::digest(&payload),
+            manifest,
+            bytes: Bytes::from(bytes),
+        })
+    }
+}
+
+/// A node known to this coordinator: its current manifest and the channel waiters watch.
+pub(super) struct Slot {
+    pub current: Arc<Current>,
+    pub tx: watch::Sender<u64>,
+}
+
+impl Slot {
+    pub fn new(current: Current) -> Self {
+        let (tx, _) = watch::channel(current.manifest.version.0);
+        Self {
+            current: Arc::new(current),
+            tx,
+        }
+    }
+}
+
+/// The ETag of a manifest version: the version, quoted.
+fn etag_for(version: u64) -> HeaderValue {
+    HeaderValue::from_str(&format!("\"{version}\"")).expect("digits are a valid header")
+}
+
+fn matches_etag(headers: &HeaderMap, etag: &HeaderValue) -> bool {
+    let want = etag.as_bytes();
+    headers.get_all(header::IF_NONE_MATCH).iter().any(|v| {
+        v.as_bytes()
+            .split(|&b| b == b',')
+            .map(|t| t.trim_ascii())
+            .any(|t| t == b"*" || t == want || t.strip_prefix(b"W/") == Some(want))
+    })
+}
+
+fn long_poll_header() -> HeaderValue {
+    HeaderValue::from(MAX_WAIT_S)
+}
+
+fn manifest_response(cur: &Current) -> Response {
+    let mut r = Response::new(Body::from(cur.bytes.clone()));
+    let h = r.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    h.insert(header::ETAG, cur.etag.clone());
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    h.insert(LONG_POLL, long_poll_header());
+    r
+}
+
+fn not_modified(cur: &Current) -> Response {
+    let mut r = StatusCode::NOT_MODIFIED.into_response();
+    r.headers_mut().insert(header::ETAG, cur.etag.clone());
+    r.headers_mut().insert(LONG_POLL, long_poll_header());
+    r
+}
+
+fn unknown_node(node: &NodeName) -> ApiError {
+    ApiError::not_found(
+        "unknown_node",
+        format!("no manifest has been published for node `{node}`"),
+    )
+}
+
+#[derive(Debug, Deserialize)]
+pub(super) struct WaitQuery {
+    /// Seconds to hold the request while the client's ETag is current (capped at 300).
+    wait: Option<u64>,
+}
+
+/// `GET /v1/nodes/{node}/manifest[?wait=S]`.
+pub(super) async fn get_manifest(
+    State(app): State<Arc<App>>,
+    Path(node): Path<String>,
+    Query(q): Query<WaitQuery>,
+    headers: HeaderMap,
+) -> ApiResult {
+    let node = parse_node(&node)?;
+    let Some((cur, mut rx)) = app.current(&node) else {
+        return Err(unknown_node(&node));
+    };
+    if !matches_etag(&headers, &cur.etag) {
+        return Ok(manifest_response(&cur));
+    }
+    let wait = q.wait.unwrap_or(0).min(MAX_WAIT_S);
+    if wait == 0 {
+        return Ok(not_modified(&cur));
+    }
+    let version = cur.manifest.version.0;
+    app.waiting
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let _waiting = scopeguard(&app);
+    tokio::select! {
+        changed = tokio::time::timeout(Duration::from_secs(wait), rx.wait_for(|v| *v > version)) => {
+            if matches!(changed, Ok(Ok(_))) {
+                if let Some((newer, _)) = app.current(&node) {
+                    return Ok(manifest_response(&newer));
+                }
+            }
+        }
+        // Shutting down: answer now so the client re-polls the next server.
+        _ = app.shutdown.cancelled() => {}
+    }
+    Ok(not_modified(&cur))
+}
+
+/// Decrements the held-long-poll gauge when the request ends, however it ends.
+fn scopeguard(app: &Arc<App>) -> impl Drop + '_ {
+    struct Guard<'a>(&'a App);
+    impl Drop for Guard<'_> {
+        fn drop(&mut self) {
+            self.0
+                .waiting
+                .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+    Guard(app)
+}
+
+fn rejection_to_error(r: Rejection) -> ApiError {
+    let status = match &r {
+        Rejection::Envelope(EnvelopeError::TooLarge { .. }) => StatusCode::PAYLOAD_TOO_LARGE,
+        Rejection::Envelope(EnvelopeError::NotEnoughSignatures { .. }) => StatusCode::FORBIDDEN,
+        Rejection::BelowFloor { .. } | Rejection::VersionReused(_) => StatusCode::CONFLICT,
+        _ => StatusCode::BAD_REQUEST,
+    };
+    let message = match &r {
+        Rejection::BelowFloor { version, floor } => {
+            format!("manifest version {version} is not newer than the stored version {floor}")
+        }
+        Rejection::VersionReused(v) => {
+            format!("manifest version {v} is not newer than the stored version {v}")
+        }
+        other => other.to_string(),
+    };
+    ApiError::new(status, r.code(), message)
+}
+
+/// `PUT /v1/nodes/{node}/manifest`: verify, check the version rises, store, wake waiters.
+pub(super) async fn put_manifest(
+    State(app): State<Arc<App>>,
+    Path(node): Path<String>,
+    body: Body,
+) -> ApiResult {
+    let node = parse_node(&node)?;
+    let bytes = read_body(&app, body, envelope::MAX_ENVELOPE_BYTES).await?;
+    // Signature first, so only publisher-signed uploads reach the per-node lock.
+    let opened = envelope::open(&bytes, Context::Manifest, &app.cfg.publishers)
+        .map_err(|e| rejection_to_error(e.into()))
+        .map_err(|e| with_node(e, &node))?;
+    // The system is the manifest's own: the server has none, but checks node, paths, expiry
+    // and the version floor through the same function the agents use.
+    let system = verify::parse_manifest_payload(&opened.payload)
+        .map_err(rejection_to_error)
+        .map_err(|e| with_node(e, &node))?
+        .system;
+    let lock = app.write_lock(&node);
+    let _guard = lock.lock().await;
+    let floor = app.current(&node).map(|(c, _)| Floor {
+        version: c.manifest.version,
+        digest: c.digest,
+    });
+    let verified = match verify::verify_manifest(
+        &bytes,
+        &app.cfg.publishers,
+        floor.as_ref(),
+        Timestamp::now(),
+        Identity {
+            node: &node,
+            system: &system,
+        },
+    ) {
+        Ok(Accepted::New(v)) => v,
+        Ok(Accepted::Unchanged(v)) => {
+            return Err(with_node(
+                rejection_to_error(Rejection::VersionReused(v)),
+                &node,
+            ));
+        }
+        Err(Rejection::WrongNode { expected, got }) => {
+            return Err(ApiError::bad_request(
+                "node_mismatch",
+                format!("manifest is for node `{got}` but was uploaded to `{expected}`"),
+            ));
+        }
+        Err(r) => return Err(with_node(rejection_to_error(r), &node)),
+    };
+    let store_bytes = bytes.to_vec();
+    let app2 = app.clone();
+    let node2 = node.clone();
+    tokio::task::spawn_blocking(move || app2.store.save_manifest(&node2, &store_bytes))
+        .await
+        .map_err(ApiError::internal)?
+        .map_err(ApiError::internal)?;
+    let version = verified.manifest.version.0;
+    let cur = Current {
+        etag: etag_for(version),
+        digest: verified.digest,
+        manifest: verified.manifest,
+        bytes,
+    };
+    app.set_current(&node, cur);
+    tracing::info!(%node, version, "manifest stored");
+    Ok((
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, "application/json")],
+        serde_json::json!({"node": node, "version": version}).to_string(),
+    )
+        .into_response())
+}
+
+fn with_node(mut e: ApiError, node: &NodeName) -> ApiError {
+    e.message = format!("node `{node}`: {}", e.message);
+    e
+}
