@@ -212,7 +212,7 @@ impl Agent {
             let mut req = self
                 .http
                 .get(&url)
-                .timeout(Duration::from_secs(wait.unwrap_or(0) + 30));
+                .timeout(Duration::from_secs(wait.unwrap_or(0) + 10));
             if let Some(e) = &self.etag {
                 req = req.header("If-None-Match", e);
             }

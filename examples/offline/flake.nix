@@ -10,6 +10,10 @@
       fixtures = import ./fixtures.nix { inherit (settings) system; };
       behaviour = node: settings.behaviour.${node} or "ok";
       blob = node: settings.blobKiB.${node} or 0;
+      # The system's own health script, plus any HTTP checks settings.nix asks for.
+      checks = node:
+        [ { kind = "command"; argv = [ "/nix/var/nix/profiles/system/bin/health" ]; timeout_s = 10; } ]
+        ++ map (url: { kind = "http"; inherit url; timeout_s = 2; }) (settings.httpChecks.${node} or [ ]);
       system = node: fixtures.fakeSystem {
         inherit node;
         inherit (settings) generation;
@@ -24,9 +28,7 @@
         activationTimeout = 20;
         confirmTimeout = 15;
         sshUser = "ignored-by-roost";
-        roost.healthChecks = [
-          { kind = "command"; argv = [ "/nix/var/nix/profiles/system/bin/health" ]; timeout_s = 10; }
-        ];
+        roost.healthChecks = checks "laptop";
 
         nodes = {
           laptop = {
@@ -48,12 +50,14 @@
           pi-kitchen = {
             hostname = "pi-kitchen.lan";
             roost.wave = 1;
+            roost.healthChecks = checks "pi-kitchen";
             profiles.system.path = system "pi-kitchen";
           };
 
           pi-garage = {
             hostname = "pi-garage.lan";
             roost.wave = 1;
+            roost.healthChecks = checks "pi-garage";
             profiles.system = {
               path = system "pi-garage";
               activationTimeout = 10;

@@ -5,8 +5,11 @@
   # Bump for a new version of every profile.
   generation = 1;
   # Per node: "ok" (default), "fail" (activation exits 1), "units-failed" (exits 4),
-  # "hang" (activation never returns), "unhealthy" (activation works, health check fails).
+  # "hang" (activation never returns), "slow" (activation takes 2 s), "unhealthy" (activation
+  # works, health check fails), "isolate" (activation cuts the node's network).
   behaviour = { };
   # Per node: KiB of random data in the system closure (for download tests).
   blobKiB = { };
+  # Per node: URLs that must answer 2xx for the deploy to be confirmed.
+  httpChecks = { };
 }

@@ -20,6 +20,8 @@ pub struct Settings {
     pub behaviour: Vec<(&'static str, &'static str)>,
     /// Per node: KiB of random data in the system closure.
     pub blob_kib: Vec<(&'static str, u64)>,
+    /// Per node: a URL that must answer 2xx.
+    pub http_checks: Vec<(&'static str, String)>,
 }
 
 impl Default for Settings {
@@ -28,6 +30,7 @@ impl Default for Settings {
             generation: 1,
             behaviour: vec![],
             blob_kib: vec![],
+            http_checks: vec![],
         }
     }
 }
@@ -95,14 +98,20 @@ impl Fleet {
             .iter()
             .map(|(k, v)| (*k, v.to_string()))
             .collect();
+        let http: Vec<(&str, String)> = s
+            .http_checks
+            .iter()
+            .map(|(k, v)| (*k, format!("[ \"{v}\" ]")))
+            .collect();
         self.edit(
             "settings.nix",
             &format!(
-                "{{\n  system = \"{}-linux\";\n  generation = {};\n  behaviour = {{ {} }};\n  blobKiB = {{ {} }};\n}}\n",
+                "{{\n  system = \"{}-linux\";\n  generation = {};\n  behaviour = {{ {} }};\n  blobKiB = {{ {} }};\n  httpChecks = {{ {} }};\n}}\n",
                 std::env::consts::ARCH,
                 s.generation,
                 attrs(&behaviour),
-                attrs(&blobs)
+                attrs(&blobs),
+                attrs(&http)
             ),
         )
     }

@@ -465,7 +465,8 @@ impl Node {
             .append(true)
             .open(&self.log)?;
         let mut cmd = self.command(&bin("roost-agent"), args);
-        cmd.env("RUST_LOG", "info,roost_agent=debug")
+        cmd.env("ROOST_FIXTURE_LOG", self.activation_log_path())
+            .env("RUST_LOG", "info,roost_agent=debug")
             .stdout(log.try_clone()?)
             .stderr(log)
             .stdin(Stdio::null());
@@ -479,6 +480,7 @@ impl Node {
     /// Runs `roost-agent ARGS` in the node to completion (e.g. `run --once`).
     pub fn run_agent(&self, args: &[String], env: &[(&str, &str)]) -> anyhow::Result<Output> {
         let mut cmd = self.command(&bin("roost-agent"), args);
+        cmd.env("ROOST_FIXTURE_LOG", self.activation_log_path());
         for (k, v) in env {
             cmd.env(k, v);
         }
@@ -592,6 +594,20 @@ impl Node {
             ],
         ))?;
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Where the fixture's activation scripts record their calls.
+    pub fn activation_log_path(&self) -> PathBuf {
+        self.dir.join("activations.log")
+    }
+
+    /// Activations so far: "<goal> <store path>" lines.
+    pub fn activations(&self) -> Vec<String> {
+        fs::read_to_string(self.activation_log_path())
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_owned)
+            .collect()
     }
 
     /// The agent's log so far.
