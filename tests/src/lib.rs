@@ -555,6 +555,40 @@ impl Node {
         Ok(())
     }
 
+    /// Brings every interface inside the node back up (after a fixture cut it from within).
+    pub fn restore_inner_links(&self) -> anyhow::Result<()> {
+        let out = run(Command::new("ip").args(["-n", &self.netns, "-o", "link", "show"]))?;
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            if let Some(name) = line
+                .split(':')
+                .nth(1)
+                .map(|n| n.trim().split('@').next().unwrap_or("").to_owned())
+            {
+                run(Command::new("ip").args(["-n", &self.netns, "link", "set", &name, "up"]))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Command lines of the processes still running inside the node.
+    pub fn processes(&self) -> Vec<String> {
+        let out = Command::new("ip")
+            .args(["netns", "pids", &self.netns])
+            .output()
+            .map(|o| o.stdout)
+            .unwrap_or_default();
+        String::from_utf8_lossy(&out)
+            .split_whitespace()
+            .filter_map(|pid| fs::read(format!("/proc/{pid}/cmdline")).ok())
+            .map(|c| {
+                String::from_utf8_lossy(&c)
+                    .replace('\0', " ")
+                    .trim()
+                    .to_owned()
+            })
+            .collect()
+    }
+
     /// Where a profile inside the node points (`var/nix/profiles/system` → store path).
     pub fn profile_target(&self, rel: &str) -> Option<String> {
         let link = self.nix_dir().join(rel);
