@@ -366,6 +366,25 @@ async fn errors_are_json_and_bodies_are_capped() {
     assert_eq!(r.json::<Value>().await.unwrap()["error"], "not_found");
     let (st, e) = put(&s.url, "..", sealed(&key, &manifest("n1", 1, None))).await;
     assert!(st == 400 || st == 404, "{st} {e}");
+    // Answers that axum makes on its own are JSON too.
+    put(&s.url, "n1", sealed(&key, &manifest("n1", 1, None))).await;
+    let r = reqwest::get(format!("{}/v1/nodes/n1/manifest?wait=soon", s.url))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    assert_eq!(r.json::<Value>().await.unwrap()["error"], "bad_request");
+    let r = reqwest::Client::new()
+        .delete(format!("{}/v1/nodes/n1/manifest", s.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 405);
+    assert_eq!(
+        r.json::<Value>().await.unwrap()["error"],
+        "method_not_allowed"
+    );
+    let (st, e) = post_report(&s.url, "n1", vec![b'x'; 65 * 1024]).await;
+    assert_eq!((st, e["error"].as_str()), (413, Some("too_large")));
     s.stop().await;
 }
 
@@ -377,6 +396,9 @@ async fn cache_traversal_attempts_are_refused() {
     let s = Server::start(dir.path(), &key, Some(token)).await;
     std::fs::write(dir.path().join("secret.txt"), "do not serve").unwrap();
     for raw in [
+        "../secret.txt",
+        "nar/../../secret.txt",
+        "%2fetc%2fpasswd",
         "%2e%2e/secret.txt",
         "..%2fsecret.txt",
         "nar/%2e%2e/%2e%2e/secret.txt",
@@ -685,4 +707,237 @@ async fn metrics_expose_versions_states_and_request_counters() {
         "{text}"
     );
     s.stop().await;
+}
+
+#[tokio::test]
+async fn report_history_lists_a_nodes_reports_newest_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = SecretKey::generate("pub").unwrap();
+    let node_key = SecretKey::generate("n1").unwrap();
+    let s = Server::start(dir.path(), &key, None).await;
+    put(
+        &s.url,
+        "n1",
+        sealed(&key, &manifest("n1", 1, Some(&node_key))),
+    )
+    .await;
+    for seq in [3, 5, 9] {
+        assert_eq!(
+            post_report(&s.url, "n1", report("n1", seq, &node_key, false))
+                .await
+                .0,
+            200
+        );
+    }
+    let h: Value = reqwest::get(format!("{}/v1/nodes/n1/reports?limit=2", s.url))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let seqs: Vec<u64> = h["reports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["seq"].as_u64().unwrap())
+        .collect();
+    assert_eq!(seqs, vec![9, 5]);
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn a_new_node_key_in_the_manifest_starts_a_new_report_sequence() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = SecretKey::generate("pub").unwrap();
+    let old_key = SecretKey::generate("n1").unwrap();
+    let s = Server::start(dir.path(), &key, None).await;
+    put(
+        &s.url,
+        "n1",
+        sealed(&key, &manifest("n1", 1, Some(&old_key))),
+    )
+    .await;
+    assert_eq!(
+        post_report(&s.url, "n1", report("n1", 50, &old_key, false))
+            .await
+            .0,
+        200
+    );
+    // The node is reinstalled with a fresh key and state; the publisher names the new key.
+    let new_key = SecretKey::generate("n1").unwrap();
+    put(
+        &s.url,
+        "n1",
+        sealed(&key, &manifest("n1", 2, Some(&new_key))),
+    )
+    .await;
+    assert_eq!(
+        post_report(&s.url, "n1", report("n1", 1, &new_key, false))
+            .await
+            .0,
+        200
+    );
+    let (st, _) = post_report(&s.url, "n1", report("n1", 51, &old_key, false)).await;
+    assert_eq!(st, 403, "the old key is no longer trusted");
+    let (st, _) = post_report(&s.url, "n1", report("n1", 1, &new_key, false)).await;
+    assert_eq!(st, 409, "within one key, seq must still increase");
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn a_client_that_stalls_in_its_request_head_is_disconnected() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = tempfile::tempdir().unwrap();
+    let key = SecretKey::generate("pub").unwrap();
+    let mut cfg = ServerConfig::new(dir.path(), TrustedKeys::new([key.public()], 1));
+    cfg.header_timeout = Duration::from_secs(1);
+    let s = Server::with_config(cfg, "127.0.0.1:0".parse().unwrap()).await;
+    let mut stream = tokio::net::TcpStream::connect(s.addr).await.unwrap();
+    stream
+        .write_all(b"GET /v1/fleet HTTP/1.1\r\n")
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    // Without the header timeout this read would wait forever.
+    let read = tokio::time::timeout(Duration::from_secs(60), stream.read_to_end(&mut buf)).await;
+    assert!(read.is_ok(), "the server kept a stalled connection open");
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn an_upload_whose_body_stalls_gets_408_and_stores_nothing() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = tempfile::tempdir().unwrap();
+    let key = SecretKey::generate("pub").unwrap();
+    let mut cfg = ServerConfig::new(dir.path(), TrustedKeys::new([key.public()], 1));
+    cfg.body_timeout = Duration::from_secs(1);
+    let s = Server::with_config(cfg, "127.0.0.1:0".parse().unwrap()).await;
+    let body = sealed(&key, &manifest("n1", 1, None));
+    let mut stream = tokio::net::TcpStream::connect(s.addr).await.unwrap();
+    stream
+        .write_all(
+            format!(
+                "PUT /v1/nodes/n1/manifest HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n",
+                body.len()
+            )
+            .as_bytes(),
+        )
+        .await
+        .unwrap();
+    stream.write_all(&body[..10]).await.unwrap();
+    let mut buf = [0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(60), stream.read(&mut buf))
+        .await
+        .expect("the server kept waiting for the body")
+        .unwrap();
+    let resp = String::from_utf8_lossy(&buf[..n]);
+    assert!(resp.starts_with("HTTP/1.1 408"), "{resp}");
+    assert!(resp.contains("\"error\":\"timeout\""), "{resp}");
+    let r = reqwest::get(format!("{}/v1/nodes/n1/manifest", s.url))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn shutdown_answers_held_long_polls_and_stops() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = SecretKey::generate("pub").unwrap();
+    let s = Server::start(dir.path(), &key, None).await;
+    put(&s.url, "n1", sealed(&key, &manifest("n1", 1, None))).await;
+    let url = format!("{}/v1/nodes/n1/manifest?wait=300", s.url);
+    let poll = tokio::spawn(async move {
+        reqwest::Client::new()
+            .get(url)
+            .header("If-None-Match", "\"1\"")
+            .send()
+            .await
+            .map(|r| r.status().as_u16())
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!poll.is_finished());
+    // Far below the 300 s wait and the 30 s grace: the held poll is answered at once.
+    tokio::time::timeout(Duration::from_secs(25), s.stop())
+        .await
+        .expect("shutdown waited for the long-poll");
+    assert_eq!(poll.await.unwrap().unwrap(), 304);
+}
+
+/// A test CA and a certificate for 127.0.0.1 signed by it, made with the openssl command:
+/// (CA file, certificate, key), or `None` without a working openssl.
+fn test_certificate(dir: &Path) -> Option<(PathBuf, PathBuf, PathBuf)> {
+    let script = r#"set -e
+ec="-newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes"
+openssl req -x509 $ec -days 2 -subj /CN=roost-test-ca -keyout ca.key -out ca.pem
+openssl req $ec -subj /CN=127.0.0.1 -keyout key.pem -out leaf.csr
+printf 'subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n' > ext
+openssl x509 -req -in leaf.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 2 -out cert.pem -extfile ext
+"#;
+    let ok = Command::new("sh")
+        .args(["-c", script])
+        .current_dir(dir)
+        .output()
+        .is_ok_and(|o| o.status.success());
+    ok.then(|| {
+        (
+            dir.join("ca.pem"),
+            dir.join("cert.pem"),
+            dir.join("key.pem"),
+        )
+    })
+}
+
+#[tokio::test]
+async fn tls_serves_the_api_over_https() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some((ca, cert, tls_key)) = test_certificate(dir.path()) else {
+        eprintln!("SKIP: no working `openssl` command to make a test certificate");
+        return;
+    };
+    let key = SecretKey::generate("pub").unwrap();
+    let cfg = ServerConfig::new(
+        dir.path().join("state"),
+        TrustedKeys::new([key.public()], 1),
+    );
+    let tls = roost_coordinator::serve::load_tls(&cert, &tls_key)
+        .await
+        .unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(roost_coordinator::serve::serve_tls(
+        listener,
+        tls,
+        cfg,
+        async move {
+            let _ = rx.await;
+        },
+    ));
+    let client = reqwest::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(&std::fs::read(&ca).unwrap()).unwrap())
+        .build()
+        .unwrap();
+    let body = sealed(&key, &manifest("n1", 1, None));
+    let r = client
+        .put(format!("https://{addr}/v1/nodes/n1/manifest"))
+        .body(body.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let r = client
+        .get(format!("https://{addr}/v1/nodes/n1/manifest"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.bytes().await.unwrap().to_vec(), body);
+    // Plain HTTP on the TLS port gets no manifest.
+    assert!(
+        reqwest::get(format!("http://{addr}/v1/nodes/n1/manifest"))
+            .await
+            .is_err()
+    );
+    let _ = tx.send(());
+    task.await.unwrap().unwrap();
 }

@@ -1,0 +1,295 @@
+//! `roost-coordinator serve` as a process: signals, crashes and bad configuration.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use roost_common::envelope::{Context, Envelope};
+use roost_common::wire::v1::{self, Manifest, Report, ReportState};
+use roost_common::{SecretKey, Timestamp, Version};
+use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const BIN: &str = env!("CARGO_BIN_EXE_roost-coordinator");
+
+struct Proc {
+    child: Child,
+    addr: String,
+}
+
+impl Proc {
+    /// Starts `serve` on a free port and reads the address from its first stdout line.
+    fn start(state: &Path, publisher_pub: &Path, token_file: Option<&Path>) -> Self {
+        let mut cmd = Command::new(BIN);
+        cmd.args(["serve", "--listen", "127.0.0.1:0", "--state-dir"])
+            .arg(state)
+            .arg("--publisher-key")
+            .arg(publisher_pub)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null());
+        if let Some(t) = token_file {
+            cmd.arg("--upload-token-file").arg(t);
+        }
+        let mut child = cmd.spawn().unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let addr = line
+            .trim()
+            .rsplit("http://")
+            .next()
+            .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+            .to_owned();
+        Self { child, addr }
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(self.child.id().to_string())
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill -{sig} failed");
+    }
+
+    /// Waits up to `limit` for the process to exit; its exit code.
+    fn wait(&mut self, limit: Duration) -> Option<i32> {
+        let start = std::time::Instant::now();
+        while start.elapsed() < limit {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                return st.code();
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn keys(dir: &Path) -> (SecretKey, std::path::PathBuf) {
+    let key = SecretKey::generate("pub").unwrap();
+    let public = dir.join("publisher.pub");
+    std::fs::write(&public, key.public().to_string()).unwrap();
+    (key, public)
+}
+
+fn manifest_envelope(key: &SecretKey, node: &str, version: u64, node_key: &SecretKey) -> Vec<u8> {
+    let now = Timestamp::now();
+    let m = Manifest {
+        format: v1::FORMAT,
+        node: node.parse().unwrap(),
+        system: "x86_64-linux".into(),
+        version: Version(version),
+        issued_at: now,
+        expires_at: now.plus(Duration::from_secs(3600)),
+        source: None,
+        substituters: vec![],
+        node_key: Some(node_key.public()),
+        profiles: vec![
+            serde_json::from_value(json!({"name": "system", "path": "/nix/store/0123456789abcdfghijklmnpqrsvwxyz-sys"}))
+                .unwrap(),
+        ],
+        rollout: Default::default(),
+    };
+    Envelope::seal(Context::Manifest, &serde_json::to_vec(&m).unwrap(), &[key]).to_bytes()
+}
+
+fn report_envelope(node: &str, seq: u64, key: &SecretKey) -> Vec<u8> {
+    let r = Report {
+        format: 1,
+        node: node.parse().unwrap(),
+        seq,
+        sent_at: Timestamp::now(),
+        boot_id: "b".into(),
+        agent_version: "t".into(),
+        manifest_version: Some(Version(1)),
+        state: ReportState::Success,
+        profiles: vec![],
+        booted_system: None,
+        error: None,
+        health: vec![],
+        timings_ms: Default::default(),
+        security_events: vec![],
+        node_key: None,
+    };
+    Envelope::seal(Context::Report, &serde_json::to_vec(&r).unwrap(), &[key]).to_bytes()
+}
+
+#[tokio::test]
+async fn sigterm_lets_an_upload_in_flight_finish_then_exits_0() {
+    let dir = tempfile::tempdir().unwrap();
+    let (key, public) = keys(dir.path());
+    let mut p = Proc::start(&dir.path().join("state"), &public, None);
+    let node_key = SecretKey::generate("n1").unwrap();
+    let body = manifest_envelope(&key, "n1", 1, &node_key);
+    let mut stream = tokio::net::TcpStream::connect(&p.addr).await.unwrap();
+    stream
+        .write_all(
+            format!(
+                "PUT /v1/nodes/n1/manifest HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n",
+                body.len()
+            )
+            .as_bytes(),
+        )
+        .await
+        .unwrap();
+    stream.write_all(&body[..body.len() / 2]).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    p.signal("TERM");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stream.write_all(&body[body.len() / 2..]).await.unwrap();
+    let mut resp = String::new();
+    stream.read_to_string(&mut resp).await.unwrap();
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+    assert_eq!(p.wait(Duration::from_secs(60)), Some(0));
+    let stored = std::fs::read(dir.path().join("state/manifests/v1/nodes/n1/manifest")).unwrap();
+    assert_eq!(stored, body);
+}
+
+#[tokio::test]
+async fn sigterm_answers_held_long_polls_and_exits_0() {
+    let dir = tempfile::tempdir().unwrap();
+    let (key, public) = keys(dir.path());
+    let mut p = Proc::start(&dir.path().join("state"), &public, None);
+    let node_key = SecretKey::generate("n1").unwrap();
+    let c = reqwest::Client::new();
+    let r = c
+        .put(format!("{}/v1/nodes/n1/manifest", p.url()))
+        .body(manifest_envelope(&key, "n1", 1, &node_key))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let url = format!("{}/v1/nodes/n1/manifest?wait=300", p.url());
+    let poll = tokio::spawn(async move {
+        c.get(url)
+            .header("If-None-Match", "\"1\"")
+            .send()
+            .await
+            .map(|r| r.status().as_u16())
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    p.signal("TERM");
+    assert_eq!(poll.await.unwrap().unwrap(), 304);
+    assert_eq!(p.wait(Duration::from_secs(25)), Some(0));
+}
+
+#[tokio::test]
+async fn after_sigkill_a_restart_serves_the_same_manifests_reports_and_cache() {
+    let dir = tempfile::tempdir().unwrap();
+    let (key, public) = keys(dir.path());
+    let token = "kill-restart-token-0123456789";
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, format!("{token}\n")).unwrap();
+    let state = dir.path().join("state");
+    let node_key = SecretKey::generate("n1").unwrap();
+    let body = manifest_envelope(&key, "n1", 7, &node_key);
+    let c = reqwest::Client::new();
+
+    let p = Proc::start(&state, &public, Some(&token_file));
+    let put = c
+        .put(format!("{}/v1/nodes/n1/manifest", p.url()))
+        .body(body.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(put.status(), 200);
+    let post = c
+        .post(format!("{}/v1/nodes/n1/reports", p.url()))
+        .body(report_envelope("n1", 3, &node_key))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(post.status(), 200);
+    let cache = c
+        .put(format!("{}/cache/nar/abc.nar", p.url()))
+        .basic_auth("roost", Some(token))
+        .body("nar bytes")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(cache.status(), 200);
+    p.signal("KILL");
+    drop(p);
+
+    let p = Proc::start(&state, &public, Some(&token_file));
+    let got = c
+        .get(format!("{}/v1/nodes/n1/manifest", p.url()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(got.headers()["etag"], "\"7\"");
+    assert_eq!(got.bytes().await.unwrap().to_vec(), body);
+    let fleet: Value = c
+        .get(format!("{}/v1/fleet", p.url()))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(fleet["nodes"][0]["last_seq"], 3);
+    assert_eq!(fleet["nodes"][0]["state"], "success");
+    let nar = c
+        .get(format!("{}/cache/nar/abc.nar", p.url()))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(nar, "nar bytes");
+}
+
+#[test]
+fn a_bad_publisher_key_file_exits_2_naming_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("publisher.pub");
+    std::fs::write(&bad, "not a key").unwrap();
+    let out = Command::new(BIN)
+        .args(["serve", "--listen", "127.0.0.1:0", "--state-dir"])
+        .arg(dir.path().join("state"))
+        .arg("--publisher-key")
+        .arg(&bad)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(&bad.display().to_string()), "{err}");
+    assert!(
+        !dir.path().join("state").exists(),
+        "nothing is created on a configuration error"
+    );
+}
+
+#[test]
+fn a_short_upload_token_exits_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, public) = keys(dir.path());
+    let token = dir.path().join("token");
+    std::fs::write(&token, "short").unwrap();
+    let out = Command::new(BIN)
+        .args(["serve", "--listen", "127.0.0.1:0", "--state-dir"])
+        .arg(dir.path().join("state"))
+        .arg("--publisher-key")
+        .arg(&public)
+        .arg("--upload-token-file")
+        .arg(&token)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("shorter than 16"));
+}
