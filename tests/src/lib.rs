@@ -292,21 +292,27 @@ impl Drop for Coordinator {
     }
 }
 
-/// A blocking GET with a short timeout, body on 2xx.
+/// A blocking GET with a short timeout, body on 2xx. Runs on a thread of its own, so it
+/// works from inside an async runtime too (the benchmarks).
 pub fn http_get(url: &str) -> anyhow::Result<Vec<u8>> {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    rt.block_on(async {
-        let resp = reqwest::Client::builder()
-            .timeout(Duration::from_secs(5))
-            .build()?
-            .get(url)
-            .send()
-            .await?;
-        ensure!(resp.status().is_success(), "GET {url}: {}", resp.status());
-        Ok(resp.bytes().await?.to_vec())
+    let url = url.to_owned();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        rt.block_on(async {
+            let resp = reqwest::Client::builder()
+                .timeout(Duration::from_secs(5))
+                .build()?
+                .get(&url)
+                .send()
+                .await?;
+            ensure!(resp.status().is_success(), "GET {url}: {}", resp.status());
+            Ok(resp.bytes().await?.to_vec())
+        })
     })
+    .join()
+    .map_err(|_| anyhow::anyhow!("the GET thread panicked"))?
 }
 
 static NEXT_NET: AtomicU32 = AtomicU32::new(0);
