@@ -133,8 +133,7 @@ impl Poller {
                         .get("etag")
                         .and_then(|v| v.to_str().ok())
                         .map(str::to_owned);
-                    if r
-                        .content_length()
+                    if r.content_length()
                         .is_some_and(|n| n as usize > MAX_ENVELOPE_BYTES)
                     {
                         errors.push(format!("{base}: manifest is over the size limit"));
@@ -249,10 +248,7 @@ pub async fn sleep_watching_clock(
         }
         tokio::time::sleep((d - elapsed).min(step)).await;
         tick();
-        let wall = clock
-            .now()
-            .duration_since(wall_start)
-            .unwrap_or_default();
+        let wall = clock.now().duration_since(wall_start).unwrap_or_default();
         if clock_jumped(start.elapsed(), wall) {
             return Wake::ClockJumped;
         }
@@ -271,7 +267,10 @@ mod tests {
         let mut seen_high = false;
         for _ in 0..2000 {
             let j = jitter(d);
-            assert!(j >= Duration::from_secs(240) && j <= Duration::from_secs(360), "{j:?}");
+            assert!(
+                j >= Duration::from_secs(240) && j <= Duration::from_secs(360),
+                "{j:?}"
+            );
             seen_low |= j < Duration::from_secs(270);
             seen_high |= j > Duration::from_secs(330);
         }
@@ -291,7 +290,10 @@ mod tests {
     fn a_wall_clock_far_ahead_of_the_monotonic_one_is_a_jump() {
         let s = Duration::from_secs;
         assert!(!clock_jumped(s(60), s(61)));
-        assert!(!clock_jumped(s(60), s(30)), "a clock set back is not a resume");
+        assert!(
+            !clock_jumped(s(60), s(30)),
+            "a clock set back is not a resume"
+        );
         assert!(clock_jumped(s(60), s(3600)));
     }
 

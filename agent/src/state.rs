@@ -72,6 +72,13 @@ pub struct PendingProfile {
     pub previous_path: Option<String>,
     /// The new store path.
     pub new_path: String,
+    /// What the profile link itself pointed at before (restored on rollback when it was not
+    /// a generation, e.g. a hand-made link straight into the store).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous_link: Option<PathBuf>,
+    /// The generation this deploy made, once the profile was switched.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub new_generation: Option<u64>,
     /// Whether the profile link was switched.
     pub switched: bool,
     /// Whether its activation finished successfully.
@@ -133,6 +140,10 @@ pub struct DeployRecord {
     #[serde(default)]
     pub report_seq: Option<u64>,
 }
+
+/// The state folder's lock, released on drop.
+#[derive(Debug)]
+pub struct StateLock(#[allow(dead_code)] ::nix::fcntl::Flock<std::fs::File>);
 
 /// The state folder.
 #[derive(Debug, Clone)]
@@ -212,6 +223,30 @@ impl StateDir {
     /// The live daemon's socket.
     pub fn socket(&self) -> PathBuf {
         self.root.join("agent.sock")
+    }
+
+    /// Takes the folder's lock (`lock`, held until the value is dropped): one agent process
+    /// at a time changes a node. Fails at once when another holds it.
+    pub fn lock(&self) -> std::io::Result<StateLock> {
+        std::fs::create_dir_all(&self.root).map_err(|e| io_err(&self.root, e))?;
+        let path = self.root.join("lock");
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(|e| io_err(&path, e))?;
+        match ::nix::fcntl::Flock::lock(f, ::nix::fcntl::FlockArg::LockExclusiveNonblock) {
+            Ok(l) => Ok(StateLock(l)),
+            Err((_, ::nix::errno::Errno::EWOULDBLOCK)) => Err(std::io::Error::new(
+                std::io::ErrorKind::WouldBlock,
+                format!(
+                    "another roost-agent is using {} (stop the daemon first, e.g. `systemctl stop roost-agent`)",
+                    self.root.display()
+                ),
+            )),
+            Err((_, e)) => Err(io_err(&path, e.into())),
+        }
     }
 
     /// Reads `state.json` (empty state when missing).
