@@ -11,18 +11,18 @@ use serde::Serialize;
 use serde_json::Value;
 
 /// Arguments of `status`.
-///
-/// Columns: NODE, DESIRED (version of its current manifest), REPORTED (the manifest version
-/// of its last report), STATE (of its last report), HEALTH (its last health checks), LAST SEEN
-/// (when its last report arrived) and FLAGS: STALE (no report within --stale; a node that
-/// never reported is stale once its manifest is older than that), FAILED (last state failed,
-/// rolled_back or rejected, or a health check failing), BEHIND (reported version below the
-/// desired one), TOFU (its report key was pinned on first use: move it into the flake as
-/// `roost.nodeKey`).
-///
-/// Exit status: 0 when no node is stale or failed, 1 when some are (or the coordinator cannot
-/// be read), 2 for bad usage. BEHIND and TOFU alone do not fail.
 #[derive(Debug, Args)]
+#[command(after_help = "\
+Columns: NODE; DESIRED, the version of its current manifest; REPORTED, the manifest version of
+its last report; STATE of that report; HEALTH of its last checks; LAST SEEN, when that report
+arrived; FLAGS:
+  STALE   no report within --stale (a node that never reported: once its manifest is older)
+  FAILED  last state failed, rolled_back or rejected, or a health check failing
+  BEHIND  reported version below the desired one (deploying, or stuck)
+  TOFU    its report key was pinned on first use: put it in the flake as roost.nodeKey
+
+Exit status: 0 when no node is stale or failed, 1 when some are or the coordinator cannot be
+read, 2 for bad usage. BEHIND and TOFU alone do not fail.")]
 pub struct StatusArgs {
     /// The coordinator's URL.
     #[arg(
