@@ -1,7 +1,7 @@
 //! Running activation scripts and health-check commands: as the profile's user, in a process
 //! group of their own, under a hard timeout that kills the whole group. When PID 1 is
-//! systemd, activation runs in a transient unit so a restart of the agent (which a switch
-//! may cause) cannot kill it halfway.
+//! systemd, activation runs in a transient unit (`systemd-run`) so a restart of the agent,
+//! which a switch may cause, cannot kill it halfway.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -10,6 +10,14 @@ use std::time::Duration;
 use roost_common::StorePath;
 use roost_common::wire::v1::{Activation, Profile};
 use tokio::io::AsyncReadExt;
+use tokio::task::JoinHandle;
+
+use crate::state::ActivationHandle;
+
+/// After the main process ends or is killed, how long to wait for the pipes to close.
+const OUTPUT_GRACE: Duration = Duration::from_secs(2);
+/// Lines of output kept for reports.
+const TAIL_LINES: usize = 8;
 
 /// How a command ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -30,20 +38,30 @@ pub enum Outcome {
 }
 
 impl Outcome {
-    /// A sentence for reports.
+    /// A sentence for reports, `what` naming the command.
     pub fn describe(&self, what: &str) -> String {
+        let out = |o: &str| {
+            if o.is_empty() {
+                String::new()
+            } else {
+                format!(": {o}")
+            }
+        };
         match self {
             Outcome::Ok => format!("{what} succeeded"),
             Outcome::Failed {
                 code: Some(4),
                 output,
-            } => format!("{what} exited with status 4 (some units failed to start): {output}"),
+            } => format!(
+                "{what} exited with status 4 (some units failed to start){}",
+                out(output)
+            ),
             Outcome::Failed {
                 code: Some(c),
                 output,
-            } => format!("{what} exited with status {c}: {output}"),
+            } => format!("{what} exited with status {c}{}", out(output)),
             Outcome::Failed { code: None, output } => {
-                format!("{what} was killed by a signal: {output}")
+                format!("{what} was killed by a signal{}", out(output))
             }
             Outcome::TimedOut => format!("{what} timed out and its process group was killed"),
             Outcome::SpawnFailed(e) => format!("{what} could not be started: {e}"),
@@ -51,7 +69,7 @@ impl Outcome {
     }
 }
 
-/// The command line that activates `path` for `profile`, if any.
+/// The command line that activates `path`, if its kind has one.
 pub fn activation_argv(activation: &Activation, path: &Path) -> Option<Vec<String>> {
     match activation {
         Activation::Nixos { goal } => Some(vec![
@@ -62,8 +80,10 @@ pub fn activation_argv(activation: &Activation, path: &Path) -> Option<Vec<Strin
         ]),
         Activation::DeployRs => Some(vec![path.join("deploy-rs-activate").display().to_string()]),
         Activation::Command { argv } => {
-            let mut v = vec![path.join(&argv[0]).display().to_string()];
-            v.extend(argv[1..].iter().cloned());
+            // verify_manifest guarantees argv[0] is relative and has no `..`.
+            let (program, args) = argv.split_first()?;
+            let mut v = vec![path.join(program).display().to_string()];
+            v.extend(args.iter().cloned());
             Some(v)
         }
         Activation::None => None,
@@ -76,20 +96,30 @@ pub fn systemd_is_pid1() -> bool {
         && std::fs::read_to_string("/proc/1/comm").is_ok_and(|c| c.trim() == "systemd")
 }
 
-/// Activates `path` as `profile` (its link at `profile_path`).
-pub async fn activate(
+/// A started command: wait for it with [`Running::wait`].
+#[derive(Debug)]
+pub struct Running {
+    child: tokio::process::Child,
+    handle: ActivationHandle,
+    output: JoinHandle<Vec<u8>>,
+    timeout: Duration,
+}
+
+/// Starts activating `path` as `profile` (its link at `profile_path`); `None` for kind
+/// `none`. `tag` makes the transient unit's name unique.
+pub fn start_activation(
     profile: &Profile,
     path: &StorePath,
     profile_path: &Path,
-    unit_tag: &str,
-) -> Outcome {
+    tag: &str,
+) -> Result<Option<Running>, Outcome> {
     let Some(argv) = activation_argv(&profile.activation, path.as_path()) else {
-        return Outcome::Ok;
+        return Ok(None);
     };
     let timeout = Duration::from_secs(profile.activation_timeout_s.max(1));
     let env = vec![("PROFILE".to_owned(), profile_path.display().to_string())];
     if systemd_is_pid1() {
-        let unit = format!("roost-activate-{}-{unit_tag}", profile.name);
+        let unit = format!("roost-activate-{}-{tag}", profile.name).replace(['+', '.'], "-");
         let mut sd = vec![
             "systemd-run".to_owned(),
             format!("--unit={unit}"),
@@ -107,27 +137,50 @@ pub async fn activate(
         sd.push("--".into());
         sd.extend(argv);
         // The unit enforces the limit; our own timeout is a backstop a little later.
-        let out = run(&sd, &[], None, timeout + Duration::from_secs(10)).await;
-        if out == Outcome::TimedOut {
-            let _ = tokio::process::Command::new("systemctl")
-                .args(["stop", &unit])
-                .status()
-                .await;
-        }
-        return out;
+        let mut r = start(&sd, &[], None, timeout + Duration::from_secs(10))?;
+        r.handle.unit = Some(unit);
+        return Ok(Some(r));
     }
-    run(&argv, &env, Some(&profile.user), timeout).await
+    start(&argv, &env, Some(&profile.user), timeout).map(Some)
 }
 
-/// Runs `argv` (as `user` when given) with a hard timeout on its whole process group.
+/// Activates and waits: [`start_activation`] then [`Running::wait`].
+pub async fn activate(
+    profile: &Profile,
+    path: &StorePath,
+    profile_path: &Path,
+    tag: &str,
+) -> Outcome {
+    match start_activation(profile, path, profile_path, tag) {
+        Ok(Some(r)) => r.wait().await,
+        Ok(None) => Outcome::Ok,
+        Err(o) => o,
+    }
+}
+
+/// Runs `argv` to completion under a hard timeout (health-check commands).
 pub async fn run(
     argv: &[String],
     env: &[(String, String)],
     user: Option<&str>,
     timeout: Duration,
 ) -> Outcome {
+    match start(argv, env, user, timeout) {
+        Ok(r) => r.wait().await,
+        Err(o) => o,
+    }
+}
+
+/// Starts `argv` (as `user` when given) in a new process group. The agent's environment is
+/// passed on (minus systemd's notify socket), plus `env`.
+pub fn start(
+    argv: &[String],
+    env: &[(String, String)],
+    user: Option<&str>,
+    timeout: Duration,
+) -> Result<Running, Outcome> {
     let Some((program, args)) = argv.split_first() else {
-        return Outcome::SpawnFailed("empty command".into());
+        return Err(Outcome::SpawnFailed("empty command".into()));
     };
     let mut cmd = tokio::process::Command::new(program);
     cmd.args(args)
@@ -135,81 +188,164 @@ pub async fn run(
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .process_group(0)
+        .env_remove("NOTIFY_SOCKET")
+        .env_remove("WATCHDOG_USEC")
+        .env_remove("WATCHDOG_PID")
         .kill_on_drop(true);
     for (k, v) in env {
         cmd.env(k, v);
     }
+    // Root running root's activation needs no switch; anything else drops to that user.
     if let Some(user) = user.filter(|u| *u != "root" || !running_as_root()) {
         match ::nix::unistd::User::from_name(user) {
             Ok(Some(u)) => {
                 cmd.uid(u.uid.as_raw())
                     .gid(u.gid.as_raw())
                     .env("HOME", &u.dir)
-                    .env("USER", user);
+                    .env("USER", user)
+                    .env("LOGNAME", user);
             }
             Ok(None) => {
-                return Outcome::SpawnFailed(format!("user `{user}` does not exist on this node"));
+                return Err(Outcome::SpawnFailed(format!(
+                    "user `{user}` does not exist on this node"
+                )));
             }
-            Err(e) => return Outcome::SpawnFailed(format!("looking up user `{user}`: {e}")),
+            Err(e) => {
+                return Err(Outcome::SpawnFailed(format!(
+                    "looking up user `{user}`: {e}"
+                )));
+            }
         }
     }
-    let mut child = match cmd.spawn() {
-        Ok(c) => c,
-        Err(e) => return Outcome::SpawnFailed(format!("{program}: {e}")),
-    };
-    let pgid = child.id();
-    let mut stdout = child.stdout.take().expect("piped");
-    let mut stderr = child.stderr.take().expect("piped");
-    let collect = async move {
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| Outcome::SpawnFailed(format!("{program}: {e}")))?;
+    let pid = child.id().unwrap_or(0) as i32;
+    let mut stdout = child.stdout.take().expect("stdout is piped");
+    let mut stderr = child.stderr.take().expect("stderr is piped");
+    let output = tokio::spawn(async move {
         let (mut a, mut b) = (Vec::new(), Vec::new());
         let _ = tokio::join!(stdout.read_to_end(&mut a), stderr.read_to_end(&mut b));
         a.extend_from_slice(&b);
         a
-    };
-    let waited = tokio::time::timeout(timeout, async {
-        let (status, output) = tokio::join!(child.wait(), collect);
-        (status, output)
+    });
+    Ok(Running {
+        child,
+        handle: ActivationHandle {
+            pgid: pid,
+            start_ticks: start_ticks(pid),
+            boot_id: boot_id(),
+            unit: None,
+        },
+        output,
+        timeout,
     })
-    .await;
-    match waited {
-        Ok((Ok(status), output)) if status.success() => {
-            let _ = output;
-            kill_group(pgid);
-            Outcome::Ok
-        }
-        Ok((Ok(status), output)) => {
-            kill_group(pgid);
-            Outcome::Failed {
-                code: status.code(),
-                output: tail(&output),
+}
+
+impl Running {
+    /// What identifies it, for the pending record.
+    pub fn handle(&self) -> &ActivationHandle {
+        &self.handle
+    }
+
+    /// Waits for the main process under the timeout, then kills the whole process group, so
+    /// neither a hang nor a child left running in the background outlives activation.
+    pub async fn wait(mut self) -> Outcome {
+        let waited = tokio::time::timeout(self.timeout, self.child.wait()).await;
+        kill_group(self.handle.pgid);
+        let status = match waited {
+            Ok(Ok(s)) => Some(s),
+            Ok(Err(e)) => return Outcome::SpawnFailed(e.to_string()),
+            Err(_) => {
+                let _ = self.child.wait().await;
+                None
+            }
+        };
+        if let Some(unit) = &self.handle.unit {
+            if status.is_none() {
+                stop_unit(unit).await;
             }
         }
-        Ok((Err(e), _)) => Outcome::SpawnFailed(e.to_string()),
-        Err(_) => {
-            kill_group(pgid);
-            Outcome::TimedOut
+        let output = tokio::time::timeout(OUTPUT_GRACE, &mut self.output)
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .unwrap_or_default();
+        match status {
+            None => Outcome::TimedOut,
+            Some(s) if s.success() => Outcome::Ok,
+            Some(s) => Outcome::Failed {
+                code: s.code(),
+                output: tail(&output),
+            },
         }
     }
+}
+
+/// Stops an activation a previous run of the agent left behind (recovery after a crash).
+/// A process group is only signalled when its leader is gone or is still the very process
+/// that was started (same start time), never a stranger that reused the pid.
+pub async fn stop_leftover(h: &ActivationHandle) {
+    if let Some(unit) = &h.unit {
+        stop_unit(unit).await;
+    }
+    if h.pgid <= 1 || h.boot_id != boot_id() {
+        return;
+    }
+    match start_ticks(h.pgid) {
+        Some(t) if Some(t) != h.start_ticks => {}
+        _ => {
+            tracing::warn!(
+                pgid = h.pgid,
+                "killing an activation left by a previous run"
+            );
+            kill_group(h.pgid);
+        }
+    }
+}
+
+async fn stop_unit(unit: &str) {
+    let _ = tokio::process::Command::new("systemctl")
+        .args(["stop", unit])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .await;
 }
 
 fn running_as_root() -> bool {
     ::nix::unistd::geteuid().is_root()
 }
 
-/// Kills the whole process group (leftover children included).
-fn kill_group(pgid: Option<u32>) {
-    if let Some(pid) = pgid {
+fn kill_group(pgid: i32) {
+    if pgid > 1 {
         let _ = ::nix::sys::signal::killpg(
-            ::nix::unistd::Pid::from_raw(pid as i32),
+            ::nix::unistd::Pid::from_raw(pgid),
             ::nix::sys::signal::Signal::SIGKILL,
         );
     }
 }
 
+/// Field 22 of `/proc/PID/stat`: when the process started, in clock ticks since boot.
+fn start_ticks(pid: i32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces and parentheses; count from its end.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// The kernel's id of this boot.
+pub fn boot_id() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_default()
+}
+
 fn tail(output: &[u8]) -> String {
     let text = String::from_utf8_lossy(output);
     let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
-    lines[lines.len().saturating_sub(8)..].join("\n")
+    lines[lines.len().saturating_sub(TAIL_LINES)..].join("\n")
 }
 
 /// The default profile link for a profile (deploy-rs's rules, DESIGN §3).
@@ -234,4 +370,196 @@ pub fn default_profile_path(profile: &Profile) -> PathBuf {
         .map(|u| u.dir)
         .unwrap_or_else(|| PathBuf::from("/home").join(&profile.user));
     home.join(".local/state/nix/profiles").join(name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sh(script: &str) -> Vec<String> {
+        vec!["/bin/sh".into(), "-c".into(), script.into()]
+    }
+
+    fn alive(pid: i32) -> bool {
+        // A zombie has finished; only a process still running counts.
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .ok()
+            .and_then(|s| {
+                s[s.rfind(')')? + 1..]
+                    .split_whitespace()
+                    .next()
+                    .map(str::to_owned)
+            })
+            .is_some_and(|state| state != "Z" && state != "X")
+    }
+
+    #[tokio::test]
+    async fn a_zero_exit_is_ok_and_a_nonzero_exit_is_a_failure_with_output() {
+        let ok = run(&sh("true"), &[], None, Duration::from_secs(10)).await;
+        assert_eq!(ok, Outcome::Ok);
+        let bad = run(
+            &sh("echo boom >&2; exit 3"),
+            &[],
+            None,
+            Duration::from_secs(10),
+        )
+        .await;
+        assert_eq!(
+            bad,
+            Outcome::Failed {
+                code: Some(3),
+                output: "boom".into()
+            }
+        );
+    }
+
+    #[test]
+    fn exit_status_four_is_described_as_failed_units() {
+        let o = Outcome::Failed {
+            code: Some(4),
+            output: String::new(),
+        };
+        assert!(o.describe("switch").contains("some units failed"));
+    }
+
+    #[tokio::test]
+    async fn a_hang_past_the_timeout_kills_the_whole_process_group() {
+        let dir = tempfile::tempdir().unwrap();
+        let pidfile = dir.path().join("child.pid");
+        let script = format!("sleep 1000 & echo $! > {}; wait", pidfile.display());
+        let out = run(&sh(&script), &[], None, Duration::from_secs(1)).await;
+        assert_eq!(out, Outcome::TimedOut);
+        let child: i32 = std::fs::read_to_string(&pidfile)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        // SIGKILL is delivered before killpg returns; give the kernel a moment to reap.
+        for _ in 0..50 {
+            if !alive(child) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("the background child {child} of a timed-out command survived");
+    }
+
+    #[tokio::test]
+    async fn a_background_child_does_not_outlive_a_successful_command() {
+        let dir = tempfile::tempdir().unwrap();
+        let pidfile = dir.path().join("child.pid");
+        let script = format!("sleep 1000 & echo $! > {}; exit 0", pidfile.display());
+        let out = run(&sh(&script), &[], None, Duration::from_secs(30)).await;
+        assert_eq!(
+            out,
+            Outcome::Ok,
+            "a leftover child holding the pipes is not a hang"
+        );
+        let child: i32 = std::fs::read_to_string(&pidfile)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        for _ in 0..50 {
+            if !alive(child) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("background child {child} survived");
+    }
+
+    #[tokio::test]
+    async fn a_missing_program_is_a_spawn_failure() {
+        let out = run(
+            &["/nonexistent/roost-test".into()],
+            &[],
+            None,
+            Duration::from_secs(1),
+        )
+        .await;
+        assert!(matches!(out, Outcome::SpawnFailed(_)), "{out:?}");
+    }
+
+    #[tokio::test]
+    async fn an_unknown_user_is_refused_before_anything_runs() {
+        let out = run(
+            &sh("true"),
+            &[],
+            Some("roost-no-such-user"),
+            Duration::from_secs(1),
+        )
+        .await;
+        match out {
+            Outcome::SpawnFailed(m) => assert!(m.contains("roost-no-such-user"), "{m}"),
+            o => panic!("{o:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn stop_leftover_kills_a_group_whose_leader_still_matches() {
+        let r = start(&sh("sleep 1000"), &[], None, Duration::from_secs(100)).unwrap();
+        let h = r.handle().clone();
+        assert!(h.start_ticks.is_some());
+        // Forget the Running (as a crashed agent would) without killing it.
+        let Running { child, output, .. } = r;
+        let pid = h.pgid;
+        std::mem::forget(child);
+        output.abort();
+        assert!(alive(pid));
+        stop_leftover(&h).await;
+        for _ in 0..50 {
+            if !alive(pid) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("leftover activation {pid} survived");
+    }
+
+    #[tokio::test]
+    async fn stop_leftover_spares_a_process_that_reused_the_pid() {
+        let mut r = start(&sh("sleep 1000"), &[], None, Duration::from_secs(100)).unwrap();
+        let mut h = r.handle().clone();
+        h.start_ticks = h.start_ticks.map(|t| t + 1);
+        stop_leftover(&h).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(
+            alive(h.pgid),
+            "a different process with the same pid was killed"
+        );
+        r.child.start_kill().unwrap();
+        kill_group(h.pgid);
+    }
+
+    #[test]
+    fn profile_paths_default_like_deploy_rs() {
+        let p = |name: &str, user: &str| -> Profile {
+            serde_json::from_value(serde_json::json!({
+                "name": name, "user": user,
+                "path": "/nix/store/0123456789abcdfghijklmnpqrsvwxyz-x"
+            }))
+            .unwrap()
+        };
+        assert_eq!(
+            default_profile_path(&p("system", "root")),
+            PathBuf::from("/nix/var/nix/profiles/system")
+        );
+        assert_eq!(
+            default_profile_path(&p("home", "root")),
+            PathBuf::from("/nix/var/nix/profiles/per-user/root/home")
+        );
+        let other = default_profile_path(&p("home", "roost-no-such-user"));
+        assert!(
+            other.ends_with(".local/state/nix/profiles/home")
+                || other == Path::new("/nix/var/nix/profiles/per-user/roost-no-such-user/home"),
+            "{other:?}"
+        );
+        let mut explicit = p("system", "root");
+        explicit.profile_path = Some("/srv/profiles/x".parse().unwrap());
+        assert_eq!(
+            default_profile_path(&explicit),
+            PathBuf::from("/srv/profiles/x")
+        );
+    }
 }

@@ -1,112 +1,88 @@
-//! The agent's state machine (DESIGN §7): poll → verify → realise → record pending → switch →
-//! activate → confirm → (roll back) → report, and recovery of a deploy interrupted by a crash.
+//! The agent's state machine (DESIGN §7 steps 2–9): verify → skip what is current or
+//! quarantined → realise → record pending → switch → activate → confirm → roll back to the
+//! exact previous generation → report; and recovery of a deploy a crash interrupted.
+//!
+//! The agent takes what it talks to as parameters ([`NixOps`], [`WallClock`]); the HTTP
+//! side lives in [`Poller`] and [`Reporter`].
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use roost_common::envelope::{Context, Envelope};
-use roost_common::nix::profiles;
-use roost_common::nix::{Nix, RealiseOptions};
+use roost_common::nix::{RealiseOptions, profiles};
 use roost_common::verify::{self, Accepted, Identity, Rejection};
 use roost_common::wire::v1::{
-    self, HealthResult, Manifest, ProfileStatus, Report, ReportError, ReportState, Timings,
+    self, HealthResult, Manifest, ProfileStatus, ReportError, ReportState, Timings,
 };
-use roost_common::{SecretKey, StorePath, Timestamp, Version};
-use serde::Serialize;
+use roost_common::{StorePath, Timestamp, Version};
+use sd_notify::NotifyState;
 use tokio::time::Instant;
 
 use crate::activate::{self, Outcome};
 use crate::config::{BuildPolicy, Config};
+use crate::fault;
 use crate::health;
-use crate::state::{DeployRecord, Pending, PendingProfile, State, StateDir};
+use crate::nixops::NixOps;
+use crate::notify::{Progress, notify};
+use crate::poll::{Poll, Poller, WallClock};
+use crate::report::{self, Reporter};
+use crate::state::{DeployRecord, Pending, PendingProfile, Snapshot, State, StateDir};
 
-/// How a cycle ended, for `--once` and `apply` exit codes.
+/// How an operation ended, for `--once` and `apply` exit codes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Verdict {
-    /// The desired version is active and confirmed (or nothing to do).
+    /// The desired version is active and confirmed, or there is nothing to do.
     Converged,
-    /// Rejected, failed, rolled back, deferred, or unreachable.
+    /// Rejected, failed, rolled back, deferred, quarantined, or the coordinator unreachable.
     NotConverged,
 }
 
-/// What a poll brought.
-#[derive(Debug)]
-pub enum Poll {
-    /// 304: nothing new.
-    NotModified,
-    /// A manifest envelope and its ETag.
-    New(Vec<u8>, Option<String>),
-    /// The coordinator has no manifest for this node.
-    NoManifest,
-    /// No coordinator could be reached.
-    Unreachable(String),
+/// Why the agent could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// The state folder could not be read or written.
+    #[error("state folder {dir}: {source}")]
+    State {
+        /// The folder.
+        dir: PathBuf,
+        /// What failed.
+        source: std::io::Error,
+    },
+    /// The HTTP client could not be built.
+    #[error("HTTP client: {0}")]
+    Http(#[from] reqwest::Error),
 }
 
-/// The live daemon's view, served on `agent.sock` for `roost-agent status`.
-#[derive(Debug, Clone, Default, Serialize)]
-pub struct Live {
-    /// Daemon pid.
-    pub pid: u32,
-    /// What the agent is doing now.
-    pub phase: String,
-    /// Last poll time.
-    pub last_poll_at: Option<Timestamp>,
-    /// Last poll result.
-    pub last_poll_result: Option<String>,
-    /// Next poll time.
-    pub next_poll_at: Option<Timestamp>,
-    /// Consecutive poll failures.
-    pub failures: u32,
-    /// Whether the coordinator holds polls open.
-    pub long_poll: bool,
-}
+/// Why an operator's rollback could not be done.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct RollbackError(pub String);
 
-/// The agent.
+/// The agent: the state folder in memory, and what it talks to.
 #[derive(Debug)]
 pub struct Agent {
     cfg: Config,
     dir: StateDir,
     state: State,
-    nix: Nix,
+    nix: Arc<dyn NixOps>,
+    clock: Arc<dyn WallClock>,
     http: reqwest::Client,
-    key: SecretKey,
-    etag: Option<String>,
+    poller: Poller,
+    reporter: Reporter,
+    /// Digest of the last refused envelope: the same bytes are reported once per run.
     rejected: Option<[u8; 32]>,
     security_events: Vec<String>,
-    reachable_before: bool,
-    /// Shared with the status socket.
-    pub live: Arc<Mutex<Live>>,
-    /// Deferred deploy retries so far.
-    pub deferred: u32,
-    long_poll_offered: bool,
-}
-
-/// A fault-injection point for the crash tests (debug builds only): with
-/// `ROOST_FAULT=<phase>` the agent SIGKILLs itself when it reaches that phase, with
-/// `ROOST_FAULT=<phase>:pause` it stops there for an hour so a test can kill it.
-/// Phases: fetch, realise, set-profile, activate, confirm, rollback, report.
-pub fn fault(phase: &str) {
-    #[cfg(debug_assertions)]
-    if let Ok(f) = std::env::var("ROOST_FAULT") {
-        let (p, how) = f.split_once(':').unwrap_or((f.as_str(), "kill"));
-        if p == phase {
-            tracing::warn!(phase, "ROOST_FAULT: injected fault");
-            if how == "pause" {
-                std::thread::sleep(Duration::from_secs(3600));
-            }
-            let _ = ::nix::sys::signal::kill(
-                ::nix::unistd::getpid(),
-                ::nix::sys::signal::Signal::SIGKILL,
-            );
-        }
-    }
-    #[cfg(not(debug_assertions))]
-    let _ = phase;
-}
-
-fn now() -> Timestamp {
-    Timestamp::now()
+    live: Arc<Mutex<Snapshot>>,
+    /// What `status.json` holds, to write it only on change.
+    written: Option<Snapshot>,
+    progress: Progress,
+    deferred: u32,
+    fetch_ms: Option<u64>,
+    /// ETag of the last manifest served, accepted or not (memory only): polls send it, so
+    /// a refused manifest is not downloaded again and again.
+    seen_etag: Option<String>,
+    /// Whether the last poll brought bytes not seen before.
+    fresh: bool,
 }
 
 fn ms(since: Instant) -> Option<u64> {
@@ -121,36 +97,62 @@ fn err(phase: &str, message: impl Into<String>) -> ReportError {
 }
 
 impl Agent {
-    /// Opens the state folder (creating the node key on first start).
-    pub fn new(cfg: Config, nix: Nix) -> anyhow::Result<Self> {
+    /// Opens the state folder (making the node key on first start).
+    pub fn new(
+        cfg: Config,
+        nix: Arc<dyn NixOps>,
+        clock: Arc<dyn WallClock>,
+    ) -> Result<Self, AgentError> {
         let dir = StateDir::new(&cfg.state_dir);
-        let state = dir.load()?;
-        let key = dir.node_key(cfg.node.as_str())?;
+        let state_err = |source| AgentError::State {
+            dir: cfg.state_dir.clone(),
+            source,
+        };
+        let state = dir.load().map_err(state_err)?;
+        let key = dir.node_key(cfg.node.as_str()).map_err(state_err)?;
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(10))
             .pool_idle_timeout(Duration::from_secs(600))
             .tcp_keepalive(Duration::from_secs(60))
             .user_agent(concat!("roost-agent/", env!("CARGO_PKG_VERSION")))
             .build()?;
-        let etag = state.etag.clone();
+        let poller = Poller::new(
+            http.clone(),
+            cfg.coordinators.clone(),
+            cfg.node.clone(),
+            cfg.long_poll,
+        );
+        let reporter = Reporter::new(
+            dir.clone(),
+            key,
+            cfg.node.clone(),
+            http.clone(),
+            cfg.coordinators.clone(),
+        );
+        let written = dir.load_snapshot();
+        let live = Snapshot {
+            pid: std::process::id(),
+            phase: "starting".into(),
+            ..written.clone().unwrap_or_default()
+        };
         Ok(Self {
             cfg,
             dir,
             state,
             nix,
+            clock,
             http,
-            key,
-            etag,
+            poller,
+            reporter,
             rejected: None,
             security_events: Vec::new(),
-            reachable_before: false,
-            live: Arc::new(Mutex::new(Live {
-                pid: std::process::id(),
-                phase: "starting".into(),
-                ..Live::default()
-            })),
+            live: Arc::new(Mutex::new(live)),
+            written,
+            progress: Progress::default(),
             deferred: 0,
-            long_poll_offered: false,
+            fetch_ms: None,
+            seen_etag: None,
+            fresh: false,
         })
     }
 
@@ -164,121 +166,133 @@ impl Agent {
         &self.state
     }
 
-    fn set_phase(&self, phase: &str) {
-        if let Ok(mut l) = self.live.lock() {
-            l.phase = phase.to_owned();
-        }
+    /// The live view the status socket serves.
+    pub fn live(&self) -> Arc<Mutex<Snapshot>> {
+        self.live.clone()
     }
 
-    fn save(&self) -> anyhow::Result<()> {
-        self.dir.save(&self.state)?;
-        Ok(())
+    /// The watchdog's progress promise.
+    pub fn progress(&self) -> Progress {
+        self.progress.clone()
     }
 
-    fn trusted_now(&self) -> Timestamp {
-        now().max(self.state.newest_issued_at.unwrap_or_default())
-    }
-
-    /// Whether a desired version is waiting to be deployed (not current, not quarantined).
-    pub fn has_work(&self) -> bool {
-        match &self.state.desired {
-            Some(m) => {
-                self.state.pending.is_none()
-                    && self.state.current_version != Some(m.version)
-                    && !self.state.quarantined.contains(&m.version.0)
-            }
-            None => false,
-        }
+    /// Deferred deploy attempts in a row (closure not in the cache yet, no space).
+    pub fn deferred(&self) -> u32 {
+        self.deferred
     }
 
     /// Whether the last poll showed the coordinator holds polls open.
     pub fn long_poll_offered(&self) -> bool {
-        self.long_poll_offered
+        self.poller.long_poll_offered()
     }
 
-    /// One conditional GET against the coordinators, in order.
-    pub async fn poll(&mut self, wait: Option<u64>) -> Poll {
-        fault("fetch");
-        if self.cfg.coordinators.is_empty() {
-            return Poll::Unreachable("no coordinator configured".into());
-        }
-        let mut errors = Vec::new();
-        for base in self.cfg.coordinators.clone() {
-            let mut url = format!("{base}/v1/nodes/{}/manifest", self.cfg.node);
-            let wait = wait.filter(|_| self.cfg.long_poll && self.etag.is_some());
-            if let Some(w) = wait {
-                url.push_str(&format!("?wait={w}"));
-            }
-            let mut req = self
-                .http
-                .get(&url)
-                .timeout(Duration::from_secs(wait.unwrap_or(0) + 10));
-            if let Some(e) = &self.etag {
-                req = req.header("If-None-Match", e);
-            }
-            match req.send().await {
-                Ok(r) => {
-                    self.long_poll_offered = r.headers().contains_key("roost-long-poll");
-                    match r.status().as_u16() {
-                        304 => return Poll::NotModified,
-                        404 => return Poll::NoManifest,
-                        200 => {
-                            let etag = r
-                                .headers()
-                                .get("etag")
-                                .and_then(|v| v.to_str().ok())
-                                .map(str::to_owned);
-                            match r.bytes().await {
-                                Ok(b) if b.len() <= roost_common::MAX_ENVELOPE_BYTES => {
-                                    return Poll::New(b.to_vec(), etag);
-                                }
-                                Ok(b) => errors.push(format!(
-                                    "{base}: manifest of {} bytes is over the limit",
-                                    b.len()
-                                )),
-                                Err(e) => errors.push(format!("{base}: {e}")),
-                            }
-                        }
-                        s => errors.push(format!("{base}: HTTP {s}")),
-                    }
-                }
-                Err(e) => errors.push(format!("{base}: {e}")),
-            }
-        }
-        Poll::Unreachable(errors.join("; "))
+    fn trusted_now(&self) -> Timestamp {
+        Timestamp::from(self.clock.now()).max(self.state.newest_issued_at.unwrap_or_default())
     }
 
-    /// Records a poll's outcome for `status` (memory only: an idle poll writes nothing).
-    pub fn note_poll(&self, result: &str, next: Option<Timestamp>, failures: u32) {
-        if let Ok(mut l) = self.live.lock() {
-            l.last_poll_at = Some(now());
+    fn save(&self) -> std::io::Result<()> {
+        self.dir.save(&self.state)
+    }
+
+    fn update_live(&mut self, f: impl FnOnce(&mut Snapshot)) {
+        let snap = match self.live.lock() {
+            Ok(mut l) => {
+                f(&mut l);
+                l.clone()
+            }
+            Err(_) => return,
+        };
+        // status.json is rewritten only when what it says changes, not when times move.
+        let key = |s: &Snapshot| (s.phase.clone(), s.last_poll_result.clone(), s.long_poll);
+        if self.written.as_ref().map(key) != Some(key(&snap)) {
+            match self.dir.save_snapshot(&snap) {
+                Ok(()) => self.written = Some(snap),
+                Err(e) => tracing::warn!("cannot write status.json: {e}"),
+            }
+        }
+    }
+
+    fn set_phase(&mut self, phase: &str) {
+        self.update_live(|l| l.phase = phase.to_owned());
+        notify(&[NotifyState::Status(phase)]);
+    }
+
+    /// Records a poll's outcome for `status`.
+    pub fn note_poll(&mut self, result: &str, next: Option<Timestamp>, failures: u32) {
+        let now = Timestamp::from(self.clock.now());
+        let long_poll = self.poller.long_poll_offered();
+        self.update_live(|l| {
+            l.last_poll_at = Some(now);
             l.last_poll_result = Some(result.to_owned());
             l.next_poll_at = next;
             l.failures = failures;
-            l.long_poll = self.long_poll_offered;
-        }
+            l.long_poll = long_poll;
+        });
     }
 
-    /// Verifies a manifest and, when it is new, deploys it.
+    /// Marks the agent idle (after start-up reconciliation).
+    pub fn idle(&mut self) {
+        self.set_phase("idle");
+    }
+
+    /// Whether the desired version still has to be deployed (not current, not quarantined,
+    /// no deploy pending).
+    pub fn has_work(&self) -> bool {
+        self.state.desired.as_ref().is_some_and(|m| {
+            self.state.pending.is_none()
+                && self.state.current_version != Some(m.version)
+                && !self.state.quarantined.contains(&m.version.0)
+        })
+    }
+
+    /// Step 1: one conditional GET (a long-poll of `wait` seconds where offered).
+    pub async fn poll(&mut self, wait: Option<u64>) -> Poll {
+        fault::point("fetch");
+        let t = Instant::now();
+        let etag = self.seen_etag.clone().or_else(|| self.state.etag.clone());
+        let p = self.poller.poll(etag.as_deref(), wait).await;
+        self.fresh = false;
+        if let Poll::New(_, e) = &p {
+            self.fetch_ms = ms(t);
+            self.fresh = e.is_none() || *e != etag;
+            self.seen_etag = e.clone();
+        }
+        p
+    }
+
+    /// Whether the last poll brought a manifest with an ETag not seen before.
+    pub fn last_poll_fresh(&self) -> bool {
+        self.fresh
+    }
+
+    /// Steps 2–8 for a manifest envelope: verify, and deploy when it is new.
     pub async fn handle_manifest(&mut self, bytes: &[u8], etag: Option<String>) -> Verdict {
         let digest = verify::digest(bytes);
         let me = Identity {
             node: &self.cfg.node,
             system: &self.cfg.system,
         };
-        match verify::verify_manifest(
+        let verdict = verify::verify_manifest(
             bytes,
             &self.cfg.trusted,
             self.state.floor.as_ref(),
             self.trusted_now(),
             me,
-        ) {
+        );
+        match verdict {
             Ok(Accepted::Unchanged(_)) => {
-                self.etag = etag;
+                if etag.is_some() && etag != self.state.etag {
+                    self.state.etag = etag;
+                    if let Err(e) = self.save() {
+                        tracing::warn!("cannot record the ETag: {e}");
+                    }
+                }
                 self.deploy_if_needed().await
             }
             Ok(Accepted::New(v)) => {
-                tracing::info!(version = %v.manifest.version, signed_by = ?v.signed_by, "accepted a new manifest");
+                let version = v.manifest.version;
+                tracing::info!(%version, signed_by = ?v.signed_by, "accepted a new manifest");
+                // The floor is stored only now, after every rule passed.
                 self.state.floor = Some(v.floor());
                 self.state.newest_issued_at = Some(
                     self.state
@@ -287,67 +301,62 @@ impl Agent {
                         .max(v.manifest.issued_at),
                 );
                 self.state.desired = Some(v.manifest);
-                self.state.etag = etag.clone();
-                self.etag = etag;
+                self.state.etag = etag;
+                // Older versions can never come back (the floor): forget their quarantine.
+                self.state.quarantined.retain(|q| *q >= version.0);
                 self.deferred = 0;
                 if let Err(e) = self.save() {
-                    tracing::error!("cannot record the accepted manifest: {e:#}");
+                    tracing::error!("cannot record the accepted manifest: {e}");
                     return Verdict::NotConverged;
                 }
                 self.deploy_if_needed().await
             }
             Err(r) => {
-                // The same refused bytes are reported once, not at every poll.
                 if self.rejected != Some(digest) {
                     self.rejected = Some(digest);
                     self.reject(&r);
-                    self.flush_reports().await;
                 }
                 Verdict::NotConverged
             }
         }
     }
 
+    /// A refused manifest changes nothing on the node: only a report is queued.
     fn reject(&mut self, r: &Rejection) {
         tracing::warn!(code = r.code(), "manifest refused: {r}");
         if r.is_security_event() {
             self.security_events.push(format!("{}: {r}", r.code()));
         }
         let version = self.state.desired.as_ref().map(|m| m.version);
-        // Nothing of the node's state changes: only a report is queued.
         self.queue_report(
             ReportState::Rejected,
             version,
-            Some(err("verify", r.to_string())),
+            Some(err(
+                "verify",
+                format!("manifest refused ({}): {r}", r.code()),
+            )),
             vec![],
             Timings::default(),
         );
     }
 
-    /// Deploys the desired manifest when there is work (`Converged` when there is none).
+    /// Step 3 then 4–8: deploys the desired manifest when there is work.
     pub async fn deploy_if_needed(&mut self) -> Verdict {
-        if let Some(m) = &self.state.desired {
-            if self.state.quarantined.contains(&m.version.0) {
-                tracing::debug!(version = %m.version, "desired version is quarantined; waiting for a newer one");
-                return Verdict::NotConverged;
-            }
+        let Some(m) = self.state.desired.clone() else {
+            return Verdict::Converged;
+        };
+        if self.state.quarantined.contains(&m.version.0) {
+            tracing::debug!(version = %m.version, "the desired version is quarantined; waiting for a newer one");
+            return Verdict::NotConverged;
         }
         if !self.has_work() {
             return Verdict::Converged;
         }
-        let m = self
-            .state
-            .desired
-            .clone()
-            .expect("has_work implies desired");
         self.deploy(&m).await
     }
 
-    fn profile_path(p: &v1::Profile) -> PathBuf {
-        activate::default_profile_path(p)
-    }
-
-    fn substituters(&self, m: &Manifest) -> RealiseOptions {
+    fn realise_options(&self, m: &Manifest) -> RealiseOptions {
+        // Trust never widens beyond the signed manifest plus the agent's own config.
         let mut subs: Vec<String> = m.substituters.iter().map(|s| s.url.clone()).collect();
         subs.extend(self.cfg.extra_substituters.iter().cloned());
         let mut keys: Vec<String> = m
@@ -356,18 +365,20 @@ impl Agent {
             .flat_map(|s| s.public_keys.iter().cloned())
             .collect();
         keys.extend(self.cfg.extra_trusted_public_keys.iter().cloned());
-        subs.dedup();
+        let mut seen = std::collections::HashSet::new();
+        subs.retain(|s| seen.insert(s.clone()));
         keys.sort();
         keys.dedup();
         RealiseOptions {
             substituters: subs,
             trusted_public_keys: keys,
-            timeout: Some(Duration::from_secs(3600)),
+            timeout: Some(self.cfg.realise_timeout),
         }
     }
 
+    /// Step 4: realises every profile's path as the build policy allows.
     async fn realise(&self, m: &Manifest) -> Result<(), String> {
-        let opts = self.substituters(m);
+        let opts = self.realise_options(m);
         let outputs: Vec<StorePath> = m.profiles.iter().map(|p| p.path.clone()).collect();
         let drvs: Vec<StorePath> = m
             .profiles
@@ -377,20 +388,22 @@ impl Agent {
         let nix = self.nix.clone();
         let policy = self.cfg.build_policy;
         tokio::task::spawn_blocking(move || {
-            let attempt = |paths: &[StorePath]| {
-                nix.realise(paths, &opts)
-                    .map(drop)
-                    .map_err(|e| e.to_string())
-            };
+            let attempt = |paths: &[StorePath]| nix.realise(paths, &opts).map_err(|e| e.to_string());
             match policy {
                 BuildPolicy::SubstituteOnly => attempt(&outputs),
-                BuildPolicy::Build if drvs.len() == outputs.len() => attempt(&drvs),
-                BuildPolicy::Build | BuildPolicy::Fallback => match attempt(&outputs) {
+                BuildPolicy::Build => {
+                    if drvs.len() < outputs.len() {
+                        return Err("build policy `build` needs a drv_path for every profile; the manifest lacks some".into());
+                    }
+                    attempt(&drvs)
+                }
+                BuildPolicy::Fallback => match attempt(&outputs) {
                     Ok(()) => Ok(()),
-                    Err(e) if !drvs.is_empty() && policy == BuildPolicy::Fallback => {
+                    Err(e) if !drvs.is_empty() => {
                         tracing::warn!("substitution failed, building from drv_path: {e}");
-                        attempt(&drvs)
-                            .map_err(|b| format!("{e}\nbuilding instead also failed: {b}"))
+                        attempt(&drvs).map_err(|b| {
+                            format!("{e}\nbuilding from drv_path instead also failed: {b}")
+                        })
                     }
                     Err(e) => Err(e),
                 },
@@ -400,6 +413,7 @@ impl Agent {
         .map_err(|e| e.to_string())?
     }
 
+    /// After realisation: every path is valid and has the NAR hash the publisher signed.
     async fn check_hashes(&self, m: &Manifest) -> Result<(), String> {
         let want: Vec<(StorePath, String)> = m
             .profiles
@@ -411,7 +425,7 @@ impl Agent {
         }
         let nix = self.nix.clone();
         let paths: Vec<StorePath> = want.iter().map(|(p, _)| p.clone()).collect();
-        let infos = tokio::task::spawn_blocking(move || nix.path_info(&paths, None, false))
+        let infos = tokio::task::spawn_blocking(move || nix.path_info(&paths))
             .await
             .map_err(|e| e.to_string())?
             .map_err(|e| e.to_string())?;
@@ -431,6 +445,7 @@ impl Agent {
         Ok(())
     }
 
+    /// Free space on the store's file system against the closures not yet present.
     fn free_space_ok(&self, m: &Manifest) -> Result<(), String> {
         let need: u64 = m
             .profiles
@@ -441,32 +456,39 @@ impl Agent {
         if need == 0 {
             return Ok(());
         }
-        let store = if Path::new("/nix/store").exists() {
-            "/nix/store"
-        } else {
-            "/"
-        };
+        let store = ["/nix/store", "/nix", "/"]
+            .into_iter()
+            .find(|p| std::path::Path::new(p).exists())
+            .unwrap_or("/");
         match ::nix::sys::statvfs::statvfs(store) {
             Ok(s) => {
-                let free = s.blocks_available() * s.fragment_size();
+                let free = s.blocks_available().saturating_mul(s.fragment_size());
                 if free < need {
                     return Err(format!(
-                        "{store} has {free} bytes free, the closure needs up to {need}; free space (nix-collect-garbage) and it will be retried"
+                        "{store} has {free} bytes free and the closures need up to {need}; \
+                         free some space (nix-collect-garbage) and the deploy is retried"
                     ));
                 }
                 Ok(())
             }
-            Err(_) => Ok(()),
+            Err(e) => {
+                tracing::warn!("cannot check free space on {store}: {e}");
+                Ok(())
+            }
         }
     }
 
     /// Steps 4–8 for manifest `m`.
     async fn deploy(&mut self, m: &Manifest) -> Verdict {
         let version = m.version;
-        let mut timings = Timings::default();
+        let mut timings = Timings {
+            fetch: self.fetch_ms.take(),
+            ..Timings::default()
+        };
         tracing::info!(%version, "deploying");
         self.set_phase("downloading");
-        fault("realise");
+        self.progress.within(self.cfg.realise_timeout * 2);
+        fault::point("realise");
         let t = Instant::now();
         let realised = match self.free_space_ok(m) {
             Ok(()) => self.realise(m).await,
@@ -475,14 +497,22 @@ impl Agent {
         timings.realise = ms(t);
         if let Err(e) = realised {
             self.deferred += 1;
-            tracing::warn!(%version, "realisation failed (will retry): {e}");
-            self.finish(
-                version,
-                ReportState::Deferred,
-                Some(err("realise", e)),
-                vec![],
-                timings,
-            );
+            tracing::warn!(%version, "realisation failed (retried later): {e}");
+            // Retries of the same failure are not reported again and again.
+            let same = self.state.last_deploy.as_ref().is_some_and(|d| {
+                d.version == Some(version)
+                    && d.state == ReportState::Deferred.as_str()
+                    && d.error.as_ref().is_some_and(|x| x.message == e)
+            });
+            if !same {
+                self.finish(
+                    version,
+                    ReportState::Deferred,
+                    Some(err("realise", e)),
+                    vec![],
+                    timings,
+                );
+            }
             self.set_phase("idle");
             return Verdict::NotConverged;
         }
@@ -496,93 +526,115 @@ impl Agent {
                 vec![],
                 timings,
             );
+            self.set_phase("idle");
             return Verdict::NotConverged;
         }
         self.deferred = 0;
 
-        // Step 5: the pending record, before any profile changes.
+        // Step 5: the pending record, on disk before any profile changes.
+        let reachable_before = self.poller.reachable(self.state.etag.as_deref()).await;
+        let now = Timestamp::from(self.clock.now());
+        let activation_s: u64 = m.profiles.iter().map(|p| p.activation_timeout_s).sum();
+        let confirm_s = m
+            .profiles
+            .iter()
+            .map(|p| p.confirm_timeout_s)
+            .max()
+            .unwrap_or(30);
         let mut pending = Pending {
             version,
-            started_at: now(),
-            deadline: now().plus(Duration::from_secs(
-                m.profiles
-                    .iter()
-                    .map(|p| p.activation_timeout_s)
-                    .sum::<u64>()
-                    + m.profiles
-                        .iter()
-                        .map(|p| p.confirm_timeout_s)
-                        .max()
-                        .unwrap_or(30)
-                    + 60,
-            )),
+            started_at: now,
+            deadline: now.plus(Duration::from_secs(activation_s + confirm_s + 60)),
+            coordinator_reachable_before: reachable_before,
             profiles: Vec::new(),
         };
         for p in &m.profiles {
-            let link = Self::profile_path(p);
+            let link = activate::default_profile_path(p);
             let cur = profiles::current(&link).ok().flatten();
             pending.profiles.push(PendingProfile {
                 name: p.name.to_string(),
+                previous_link: std::fs::read_link(&link).ok(),
                 profile_path: link,
                 previous_generation: cur.as_ref().map(|g| g.number),
                 previous_path: cur.map(|g| g.target.display().to_string()),
                 new_path: p.path.to_string(),
+                new_generation: None,
                 switched: false,
                 activated: false,
+                activation: None,
             });
         }
         self.state.pending = Some(pending);
-        self.reachable_before = self.coordinator_reachable().await;
         if let Err(e) = self.save() {
             self.state.pending = None;
             self.finish(
                 version,
                 ReportState::Failed,
-                Some(err("record", e.to_string())),
+                Some(err(
+                    "record",
+                    format!("cannot write the pending record, nothing was changed: {e}"),
+                )),
                 vec![],
                 timings,
             );
+            self.set_phase("idle");
             return Verdict::NotConverged;
         }
 
-        // Step 6: switch and activate, profile by profile.
+        // Step 6: switch and activate, profile by profile, in order.
         self.set_phase("activating");
         let t = Instant::now();
         for (i, p) in m.profiles.iter().enumerate() {
-            let link = self.state.pending.as_ref().expect("pending").profiles[i]
-                .profile_path
-                .clone();
-            let already = self.state.pending.as_ref().expect("pending").profiles[i]
-                .previous_path
-                .as_deref()
-                == Some(p.path.as_str());
+            let pp = self.pending_profile(i).clone();
+            let link = pp.profile_path.clone();
+            // A profile already at this path is neither switched nor re-activated.
+            let already = pp.previous_path.as_deref() == Some(p.path.as_str());
             if !already {
-                fault("set-profile");
+                fault::point("set-profile");
                 if let Some(parent) = link.parent() {
                     let _ = std::fs::create_dir_all(parent);
                 }
                 let (nix, l, path) = (self.nix.clone(), link.clone(), p.path.clone());
-                if let Err(e) = tokio::task::spawn_blocking(move || nix.set_profile(&l, &path))
+                let set = tokio::task::spawn_blocking(move || nix.set_profile(&l, &path))
                     .await
-                    .expect("join")
+                    .map_err(|e| e.to_string())
+                    .and_then(|r| r.map_err(|e| e.to_string()));
+                // Even a failed set may have made a generation: roll back whatever happened.
+                let now_at = profiles::current(&link).ok().flatten();
                 {
+                    let pp = self.pending_profile_mut(i);
+                    pp.switched = true;
+                    pp.new_generation = now_at
+                        .filter(|g| Some(g.number) != pp.previous_generation)
+                        .map(|g| g.number);
+                }
+                let _ = self.save();
+                if let Err(e) = set {
                     timings.activate = ms(t);
                     return self
                         .fail_and_roll_back(
                             m,
                             "set-profile",
-                            format!("profile `{}`: {e}", p.name),
+                            format!("profile `{}` ({}): {e}", p.name, link.display()),
                             vec![],
                             timings,
                         )
                         .await;
                 }
-                self.state.pending.as_mut().expect("pending").profiles[i].switched = true;
-                let _ = self.save();
-            }
-            fault("activate");
-            if !already {
-                let outcome = activate::activate(p, &p.path, &link, &version.to_string()).await;
+                fault::point("activate");
+                self.progress
+                    .within(Duration::from_secs(p.activation_timeout_s + 10));
+                let outcome =
+                    match activate::start_activation(p, &p.path, &link, &version.to_string()) {
+                        Ok(Some(running)) => {
+                            self.pending_profile_mut(i).activation = Some(running.handle().clone());
+                            let _ = self.save();
+                            running.wait().await
+                        }
+                        Ok(None) => Outcome::Ok,
+                        Err(o) => o,
+                    };
+                self.pending_profile_mut(i).activation = None;
                 if outcome != Outcome::Ok {
                     timings.activate = ms(t);
                     let what = format!("activation of profile `{}` ({})", p.name, p.path);
@@ -591,16 +643,16 @@ impl Agent {
                         .await;
                 }
             }
-            self.state.pending.as_mut().expect("pending").profiles[i].activated = true;
+            self.pending_profile_mut(i).activated = true;
             let _ = self.save();
         }
         timings.activate = ms(t);
 
         // Step 7: confirm.
         self.set_phase("confirming");
-        fault("confirm");
+        fault::point("confirm");
         let t = Instant::now();
-        let (ok, health, why) = self.confirm(m).await;
+        let (ok, health, why) = self.confirm(m, reachable_before).await;
         timings.confirm = ms(t);
         if !ok {
             return self
@@ -615,14 +667,40 @@ impl Agent {
         Verdict::Converged
     }
 
-    async fn confirm(&self, m: &Manifest) -> (bool, Vec<HealthResult>, String) {
+    fn pending_profile(&self, i: usize) -> &PendingProfile {
+        &self
+            .state
+            .pending
+            .as_ref()
+            .expect("a deploy is pending")
+            .profiles[i]
+    }
+
+    fn pending_profile_mut(&mut self, i: usize) -> &mut PendingProfile {
+        &mut self
+            .state
+            .pending
+            .as_mut()
+            .expect("a deploy is pending")
+            .profiles[i]
+    }
+
+    /// Step 7: every health check passes within `confirm_timeout_s`, and with magic rollback
+    /// a coordinator that answered before the switch answers again.
+    async fn confirm(
+        &mut self,
+        m: &Manifest,
+        reachable_before: bool,
+    ) -> (bool, Vec<HealthResult>, String) {
         let confirm_s = m
             .profiles
             .iter()
             .map(|p| p.confirm_timeout_s)
             .max()
-            .unwrap_or(30);
-        let deadline = Instant::now() + Duration::from_secs(confirm_s.max(1));
+            .unwrap_or(30)
+            .max(1);
+        self.progress.within(Duration::from_secs(confirm_s + 30));
+        let deadline = Instant::now() + Duration::from_secs(confirm_s);
         let checks: Vec<_> = m
             .profiles
             .iter()
@@ -645,25 +723,25 @@ impl Agent {
             );
         }
         let magic = m.profiles.iter().any(|p| p.magic_rollback);
-        if magic && self.reachable_before && !self.coordinator_reachable().await {
-            return (false, results, "the coordinator was reachable before the switch and is not after it (magic rollback)".into());
+        if magic && reachable_before && !self.cfg.coordinators.is_empty() {
+            loop {
+                if self.poller.reachable(self.state.etag.as_deref()).await {
+                    break;
+                }
+                if Instant::now() + Duration::from_secs(1) >= deadline {
+                    return (
+                        false,
+                        results,
+                        format!(
+                            "magic rollback: the coordinator answered before the switch and not \
+                             within {confirm_s} s after it"
+                        ),
+                    );
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
         }
         (true, results, String::new())
-    }
-
-    /// Whether any coordinator answers HTTP at all.
-    async fn coordinator_reachable(&self) -> bool {
-        for base in &self.cfg.coordinators {
-            let url = format!("{base}/v1/nodes/{}/manifest", self.cfg.node);
-            let mut req = self.http.get(&url).timeout(Duration::from_secs(10));
-            if let Some(e) = &self.etag {
-                req = req.header("If-None-Match", e);
-            }
-            if req.send().await.is_ok() {
-                return true;
-            }
-        }
-        false
     }
 
     async fn fail_and_roll_back(
@@ -678,10 +756,10 @@ impl Agent {
         let auto = m.profiles.iter().all(|p| p.auto_rollback);
         let (state, message) = if auto {
             match self.roll_back_pending(Some(m)).await {
-                Ok(()) => (ReportState::RolledBack, message),
+                Ok(note) => (ReportState::RolledBack, format!("{message}{note}")),
                 Err(e) => (
                     ReportState::Failed,
-                    format!("{message}; rollback failed too: {e}"),
+                    format!("{message}; the rollback failed too: {e}"),
                 ),
             }
         } else {
@@ -691,86 +769,124 @@ impl Agent {
                 format!("{message} (auto_rollback is off: the node stays on the new version)"),
             )
         };
+        // Never retried automatically; a newer version clears it.
         self.state.quarantined.insert(m.version.0);
         self.finish(m.version, state, Some(err(phase, message)), health, timings);
         self.set_phase("idle");
         Verdict::NotConverged
     }
 
-    /// Step 8: every switched profile back at its exact previous generation, re-activated.
-    async fn roll_back_pending(&mut self, m: Option<&Manifest>) -> Result<(), String> {
-        fault("rollback");
+    /// Step 8: every switched profile back at its exact previous generation (by number),
+    /// whose activation runs again. A profile that had no generation before this deploy
+    /// loses its link and the generation this deploy made: it is back to not existing.
+    async fn roll_back_pending(&mut self, m: Option<&Manifest>) -> Result<String, String> {
+        fault::point("rollback");
         self.set_phase("rolling back");
         let Some(pending) = self.state.pending.clone() else {
-            return Ok(());
+            return Ok(String::new());
         };
         let mut errors = Vec::new();
+        let mut notes = Vec::new();
         for pp in pending.profiles.iter().rev().filter(|p| p.switched) {
-            let result = match pp.previous_generation {
-                Some(g) => profiles::switch_to(&pp.profile_path, g).map_err(|e| e.to_string()),
-                None => match std::fs::remove_file(&pp.profile_path) {
-                    Ok(()) => Ok(()),
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-                    Err(e) => Err(e.to_string()),
-                },
-            };
-            if let Err(e) = result {
-                errors.push(format!("profile `{}`: {e}", pp.name));
-                continue;
-            }
             let spec = m.or(self.state.desired.as_ref()).and_then(|m| {
                 m.profiles
                     .iter()
                     .find(|p| p.name.as_str() == pp.name)
                     .cloned()
             });
-            if let (Some(spec), Some(prev)) = (
-                spec,
-                pp.previous_path
-                    .as_deref()
-                    .and_then(|p| p.parse::<StorePath>().ok()),
-            ) {
-                let outcome = activate::activate(&spec, &prev, &pp.profile_path, "rollback").await;
-                if outcome != Outcome::Ok {
-                    errors.push(
-                        outcome.describe(&format!("re-activation of `{}` ({prev})", pp.name)),
-                    );
+            if let Some(s) = &spec {
+                self.progress
+                    .within(Duration::from_secs(s.activation_timeout_s + 30));
+            }
+            let switched_back = match pp.previous_generation {
+                Some(g) => profiles::switch_to(&pp.profile_path, g).map_err(|e| e.to_string()),
+                None => remove_new_profile(pp),
+            };
+            if let Err(e) = switched_back {
+                errors.push(format!(
+                    "profile `{}` ({}): {e}",
+                    pp.name,
+                    pp.profile_path.display()
+                ));
+                continue;
+            }
+            let prev = pp
+                .previous_path
+                .as_deref()
+                .and_then(|p| p.parse::<StorePath>().ok());
+            match (spec, prev) {
+                (Some(spec), Some(prev)) => {
+                    let outcome =
+                        activate::activate(&spec, &prev, &pp.profile_path, "rollback").await;
+                    if outcome != Outcome::Ok {
+                        errors.push(outcome.describe(&format!(
+                            "re-activation of `{}` at generation {} ({prev})",
+                            pp.name,
+                            pp.previous_generation.unwrap_or(0)
+                        )));
+                    }
                 }
+                (_, None) => notes.push(format!(
+                    "profile `{}` had no previous generation: its link was removed",
+                    pp.name
+                )),
+                (None, Some(_)) => notes.push(format!(
+                    "profile `{}` switched back without re-activation (its manifest is unknown)",
+                    pp.name
+                )),
             }
             tracing::info!(profile = %pp.name, generation = ?pp.previous_generation, "rolled back");
         }
         self.state.pending = None;
         if errors.is_empty() {
-            Ok(())
+            Ok(if notes.is_empty() {
+                String::new()
+            } else {
+                format!("; {}", notes.join("; "))
+            })
         } else {
             Err(errors.join("; "))
         }
     }
 
-    /// Step 9: a pending record at start means a crash mid-deploy: confirm or roll back.
+    /// Step 9, at start: a pending record means the agent died mid-deploy. Leftover
+    /// activations are stopped, then the deploy is confirmed if it got that far in time, or
+    /// rolled back; either way it is reported. Also queues an outcome recorded but never
+    /// reported.
     pub async fn recover(&mut self) -> Verdict {
         self.requeue_unreported();
         let Some(pending) = self.state.pending.clone() else {
             return Verdict::Converged;
         };
         tracing::warn!(version = %pending.version, "found an interrupted deploy; recovering");
+        self.set_phase("recovering");
+        for h in pending
+            .profiles
+            .iter()
+            .filter_map(|p| p.activation.as_ref())
+        {
+            activate::stop_leftover(h).await;
+        }
         let m = self
             .state
             .desired
             .clone()
             .filter(|m| m.version == pending.version);
         let all_activated = pending.profiles.iter().all(|p| p.activated);
-        let nothing_switched = pending.profiles.iter().all(|p| !p.switched);
-        if nothing_switched {
-            // Nothing was touched: forget the record; the deploy is simply tried again.
+        if pending.profiles.iter().all(|p| !p.switched) {
+            // Nothing was touched: forget the record; the deploy is tried again as usual.
             self.state.pending = None;
-            let _ = self.save();
+            if let Err(e) = self.save() {
+                tracing::error!("cannot save state: {e}");
+            }
             return Verdict::NotConverged;
         }
         let timings = Timings::default();
+        let now = Timestamp::from(self.clock.now());
         match m {
-            Some(m) if all_activated && now() < pending.deadline => {
-                let (ok, health, why) = self.confirm(&m).await;
+            Some(m) if all_activated && now < pending.deadline => {
+                let (ok, health, why) =
+                    self.confirm(&m, pending.coordinator_reachable_before).await;
                 if ok {
                     self.state.pending = None;
                     self.state.current_version = Some(m.version);
@@ -780,7 +896,7 @@ impl Agent {
                     self.fail_and_roll_back(
                         &m,
                         "confirm",
-                        format!("after a restart: {why}"),
+                        format!("after a restart of the agent: {why}"),
                         health,
                         timings,
                     )
@@ -791,18 +907,27 @@ impl Agent {
                 let why = if all_activated {
                     "the confirmation deadline passed while the agent was down"
                 } else {
-                    "the agent stopped during activation"
+                    "the agent stopped during the switch or activation"
                 };
                 self.fail_and_roll_back(&m, "recover", why.to_owned(), vec![], timings)
                     .await
             }
             None => {
-                let _ = self.roll_back_pending(None).await;
+                let (st, msg) = match self.roll_back_pending(None).await {
+                    Ok(n) => (
+                        ReportState::RolledBack,
+                        format!("interrupted deploy of an unknown manifest{n}"),
+                    ),
+                    Err(e) => (
+                        ReportState::Failed,
+                        format!("interrupted deploy of an unknown manifest; rollback failed: {e}"),
+                    ),
+                };
                 self.state.quarantined.insert(pending.version.0);
                 self.finish(
                     pending.version,
-                    ReportState::RolledBack,
-                    Some(err("recover", "interrupted deploy of an unknown manifest")),
+                    st,
+                    Some(err("recover", msg)),
                     vec![],
                     timings,
                 );
@@ -811,40 +936,70 @@ impl Agent {
         }
     }
 
-    /// `roost-agent rollback [PROFILE]`: back to the generation before the current one.
-    pub async fn manual_rollback(&mut self, only: Option<&str>) -> Result<Vec<String>, String> {
-        let m = self
-            .state
-            .desired
-            .clone()
-            .ok_or("no manifest has been applied on this node; nothing to roll back")?;
-        let mut done = Vec::new();
-        for p in m
+    /// `roost-agent rollback [PROFILE]`: each named profile (all of the manifest's when none)
+    /// back to the generation before its current one, re-activated; the version is
+    /// quarantined, recorded and reported.
+    pub async fn manual_rollback(
+        &mut self,
+        only: Option<&str>,
+    ) -> Result<Vec<String>, RollbackError> {
+        if let Some(p) = &self.state.pending {
+            return Err(RollbackError(format!(
+                "a deploy of version {} is pending; let the agent recover it first",
+                p.version
+            )));
+        }
+        let m = self.state.desired.clone().ok_or_else(|| {
+            RollbackError("no manifest has been applied on this node; nothing to roll back".into())
+        })?;
+        let chosen: Vec<&v1::Profile> = m
             .profiles
             .iter()
             .filter(|p| only.is_none_or(|o| o == p.name.as_str()))
-        {
-            let link = Self::profile_path(p);
-            let cur = profiles::current(&link)
-                .map_err(|e| e.to_string())?
-                .ok_or(format!(
+            .collect();
+        if chosen.is_empty() {
+            let names: Vec<&str> = m.profiles.iter().map(|p| p.name.as_str()).collect();
+            return Err(RollbackError(format!(
+                "no profile `{}` in the current manifest (it has: {})",
+                only.unwrap_or(""),
+                names.join(", ")
+            )));
+        }
+        // Check every profile first, so a bad one leaves all of them untouched.
+        let mut plan = Vec::new();
+        for p in chosen {
+            let link = activate::default_profile_path(p);
+            let io = |e: std::io::Error| RollbackError(format!("profile `{}`: {e}", p.name));
+            let cur = profiles::current(&link).map_err(io)?.ok_or_else(|| {
+                RollbackError(format!(
                     "profile `{}` has no generation at {}",
                     p.name,
                     link.display()
-                ))?;
+                ))
+            })?;
             let prev = profiles::generations(&link)
-                .map_err(|e| e.to_string())?
+                .map_err(io)?
                 .into_iter()
                 .rfind(|g| g.number < cur.number)
-                .ok_or(format!(
-                    "profile `{}` has no generation before {}",
-                    p.name, cur.number
-                ))?;
-            profiles::switch_to(&link, prev.number).map_err(|e| e.to_string())?;
+                .ok_or_else(|| {
+                    RollbackError(format!(
+                        "profile `{}` ({}) has no generation before {}",
+                        p.name,
+                        link.display(),
+                        cur.number
+                    ))
+                })?;
+            plan.push((p, link, cur, prev));
+        }
+        let mut done = Vec::new();
+        let mut failures = Vec::new();
+        for (p, link, cur, prev) in plan {
+            profiles::switch_to(&link, prev.number)
+                .map_err(|e| RollbackError(format!("profile `{}`: {e}", p.name)))?;
             if let Ok(path) = prev.target.display().to_string().parse::<StorePath>() {
                 let out = activate::activate(p, &path, &link, "manual-rollback").await;
                 if out != Outcome::Ok {
-                    return Err(out.describe(&format!("activation of `{}` ({path})", p.name)));
+                    failures.push(out.describe(&format!("activation of `{}` ({path})", p.name)));
                 }
             }
             done.push(format!(
@@ -855,26 +1010,35 @@ impl Agent {
                 prev.target.display()
             ));
         }
-        if done.is_empty() {
-            return Err(format!(
-                "no profile `{}` in the current manifest",
-                only.unwrap_or("")
-            ));
-        }
         self.state.quarantined.insert(m.version.0);
         self.state.current_version = None;
+        let (st, msg) = if failures.is_empty() {
+            (
+                ReportState::RolledBack,
+                format!("rolled back by the operator: {}", done.join("; ")),
+            )
+        } else {
+            (
+                ReportState::Failed,
+                format!(
+                    "rolled back by the operator ({}), but {}",
+                    done.join("; "),
+                    failures.join("; ")
+                ),
+            )
+        };
         self.finish(
             m.version,
-            ReportState::RolledBack,
-            Some(err(
-                "manual",
-                format!("rolled back by the operator: {}", done.join("; ")),
-            )),
+            st,
+            Some(err("manual-rollback", msg)),
             vec![],
             Timings::default(),
         );
-        self.flush_reports().await;
-        Ok(done)
+        if failures.is_empty() {
+            Ok(done)
+        } else {
+            Err(RollbackError(failures.join("; ")))
+        }
     }
 
     /// Records a deploy outcome in state and queues its report.
@@ -890,16 +1054,18 @@ impl Agent {
             version: Some(version),
             state: st.as_str().into(),
             error: error.clone(),
-            at: now(),
+            at: Timestamp::from(self.clock.now()),
             report_seq: None,
         });
         if let Err(e) = self.save() {
-            tracing::error!("cannot save state: {e:#}");
+            tracing::error!("cannot save state: {e}");
         }
         let seq = self.queue_report(st, Some(version), error, health, timings);
         if let (Some(seq), Some(d)) = (seq, self.state.last_deploy.as_mut()) {
             d.report_seq = Some(seq);
-            let _ = self.save();
+            if let Err(e) = self.save() {
+                tracing::error!("cannot save state: {e}");
+            }
         }
     }
 
@@ -924,7 +1090,9 @@ impl Agent {
             if let Some(l) = self.state.last_deploy.as_mut() {
                 l.report_seq = Some(seq);
             }
-            let _ = self.save();
+            if let Err(e) = self.save() {
+                tracing::error!("cannot save state: {e}");
+            }
         }
     }
 
@@ -936,7 +1104,9 @@ impl Agent {
         m.profiles
             .iter()
             .map(|p| {
-                let cur = profiles::current(&Self::profile_path(p)).ok().flatten();
+                let cur = profiles::current(&activate::default_profile_path(p))
+                    .ok()
+                    .flatten();
                 ProfileStatus {
                     name: p.name.clone(),
                     current: cur.as_ref().map(|g| g.target.display().to_string()),
@@ -949,87 +1119,67 @@ impl Agent {
 
     fn queue_report(
         &mut self,
-        st: ReportState,
+        state: ReportState,
         version: Option<Version>,
         error: Option<ReportError>,
         health: Vec<HealthResult>,
         timings: Timings,
     ) -> Option<u64> {
-        let seq = self.dir.next_seq();
-        let report = Report {
-            format: v1::FORMAT,
-            node: self.cfg.node.clone(),
-            seq,
-            sent_at: now(),
-            boot_id: std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
-                .map(|s| s.trim().to_owned())
-                .unwrap_or_default(),
-            agent_version: env!("CARGO_PKG_VERSION").into(),
-            manifest_version: version,
-            state: st,
-            profiles: self.positions(),
-            booted_system: std::fs::read_link("/run/booted-system")
-                .ok()
-                .map(|p| p.display().to_string()),
+        let outcome = report::Outcome {
+            state,
+            version,
             error,
             health,
-            timings_ms: timings,
+            timings,
+            profiles: self.positions(),
             security_events: std::mem::take(&mut self.security_events),
-            node_key: Some(self.key.public()),
         };
-        let payload = serde_json::to_vec(&report).expect("report serialises");
-        let env = Envelope::seal(Context::Report, &payload, &[&self.key]).to_bytes();
-        match self.dir.queue_report(seq, &env) {
-            Ok(()) => Some(seq),
+        match self.reporter.queue(outcome) {
+            Ok(seq) => Some(seq),
             Err(e) => {
-                tracing::error!("cannot queue report {seq}: {e}");
+                tracing::error!("cannot queue a report: {e}");
                 None
             }
         }
     }
 
-    /// Sends queued reports in order; stops at the first that cannot be delivered.
+    /// Sends queued reports in order; returns how many are left.
     pub async fn flush_reports(&mut self) -> usize {
-        let queued = self.dir.queued_reports();
-        if queued.is_empty() || self.cfg.coordinators.is_empty() {
-            return queued.len();
-        }
-        fault("report");
-        let mut left = queued.len();
-        'reports: for (seq, path) in queued {
-            let Ok(body) = std::fs::read(&path) else {
-                continue;
-            };
-            for base in &self.cfg.coordinators {
-                let url = format!("{base}/v1/nodes/{}/reports", self.cfg.node);
-                match self
-                    .http
-                    .post(&url)
-                    .header("Content-Type", "application/json")
-                    .body(body.clone())
-                    .timeout(Duration::from_secs(30))
-                    .send()
-                    .await
-                {
-                    Ok(r) if r.status().is_success() || r.status().as_u16() == 409 => {
-                        if r.status().as_u16() == 409 {
-                            tracing::debug!(seq, "report already received");
-                        }
-                        if let Err(e) = self.dir.report_delivered(seq, &path) {
-                            tracing::error!("{e}");
-                            break 'reports;
-                        }
-                        left -= 1;
-                        continue 'reports;
-                    }
-                    Ok(r) => {
-                        tracing::warn!(seq, status = %r.status(), "report not accepted by {base}")
-                    }
-                    Err(e) => tracing::debug!(seq, "cannot reach {base}: {e}"),
-                }
-            }
-            break;
-        }
-        left
+        self.progress.within(Duration::from_secs(300));
+        self.reporter.flush().await
     }
+}
+
+/// Undoes a first deploy of a profile: the link goes back to what it was (usually nothing),
+/// and the generation this deploy made goes too (it would otherwise keep the failed closure
+/// alive as a garbage-collector root).
+fn remove_new_profile(pp: &PendingProfile) -> Result<(), String> {
+    let gone = |r: std::io::Result<()>| match r {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e.to_string()),
+        _ => Ok(()),
+    };
+    match &pp.previous_link {
+        Some(target) => {
+            let dir = pp
+                .profile_path
+                .parent()
+                .unwrap_or(std::path::Path::new("."));
+            let tmp = dir.join(".roost-restore.tmp");
+            let _ = std::fs::remove_file(&tmp);
+            std::os::unix::fs::symlink(target, &tmp).map_err(|e| e.to_string())?;
+            std::fs::rename(&tmp, &pp.profile_path).map_err(|e| e.to_string())?;
+        }
+        None => gone(std::fs::remove_file(&pp.profile_path))?,
+    }
+    if let Some(g) = pp.new_generation {
+        let name = pp
+            .profile_path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or_default();
+        if let Some(dir) = pp.profile_path.parent() {
+            gone(std::fs::remove_file(dir.join(format!("{name}-{g}-link"))))?;
+        }
+    }
+    Ok(())
 }

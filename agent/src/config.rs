@@ -44,6 +44,9 @@ pub struct ConfigFile {
     pub build_policy: Option<BuildPolicy>,
     /// Hold polls open on coordinators that offer it (default true).
     pub long_poll: Option<bool>,
+    /// Longest a realisation may take before it is killed, e.g. "1h" (a cut network must
+    /// not hang the agent forever).
+    pub realise_timeout: Option<String>,
     /// Extra substituters the node may always use (besides the manifest's).
     #[serde(default)]
     pub extra_substituters: Vec<String>,
@@ -71,6 +74,8 @@ pub struct Config {
     pub build_policy: BuildPolicy,
     /// Use long-poll where offered.
     pub long_poll: bool,
+    /// Limit for one realisation.
+    pub realise_timeout: Duration,
     /// Extra substituters.
     pub extra_substituters: Vec<String>,
     /// Extra cache keys.
@@ -87,7 +92,8 @@ pub fn build_system() -> String {
     format!("{}-{}", std::env::consts::ARCH, std::env::consts::OS)
 }
 
-fn hostname() -> Option<String> {
+/// The kernel's host name, when set.
+pub fn hostname() -> Option<String> {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .ok()
         .map(|s| s.trim().to_owned())
@@ -142,6 +148,11 @@ impl ConfigFile {
         if interval < Duration::from_secs(1) {
             return Err(ConfigError("interval must be at least 1s".into()));
         }
+        let realise_timeout = match &self.realise_timeout {
+            Some(s) => roost_common::time::parse_duration(s)
+                .map_err(|e| ConfigError(format!("realise_timeout: {e}")))?,
+            None => Duration::from_secs(3600),
+        };
         for k in &self.extra_trusted_public_keys {
             k.parse::<PublicKey>()
                 .map_err(|e| ConfigError(format!("extra_trusted_public_keys `{k}`: {e}")))?;
@@ -161,6 +172,7 @@ impl ConfigFile {
             interval,
             build_policy: self.build_policy.unwrap_or_default(),
             long_poll: self.long_poll.unwrap_or(true),
+            realise_timeout,
             extra_substituters: self.extra_substituters,
             extra_trusted_public_keys: self.extra_trusted_public_keys,
         })

@@ -1,166 +1,158 @@
-//! The daemon loop (DESIGN §7.1): conditional GETs (long-polls where the coordinator offers
-//! them) every interval ± 20 %, exponential backoff to 1 h on errors, a prompt poll after a
-//! wall-clock jump (resume from suspend), systemd notifications, and the status socket.
+//! The daemon loop (DESIGN §7.1): recover, tell systemd we are ready, then poll — long-polls
+//! where the coordinator offers them, else every interval ± 20 % — back off exponentially to
+//! an hour on errors, and poll at once after a wall-clock jump (resume from suspend).
+//!
+//! The live view is served on `STATE/agent.sock` (one JSON document per connection) and
+//! mirrored to `status.json` when it changes; `roost-agent status` reads either.
 
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use roost_common::Timestamp;
 use sd_notify::NotifyState;
-use tokio::time::Instant;
 
-use crate::agent::{Agent, Live, Poll, Verdict};
+use crate::agent::{Agent, Verdict};
+use crate::notify::{self, notify};
+use crate::poll::{self, Poll, Wake, WallClock, backoff, jitter};
+use crate::state::Snapshot;
 
-const MAX_BACKOFF: Duration = Duration::from_secs(3600);
-const JUMP: Duration = Duration::from_secs(30);
+/// How long to wait between long-polls that came back unchanged.
+const LONG_POLL_GAP: Duration = Duration::from_millis(500);
+/// Sleeps are cut into steps this long to notice wall-clock jumps.
+const CLOCK_STEP: Duration = Duration::from_secs(5);
 
-/// A value in `[d·0.8, d·1.2]`.
-pub fn jitter(d: Duration) -> Duration {
-    let mut b = [0u8; 8];
-    let _ = getrandom_fill(&mut b);
-    let r = (u64::from_le_bytes(b) % 4001) as f64 / 10_000.0; // 0.0 ..= 0.4
-    d.mul_f64(0.8 + r)
+/// What one cycle did.
+#[derive(Debug, Clone)]
+pub struct CycleResult {
+    /// Whether the node converged.
+    pub verdict: Verdict,
+    /// What the poll brought (`not modified`, `new manifest`, `failed: …`).
+    pub poll: String,
+    /// Whether the coordinators could be reached.
+    pub reachable: bool,
+    /// Whether the coordinator held the poll open or answered with something new: either
+    /// way the next long-poll can start at once.
+    pub held: bool,
 }
 
-fn getrandom_fill(b: &mut [u8]) -> std::io::Result<()> {
-    use std::io::Read;
-    std::fs::File::open("/dev/urandom")?.read_exact(b)
-}
-
-/// Backoff after `n` consecutive failures: 5 s, 10 s, 20 s … capped at 1 h.
-pub fn backoff(n: u32) -> Duration {
-    Duration::from_secs(5)
-        .saturating_mul(1u32 << n.min(20))
-        .min(MAX_BACKOFF)
-}
-
-fn notify(states: &[NotifyState]) {
-    let _ = sd_notify::notify(false, states);
-}
-
-/// One poll-and-apply cycle. `wait` asks for a long-poll of that many seconds.
-pub async fn cycle(
-    agent: &mut Agent,
-    wait: Option<u64>,
-) -> (Verdict, Result<&'static str, String>) {
+/// One poll-and-apply cycle: `wait` asks for a long-poll of that many seconds.
+pub async fn cycle(agent: &mut Agent, wait: Option<u64>) -> CycleResult {
     let poll = agent.poll(wait).await;
-    let result = match poll {
-        Poll::NotModified => {
+    let text = poll.describe();
+    let held = match &poll {
+        Poll::NotModified => wait.is_some(),
+        Poll::New(..) => agent.last_poll_fresh(),
+        _ => false,
+    };
+    let (verdict, reachable) = match poll {
+        // Idle: no disk write, no Nix call unless a deploy is still due (deferred).
+        Poll::NotModified => (agent.deploy_if_needed().await, true),
+        Poll::New(bytes, etag) => (agent.handle_manifest(&bytes, etag).await, true),
+        Poll::NoManifest => (Verdict::Converged, true),
+        Poll::Unreachable(_) => {
+            // Offline nodes still finish what they already accepted.
             let v = agent.deploy_if_needed().await;
-            (v, Ok("not modified"))
-        }
-        Poll::New(bytes, etag) => {
-            let v = agent.handle_manifest(&bytes, etag).await;
-            (v, Ok("new manifest"))
-        }
-        Poll::NoManifest => (
-            Verdict::Converged,
-            Ok("no manifest published for this node"),
-        ),
-        Poll::Unreachable(e) => {
-            let v = agent.deploy_if_needed().await;
-            (
-                if v == Verdict::Converged && agent.state().desired.is_some() {
-                    Verdict::Converged
-                } else {
-                    Verdict::NotConverged
-                },
-                Err(e),
-            )
+            (v, false)
         }
     };
-    agent.flush_reports().await;
-    result
+    if reachable {
+        agent.flush_reports().await;
+    }
+    CycleResult {
+        verdict,
+        held: held && agent.long_poll_offered(),
+        poll: text,
+        reachable,
+    }
+}
+
+/// How long to wait after a cycle.
+pub fn next_delay(agent: &Agent, r: &CycleResult, failures: u32) -> Duration {
+    let interval = agent.config().interval;
+    let mut delay = if !r.reachable {
+        jitter(backoff(failures))
+    } else if r.held {
+        // The coordinator held the request until something changed or `wait` passed.
+        jitter(LONG_POLL_GAP)
+    } else {
+        jitter(interval)
+    };
+    if r.verdict == Verdict::NotConverged && agent.has_work() {
+        // A deferred deploy (closure not in the cache yet, no space): retry sooner.
+        delay = delay.min(jitter(backoff(agent.deferred()).min(interval)));
+    }
+    delay
 }
 
 /// Runs until `shutdown` resolves.
 pub async fn run(
     mut agent: Agent,
+    clock: Arc<dyn WallClock>,
     shutdown: impl std::future::Future<Output = ()>,
-) -> anyhow::Result<()> {
-    let live = agent.live.clone();
-    let socket = serve_status(agent.config().state_dir.join("agent.sock"), live.clone());
+) -> std::io::Result<()> {
+    let socket = serve_status(agent.config().state_dir.join("agent.sock"), agent.live())?;
+    let watchdog = notify::spawn_watchdog(agent.progress());
     agent.recover().await;
     agent.flush_reports().await;
+    agent.idle();
     notify(&[
         NotifyState::Ready,
-        NotifyState::Status("reconciled; polling"),
+        NotifyState::Status("state reconciled; polling"),
     ]);
     tracing::info!(node = %agent.config().node, coordinators = ?agent.config().coordinators, "roost-agent running");
     let mut failures: u32 = 0;
-    let interval = agent.config().interval;
-    let long_wait = interval.as_secs().clamp(1, 300);
+    let long_wait = agent.config().interval.as_secs().clamp(1, poll::MAX_WAIT_S);
     tokio::pin!(shutdown);
     loop {
         let wait = agent.long_poll_offered().then_some(long_wait);
-        let (verdict, result) = tokio::select! {
+        agent.progress().within(Duration::from_secs(long_wait + 30));
+        let r = tokio::select! {
             r = cycle(&mut agent, wait) => r,
             _ = &mut shutdown => break,
         };
-        let mut delay = match &result {
-            Ok("not modified") if agent.long_poll_offered() && wait.is_some() => {
-                jitter(Duration::from_millis(500))
-            }
-            Ok(_) => jitter(interval),
-            Err(_) => backoff(failures),
-        };
-        match &result {
-            Ok(_) => failures = 0,
-            Err(e) => {
-                failures += 1;
-                tracing::warn!(failures, "poll failed: {e}");
-            }
+        if r.reachable {
+            failures = 0;
+        } else {
+            failures = failures.saturating_add(1);
+            tracing::warn!(failures, "{}", r.poll);
         }
-        if verdict == Verdict::NotConverged && agent.has_work() {
-            // A deferred deploy (closure not in the cache yet, no space): retry soon.
-            delay = delay.min(backoff(agent.deferred.saturating_sub(1)).min(interval));
-        }
+        let delay = next_delay(&agent, &r, failures);
         let next = Timestamp::from(SystemTime::now() + delay);
-        let text = match &result {
-            Ok(t) => (*t).to_owned(),
-            Err(e) => format!("failed: {e}"),
-        };
-        agent.note_poll(&text, Some(next), failures);
-        notify(&[
-            NotifyState::Watchdog,
-            NotifyState::Status(&format!("last poll: {text}")),
-        ]);
-        tokio::select! {
-            _ = sleep_watching_clock(delay) => {}
+        agent.note_poll(&r.poll, Some(next), failures);
+        notify(&[NotifyState::Status(&format!("last poll: {}", r.poll))]);
+        agent.progress().within(delay);
+        let progress = agent.progress();
+        let slept = tokio::select! {
+            w = poll::sleep_watching_clock(delay, CLOCK_STEP, clock.as_ref(), || progress.within(CLOCK_STEP)) => w,
             _ = &mut shutdown => break,
+        };
+        if slept == Wake::ClockJumped {
+            tracing::info!("the wall clock jumped ahead (resume from suspend?): polling now");
         }
     }
     notify(&[NotifyState::Stopping]);
     socket.abort();
+    if let Some(w) = watchdog {
+        w.abort();
+    }
+    let _ = std::fs::remove_file(agent.config().state_dir.join("agent.sock"));
     Ok(())
 }
 
-/// Sleeps `d`, waking early when the wall clock jumps ahead of the monotonic clock (a
-/// resume from suspend), and pinging the watchdog meanwhile.
-async fn sleep_watching_clock(d: Duration) {
-    let start = Instant::now();
-    let wall = SystemTime::now();
-    while start.elapsed() < d {
-        let step = (d - start.elapsed()).min(Duration::from_secs(5));
-        tokio::time::sleep(step).await;
-        notify(&[NotifyState::Watchdog]);
-        let wall_elapsed = SystemTime::now().duration_since(wall).unwrap_or_default();
-        if wall_elapsed > start.elapsed() + JUMP {
-            tracing::info!("the wall clock jumped (resume from suspend?): polling now");
-            return;
-        }
-    }
-}
-
 /// Answers every connection on the status socket with the live view as JSON.
-fn serve_status(path: std::path::PathBuf, live: Arc<Mutex<Live>>) -> tokio::task::JoinHandle<()> {
+fn serve_status(
+    path: PathBuf,
+    live: Arc<Mutex<Snapshot>>,
+) -> std::io::Result<tokio::task::JoinHandle<()>> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
     let _ = std::fs::remove_file(&path);
-    let listener = tokio::net::UnixListener::bind(&path);
-    tokio::spawn(async move {
-        let Ok(listener) = listener else {
-            tracing::warn!("cannot open the status socket {}", path.display());
-            return;
-        };
+    let listener = tokio::net::UnixListener::bind(&path).map_err(|e| {
+        std::io::Error::new(e.kind(), format!("status socket {}: {e}", path.display()))
+    })?;
+    Ok(tokio::spawn(async move {
         while let Ok((mut s, _)) = listener.accept().await {
             let body = live
                 .lock()
@@ -169,5 +161,5 @@ fn serve_status(path: std::path::PathBuf, live: Arc<Mutex<Live>>) -> tokio::task
             use tokio::io::AsyncWriteExt;
             let _ = s.write_all(&body).await;
         }
-    })
+    }))
 }

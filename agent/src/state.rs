@@ -1,5 +1,16 @@
-//! The agent's one folder (default `/var/lib/roost`): `state.json`, the node key, and the
-//! report queue. Every write is temp file + fsync + rename + fsync of the folder.
+//! The agent's one folder (default `/var/lib/roost`). Every write is temp file + fsync +
+//! rename + fsync of the folder.
+//!
+//! ```text
+//! state.json                 floor, trusted-now, ETag, desired manifest, pending deploy,
+//!                            quarantine, last deploy outcome
+//! status.json                the daemon's last poll/next poll/phase, rewritten only on change
+//! node.key                   the node's signing key (0600), made on first start
+//! agent.sock                 the running daemon answers status queries here
+//! reports/queue/NNNNNNNNNN.json   signed report envelopes not yet delivered, by seq
+//! reports/last-sent          the highest seq delivered
+//! reports/refused/           reports a coordinator refused for good (kept for inspection)
+//! ```
 
 use std::collections::BTreeSet;
 use std::io::Write;
@@ -41,6 +52,9 @@ pub struct Pending {
     pub deadline: Timestamp,
     /// When the switch began.
     pub started_at: Timestamp,
+    /// Whether a coordinator answered just before the switch (magic rollback's baseline).
+    #[serde(default)]
+    pub coordinator_reachable_before: bool,
     /// Per profile, in order.
     pub profiles: Vec<PendingProfile>,
 }
@@ -58,10 +72,57 @@ pub struct PendingProfile {
     pub previous_path: Option<String>,
     /// The new store path.
     pub new_path: String,
+    /// What the profile link itself pointed at before (restored on rollback when it was not
+    /// a generation, e.g. a hand-made link straight into the store).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous_link: Option<PathBuf>,
+    /// The generation this deploy made, once the profile was switched.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub new_generation: Option<u64>,
     /// Whether the profile link was switched.
     pub switched: bool,
     /// Whether its activation finished successfully.
     pub activated: bool,
+    /// The activation running for it, so recovery can stop one the agent left behind.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub activation: Option<ActivationHandle>,
+}
+
+/// A running activation: its process group (with the leader's start time, so a reused pid
+/// is never killed) or its transient systemd unit.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ActivationHandle {
+    /// Process group id (= the leader's pid).
+    pub pgid: i32,
+    /// The leader's start time in clock ticks since boot (`/proc/PID/stat` field 22).
+    pub start_ticks: Option<u64>,
+    /// The boot it ran in (a reboot ends every process group).
+    #[serde(default)]
+    pub boot_id: String,
+    /// The transient unit, when it ran under systemd.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unit: Option<String>,
+}
+
+/// What `status` shows of the daemon besides `state.json`: its live view, served on
+/// `agent.sock` and mirrored to `status.json` whenever it changes (an idle poll changes
+/// only times, which are not written).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct Snapshot {
+    /// The daemon's pid.
+    pub pid: u32,
+    /// What it is doing: `idle`, `downloading`, `activating`, `confirming`, ….
+    pub phase: String,
+    /// When the last poll ended (in `status.json`: when its result last changed).
+    pub last_poll_at: Option<Timestamp>,
+    /// What the last poll brought.
+    pub last_poll_result: Option<String>,
+    /// When the next poll is due.
+    pub next_poll_at: Option<Timestamp>,
+    /// Consecutive failed polls.
+    pub failures: u32,
+    /// Whether the coordinator holds polls open.
+    pub long_poll: bool,
 }
 
 /// The outcome of a deploy attempt.
@@ -79,6 +140,10 @@ pub struct DeployRecord {
     #[serde(default)]
     pub report_seq: Option<u64>,
 }
+
+/// The state folder's lock, released on drop.
+#[derive(Debug)]
+pub struct StateLock(#[allow(dead_code)] ::nix::fcntl::Flock<std::fs::File>);
 
 /// The state folder.
 #[derive(Debug, Clone)]
@@ -126,12 +191,62 @@ impl StateDir {
 
     /// The report queue folder.
     pub fn queue_dir(&self) -> PathBuf {
-        self.root.join("reports")
+        self.root.join("reports/queue")
+    }
+
+    /// Where refused reports are kept.
+    pub fn refused_dir(&self) -> PathBuf {
+        self.root.join("reports/refused")
+    }
+
+    fn last_sent_file(&self) -> PathBuf {
+        self.root.join("reports/last-sent")
+    }
+
+    fn snapshot_file(&self) -> PathBuf {
+        self.root.join("status.json")
+    }
+
+    /// Reads `status.json`, if the daemon ever wrote one.
+    pub fn load_snapshot(&self) -> Option<Snapshot> {
+        let b = std::fs::read(self.snapshot_file()).ok()?;
+        serde_json::from_slice(&b).ok()
+    }
+
+    /// Writes `status.json` atomically.
+    pub fn save_snapshot(&self, s: &Snapshot) -> std::io::Result<()> {
+        let mut bytes = serde_json::to_vec_pretty(s).expect("a snapshot serialises");
+        bytes.push(b'\n');
+        write_atomic(&self.snapshot_file(), &bytes)
     }
 
     /// The live daemon's socket.
     pub fn socket(&self) -> PathBuf {
         self.root.join("agent.sock")
+    }
+
+    /// Takes the folder's lock (`lock`, held until the value is dropped): one agent process
+    /// at a time changes a node. Fails at once when another holds it.
+    pub fn lock(&self) -> std::io::Result<StateLock> {
+        std::fs::create_dir_all(&self.root).map_err(|e| io_err(&self.root, e))?;
+        let path = self.root.join("lock");
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(|e| io_err(&path, e))?;
+        match ::nix::fcntl::Flock::lock(f, ::nix::fcntl::FlockArg::LockExclusiveNonblock) {
+            Ok(l) => Ok(StateLock(l)),
+            Err((_, ::nix::errno::Errno::EWOULDBLOCK)) => Err(std::io::Error::new(
+                std::io::ErrorKind::WouldBlock,
+                format!(
+                    "another roost-agent is using {} (stop the daemon first, e.g. `systemctl stop roost-agent`)",
+                    self.root.display()
+                ),
+            )),
+            Err((_, e)) => Err(io_err(&path, e.into())),
+        }
     }
 
     /// Reads `state.json` (empty state when missing).
@@ -193,7 +308,7 @@ impl StateDir {
 
     /// The next report number: above every queued and every sent report.
     pub fn next_seq(&self) -> u64 {
-        let sent = std::fs::read_to_string(self.queue_dir().join("last-sent"))
+        let sent = std::fs::read_to_string(self.last_sent_file())
             .ok()
             .and_then(|s| s.trim().parse::<u64>().ok())
             .unwrap_or(0);
@@ -203,15 +318,21 @@ impl StateDir {
 
     /// Queues a signed report envelope under its seq.
     pub fn queue_report(&self, seq: u64, envelope: &[u8]) -> std::io::Result<()> {
-        write_atomic(&self.queue_dir().join(format!("{seq:020}.json")), envelope)
+        write_atomic(&self.queue_dir().join(format!("{seq:010}.json")), envelope)
     }
 
     /// Marks `seq` delivered: remembered as the last sent, then removed from the queue.
     pub fn report_delivered(&self, seq: u64, path: &Path) -> std::io::Result<()> {
-        write_atomic(
-            &self.queue_dir().join("last-sent"),
-            format!("{seq}\n").as_bytes(),
-        )?;
+        write_atomic(&self.last_sent_file(), format!("{seq}\n").as_bytes())?;
         std::fs::remove_file(path).map_err(|e| io_err(path, e))
+    }
+
+    /// Moves a report a coordinator refused for good out of the queue.
+    pub fn report_refused(&self, seq: u64, path: &Path) -> std::io::Result<()> {
+        let dir = self.refused_dir();
+        std::fs::create_dir_all(&dir).map_err(|e| io_err(&dir, e))?;
+        write_atomic(&self.last_sent_file(), format!("{seq}\n").as_bytes())?;
+        let to = dir.join(format!("{seq:010}.json"));
+        std::fs::rename(path, &to).map_err(|e| io_err(&to, e))
     }
 }

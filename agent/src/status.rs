@@ -1,5 +1,7 @@
-//! `roost-agent status`: where this node stands, from the state folder and, when the daemon
-//! runs, its live view (last and next poll) over `agent.sock`.
+//! `roost-agent status`: where this node stands. Deploy state comes from `state.json`; the
+//! last and next poll from the running daemon over `agent.sock`, or, when no daemon runs,
+//! from `status.json` (there `last_poll.at` is when the poll result last changed, since idle
+//! polls write nothing).
 
 use std::path::Path;
 use std::time::Duration;
@@ -10,10 +12,10 @@ use roost_common::time::human_duration;
 use serde_json::{Value, json};
 
 use crate::activate::default_profile_path;
-use crate::state::StateDir;
+use crate::state::{Snapshot, StateDir};
 
 /// Asks the live daemon for its view, if it runs.
-pub fn live_view(dir: &Path) -> Option<Value> {
+pub fn live_view(dir: &Path) -> Option<Snapshot> {
     use std::io::Read;
     let mut s = std::os::unix::net::UnixStream::connect(dir.join("agent.sock")).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
@@ -27,6 +29,8 @@ pub fn collect(dir: &Path) -> anyhow::Result<Value> {
     let sd = StateDir::new(dir);
     let state = sd.load()?;
     let live = live_view(dir);
+    let running = live.is_some();
+    let snap = live.or_else(|| sd.load_snapshot());
     let profiles: Vec<Value> = state
         .desired
         .as_ref()
@@ -49,19 +53,27 @@ pub fn collect(dir: &Path) -> anyhow::Result<Value> {
         })
         .unwrap_or_default();
     let queued: Vec<u64> = sd.queued_reports().into_iter().map(|(s, _)| s).collect();
+    let last_poll = snap.as_ref().and_then(|s| {
+        s.last_poll_result
+            .as_ref()
+            .map(|r| json!({"at": s.last_poll_at, "result": r}))
+    });
     Ok(json!({
         "node": state.desired.as_ref().map(|m| m.node.to_string()),
         "state_dir": dir,
-        "daemon_running": live.is_some(),
+        "daemon_running": running,
+        "phase": snap.as_ref().map(|s| s.phase.clone()).filter(|_| running),
         "manifest_version": state.desired.as_ref().map(|m| m.version),
         "current_version": state.current_version,
         "floor": state.floor.map(|f| f.version),
         "issued_at": state.desired.as_ref().map(|m| m.issued_at),
         "expires_at": state.desired.as_ref().map(|m| m.expires_at),
+        "source": state.desired.as_ref().and_then(|m| m.source.clone()),
         "profiles": profiles,
-        "last_poll": live.as_ref().map(|l| json!({"at": l["last_poll_at"], "result": l["last_poll_result"]})),
-        "next_poll": live.as_ref().map(|l| l["next_poll_at"].clone()),
-        "phase": live.as_ref().map(|l| l["phase"].clone()),
+        "last_poll": last_poll,
+        "next_poll": snap.as_ref().and_then(|s| s.next_poll_at).filter(|_| running),
+        "poll_failures": snap.as_ref().map_or(0, |s| s.failures),
+        "long_poll": snap.as_ref().is_some_and(|s| s.long_poll),
         "last_deploy": state.last_deploy,
         "pending": state.pending,
         "pending_reports": queued,
@@ -89,8 +101,10 @@ fn ago(ts: &Value) -> String {
     }
 }
 
-/// Prints the status for people.
-pub fn print(doc: &Value) {
+/// The status for people.
+pub fn render(doc: &Value) -> String {
+    use std::fmt::Write;
+    let mut o = String::new();
     let s = |v: &Value| {
         v.as_str().map(str::to_owned).unwrap_or_else(|| {
             if v.is_null() {
@@ -100,40 +114,53 @@ pub fn print(doc: &Value) {
             }
         })
     };
-    println!("node            {}", s(&doc["node"]));
-    println!(
-        "manifest        version {} (current {}), expires {}",
+    let _ = writeln!(o, "node            {}", s(&doc["node"]));
+    let _ = writeln!(
+        o,
+        "manifest        version {} (running {}), expires {}",
         s(&doc["manifest_version"]),
         s(&doc["current_version"]),
         s(&doc["expires_at"])
     );
     match doc["daemon_running"].as_bool() {
         Some(true) => {
-            println!("daemon          running, {}", s(&doc["phase"]));
-            println!(
-                "last poll       {} — {}",
-                ago(&doc["last_poll"]["at"]),
-                s(&doc["last_poll"]["result"])
-            );
-            println!("next poll       {}", ago(&doc["next_poll"]));
+            let _ = writeln!(o, "daemon          running, {}", s(&doc["phase"]));
         }
-        _ => println!(
-            "daemon          not running (state folder {})",
-            s(&doc["state_dir"])
-        ),
+        _ => {
+            let _ = writeln!(
+                o,
+                "daemon          not running (state folder {})",
+                s(&doc["state_dir"])
+            );
+        }
+    }
+    if doc["last_poll"].is_null() {
+        let _ = writeln!(o, "last poll       none recorded");
+    } else {
+        let _ = writeln!(
+            o,
+            "last poll       {}: {}",
+            ago(&doc["last_poll"]["at"]),
+            s(&doc["last_poll"]["result"])
+        );
+    }
+    if !doc["next_poll"].is_null() {
+        let _ = writeln!(o, "next poll       {}", ago(&doc["next_poll"]));
     }
     let ld = &doc["last_deploy"];
     if ld.is_null() {
-        println!("last deploy     none yet");
+        let _ = writeln!(o, "last deploy     none yet");
     } else {
-        println!(
+        let _ = writeln!(
+            o,
             "last deploy     {} of version {} ({})",
             s(&ld["state"]),
             s(&ld["version"]),
             ago(&ld["at"])
         );
         if !ld["error"].is_null() {
-            println!(
+            let _ = writeln!(
+                o,
                 "                {}: {}",
                 s(&ld["error"]["phase"]),
                 s(&ld["error"]["message"])
@@ -141,30 +168,41 @@ pub fn print(doc: &Value) {
         }
     }
     if !doc["pending"].is_null() {
-        println!(
+        let _ = writeln!(
+            o,
             "PENDING         deploy of version {} in progress or interrupted",
             s(&doc["pending"]["version"])
         );
     }
-    let q = doc["quarantined"]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .map(|v| v.to_string())
-                .collect::<Vec<_>>()
-                .join(", ")
-        })
-        .unwrap_or_default();
-    println!(
+    let list = |v: &Value| {
+        v.as_array()
+            .map(|a| {
+                a.iter()
+                    .map(|v| v.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            })
+            .unwrap_or_default()
+    };
+    let q = list(&doc["quarantined"]);
+    let _ = writeln!(
+        o,
         "quarantined     {}",
         if q.is_empty() { "none".into() } else { q }
     );
-    println!(
-        "pending reports {}",
-        doc["pending_reports"].as_array().map_or(0, Vec::len)
+    let r = list(&doc["pending_reports"]);
+    let _ = writeln!(
+        o,
+        "queued reports  {}",
+        if r.is_empty() {
+            "none".into()
+        } else {
+            format!("seq {r}")
+        }
     );
-    println!();
-    println!(
+    let _ = writeln!(o);
+    let _ = writeln!(
+        o,
         "{:<12} {:<5} {:<9} CURRENT / DESIRED",
         "PROFILE", "GEN", "STATE"
     );
@@ -174,7 +212,8 @@ pub fn print(doc: &Value) {
         } else {
             "BEHIND"
         };
-        println!(
+        let _ = writeln!(
+            o,
             "{:<12} {:<5} {:<9} {}",
             s(&p["name"]),
             s(&p["generation"]),
@@ -182,7 +221,8 @@ pub fn print(doc: &Value) {
             s(&p["current"])
         );
         if ok != "current" {
-            println!("{:<12} {:<5} {:<9} {}", "", "", "", s(&p["desired"]));
+            let _ = writeln!(o, "{:<12} {:<5} {:<9} {}", "", "", "", s(&p["desired"]));
         }
     }
+    o
 }

@@ -42,7 +42,12 @@ pub struct CountingProxy {
 impl CountingProxy {
     /// Starts a proxy on 127.0.0.1 (a free port) in front of `target`.
     pub async fn start(target: String) -> anyhow::Result<Self> {
-        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        Self::start_on("127.0.0.1:0".parse()?, target).await
+    }
+
+    /// Starts a proxy on `bind` in front of `target`.
+    pub async fn start_on(bind: std::net::SocketAddr, target: String) -> anyhow::Result<Self> {
+        let listener = TcpListener::bind(bind).await?;
         let addr = listener.local_addr()?;
         let counters = Arc::new(Counters::default());
         let c = counters.clone();

@@ -68,6 +68,20 @@ fn seqs_without_gap(reports: &[Value]) -> bool {
     !seqs.is_empty() && seqs[0] == 1 && seqs.windows(2).all(|w| w[1] == w[0] + 1)
 }
 
+/// Queued report files (`*.json`) anywhere under `dir`.
+fn count_json(dir: &std::path::Path) -> usize {
+    std::fs::read_dir(dir)
+        .map(|d| {
+            d.flatten()
+                .map(|e| {
+                    let p = e.path();
+                    if p.is_dir() { count_json(&p) } else { usize::from(p.extension().is_some_and(|x| x == "json")) }
+                })
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
 fn generation(n: u32) -> Settings {
     Settings {
         generation: n,
@@ -256,16 +270,7 @@ fn a_coordinator_outage_loses_no_report_and_keeps_systems_running() {
             Some(system_of(&first, n)),
             "{n} must keep its running system"
         );
-        let queued = std::fs::read_dir(f.node(n).state_dir().join("reports"))
-            .unwrap()
-            .filter(|e| {
-                e.as_ref()
-                    .unwrap()
-                    .file_name()
-                    .to_string_lossy()
-                    .ends_with(".json")
-            })
-            .count();
+        let queued = count_json(&f.node(n).state_dir().join("reports"));
         assert!(
             queued >= 1,
             "{n}: reports must queue on disk while the coordinator is down"

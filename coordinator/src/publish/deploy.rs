@@ -1,5 +1,15 @@
 //! Reading deploy-rs's `deploy` schema (unchanged) plus roost's `roost.*` keys in one
 //! evaluation, and merging settings with profile > node > deploy precedence.
+//!
+//! One `nix eval --json FLAKE#deploy --apply F` covers every selected node. `F` wraps each
+//! node in `builtins.tryEval (builtins.deepSeq …)`, so a node that `throw`s or fails an
+//! `assert` comes back as `{ error = true; }` and the others still publish. `tryEval` cannot
+//! catch everything (missing attributes, type errors, `abort`, infinite recursion): when
+//! such an error sinks the whole evaluation, [`evaluate`] first checks that the flake itself
+//! evaluates (no node selected), then halves the selection until each broken node stands
+//! alone, so a fleet with k broken nodes costs O(k log n) extra evaluations, and none when
+//! every node is fine. Nix's own message for a broken node comes from evaluating that node
+//! alone, only when it failed.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -27,21 +37,22 @@ pub struct NodeSpec {
     /// Profiles in activation order.
     pub profiles: Vec<ProfileSpec>,
     /// The flake it came from.
-    pub source: Option<Source>,
+    pub source: Source,
 }
 
-/// A profile ready to be published.
+/// A profile ready to be published: everything but what only the built output tells.
 #[derive(Debug, Clone)]
 pub struct ProfileSpec {
     /// Its name.
     pub name: ProfileName,
     /// Its store path.
     pub path: StorePath,
-    /// Its derivation.
+    /// Its derivation, when `path` is a derivation.
     pub drv_path: Option<StorePath>,
+    /// `roost.activation`, when set; otherwise read from the built output.
+    pub activation: Option<Activation>,
     user: String,
     profile_path: Option<ProfilePath>,
-    activation: Option<Activation>,
     activation_timeout_s: u64,
     confirm_timeout_s: u64,
     auto_rollback: bool,
@@ -50,20 +61,16 @@ pub struct ProfileSpec {
 }
 
 impl ProfileSpec {
-    /// The wire form, with the activation kind read from the built output when not set.
+    /// The wire form, given what the build and the store said.
     pub fn to_wire(
         &self,
-        path: &StorePath,
+        activation: Activation,
         nar_hash: Option<String>,
         closure_size: Option<u64>,
     ) -> Profile {
-        let activation = self
-            .activation
-            .clone()
-            .unwrap_or_else(|| detect_activation(path));
         Profile {
             name: self.name.clone(),
-            path: path.clone(),
+            path: self.path.clone(),
             nar_hash,
             closure_size,
             drv_path: self.drv_path.clone(),
@@ -79,79 +86,91 @@ impl ProfileSpec {
     }
 }
 
-/// `bin/switch-to-configuration` → nixos; `deploy-rs-activate` → deploy-rs; else none.
-pub fn detect_activation(path: &StorePath) -> Activation {
-    let p = path.as_path();
-    if p.join("bin/switch-to-configuration").exists() {
+/// The activation kind of a built output, from what it contains.
+///
+/// `deploy-rs-activate` wins over `bin/switch-to-configuration`: deploy-rs's
+/// `lib.activate.nixos` adds the former to a NixOS system that also has the latter, and its
+/// script is what the flake's author asked for.
+pub fn activation_from_entries(has_deploy_rs: bool, has_switch: bool) -> Activation {
+    if has_deploy_rs {
+        Activation::DeployRs
+    } else if has_switch {
         Activation::Nixos {
             goal: Default::default(),
         }
-    } else if p.join("deploy-rs-activate").exists() {
-        Activation::DeployRs
     } else {
         Activation::None
     }
 }
 
-/// The result of the one evaluation.
+/// The activation kind of an output in the local store.
+pub fn detect_activation(path: &StorePath) -> Activation {
+    let p = path.as_path();
+    activation_from_entries(
+        p.join("deploy-rs-activate").exists(),
+        p.join("bin/switch-to-configuration").exists(),
+    )
+}
+
+/// The result of evaluating one flake.
 #[derive(Debug)]
 pub struct Evaluated {
     /// Nodes that evaluated.
     pub nodes: Vec<NodeSpec>,
-    /// Nodes that did not, with why.
+    /// Nodes that did not, with Nix's words.
     pub failures: BTreeMap<String, String>,
 }
 
-const GENERIC: &str = "{ user = 0; profilePath = 0; autoRollback = 0; magicRollback = 0; activationTimeout = 0; confirmTimeout = 0; roost = 0; }";
+/// The generic settings publish reads at each level; nothing else is evaluated.
+const SETTINGS: &str = "{ user = 0; profilePath = 0; autoRollback = 0; magicRollback = 0; activationTimeout = 0; confirmTimeout = 0; roost = 0; }";
 
-/// The `--apply` function: everything publish needs, for the selected nodes, in one go.
-/// Each node is wrapped in `tryEval` so one broken node (a `throw` or failed `assert`)
-/// does not stop the others; errors `tryEval` cannot catch fail the whole evaluation.
-fn apply_expr(selected: Option<&Vec<String>>) -> String {
-    let sel = match selected {
-        None => "null".to_owned(),
-        Some(names) => format!(
-            "[ {} ]",
-            names
-                .iter()
-                .map(|n| nix_string(n))
-                .collect::<Vec<_>>()
-                .join(" ")
-        ),
-    };
+/// The `--apply` function. `selected` is JSON: `null` (every node) or `{NODE: null |
+/// [PROFILE…]}`; with `catch` off a broken node fails the evaluation with Nix's message.
+fn apply_expr(selected: &Value, catch: bool) -> String {
+    let sel = nix_string(&selected.to_string());
     format!(
         r#"deploy: let
-  selected = {sel};
+  selected = builtins.fromJSON {sel};
+  catch = {catch};
   nodes = deploy.nodes or {{ }};
   names = builtins.attrNames nodes;
-  generic = a: builtins.intersectAttrs {GENERIC} a;
+  pick = builtins.intersectAttrs {SETTINGS};
   profileInfo = p:
     if !(p ? path) then {{ error = "has no `path`"; }}
     else let path = p.path; isDrv = builtins.isAttrs path; in {{
       path = if isDrv then path.outPath else toString path;
       drvPath = if isDrv && path ? drvPath then path.drvPath else null;
       system = if isDrv && path ? system then path.system else null;
-      settings = generic p;
+      settings = pick p;
     }};
-  evalNode = name:
+  evalNode = name: wanted:
     if !(builtins.hasAttr name nodes) then {{ missing = true; }}
     else let
       n = nodes.${{name}};
+      all = n.profiles or {{ }};
+      chosen = if wanted == null then all
+        else builtins.intersectAttrs (builtins.listToAttrs (map (p: {{ name = p; value = 0; }}) wanted)) all;
       value = {{
-        settings = generic n;
+        profileNames = builtins.attrNames all;
+        settings = pick n;
         profilesOrder = n.profilesOrder or [ ];
-        profiles = builtins.mapAttrs (_: profileInfo) (n.profiles or {{ }});
+        profiles = builtins.mapAttrs (_: profileInfo) chosen;
       }};
-      r = builtins.tryEval (builtins.deepSeq value value);
-    in if r.success then r.value else {{ error = "evaluation failed"; }};
+      forced = builtins.deepSeq value value;
+      r = builtins.tryEval forced;
+    in if !catch then forced else if r.success then r.value else {{ error = true; }};
+  sel = if selected == null
+    then builtins.listToAttrs (map (name: {{ inherit name; value = null; }}) names)
+    else selected;
 in {{
   inherit names;
-  settings = generic deploy;
-  results = builtins.listToAttrs (map (name: {{ inherit name; value = evalNode name; }}) (if selected == null then names else selected));
+  settings = pick deploy;
+  nodes = builtins.mapAttrs evalNode sel;
 }}"#
     )
 }
 
+/// A Nix string literal.
 fn nix_string(s: &str) -> String {
     format!(
         "\"{}\"",
@@ -161,28 +180,89 @@ fn nix_string(s: &str) -> String {
     )
 }
 
-/// One evaluation of `flake#deploy` for the selected nodes (all when `None`).
+fn selection_json(sel: &[(String, Option<BTreeSet<String>>)]) -> Value {
+    Value::Object(
+        sel.iter()
+            .map(|(n, ps)| {
+                let v = match ps {
+                    None => Value::Null,
+                    Some(ps) => Value::Array(ps.iter().cloned().map(Value::String).collect()),
+                };
+                (n.clone(), v)
+            })
+            .collect(),
+    )
+}
+
+fn eval(nix: &Nix, flake: &str, selected: &Value, catch: bool) -> Result<Value, NixError> {
+    nix.eval_json(
+        &format!("{flake}#deploy"),
+        Some(&apply_expr(selected, catch)),
+    )
+}
+
+/// Nix's error message without the hint about `--show-trace`.
+pub fn nix_message(e: &NixError) -> String {
+    let lines: Vec<&str> = e
+        .stderr_tail
+        .lines()
+        .filter(|l| !l.trim().is_empty() && !l.contains("--show-trace"))
+        .collect();
+    let start = lines
+        .iter()
+        .position(|l| l.starts_with("error"))
+        .unwrap_or(0);
+    let text = lines[start..].join("\n");
+    if text.is_empty() { e.to_string() } else { text }
+}
+
+/// Evaluates the selected nodes of `flake` (every node when `selection` is `None`), at the
+/// locked reference in `source`, so the recorded source is exactly what was evaluated.
+///
+/// Unknown nodes or profiles are a usage error naming what exists; a node that fails to
+/// evaluate is in `failures`; an `Err` means the flake or its `deploy` output itself is broken.
 pub fn evaluate(
     nix: &Nix,
     flake: &str,
     selection: Option<&Selection>,
+    source: &Source,
 ) -> Result<Evaluated, PublishError> {
-    let names: Option<Vec<String>> = selection.map(|s| s.keys().cloned().collect());
-    let v = nix.eval_json(
-        &format!("{flake}#deploy"),
-        Some(&apply_expr(names.as_ref())),
-    )?;
-    let all: Vec<String> = v["names"]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .filter_map(|x| x.as_str().map(str::to_owned))
-                .collect()
-        })
-        .unwrap_or_default();
+    let sel_json = match selection {
+        None => Value::Null,
+        Some(s) => selection_json(&s.clone().into_iter().collect::<Vec<_>>()),
+    };
+    let locked = source.flake.as_str();
+    let (names, settings, results, mut failures) = match eval(nix, locked, &sel_json, true) {
+        Ok(v) => (
+            strings(&v["names"]),
+            v["settings"].clone(),
+            v["nodes"].as_object().cloned().unwrap_or_default(),
+            BTreeMap::new(),
+        ),
+        Err(whole) => {
+            // Something tryEval cannot catch. Is it the flake, or some nodes?
+            let base = eval(nix, locked, &Value::Object(Map::new()), true).map_err(|e| {
+                PublishError::Flake {
+                    flake: flake.to_owned(),
+                    message: nix_message(&e),
+                }
+            })?;
+            let names = strings(&base["names"]);
+            let sel: Vec<(String, Option<BTreeSet<String>>)> = match selection {
+                Some(s) => s.clone().into_iter().collect(),
+                None => names.iter().map(|n| (n.clone(), None)).collect(),
+            };
+            tracing::debug!(
+                "the evaluation of {flake} failed as a whole ({whole}); isolating the broken nodes"
+            );
+            let mut results = Map::new();
+            let mut failures = BTreeMap::new();
+            bisect(nix, locked, &sel, &mut results, &mut failures);
+            (names, base["settings"].clone(), results, failures)
+        }
+    };
     let empty = Map::new();
-    let deploy_settings = v["settings"].as_object().unwrap_or(&empty);
-    let results = v["results"].as_object().cloned().unwrap_or_default();
+    let deploy_settings = settings.as_object().unwrap_or(&empty);
     let mut out = Evaluated {
         nodes: Vec::new(),
         failures: BTreeMap::new(),
@@ -191,25 +271,76 @@ pub fn evaluate(
         if r.get("missing").is_some() {
             return Err(PublishError::Usage(format!(
                 "{flake}: no node `{name}` in deploy.nodes; the flake has: {}",
-                list(&all)
+                list(&names)
             )));
         }
-        if let Some(e) = r.get("error").and_then(Value::as_str) {
-            out.failures.insert(name.clone(), e.to_owned());
+    }
+    for (name, r) in &results {
+        if r.get("error").is_some() {
+            // Caught by tryEval, which does not say why: ask Nix about this node alone.
+            let one = selection_json(&[(
+                name.clone(),
+                selection.and_then(|s| s.get(name)).cloned().flatten(),
+            )]);
+            let why = match eval(nix, locked, &one, false) {
+                Err(e) => nix_message(&e),
+                Ok(_) => "evaluation failed (a `throw` or `assert` caught by builtins.tryEval)"
+                    .to_owned(),
+            };
+            failures.insert(name.clone(), why);
             continue;
         }
         let wanted_profiles = selection.and_then(|s| s.get(name)).and_then(|p| p.as_ref());
-        match node_spec(name, r, deploy_settings, wanted_profiles) {
+        match node_spec(name, r, deploy_settings, wanted_profiles, source) {
             Ok(spec) => out.nodes.push(spec),
             Err(NodeProblem::Usage(e)) => {
-                return Err(PublishError::Usage(format!("{flake}#{name}: {e}")));
+                return Err(PublishError::Usage(format!("{flake}#\"{name}\": {e}")));
             }
             Err(NodeProblem::Node(e)) => {
-                out.failures.insert(name.clone(), e);
+                failures.insert(name.clone(), e);
             }
         }
     }
+    out.failures = failures;
     Ok(out)
+}
+
+/// Evaluates `sel`, halving it on failure until each broken node stands alone.
+fn bisect(
+    nix: &Nix,
+    flake: &str,
+    sel: &[(String, Option<BTreeSet<String>>)],
+    results: &mut Map<String, Value>,
+    failures: &mut BTreeMap<String, String>,
+) {
+    if sel.is_empty() {
+        return;
+    }
+    match eval(nix, flake, &selection_json(sel), true) {
+        Ok(v) => {
+            if let Some(nodes) = v["nodes"].as_object() {
+                results.extend(nodes.clone());
+            }
+        }
+        Err(e) if sel.len() == 1 => {
+            failures.insert(sel[0].0.clone(), nix_message(&e));
+        }
+        Err(_) => {
+            let (a, b) = sel.split_at(sel.len() / 2);
+            bisect(nix, flake, a, results, failures);
+            bisect(nix, flake, b, results, failures);
+        }
+    }
+}
+
+fn strings(v: &Value) -> Vec<String> {
+    v.as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|x| x.as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 fn list(names: &[String]) -> String {
@@ -227,21 +358,23 @@ enum NodeProblem {
     Node(String),
 }
 
+/// One node's evaluated data, merged with profile > node > deploy precedence.
 fn node_spec(
     name: &str,
     r: &Value,
     deploy: &Map<String, Value>,
     wanted: Option<&BTreeSet<String>>,
+    source: &Source,
 ) -> Result<NodeSpec, NodeProblem> {
     let bad = NodeProblem::Node;
     let node: NodeName = name.parse().map_err(|e| bad(format!("{e}")))?;
     let empty = Map::new();
     let node_settings = r["settings"].as_object().unwrap_or(&empty);
     let profiles = r["profiles"].as_object().cloned().unwrap_or_default();
-    let available: Vec<String> = profiles.keys().cloned().collect();
+    let available = strings(&r["profileNames"]);
     if let Some(w) = wanted {
         for p in w {
-            if !profiles.contains_key(p) {
+            if !available.contains(p) {
                 return Err(NodeProblem::Usage(format!(
                     "no profile `{p}`; node `{name}` has: {}",
                     list(&available)
@@ -249,27 +382,24 @@ fn node_spec(
             }
         }
     }
-    // profilesOrder first, then the rest by name (deploy-rs's order).
-    let order: Vec<String> = r["profilesOrder"]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .filter_map(|x| x.as_str().map(str::to_owned))
-                .collect()
-        })
-        .unwrap_or_default();
+    // deploy-rs's order: profilesOrder first, then the others by name.
+    let order = strings(&r["profilesOrder"]);
+    for p in &order {
+        if !available.contains(p) {
+            return Err(bad(format!(
+                "profilesOrder names `{p}`, which is not one of its profiles ({})",
+                list(&available)
+            )));
+        }
+    }
     let mut names: Vec<String> = order
-        .iter()
-        .filter(|p| profiles.contains_key(*p))
-        .cloned()
+        .into_iter()
+        .filter(|p| profiles.contains_key(p))
         .collect();
-    for p in &available {
+    for p in profiles.keys() {
         if !names.contains(p) {
             names.push(p.clone());
         }
-    }
-    if let Some(w) = wanted {
-        names.retain(|p| w.contains(p));
     }
     if names.is_empty() {
         return Err(bad(format!("node `{name}` has no profiles")));
@@ -281,7 +411,7 @@ fn node_spec(
         if let Some(e) = p.get("error").and_then(Value::as_str) {
             return Err(bad(format!("profile `{pname}` {e}")));
         }
-        let empty = Map::new();
+        let ctx = |e: String| bad(format!("profile `{pname}`: {e}"));
         let ps = p["settings"].as_object().unwrap_or(&empty);
         let levels = [ps, node_settings, deploy];
         let get = |k: &str| {
@@ -300,8 +430,14 @@ fn node_spec(
             .as_str()
             .unwrap_or("")
             .parse()
-            .map_err(|e| bad(format!("profile `{pname}`: {e}")))?;
-        let drv_path = p["drvPath"].as_str().and_then(|d| d.parse().ok());
+            .map_err(|e| ctx(format!("`path` {e}")))?;
+        let drv_path = match p["drvPath"].as_str() {
+            Some(d) => Some(
+                d.parse::<StorePath>()
+                    .map_err(|e| ctx(format!("`drvPath` {e}")))?,
+            ),
+            None => None,
+        };
         let sys = roost("system")
             .and_then(Value::as_str)
             .or(p["system"].as_str())
@@ -310,47 +446,64 @@ fn node_spec(
             (None, Some(s)) => system = Some(s),
             (Some(a), Some(b)) if *a != b => {
                 return Err(bad(format!(
-                    "profiles are built for different systems ({a} and {b}); set roost.system"
+                    "its profiles are built for different systems ({a} and {b}); set roost.system"
                 )));
             }
             _ => {}
         }
-        let user = get("user")
-            .and_then(Value::as_str)
-            .unwrap_or("root")
-            .to_owned();
-        let profile_path = match get("profilePath").and_then(Value::as_str) {
+        let text = |k: &str| -> Result<Option<String>, NodeProblem> {
+            match get(k) {
+                None => Ok(None),
+                Some(Value::String(s)) => Ok(Some(s.clone())),
+                Some(v) => Err(ctx(format!("`{k}` must be a string, not {v}"))),
+            }
+        };
+        let num = |k: &str, d: u64| -> Result<u64, NodeProblem> {
+            match get(k) {
+                None => Ok(d),
+                Some(v) => v.as_u64().ok_or_else(|| {
+                    ctx(format!("`{k}` must be a whole number of seconds, not {v}"))
+                }),
+            }
+        };
+        let flag = |k: &str| -> Result<bool, NodeProblem> {
+            match get(k) {
+                None => Ok(true),
+                Some(v) => v
+                    .as_bool()
+                    .ok_or_else(|| ctx(format!("`{k}` must be true or false, not {v}"))),
+            }
+        };
+        let profile_path = match text("profilePath")? {
             Some(s) => Some(
                 s.parse::<ProfilePath>()
-                    .map_err(|e| bad(format!("profile `{pname}`: {e}")))?,
+                    .map_err(|e| ctx(format!("`profilePath` {e}")))?,
             ),
             None => None,
         };
         let activation = match roost("activation") {
             Some(a) => Some(
                 serde_json::from_value::<Activation>(a.clone())
-                    .map_err(|e| bad(format!("profile `{pname}`: roost.activation: {e}")))?,
+                    .map_err(|e| ctx(format!("roost.activation: {e}")))?,
             ),
             None => None,
         };
         let health_checks = match roost("healthChecks") {
             Some(h) => serde_json::from_value::<Vec<HealthCheck>>(h.clone())
-                .map_err(|e| bad(format!("profile `{pname}`: roost.healthChecks: {e}")))?,
+                .map_err(|e| ctx(format!("roost.healthChecks: {e}")))?,
             None => Vec::new(),
         };
-        let num = |k: &str, d: u64| get(k).and_then(Value::as_u64).unwrap_or(d);
-        let flag = |k: &str| get(k).and_then(Value::as_bool).unwrap_or(true);
         specs.push(ProfileSpec {
             name: pname.parse().map_err(|e| bad(format!("{e}")))?,
             path,
             drv_path,
-            user,
-            profile_path,
             activation,
-            activation_timeout_s: num("activationTimeout", 240),
-            confirm_timeout_s: num("confirmTimeout", 30),
-            auto_rollback: flag("autoRollback"),
-            magic_rollback: flag("magicRollback"),
+            user: text("user")?.unwrap_or_else(|| "root".to_owned()),
+            profile_path,
+            activation_timeout_s: num("activationTimeout", 240)?,
+            confirm_timeout_s: num("confirmTimeout", 30)?,
+            auto_rollback: flag("autoRollback")?,
+            magic_rollback: flag("magicRollback")?,
             health_checks,
         });
     }
@@ -362,28 +515,43 @@ fn node_spec(
                 .filter(|v| !v.is_null())
         })
     };
-    let node_key = match roost("nodeKey").and_then(Value::as_str) {
-        Some(k) => Some(
+    let node_key = match roost("nodeKey") {
+        Some(Value::String(k)) => Some(
             k.parse::<PublicKey>()
                 .map_err(|e| bad(format!("roost.nodeKey: {e}")))?,
         ),
+        Some(v) => {
+            return Err(bad(format!(
+                "roost.nodeKey must be a public key string, not {v}"
+            )));
+        }
         None => None,
     };
-    let wave = roost("wave").and_then(Value::as_u64).unwrap_or(0) as u32;
+    let wave = match roost("wave") {
+        None => 0,
+        Some(v) => v
+            .as_u64()
+            .and_then(|w| u32::try_from(w).ok())
+            .ok_or_else(|| bad(format!("roost.wave must be a small whole number, not {v}")))?,
+    };
     Ok(NodeSpec {
         node,
-        system: system
-            .ok_or_else(|| bad("cannot tell the node's system: set roost.system".into()))?,
+        system: system.ok_or_else(|| {
+            bad("cannot tell its system (no derivation `system`): set roost.system".into())
+        })?,
         node_key,
         wave,
         profiles: specs,
-        source: None,
+        source: source.clone(),
     })
 }
 
 /// The flake's locked reference, revision and dirtiness.
-pub fn source(nix: &Nix, flake: &str) -> Result<Source, NixError> {
-    let m = nix.flake_metadata(flake)?;
+pub fn source(nix: &Nix, flake: &str) -> Result<Source, PublishError> {
+    let m = nix.flake_metadata(flake).map_err(|e| PublishError::Flake {
+        flake: flake.to_owned(),
+        message: nix_message(&e),
+    })?;
     Ok(Source {
         flake: m.url,
         rev: m.rev,
@@ -391,20 +559,98 @@ pub fn source(nix: &Nix, flake: &str) -> Result<Source, NixError> {
     })
 }
 
-/// Nix's own error text for a node whose evaluation failed (one extra evaluation, only then).
-pub fn explain_failure(nix: &Nix, flake: &str, node: &str) -> Option<String> {
-    let installable = format!("{flake}#deploy.nodes.{}.profiles", nix_string(node));
-    match nix.eval_json(
-        &installable,
-        Some("ps: builtins.mapAttrs (_: p: toString p.path) ps"),
-    ) {
-        Ok(_) => None,
-        Err(e) => Some(
-            e.stderr_tail
-                .lines()
-                .filter(|l| !l.trim().is_empty())
-                .collect::<Vec<_>>()
-                .join("\n"),
-        ),
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    const P1: &str = "/nix/store/0123456789abcdfghijklmnpqrsvwxyz-nixos-system-a";
+    const P2: &str = "/nix/store/zyxwvsrqpnmlkjihgfdcba9876543210-home-a";
+
+    fn src() -> Source {
+        Source {
+            flake: "path:/x".into(),
+            rev: None,
+            dirty: false,
+        }
+    }
+
+    fn node(v: Value) -> Result<NodeSpec, String> {
+        let deploy =
+            json!({ "activationTimeout": 100, "user": "deployer", "roost": { "wave": 3 } });
+        node_spec("a", &v, deploy.as_object().unwrap(), None, &src()).map_err(|e| match e {
+            NodeProblem::Usage(s) | NodeProblem::Node(s) => s,
+        })
+    }
+
+    #[test]
+    fn profile_settings_beat_node_settings_beat_deploy_settings() {
+        let n = node(json!({
+            "profileNames": ["home", "system"],
+            "settings": { "activationTimeout": 50, "confirmTimeout": 7, "roost": { "wave": 1 } },
+            "profilesOrder": ["system"],
+            "profiles": {
+                "home": { "path": P2, "system": "x86_64-linux", "settings": { "user": "alice", "activationTimeout": 5 } },
+                "system": { "path": P1, "system": "x86_64-linux", "settings": {} }
+            }
+        }))
+        .unwrap();
+        let names: Vec<&str> = n.profiles.iter().map(|p| p.name.as_str()).collect();
+        assert_eq!(names, ["system", "home"]);
+        let (sys, home) = (&n.profiles[0], &n.profiles[1]);
+        assert_eq!(
+            (sys.activation_timeout_s, sys.confirm_timeout_s, &*sys.user),
+            (50, 7, "deployer")
+        );
+        assert_eq!(
+            (
+                home.activation_timeout_s,
+                home.confirm_timeout_s,
+                &*home.user
+            ),
+            (5, 7, "alice")
+        );
+        assert_eq!(n.wave, 1);
+    }
+
+    #[test]
+    fn a_setting_of_the_wrong_type_names_the_profile_and_the_setting() {
+        let e = node(json!({
+            "profileNames": ["system"],
+            "settings": { "magicRollback": "yes" },
+            "profiles": { "system": { "path": P1, "system": "x86_64-linux", "settings": {} } }
+        }))
+        .unwrap_err();
+        assert!(
+            e.contains("profile `system`") && e.contains("magicRollback"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_profile_without_path_is_named() {
+        let e = node(json!({
+            "profileNames": ["system"],
+            "settings": {},
+            "profiles": { "system": { "error": "has no `path`" } }
+        }))
+        .unwrap_err();
+        assert_eq!(e, "profile `system` has no `path`");
+    }
+
+    #[test]
+    fn deploy_rs_activate_wins_over_switch_to_configuration() {
+        assert_eq!(activation_from_entries(true, true), Activation::DeployRs);
+        assert!(matches!(
+            activation_from_entries(false, true),
+            Activation::Nixos { .. }
+        ));
+        assert_eq!(activation_from_entries(false, false), Activation::None);
+    }
+
+    #[test]
+    fn the_selection_survives_nix_string_escaping() {
+        let s = nix_string(&selection_json(&[("we\"ird${x}".into(), None)]).to_string());
+        assert_eq!(s, r#""{\"we\\\"ird\${x}\":null}""#);
     }
 }

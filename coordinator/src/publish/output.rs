@@ -1,9 +1,52 @@
-//! The summary of a publish: a table for people, `--json` for scripts.
+//! What a publish shows: progress on stderr (spinners on a terminal, plain lines when piped),
+//! then a summary table on stdout, or the same data as JSON.
+
+use std::time::Duration;
 
 use super::PublishReport;
 use crate::status::print_table;
 
-/// Prints the summary on stdout, and each failure's details on stderr.
+/// How progress is shown.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Progress {
+    /// Spinners on stderr (a terminal).
+    Terminal,
+    /// Plain lines on stderr (piped, CI logs).
+    Lines,
+    /// Nothing (library use, tests).
+    Quiet,
+}
+
+/// One step of the pipeline, shown while it runs.
+pub(crate) struct Stage(Option<indicatif::ProgressBar>, Progress);
+
+impl Stage {
+    pub(crate) fn start(progress: Progress, msg: String) -> Self {
+        match progress {
+            Progress::Terminal => {
+                let pb = indicatif::ProgressBar::new_spinner();
+                pb.enable_steady_tick(Duration::from_millis(120));
+                pb.set_message(msg);
+                Stage(Some(pb), progress)
+            }
+            Progress::Lines => {
+                eprintln!("{msg} …");
+                Stage(None, progress)
+            }
+            Progress::Quiet => Stage(None, progress),
+        }
+    }
+
+    pub(crate) fn done(self, msg: String) {
+        match (self.0, self.1) {
+            (Some(pb), _) => pb.finish_with_message(msg),
+            (None, Progress::Lines) => eprintln!("{msg}"),
+            _ => {}
+        }
+    }
+}
+
+/// Prints the summary on stdout (table or JSON), and each failure's details on stderr.
 pub fn print(report: &PublishReport, json: bool) {
     if json {
         println!(
@@ -29,20 +72,24 @@ pub fn print(report: &PublishReport, json: bool) {
             })
             .collect();
         print_table(&["NODE", "PROFILES", "VERSION", "CLOSURE", "RESULT"], &rows);
-        let evals = report.nix_invocations.get("nix eval").copied().unwrap_or(0);
-        println!("\nto {} — nix eval ran {evals} time(s)", report.destination);
-    }
-    for n in report.nodes.iter().filter(|n| n.error.is_some()) {
-        eprintln!(
-            "\n{} {}: {}",
-            n.node,
-            n.result,
-            n.error.as_deref().unwrap_or("")
+        let published = report
+            .nodes
+            .iter()
+            .filter(|n| n.result == "published")
+            .count();
+        println!(
+            "\n{published} of {} node(s) published to {}",
+            report.nodes.len(),
+            report.destination
         );
+    }
+    for n in report.nodes.iter().filter(|n| n.result == "failed") {
+        eprintln!("\n{} failed: {}", n.node, n.error.as_deref().unwrap_or(""));
     }
 }
 
-fn human_bytes(b: u64) -> String {
+/// 1536 → `1.5 KiB`.
+pub fn human_bytes(b: u64) -> String {
     const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
     let mut v = b as f64;
     let mut u = 0;
@@ -54,5 +101,17 @@ fn human_bytes(b: u64) -> String {
         format!("{b} B")
     } else {
         format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::human_bytes;
+
+    #[test]
+    fn sizes_read_like_du() {
+        assert_eq!(human_bytes(512), "512 B");
+        assert_eq!(human_bytes(1536), "1.5 KiB");
+        assert_eq!(human_bytes(3 << 30), "3.0 GiB");
     }
 }

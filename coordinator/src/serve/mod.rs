@@ -36,12 +36,22 @@ pub use server::{
 pub use store::Store;
 
 /// Arguments of `serve`.
-///
-/// Endpoints: `GET|PUT /v1/nodes/{node}/manifest` (`?wait=S` long-poll, at most 300 s),
-/// `POST|GET /v1/nodes/{node}/reports`, `GET /v1/fleet`, `GET /metrics`,
-/// `GET|PUT /cache/…` (a Nix binary cache: use `http://HOST:PORT/cache` as a substituter and
-/// as the target of `nix copy --to`). Stops cleanly on SIGTERM or SIGINT.
 #[derive(Debug, Args)]
+#[command(after_help = "\
+Endpoints:
+  GET  /v1/nodes/NODE/manifest[?wait=S]  the signed manifest; ETag, If-None-Match -> 304;
+                                         wait holds the poll up to S (max 300) seconds
+  PUT  /v1/nodes/NODE/manifest           upload, verified against the publisher keys
+  POST /v1/nodes/NODE/reports            a report signed by the node key
+  GET  /v1/nodes/NODE/reports?limit=N    report history, newest first
+  GET  /v1/fleet                         the fleet as JSON (what `status` shows)
+  GET  /metrics                          Prometheus text
+  GET|PUT /cache/...                     a Nix binary cache: substituter URL and the target
+                                         of `nix copy --to http://HOST:PORT/cache`
+
+Stops cleanly on SIGTERM or SIGINT: held long-polls are answered at once, other requests
+finish. Exit status: 0 after a clean stop, 1 when serving fails (address in use, unreadable
+state folder), 2 for bad flags, key or token files.")]
 pub struct ServeArgs {
     /// Address and port to listen on (`0.0.0.0:8080` for every interface).
     #[arg(long, default_value = "127.0.0.1:8080", env = "ROOST_LISTEN")]

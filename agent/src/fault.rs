@@ -1,0 +1,27 @@
+//! Fault injection for crash tests, compiled into debug builds only.
+//!
+//! `ROOST_FAULT=<phase>` makes the agent SIGKILL itself when it reaches the start of that
+//! phase; `ROOST_FAULT=<phase>:pause` makes it stop there for an hour instead, so a test can
+//! kill it (or look at the half-done state) at a known point. Phases, in deploy order:
+//! `fetch` (before each manifest poll), `realise` (before `nix-store --realise`),
+//! `set-profile` (pending record written, before each `nix-env --set`), `activate` (profile
+//! switched, before its activation runs), `confirm` (activated, before health checks),
+//! `rollback` (before a rollback), `report` (before queued reports are sent).
+//! Release builds ignore the variable.
+
+/// Where phase `phase` begins: kills or pauses the agent when `ROOST_FAULT` names it.
+pub fn point(phase: &str) {
+    #[cfg(debug_assertions)]
+    if let Ok(spec) = std::env::var("ROOST_FAULT") {
+        let (p, how) = spec.split_once(':').unwrap_or((spec.as_str(), "kill"));
+        if p == phase {
+            tracing::warn!(phase, how, "ROOST_FAULT: injected fault");
+            if how == "pause" {
+                std::thread::sleep(std::time::Duration::from_secs(3600));
+            }
+            let _ = ::nix::sys::signal::raise(::nix::sys::signal::Signal::SIGKILL);
+        }
+    }
+    #[cfg(not(debug_assertions))]
+    let _ = phase;
+}

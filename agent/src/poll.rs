@@ -1,0 +1,354 @@
+//! Polling (DESIGN §7.1): conditional GETs with the stored ETag against the coordinators in
+//! order, long-polls where the coordinator offers them, ±20 % jitter, exponential backoff to
+//! an hour, and waking early when the wall clock jumps (resume from suspend).
+
+use std::fmt;
+use std::time::{Duration, SystemTime};
+
+use roost_common::{MAX_ENVELOPE_BYTES, NodeName};
+use tokio::time::Instant;
+
+/// The header a coordinator sends when it holds `?wait=S` polls open.
+pub const LONG_POLL_HEADER: &str = "roost-long-poll";
+/// Backoff never grows past this.
+pub const MAX_BACKOFF: Duration = Duration::from_secs(3600);
+/// A wall clock running this much ahead of the monotonic one means the machine slept.
+pub const CLOCK_JUMP: Duration = Duration::from_secs(30);
+/// The longest long-poll the agent asks for (DESIGN §5 caps `wait` at 300 s).
+pub const MAX_WAIT_S: u64 = 300;
+
+/// The wall clock, a parameter so tests can jump it.
+pub trait WallClock: Send + Sync + fmt::Debug {
+    /// Now.
+    fn now(&self) -> SystemTime;
+}
+
+/// The system's wall clock.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SystemClock;
+
+impl WallClock for SystemClock {
+    fn now(&self) -> SystemTime {
+        SystemTime::now()
+    }
+}
+
+/// What a poll brought.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Poll {
+    /// 304: nothing new.
+    NotModified,
+    /// A manifest envelope and its ETag.
+    New(Vec<u8>, Option<String>),
+    /// The coordinator has no manifest for this node.
+    NoManifest,
+    /// No coordinator could be reached (or none answered usefully).
+    Unreachable(String),
+}
+
+impl Poll {
+    /// A short description for status and logs.
+    pub fn describe(&self) -> String {
+        match self {
+            Poll::NotModified => "not modified".into(),
+            Poll::New(..) => "new manifest".into(),
+            Poll::NoManifest => "no manifest published for this node".into(),
+            Poll::Unreachable(e) => format!("failed: {e}"),
+        }
+    }
+}
+
+/// The HTTP side of polling: one keep-alive client, the coordinators in order.
+#[derive(Debug, Clone)]
+pub struct Poller {
+    http: reqwest::Client,
+    coordinators: Vec<String>,
+    node: NodeName,
+    long_poll: bool,
+    offered: bool,
+}
+
+impl Poller {
+    /// A poller for `node` against `coordinators`; `long_poll` allows `?wait=`.
+    pub fn new(
+        http: reqwest::Client,
+        coordinators: Vec<String>,
+        node: NodeName,
+        long_poll: bool,
+    ) -> Self {
+        Self {
+            http,
+            coordinators,
+            node,
+            long_poll,
+            offered: false,
+        }
+    }
+
+    /// Whether the last answer said the coordinator holds polls open.
+    pub fn long_poll_offered(&self) -> bool {
+        self.long_poll && self.offered
+    }
+
+    fn manifest_url(&self, base: &str) -> String {
+        format!("{base}/v1/nodes/{}/manifest", self.node)
+    }
+
+    /// One conditional GET, trying each coordinator in order until one answers.
+    /// `wait` (seconds) asks for a long-poll; it is only sent with an ETag to wait on.
+    pub async fn poll(&mut self, etag: Option<&str>, wait: Option<u64>) -> Poll {
+        if self.coordinators.is_empty() {
+            return Poll::Unreachable("no coordinator configured".into());
+        }
+        let wait = wait
+            .filter(|_| self.long_poll && etag.is_some())
+            .map(|w| w.clamp(1, MAX_WAIT_S));
+        let mut errors = Vec::new();
+        for base in self.coordinators.clone() {
+            let mut url = self.manifest_url(&base);
+            if let Some(w) = wait {
+                url.push_str(&format!("?wait={w}"));
+            }
+            let mut req = self
+                .http
+                .get(&url)
+                .timeout(Duration::from_secs(wait.unwrap_or(0) + 10));
+            if let Some(e) = etag {
+                req = req.header("If-None-Match", e);
+            }
+            let r = match req.send().await {
+                Ok(r) => r,
+                Err(e) => {
+                    errors.push(format!("{base}: {}", error_chain(&e)));
+                    continue;
+                }
+            };
+            self.offered = r.headers().contains_key(LONG_POLL_HEADER);
+            match r.status().as_u16() {
+                304 => return Poll::NotModified,
+                404 => return Poll::NoManifest,
+                200 => {
+                    let etag = r
+                        .headers()
+                        .get("etag")
+                        .and_then(|v| v.to_str().ok())
+                        .map(str::to_owned);
+                    if r.content_length()
+                        .is_some_and(|n| n as usize > MAX_ENVELOPE_BYTES)
+                    {
+                        errors.push(format!("{base}: manifest is over the size limit"));
+                        continue;
+                    }
+                    match r.bytes().await {
+                        Ok(b) if b.len() <= MAX_ENVELOPE_BYTES => {
+                            return Poll::New(b.to_vec(), etag);
+                        }
+                        Ok(b) => errors.push(format!(
+                            "{base}: manifest of {} bytes is over the limit",
+                            b.len()
+                        )),
+                        Err(e) => errors.push(format!("{base}: {}", error_chain(&e))),
+                    }
+                }
+                s => errors.push(format!("{base}: HTTP {s}")),
+            }
+        }
+        Poll::Unreachable(errors.join("; "))
+    }
+
+    /// Whether any coordinator answers HTTP at all (magic rollback's probe).
+    pub async fn reachable(&self, etag: Option<&str>) -> bool {
+        for base in &self.coordinators {
+            let mut req = self
+                .http
+                .get(self.manifest_url(base))
+                .timeout(Duration::from_secs(10));
+            if let Some(e) = etag {
+                req = req.header("If-None-Match", e);
+            }
+            if req.send().await.is_ok() {
+                return true;
+            }
+        }
+        false
+    }
+}
+
+/// reqwest's errors hide the useful part (connection refused, timed out) in their sources.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(c) = src {
+        let t = c.to_string();
+        if !s.contains(&t) {
+            s.push_str(": ");
+            s.push_str(&t);
+        }
+        src = c.source();
+    }
+    s
+}
+
+/// A value in `[d·0.8, d·1.2]`, so a fleet does not poll in lockstep.
+pub fn jitter(d: Duration) -> Duration {
+    let mut b = [0u8; 8];
+    if getrandom(&mut b).is_err() {
+        // No randomness: fall back on the clock's nanoseconds, still spread across nodes.
+        let n = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or_default()
+            .subsec_nanos();
+        b[..4].copy_from_slice(&n.to_le_bytes());
+    }
+    let r = (u64::from_le_bytes(b) % 4001) as f64 / 10_000.0; // 0.0 ..= 0.4
+    d.mul_f64(0.8 + r)
+}
+
+fn getrandom(b: &mut [u8]) -> std::io::Result<()> {
+    use std::io::Read;
+    std::fs::File::open("/dev/urandom")?.read_exact(b)
+}
+
+/// Delay after `failures` consecutive failed polls: 5 s, 10 s, 20 s … capped at 1 h.
+pub fn backoff(failures: u32) -> Duration {
+    Duration::from_secs(5)
+        .saturating_mul(1u32 << failures.saturating_sub(1).min(20))
+        .min(MAX_BACKOFF)
+}
+
+/// Whether the wall clock moved further than the monotonic clock by more than
+/// [`CLOCK_JUMP`]: the machine was suspended (the monotonic clock stops) or the time was set.
+pub fn clock_jumped(monotonic: Duration, wall: Duration) -> bool {
+    wall > monotonic + CLOCK_JUMP
+}
+
+/// How a sleep ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wake {
+    /// The whole delay passed.
+    Elapsed,
+    /// The wall clock jumped ahead: poll now.
+    ClockJumped,
+}
+
+/// Sleeps `d` in steps of at most `step`, waking early on a wall-clock jump; `tick` runs
+/// after each step (the watchdog ping).
+pub async fn sleep_watching_clock(
+    d: Duration,
+    step: Duration,
+    clock: &dyn WallClock,
+    mut tick: impl FnMut(),
+) -> Wake {
+    let start = Instant::now();
+    let wall_start = clock.now();
+    loop {
+        let elapsed = start.elapsed();
+        if elapsed >= d {
+            return Wake::Elapsed;
+        }
+        tokio::time::sleep((d - elapsed).min(step)).await;
+        tick();
+        let wall = clock.now().duration_since(wall_start).unwrap_or_default();
+        if clock_jumped(start.elapsed(), wall) {
+            return Wake::ClockJumped;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    #[test]
+    fn jitter_stays_within_twenty_percent() {
+        let d = Duration::from_secs(300);
+        let mut seen_low = false;
+        let mut seen_high = false;
+        for _ in 0..2000 {
+            let j = jitter(d);
+            assert!(
+                j >= Duration::from_secs(240) && j <= Duration::from_secs(360),
+                "{j:?}"
+            );
+            seen_low |= j < Duration::from_secs(270);
+            seen_high |= j > Duration::from_secs(330);
+        }
+        assert!(seen_low && seen_high, "jitter does not spread");
+    }
+
+    #[test]
+    fn backoff_doubles_up_to_an_hour() {
+        assert_eq!(backoff(1), Duration::from_secs(5));
+        assert_eq!(backoff(2), Duration::from_secs(10));
+        assert_eq!(backoff(5), Duration::from_secs(80));
+        assert_eq!(backoff(11), MAX_BACKOFF);
+        assert_eq!(backoff(u32::MAX), MAX_BACKOFF);
+    }
+
+    #[test]
+    fn a_wall_clock_far_ahead_of_the_monotonic_one_is_a_jump() {
+        let s = Duration::from_secs;
+        assert!(!clock_jumped(s(60), s(61)));
+        assert!(
+            !clock_jumped(s(60), s(30)),
+            "a clock set back is not a resume"
+        );
+        assert!(clock_jumped(s(60), s(3600)));
+    }
+
+    #[derive(Debug)]
+    struct JumpingClock {
+        start: SystemTime,
+        calls: Mutex<u32>,
+    }
+
+    impl WallClock for JumpingClock {
+        fn now(&self) -> SystemTime {
+            let mut c = self.calls.lock().unwrap();
+            *c += 1;
+            // The first reading is the start; from the third on, eight hours have passed.
+            if *c >= 3 {
+                self.start + Duration::from_secs(8 * 3600)
+            } else {
+                self.start
+            }
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_sleep_ends_early_when_the_wall_clock_jumps() {
+        let clock = JumpingClock {
+            start: SystemTime::now(),
+            calls: Mutex::new(0),
+        };
+        let t = Instant::now();
+        let mut ticks = 0;
+        let wake = sleep_watching_clock(
+            Duration::from_secs(3600),
+            Duration::from_secs(5),
+            &clock,
+            || ticks += 1,
+        )
+        .await;
+        assert_eq!(wake, Wake::ClockJumped);
+        assert_eq!(ticks, 2);
+        assert!(t.elapsed() < Duration::from_secs(60), "{:?}", t.elapsed());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_sleep_without_a_jump_lasts_its_whole_delay() {
+        let t = Instant::now();
+        let mut ticks = 0;
+        let wake = sleep_watching_clock(
+            Duration::from_secs(60),
+            Duration::from_secs(5),
+            &SystemClock,
+            || ticks += 1,
+        )
+        .await;
+        assert_eq!(wake, Wake::Elapsed);
+        assert_eq!(t.elapsed(), Duration::from_secs(60));
+        assert_eq!(ticks, 12);
+    }
+}

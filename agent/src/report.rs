@@ -1,0 +1,163 @@
+//! Reports (DESIGN §6): built from the node's position, signed with the node key, queued on
+//! disk under a strictly increasing `seq`, and sent in order when a coordinator answers.
+
+use std::time::Duration;
+
+use roost_common::envelope::{Context, Envelope};
+use roost_common::wire::v1::{
+    self, HealthResult, ProfileStatus, Report, ReportError, ReportState, Timings,
+};
+use roost_common::{NodeName, SecretKey, Timestamp, Version};
+
+use crate::poll::error_chain;
+use crate::state::StateDir;
+
+/// What a report says, apart from what the reporter fills in itself.
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    /// Where the node stands.
+    pub state: ReportState,
+    /// The manifest version concerned.
+    pub version: Option<Version>,
+    /// What failed.
+    pub error: Option<ReportError>,
+    /// Health check results.
+    pub health: Vec<HealthResult>,
+    /// Phase durations.
+    pub timings: Timings,
+    /// Per-profile positions.
+    pub profiles: Vec<ProfileStatus>,
+    /// Security events since the last report.
+    pub security_events: Vec<String>,
+}
+
+/// Signs, queues and delivers reports.
+#[derive(Debug, Clone)]
+pub struct Reporter {
+    dir: StateDir,
+    key: SecretKey,
+    node: NodeName,
+    http: reqwest::Client,
+    coordinators: Vec<String>,
+}
+
+/// How many reports are still queued after a flush.
+pub type Left = usize;
+
+impl Reporter {
+    /// A reporter writing into `dir`'s queue and sending to `coordinators`.
+    pub fn new(
+        dir: StateDir,
+        key: SecretKey,
+        node: NodeName,
+        http: reqwest::Client,
+        coordinators: Vec<String>,
+    ) -> Self {
+        Self {
+            dir,
+            key,
+            node,
+            http,
+            coordinators,
+        }
+    }
+
+    /// Builds the report for `o` under the next `seq`, signs it and queues it.
+    pub fn queue(&self, o: Outcome) -> std::io::Result<u64> {
+        let seq = self.dir.next_seq();
+        let report = Report {
+            format: v1::FORMAT,
+            node: self.node.clone(),
+            seq,
+            sent_at: Timestamp::now(),
+            boot_id: std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+                .map(|s| s.trim().to_owned())
+                .unwrap_or_default(),
+            agent_version: env!("CARGO_PKG_VERSION").into(),
+            manifest_version: o.version,
+            state: o.state,
+            profiles: o.profiles,
+            booted_system: std::fs::read_link("/run/booted-system")
+                .ok()
+                .map(|p| p.display().to_string()),
+            error: o.error,
+            health: o.health,
+            timings_ms: o.timings,
+            security_events: o.security_events,
+            node_key: Some(self.key.public()),
+        };
+        let payload = serde_json::to_vec(&report).expect("a report always serialises");
+        let env = Envelope::seal(Context::Report, &payload, &[&self.key]).to_bytes();
+        self.dir.queue_report(seq, &env)?;
+        tracing::debug!(seq, state = report.state.as_str(), "report queued");
+        Ok(seq)
+    }
+
+    /// Sends queued reports oldest first and stops at the first that cannot be delivered,
+    /// so the coordinator sees them in order. A 409 (already received) counts as delivered;
+    /// another 4xx is a permanent refusal: that report moves to `reports/refused/` instead
+    /// of blocking the queue forever.
+    pub async fn flush(&self) -> Left {
+        let queued = self.dir.queued_reports();
+        if queued.is_empty() || self.coordinators.is_empty() {
+            return queued.len();
+        }
+        crate::fault::point("report");
+        let mut left = queued.len();
+        'reports: for (seq, path) in queued {
+            let body = match std::fs::read(&path) {
+                Ok(b) => b,
+                Err(e) => {
+                    tracing::error!(seq, "cannot read queued report {}: {e}", path.display());
+                    break;
+                }
+            };
+            for base in &self.coordinators {
+                let url = format!("{base}/v1/nodes/{}/reports", self.node);
+                let sent = self
+                    .http
+                    .post(&url)
+                    .header("Content-Type", "application/json")
+                    .body(body.clone())
+                    .timeout(Duration::from_secs(30))
+                    .send()
+                    .await;
+                let status = match sent {
+                    Ok(r) => r.status().as_u16(),
+                    Err(e) => {
+                        tracing::debug!(seq, "cannot reach {base}: {}", error_chain(&e));
+                        continue;
+                    }
+                };
+                let done = match status {
+                    200..=299 => self.dir.report_delivered(seq, &path),
+                    409 => {
+                        tracing::debug!(seq, "{base} already has report {seq}");
+                        self.dir.report_delivered(seq, &path)
+                    }
+                    400..=499 if status != 408 && status != 429 => {
+                        tracing::error!(
+                            seq,
+                            status,
+                            "{base} refused report {seq}; kept in {}",
+                            self.dir.refused_dir().display()
+                        );
+                        self.dir.report_refused(seq, &path)
+                    }
+                    _ => {
+                        tracing::warn!(seq, status, "{base} did not take report {seq}");
+                        continue;
+                    }
+                };
+                if let Err(e) = done {
+                    tracing::error!(seq, "{e}");
+                    break 'reports;
+                }
+                left -= 1;
+                continue 'reports;
+            }
+            break;
+        }
+        left
+    }
+}
