@@ -194,6 +194,10 @@ in
 {
   inherit (evaluated) config options;
   inherit pkgs;
+  # Each service's ExecStart in a file: building one realises every store path it names.
+  execStart = lib.mapAttrs (
+    name: unit: pkgs.writeText "${name}-exec-start" unit.serviceConfig.ExecStart
+  ) evaluated.config.systemd.services;
   # The messages of the assertions that fail, as NixOS would refuse the system with.
   failedAssertions = map (a: a.message) (lib.filter (a: !a.assertion) evaluated.config.assertions);
 }
