@@ -1146,3 +1146,52 @@ fn a_target_path_without_a_flake_is_bad_usage() {
     );
     assert!(!dir.path().join("out").exists());
 }
+
+#[tokio::test]
+async fn source_records_the_git_revision_and_whether_the_tree_was_dirty() {
+    if !nix_ready() {
+        return;
+    }
+    let fleet = Fleet::new("");
+    let git = |args: &[&str]| {
+        let out = Command::new("git")
+            .args(["-c", "user.name=t", "-c", "user.email=t@example.org"])
+            .args(args)
+            .current_dir(&fleet.flake)
+            .output()
+            .expect("git");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    };
+    git(&["init", "-q"]);
+    git(&["add", "."]);
+    git(&["commit", "-q", "-m", "fleet"]);
+    let rev = git(&["rev-parse", "HEAD"]);
+    async fn source_of(fleet: &Fleet, out: PathBuf) -> roost_common::wire::v1::Source {
+        let report = publish(
+            &fleet.options(&["#kiosk"], Destination::Folder(out.clone())),
+            &Nix::new(),
+        )
+        .await
+        .unwrap();
+        assert!(report.all_published(), "{report:#?}");
+        let m = fleet.open(
+            &std::fs::read(manifest_file(&out, "kiosk")).unwrap(),
+            "kiosk",
+        );
+        m.source.unwrap()
+    }
+    let clean = source_of(&fleet, fleet.path("clean")).await;
+    assert!(clean.flake.starts_with("git+file://"), "{clean:?}");
+    assert_eq!(clean.rev.as_deref(), Some(rev.as_str()));
+    assert!(!clean.dirty);
+
+    fleet.set_generation(2);
+    let dirty = source_of(&fleet, fleet.path("dirty")).await;
+    assert!(dirty.dirty, "{dirty:?}");
+    assert_eq!(dirty.rev, None);
+}
