@@ -132,7 +132,7 @@ impl Agent {
         let written = dir.load_snapshot();
         let live = Snapshot {
             pid: std::process::id(),
-            phase: "starting".into(),
+            phase: "idle".into(),
             ..written.clone().unwrap_or_default()
         };
         Ok(Self {

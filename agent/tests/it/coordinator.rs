@@ -124,7 +124,6 @@ impl TestCoordinator {
     }
 
     /// Waits until `pred` holds for the reports, up to `secs`.
-    #[allow(dead_code)] // used by the end-to-end tests
     pub fn wait_reports(&self, secs: u64, pred: impl Fn(&[Report]) -> bool) -> Vec<Report> {
         let end = std::time::Instant::now() + Duration::from_secs(secs);
         loop {

@@ -5,4 +5,6 @@
 mod coordinator;
 mod support;
 
+mod e2e;
+mod fixtures;
 mod state_machine;

@@ -84,10 +84,11 @@ pub fn config(state_dir: &Path, coordinators: Vec<String>, publisher: &Publisher
     .unwrap()
 }
 
-/// Every file under `dir` except the report queue, with its bytes.
-pub fn snapshot_without_reports(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
+/// Every file under `dir` except the report queue, with its content (bytes compared, shown
+/// as text when a test fails).
+pub fn snapshot_without_reports(dir: &Path) -> BTreeMap<PathBuf, String> {
     let mut out = BTreeMap::new();
-    fn walk(root: &Path, d: &Path, out: &mut BTreeMap<PathBuf, Vec<u8>>) {
+    fn walk(root: &Path, d: &Path, out: &mut BTreeMap<PathBuf, String>) {
         let Ok(entries) = std::fs::read_dir(d) else {
             return;
         };
@@ -101,15 +102,13 @@ pub fn snapshot_without_reports(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
             if meta.is_dir() {
                 walk(root, &p, out);
             } else if meta.file_type().is_symlink() {
-                out.insert(
-                    rel,
-                    std::fs::read_link(&p)
-                        .unwrap()
-                        .into_os_string()
-                        .into_encoded_bytes(),
-                );
+                out.insert(rel, std::fs::read_link(&p).unwrap().display().to_string());
             } else {
-                out.insert(rel, std::fs::read(&p).unwrap_or_default());
+                let bytes = std::fs::read(&p).unwrap_or_default();
+                // Text stays readable in a failure message; anything else is escaped.
+                let text = String::from_utf8(bytes)
+                    .unwrap_or_else(|e| e.into_bytes().escape_ascii().to_string());
+                out.insert(rel, text);
             }
         }
     }
