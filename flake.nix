@@ -1,66 +1,154 @@
 {
-  description = "roost: pull-based deployment for NixOS fleets — signed manifests, rollback, reports";
+  description = "roost: pull-based deployments for NixOS fleets that are often offline";
 
-  inputs.nixpkgs.url = "github:NixOS/nixpkgs/nixos-unstable";
+  inputs.nixpkgs.url = "github:NixOS/nixpkgs/nixos-25.05";
 
-  outputs = { self, nixpkgs }:
+  outputs =
+    { self, nixpkgs }:
     let
-      systems = [ "x86_64-linux" "aarch64-linux" ];
-      forAll = f: nixpkgs.lib.genAttrs systems (system:
-        f (import nixpkgs { inherit system; overlays = [ self.overlays.default ]; }));
-      roostLib = import ./nix/lib.nix { inherit (nixpkgs) lib; };
+      inherit (nixpkgs) lib;
+      systems = [
+        "x86_64-linux"
+        "aarch64-linux"
+      ];
+      forAllSystems = f: lib.genAttrs systems (system: f system nixpkgs.legacyPackages.${system});
+
+      # A NixOS module of this flake, with the package defaulting to this flake's build.
+      withPackage =
+        file: option: package:
+        { lib, pkgs, ... }:
+        {
+          imports = [ file ];
+          config.services.roost.${option}.package =
+            lib.mkDefault
+              self.packages.${pkgs.stdenv.hostPlatform.system}.${package};
+        };
     in
     {
+      packages = forAllSystems (
+        _: pkgs: rec {
+          roost-agent = pkgs.callPackage ./nix/package.nix { crate = "roost-agent"; };
+          roost-coordinator = pkgs.callPackage ./nix/package.nix { crate = "roost-coordinator"; };
+          default = pkgs.symlinkJoin {
+            name = "roost-${roost-agent.version}";
+            paths = [
+              roost-agent
+              roost-coordinator
+            ];
+            meta = roost-agent.meta // {
+              description = "roost: pull-based deployments for NixOS fleets";
+              mainProgram = "roost-coordinator";
+            };
+          };
+        }
+      );
+
       overlays.default = final: _prev: {
-        roost = final.callPackage ./nix/package.nix { };
-        roost-agent = final.callPackage ./nix/package.nix { bin = "roost-agent"; };
-        roost-coordinator = final.callPackage ./nix/package.nix { bin = "roost-coordinator"; };
+        roost-agent = final.callPackage ./nix/package.nix { crate = "roost-agent"; };
+        roost-coordinator = final.callPackage ./nix/package.nix { crate = "roost-coordinator"; };
       };
-
-      packages = forAll (pkgs: {
-        inherit (pkgs) roost-agent roost-coordinator;
-        default = pkgs.roost;
-      });
-
-      apps = forAll (pkgs: {
-        roost-agent = { type = "app"; program = "${pkgs.roost-agent}/bin/roost-agent"; };
-        roost-coordinator = { type = "app"; program = "${pkgs.roost-coordinator}/bin/roost-coordinator"; };
-        default = self.apps.${pkgs.system}.roost-coordinator;
-      });
 
       nixosModules = {
-        agent = { pkgs, lib, ... }: {
-          imports = [ ./nixos-module/agent.nix ];
-          services.roost.agent.package = lib.mkDefault self.packages.${pkgs.system}.roost-agent;
+        agent = withPackage ./nixos-module/agent.nix "agent" "roost-agent";
+        coordinator = withPackage ./nixos-module/coordinator.nix "coordinator" "roost-coordinator";
+        default = {
+          imports = [
+            self.nixosModules.agent
+            self.nixosModules.coordinator
+          ];
         };
-        coordinator = { pkgs, lib, ... }: {
-          imports = [ ./nixos-module/coordinator.nix ];
-          services.roost.coordinator.package = lib.mkDefault self.packages.${pkgs.system}.roost-coordinator;
-        };
-        default = { imports = [ self.nixosModules.agent self.nixosModules.coordinator ]; };
       };
 
-      # `roost.lib.validate deploy` (pure), and per system the activation helpers and
-      # `deployChecks`, like deploy-rs's `lib.${system}`.
-      lib = { inherit (roostLib) validate; } // forAll roostLib.forPkgs;
+      apps = forAllSystems (
+        system: _:
+        let
+          app = name: {
+            type = "app";
+            program = "${self.packages.${system}.${name}}/bin/${name}";
+            meta.description = self.packages.${system}.${name}.meta.description;
+          };
+        in
+        {
+          roost-agent = app "roost-agent";
+          roost-coordinator = app "roost-coordinator";
+          default = app "roost-coordinator";
+        }
+      );
 
-      checks = forAll (pkgs: {
-        package = pkgs.roost;
-        clippy = pkgs.roost.overrideAttrs (old: {
-          pname = "roost-clippy";
-          nativeBuildInputs = (old.nativeBuildInputs or [ ]) ++ [ pkgs.clippy ];
-          buildPhase = "cargo clippy --workspace --all-targets --offline -- -D warnings";
-          installPhase = "touch $out";
-        });
-        tests = pkgs.roost.overrideAttrs (_: {
-          pname = "roost-tests";
-          doCheck = true;
-        });
-        offline-fleet = (roostLib.forPkgs pkgs).deployChecks ((import ./examples/offline/flake.nix).outputs { self = { }; }).deploy;
-      } // nixpkgs.lib.optionalAttrs (pkgs.system == "x86_64-linux") {
-        vm-converge = import ./nix/tests/converge.nix { inherit pkgs self; };
-        vm-rollback = import ./nix/tests/rollback.nix { inherit pkgs self; };
-        vm-forged = import ./nix/tests/forged.nix { inherit pkgs self; };
-      });
+      # deploy-rs's shape: `lib.${system}.activate.*` and `lib.${system}.deployChecks`, plus
+      # the system-independent `lib.checkDeploy` (a list of problems, [ ] when fine).
+      lib =
+        forAllSystems (_: pkgs: import ./nix/lib.nix { inherit pkgs; })
+        // {
+          checkDeploy = import ./nix/check-deploy.nix;
+        };
+
+      checks = forAllSystems (
+        system: pkgs:
+        let
+          packages = self.packages.${system};
+          vmTest =
+            file:
+            pkgs.testers.runNixOSTest (
+              import file {
+                roost = self;
+              }
+            );
+        in
+        {
+          inherit (packages) roost-agent roost-coordinator;
+
+          tests = pkgs.callPackage ./nix/package.nix {
+            crate = "roost-agent";
+            withTests = true;
+          };
+
+          clippy = packages.roost-agent.overrideAttrs (old: {
+            pname = "roost-clippy";
+            nativeBuildInputs = old.nativeBuildInputs ++ [ pkgs.clippy ];
+            buildPhase = ''
+              runHook preBuild
+              cargo clippy --workspace --all-targets --offline -- -D warnings
+              runHook postBuild
+            '';
+            installPhase = "touch $out";
+            doCheck = false;
+          });
+
+          fmt =
+            pkgs.runCommand "roost-fmt"
+              {
+                nativeBuildInputs = [
+                  pkgs.cargo
+                  pkgs.rustfmt
+                ];
+              }
+              ''
+                cp -r ${packages.roost-agent.src} src && chmod -R u+w src && cd src
+                cargo fmt --all --check
+                touch $out
+              '';
+
+          # Every .nix file of the repository parses (nix-instantiate needs no store for that).
+          nix-parse =
+            pkgs.runCommand "roost-nix-parse"
+              {
+                nativeBuildInputs = [ pkgs.nix ];
+              }
+              ''
+                export NIX_STATE_DIR=$TMPDIR/state NIX_LOG_DIR=$TMPDIR/log
+                find ${self} -name '*.nix' -print0 | xargs -0 -n1 nix-instantiate --store dummy:// --parse > /dev/null
+                touch $out
+              '';
+
+          # The NixOS VM tests (need KVM): a deploy that converges, a failing deploy that rolls
+          # back, a forged manifest refused.
+          vm-converge = vmTest ./nix/tests/converge.nix;
+          vm-rollback = vmTest ./nix/tests/rollback.nix;
+          vm-forged-manifest = vmTest ./nix/tests/forged-manifest.nix;
+        }
+      );
+
+      formatter = forAllSystems (_: pkgs: pkgs.nixfmt-rfc-style);
     };
 }

@@ -1,80 +1,124 @@
-# roost's flake library: activation helpers for deploy-rs-shaped flakes, and a validator for
-# `deploy` plus the `roost.*` keys.
-{ lib }:
+# What a flake written for deploy-rs needs from roost, in the same shape:
+# `roost.lib.${system}.activate.{nixos,custom,home-manager,noop}` and
+# `roost.lib.${system}.deployChecks`, so switching is a matter of replacing `deploy-rs` by
+# `roost` in a few lines. (Flakes that keep deploy-rs's own `lib.activate.*` work unchanged too:
+# the agent runs their `deploy-rs-activate` script.)
+{ pkgs }:
 
 let
-  knownKeys = [ "nodeKey" "system" "healthChecks" "activation" "wave" ];
-  activationKinds = [ "nixos" "deploy-rs" "command" "none" ];
-  checkKinds = [ "command" "http" ];
-  genericKeys = [ "user" "profilePath" "autoRollback" "magicRollback" "activationTimeout" "confirmTimeout" "roost"
-    "sshUser" "sshOpts" "sudo" "fastConnection" "remoteBuild" "interactiveSudo" "tempPath" "hostname" "profiles" "profilesOrder" "path" ];
+  inherit (pkgs) lib;
+  checkDeploy = import ./check-deploy.nix;
 
-  checkRoost = where: r:
-    (map (k: "${where}: unknown key roost.${k} (known: ${lib.concatStringsSep ", " knownKeys})")
-      (builtins.filter (k: !(builtins.elem k knownKeys)) (builtins.attrNames r)))
-    ++ lib.optional (r ? activation && !(builtins.elem (r.activation.kind or "") activationKinds))
-      "${where}: roost.activation.kind must be one of ${lib.concatStringsSep ", " activationKinds}"
-    ++ lib.optional (r ? activation && (r.activation.kind or "") == "command" && !(r.activation ? argv))
-      "${where}: roost.activation of kind command needs argv"
-    ++ lib.concatMap (c: lib.optional (!(builtins.elem (c.kind or "") checkKinds))
-      "${where}: roost.healthChecks entries need kind = \"command\" or \"http\"") (r.healthChecks or [ ])
-    ++ lib.optional (r ? wave && !(builtins.isInt r.wave)) "${where}: roost.wave must be an integer";
-
-  checkLevel = where: a:
-    (if a ? roost then checkRoost where a.roost else [ ])
-    ++ map (k: "${where}: unknown setting `${k}`") (builtins.filter (k: !(builtins.elem k genericKeys) && k != "nodes") (builtins.attrNames a));
-
-  checkProfile = node: name: p:
-    let where = "deploy.nodes.${node}.profiles.${name}"; in
-    lib.optional (!(p ? path)) "${where}: has no `path`"
-    ++ checkLevel where (removeAttrs p [ "path" ]);
-
-  checkNode = name: n:
-    let where = "deploy.nodes.${name}"; in
-    lib.optional (!(n ? profiles) || n.profiles == { }) "${where}: has no profiles"
-    ++ lib.concatLists (lib.mapAttrsToList (checkProfile name) (n.profiles or { }))
-    ++ map (p: "${where}: profilesOrder names `${p}`, which is not a profile")
-      (builtins.filter (p: !((n.profiles or { }) ? ${p})) (n.profilesOrder or [ ]))
-    ++ checkLevel where (removeAttrs n [ "profiles" "profilesOrder" ]);
+  # `base` plus a `deploy-rs-activate` script running `activate` (shell text; `$PROFILE` is
+  # the profile's link). A functor, so deploy-rs-style overrides such as
+  # `(activate.custom // { dryActivate = …; })` still apply: roost runs the main script only,
+  # and says what to switch to with `roost.activation` instead (e.g. goal = "boot").
+  custom = {
+    __functor =
+      _: base: activate:
+      pkgs.symlinkJoin {
+        name = "activatable-${base.name}";
+        paths = [
+          base
+          (pkgs.writeTextFile {
+            name = "${base.name}-deploy-rs-activate";
+            destination = "/deploy-rs-activate";
+            executable = true;
+            text = ''
+              #!${pkgs.runtimeShell}
+              set -euo pipefail
+              ${activate}
+            '';
+          })
+        ];
+      };
+  };
 in
 {
-  /* Problems with a flake's `deploy` output, as messages; [ ] when it is fine. */
-  validate = deploy:
-    lib.optional (!(deploy ? nodes)) "deploy: has no `nodes`"
-    ++ checkLevel "deploy" deploy
-    ++ lib.concatLists (lib.mapAttrsToList checkNode (deploy.nodes or { }));
+  inherit checkDeploy;
 
-  /* Per system: activation helpers (deploy-rs's `lib.activate.*` in effect) and checks. */
-  forPkgs = pkgs: rec {
-    activate = {
-      /* A NixOS configuration's toplevel: roost sees bin/switch-to-configuration. */
-      nixos = nixosConfiguration: nixosConfiguration.config.system.build.toplevel;
+  activate = {
+    inherit custom;
 
-      /* Any package with an activation script: a profile whose `deploy-rs-activate` runs
-         `activate` with $PROFILE set, like deploy-rs's `lib.activate.custom`. */
-      custom = base: activate:
-        pkgs.runCommand "${base.name or "profile"}-activatable" { } ''
-          mkdir -p $out
-          for f in ${base}/*; do ln -s "$f" $out/; done
-          cat > $out/deploy-rs-activate <<'ROOST_EOF'
-          #!${pkgs.runtimeShell}
-          set -eu
-          ${activate}
-          ROOST_EOF
-          chmod +x $out/deploy-rs-activate
-        '';
+    # A NixOS system, activated by the agent with `bin/switch-to-configuration switch` (or the
+    # goal in `roost.activation`): the system's own toplevel needs no wrapper.
+    nixos = base: base.config.system.build.toplevel;
 
-      /* A profile that only changes its link (Home Manager-style packages). */
-      noop = base: base;
-    };
+    # A Home Manager configuration (`homeManagerConfiguration`), run as the profile's `user`.
+    home-manager = base: custom base.activationPackage or base ''"$PROFILE/activate"'';
 
-    /* A check derivation that fails with every problem of `deploy`, like deploy-rs's
-       `deployChecks`: `checks = roost.lib.${system}.deployChecks self.deploy;` */
-    deployChecks = deploy:
-      let problems = (import ./lib.nix { inherit lib; }).validate deploy; in
-      pkgs.runCommand "roost-deploy-checks" { } (
-        if problems == [ ] then "touch $out"
-        else "echo ${lib.escapeShellArg (lib.concatStringsSep "\n" problems)} >&2; exit 1"
-      );
+    # A plain profile (packages, dotfiles) where only the link changes.
+    noop = base: custom base ":";
+  };
+
+  # `checks` for a flake's `deploy` output, like deploy-rs's: `deploy-schema` fails with every
+  # problem `checkDeploy` finds (nothing is built for it); `deploy-activate` builds every
+  # profile and checks that what `roost.activation` names is there.
+  deployChecks = deploy: {
+    deploy-schema =
+      let
+        problems = map builtins.unsafeDiscardStringContext (checkDeploy deploy);
+      in
+      pkgs.runCommand "roost-deploy-schema"
+        {
+          problems = lib.concatMapStrings (p: "  - ${p}\n") problems;
+          passAsFile = [ "problems" ];
+        }
+        (
+          if problems == [ ] then
+            "touch $out"
+          else
+            ''
+              echo "the flake's deploy output has problems:" >&2
+              cat "$problemsPath" >&2
+              exit 1
+            ''
+        );
+
+    deploy-activate =
+      let
+        pick = levels: key: lib.findFirst (v: v != null) null (map (l: (l.roost or { }).${key} or null) levels);
+        profiles = lib.concatLists (
+          lib.mapAttrsToList (
+            nodeName: node:
+            lib.mapAttrsToList (profileName: profile: {
+              where = "${nodeName}.${profileName}";
+              path = profile.path;
+              activation = pick [
+                profile
+                node
+                deploy
+              ] "activation";
+            }) node.profiles
+          ) deploy.nodes
+        );
+        need =
+          p:
+          let
+            kind = p.activation.kind or null;
+          in
+          if kind == "nixos" then
+            [ "bin/switch-to-configuration" ]
+          else if kind == "deploy-rs" then
+            [ "deploy-rs-activate" ]
+          else if kind == "command" && (p.activation.argv or [ ]) != [ ] then
+            [ (builtins.head p.activation.argv) ]
+          else
+            [ ];
+        checkOne =
+          p:
+          lib.concatMapStrings (entry: ''
+            if [ ! -x ${lib.escapeShellArg "${p.path}/${entry}"} ]; then
+              echo ${lib.escapeShellArg "${p.where}: roost.activation needs ${entry} in ${p.path}, which has none"} >&2
+              failed=1
+            fi
+          '') (need p);
+      in
+      pkgs.runCommand "roost-deploy-activate" { } ''
+        failed=0
+        ${lib.concatMapStrings checkOne profiles}
+        [ "$failed" = 0 ]
+        touch $out
+      '';
   };
 }

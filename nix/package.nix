@@ -1,27 +1,57 @@
-# roost's packages, built from Cargo.lock. `bin` selects one binary's package.
-{ lib, rustPlatform, bin ? null }:
+# One of roost's programs, built from the workspace with the versions pinned in Cargo.lock.
+# `crate` is `roost-agent` or `roost-coordinator`. Neither links a C library (rustls, and a
+# bundled SQLite in the coordinator), and neither is wrapped with Nix: the agent uses the
+# machine's own Nix (the NixOS module puts `nix.package` on its path), publish the user's.
+{
+  lib,
+  rustPlatform,
+  crate,
+  # Run the workspace's tests in the build (the flake's `checks.tests`); tests that need Nix,
+  # root or namespaces skip themselves in the sandbox.
+  withTests ? false,
+}:
 
-rustPlatform.buildRustPackage {
-  pname = if bin == null then "roost" else bin;
-  version = "0.1.0";
-
-  src = lib.cleanSourceWith {
-    src = ../.;
-    filter = path: type:
-      let base = baseNameOf path; in
-      !(type == "directory" && (base == "target" || base == "examples" || base == "nixos-module"));
+let
+  workspace = lib.importTOML ../Cargo.toml;
+  src = lib.fileset.toSource {
+    root = ../.;
+    fileset = lib.fileset.unions [
+      ../Cargo.toml
+      ../Cargo.lock
+      ../common
+      ../agent
+      ../coordinator
+      ../tests
+      ../examples/offline
+    ];
   };
-
+in
+rustPlatform.buildRustPackage {
+  pname = crate;
+  inherit (workspace.workspace.package) version;
+  inherit src;
   cargoLock.lockFile = ../Cargo.lock;
-  cargoBuildFlags = lib.optionals (bin != null) [ "-p" bin "--bin" bin ];
 
-  # The tests need root, namespaces and a writable Nix store: `checks.tests` runs the ones
-  # that work in the build sandbox; the rest say SKIP.
-  doCheck = false;
+  cargoBuildFlags = [
+    "--package"
+    crate
+  ];
+  doCheck = withTests;
+  cargoTestFlags = [ "--workspace" ];
 
   meta = {
-    description = "Pull-based deployment for NixOS fleets: signed manifests, rollback, reports";
-    license = with lib.licenses; [ mit asl20 ];
+    description =
+      {
+        roost-agent = "roost's node agent: pulls signed manifests and deploys them with rollback";
+        roost-coordinator = "roost's coordinator: publishes signed manifests from a flake and serves them to a fleet";
+      }
+      .${crate};
+    homepage = workspace.workspace.package.repository;
+    license = with lib.licenses; [
+      mit
+      asl20
+    ];
+    mainProgram = crate;
     platforms = lib.platforms.linux;
-  } // lib.optionalAttrs (bin != null) { mainProgram = bin; };
+  };
 }

@@ -1,160 +1,249 @@
-# services.roost.agent: the pull-based deployment agent on every node.
-{ config, lib, pkgs, ... }:
+# services.roost.agent: the node side of roost. The agent polls a coordinator for the node's
+# signed manifest, realises the closure, switches and activates it under a hard timeout,
+# checks health, rolls back on failure and reports. It runs as root because it switches the
+# system, and its unit survives the switches it performs.
+{
+  config,
+  lib,
+  pkgs,
+  ...
+}:
 
 let
   cfg = config.services.roost.agent;
-  json = pkgs.formats.json { };
+  format = pkgs.formats.json { };
+  keys = import ./keys.nix { inherit lib pkgs; };
 
-  # Public keys may be given inline ("name:base64") or as files; inline ones go to the store
-  # (they are public).
-  keyFile = k:
-    if builtins.isPath k || lib.hasPrefix "/" (toString k)
-    then toString k
-    else toString (pkgs.writeText "roost-trusted-key" k);
-
-  settings = {
-    coordinators = cfg.coordinators;
-    node = cfg.node;
-    trusted_keys = map keyFile cfg.trustedKeys;
-    threshold = cfg.threshold;
+  # The options below in the agent's own spelling (its config file mirrors its flags), with
+  # `settings` on top for everything else.
+  generated = lib.recursiveUpdate {
+    inherit (cfg) coordinators node threshold interval;
+    system = pkgs.stdenv.hostPlatform.system;
+    trusted_keys = keys.keyFiles "trusted-key" cfg.trustedKeys;
     state_dir = cfg.stateDir;
-    interval = cfg.interval;
     build_policy = cfg.buildPolicy;
-  } // cfg.settings;
+  } cfg.settings;
 
-  configFile = json.generate "roost-agent.json" settings;
+  rawConfigFile = format.generate "roost-agent.json" generated;
 
-  # The configuration is checked when the system is built, not when the agent starts.
-  checkedConfig = pkgs.runCommand "roost-agent-config.json" { nativeBuildInputs = [ cfg.package ]; } ''
-    roost-agent check-config --config ${configFile}
-    cp ${configFile} $out
-  '';
+  # Checked at build time, so a typo fails `nixos-rebuild`/`publish`, not the node at 3 am.
+  checkedConfigFile =
+    pkgs.runCommand "roost-agent-checked.json"
+      {
+        nativeBuildInputs = [ cfg.package ];
+        preferLocalBuild = true;
+      }
+      ''
+        roost-agent check-config --config ${rawConfigFile}
+        cp ${rawConfigFile} $out
+      '';
 
-  agentArgs = "--config ${checkedConfig}";
+  daemon = cfg.mode == "daemon";
 in
 {
   options.services.roost.agent = {
-    enable = lib.mkEnableOption "the roost deployment agent, which pulls signed manifests and deploys them";
+    enable = lib.mkEnableOption "the roost agent, which pulls signed deployments from a roost coordinator";
 
-    package = lib.mkOption {
-      type = lib.types.package;
-      description = "The roost-agent package.";
+    package = lib.mkPackageOption pkgs "roost-agent" {
+      extraDescription = "The flake's `nixosModules.agent` sets it to the flake's own build; with only this file, add `overlays.default` to nixpkgs.";
     };
 
     coordinators = lib.mkOption {
-      type = lib.types.listOf lib.types.str;
+      type = lib.types.listOf (lib.types.strMatching "https?://.+");
       default = [ ];
-      example = [ "https://roost.example.org" ];
-      description = "Coordinator URLs to poll, tried in order. Empty: manifests only arrive with `roost-agent apply`.";
+      example = [
+        "https://roost.example.org"
+        "https://roost-backup.example.org"
+      ];
+      description = ''
+        Coordinator base URLs, tried in order. Also a static folder written by
+        `roost-coordinator publish --out` behind any web server (no long-poll, no reports there).
+        Empty: the node only applies manifests given to `roost-agent apply`.
+      '';
     };
 
     node = lib.mkOption {
-      type = lib.types.str;
+      type = lib.types.strMatching "[A-Za-z0-9._+-]{1,253}";
       default = config.networking.hostName;
       defaultText = lib.literalExpression "config.networking.hostName";
-      description = "This node's name in the flake's `deploy.nodes`.";
+      example = "pi-kitchen";
+      description = "This node's name: its attribute name under `deploy.nodes` in the fleet's flake.";
     };
 
     trustedKeys = lib.mkOption {
-      type = lib.types.listOf (lib.types.either lib.types.str lib.types.path);
-      example = [ "acme-publisher-1:J8Gm0YDm7Tkl1b0x8yGV2hX9QaA6b8pN5YQ3Yk9nQ2c=" ];
-      description = "Publisher public keys (`NAME:BASE64` strings or files) whose signatures the agent accepts.";
+      type = lib.types.nonEmptyListOf keys.keyType;
+      example = lib.literalExpression ''
+        [
+          "fleet-publisher-1:kA9bbo7ZmEZ9h3ZFnSjvQBr3dY6a4RZrBVbPQzHyLTQ="
+          ./keys/publisher-2.pub
+          "/run/secrets/extra-publisher.pub"
+        ]
+      '';
+      description = ''
+        Publisher public keys whose signatures this node accepts on its manifests: inline
+        `name:base64` strings (written to the Nix store; they are public) or key files. A
+        path literal is copied into the store; a string path is read on the node at run time,
+        so set {option}`checkConfig` to `false` when the file does not exist at build time.
+      '';
     };
 
     threshold = lib.mkOption {
       type = lib.types.ints.positive;
       default = 1;
-      description = "How many distinct trusted keys must sign a manifest.";
+      example = 2;
+      description = "How many distinct keys of {option}`trustedKeys` must sign a manifest.";
     };
 
     interval = lib.mkOption {
       type = lib.types.str;
       default = "5min";
       example = "30s";
-      description = "How often to poll (± 20 % jitter). Coordinators that offer long-poll are held open instead, so new manifests arrive within a second.";
-    };
-
-    buildPolicy = lib.mkOption {
-      type = lib.types.enum [ "substitute-only" "fallback" "build" ];
-      default = "fallback";
-      description = "Whether the node may build a closure when the cache does not have it.";
-    };
-
-    stateDir = lib.mkOption {
-      type = lib.types.str;
-      default = "/var/lib/roost";
-      description = "The agent's state folder (node key, state, report queue).";
-    };
-
-    mode = lib.mkOption {
-      type = lib.types.enum [ "daemon" "timer" ];
-      default = "daemon";
       description = ''
-        `daemon`: a long-running service (long-poll, instant deploys, reports as they happen).
-        `timer`: `roost-agent run --once` from a persistent systemd timer, like `system.autoUpgrade`.
+        Time between polls (± 20 % jitter) when the coordinator does not hold polls open;
+        failed polls back off to an hour. Used in `daemon` mode; a timer uses {option}`dates`.
       '';
     };
 
-    timerOnCalendar = lib.mkOption {
-      type = lib.types.str;
-      default = "hourly";
-      description = "When the timer runs, in systemd.time(7) calendar syntax (mode `timer`).";
+    buildPolicy = lib.mkOption {
+      type = lib.types.enum [
+        "substitute-only"
+        "fallback"
+        "build"
+      ];
+      default = "fallback";
+      example = "substitute-only";
+      description = ''
+        Whether the node may build: `substitute-only` fetches from the manifest's caches and
+        never builds (small machines), `fallback` builds from the derivation when
+        substitution fails, `build` always builds.
+      '';
+    };
+
+    stateDir = lib.mkOption {
+      type = lib.types.strMatching "/.+";
+      default = "/var/lib/roost";
+      description = "The agent's state folder: the node key, deploy state and queued reports.";
     };
 
     settings = lib.mkOption {
-      type = json.type;
+      type = format.type;
       default = { };
-      example = { extra_substituters = [ "https://cache.example.org" ]; long_poll = false; };
-      description = "Anything else for the agent's JSON configuration; overrides the options above.";
+      example = {
+        realise_timeout = "2h";
+        long_poll = false;
+        extra_substituters = [ "https://cache.example.org" ];
+      };
+      description = ''
+        Further keys of the agent's JSON config file (see `roost-agent run --help`), merged over
+        the ones the options above produce. Unknown keys fail the build through
+        {option}`checkConfig`.
+      '';
+    };
+
+    checkConfig = lib.mkOption {
+      type = lib.types.bool;
+      default = true;
+      description = ''
+        Validate the generated config file with `roost-agent check-config` when the system
+        is built. Turn it off only when a trusted key file exists on the node alone.
+      '';
+    };
+
+    mode = lib.mkOption {
+      type = lib.types.enum [
+        "daemon"
+        "timer"
+      ];
+      default = "daemon";
+      example = "timer";
+      description = ''
+        `daemon`: a long-running service that long-polls and deploys within seconds of a
+        publish. `timer`: `roost-agent run --once` on the schedule {option}`dates` (runs missed
+        while the machine was off happen at the next boot), for machines that should stay quiet.
+      '';
+    };
+
+    dates = lib.mkOption {
+      type = lib.types.str;
+      default = "*:0/15";
+      example = "04:40";
+      description = "In `timer` mode, when to poll, in {manpage}`systemd.time(7)` calendar syntax.";
+    };
+
+    randomizedDelaySec = lib.mkOption {
+      type = lib.types.str;
+      default = "2min";
+      example = "45min";
+      description = "In `timer` mode, a random delay added to each run, so a fleet does not poll at once.";
     };
 
     configFile = lib.mkOption {
       type = lib.types.path;
       readOnly = true;
-      internal = true;
-      description = "The generated configuration (before the build-time check).";
+      defaultText = lib.literalMD "the generated, checked JSON file";
+      description = "The config file the agent runs with (also at {file}`/etc/roost/agent.json`).";
     };
   };
 
   config = lib.mkIf cfg.enable {
-    services.roost.agent.configFile = configFile;
+    services.roost.agent.configFile = if cfg.checkConfig then checkedConfigFile else rawConfigFile;
 
+    # For `roost-agent status`, `roost-agent key` and manual `apply`/`rollback`.
     environment.systemPackages = [ cfg.package ];
+    environment.etc."roost/agent.json".source = cfg.configFile;
 
     systemd.services.roost-agent = {
-      description = "roost deployment agent";
-      wantedBy = lib.mkIf (cfg.mode == "daemon") [ "multi-user.target" ];
+      description = "roost agent: pull-based deployments";
       wants = [ "network-online.target" ];
       after = [ "network-online.target" ];
-      # A switch must never stop or restart the agent in the middle of its own deploy.
+      wantedBy = lib.mkIf daemon [ "multi-user.target" ];
+      # nix-store and nix-env for realising and switching; systemd-run is on the default path.
+      path = [ config.nix.package ];
+      # A switch must not stop or restart the agent that is performing it: the new unit
+      # takes effect at the agent's next start (a reboot, or `systemctl restart` when idle).
       restartIfChanged = false;
       stopIfChanged = false;
-      path = [ config.nix.package config.systemd.package ];
-      environment.ROOST_STATE_DIR = cfg.stateDir;
-      serviceConfig = if cfg.mode == "daemon" then {
-        Type = "notify";
-        NotifyAccess = "main";
-        ExecStart = "${cfg.package}/bin/roost-agent run ${agentArgs}";
-        Restart = "always";
-        RestartSec = "10s";
-        WatchdogSec = "2min";
-        StateDirectory = "roost";
-        StateDirectoryMode = "0700";
-      } else {
-        Type = "oneshot";
-        ExecStart = "${cfg.package}/bin/roost-agent run --once ${agentArgs}";
-        StateDirectory = "roost";
-        StateDirectoryMode = "0700";
-      };
+      serviceConfig =
+        {
+          ExecStart = "${cfg.package}/bin/roost-agent run --config ${cfg.configFile}${lib.optionalString (!daemon) " --once"}";
+          StateDirectory = lib.mkIf (lib.hasPrefix "/var/lib/" cfg.stateDir) (
+            lib.removePrefix "/var/lib/" cfg.stateDir
+          );
+          StateDirectoryMode = "0700";
+        }
+        // (
+          if daemon then
+            {
+              Type = "notify";
+              NotifyAccess = "main";
+              # The agent pings while it keeps its own deadlines; a wedged agent is restarted
+              # and its start-up recovery finishes or rolls back the interrupted deploy.
+              WatchdogSec = lib.mkDefault "5min";
+              # READY comes after start-up recovery, which may confirm or roll back an
+              # interrupted deploy. Each of its steps runs under the agent's own hard
+              # timeouts (activation, health checks); a fixed start limit would kill a
+              # rollback halfway.
+              TimeoutStartSec = lib.mkDefault "infinity";
+              Restart = "always";
+              RestartSec = "10s";
+              # Exit 2 is a configuration error: restarting cannot fix it.
+              RestartPreventExitStatus = 2;
+            }
+          else
+            {
+              Type = "oneshot";
+            }
+        );
     };
 
-    systemd.timers.roost-agent = lib.mkIf (cfg.mode == "timer") {
-      description = "roost deployment agent (periodic)";
+    systemd.timers.roost-agent = lib.mkIf (!daemon) {
+      description = "roost agent: poll and deploy";
       wantedBy = [ "timers.target" ];
       timerConfig = {
-        OnCalendar = cfg.timerOnCalendar;
+        OnCalendar = cfg.dates;
+        RandomizedDelaySec = cfg.randomizedDelaySec;
+        # Like system.autoUpgrade: a run missed while the machine was off happens at boot.
         Persistent = true;
-        RandomizedDelaySec = "5min";
       };
     };
   };

@@ -1,146 +1,216 @@
-# services.roost.coordinator: stores and serves signed manifests, an embedded binary cache and
-# the fleet's reports. It holds no signing key.
-{ config, lib, pkgs, ... }:
+# services.roost.coordinator: serves the fleet's signed manifests (with long-poll), takes the
+# nodes' signed reports and hosts an embedded Nix binary cache. It holds no signing key: the
+# publisher key stays in CI, so a stolen server can delay deployments but never forge one.
+{
+  config,
+  lib,
+  pkgs,
+  ...
+}:
 
 let
   cfg = config.services.roost.coordinator;
-  keyFile = k:
-    if builtins.isPath k || lib.hasPrefix "/" (toString k)
-    then toString k
-    else toString (pkgs.writeText "roost-publisher-key" k);
+  keys = import ./keys.nix { inherit lib pkgs; };
+
   port = lib.toInt (lib.last (lib.splitString ":" cfg.listen));
-  stateName = lib.removePrefix "/var/lib/" cfg.stateDir;
-  args = lib.escapeShellArgs (
-    [ "serve" "--listen" cfg.listen "--state-dir" cfg.stateDir ]
-    ++ lib.concatMap (k: [ "--publisher-key" (keyFile k) ]) cfg.publisherKeys
-    ++ lib.optionals (cfg.uploadTokenFile != null) [ "--upload-token-file" "%d/upload-token" ]
-    ++ lib.optionals (cfg.tls.certFile != null) [ "--tls-cert" "%d/tls-cert" "--tls-key" "%d/tls-key" ]
-    ++ cfg.extraArgs
-  );
+  tls = cfg.tlsCertFile != null;
+  inStore = f: builtins.isPath f || lib.hasPrefix builtins.storeDir (toString f);
+
+  # Secrets reach the service through systemd credentials, readable by its dynamic user
+  # only, wherever (and whoever's) the original files are.
+  credentials =
+    lib.optional (cfg.uploadTokenFile != null) "upload-token:${cfg.uploadTokenFile}"
+    ++ lib.optionals tls [
+      "tls-cert:${cfg.tlsCertFile}"
+      "tls-key:${cfg.tlsKeyFile}"
+    ];
+
+  args =
+    [
+      "serve"
+      "--listen"
+      cfg.listen
+      "--state-dir"
+      cfg.stateDir
+      "--threshold"
+      (toString cfg.threshold)
+    ]
+    ++ lib.concatMap (k: [
+      "--publisher-key"
+      k
+    ]) (keys.keyFiles "publisher-key" cfg.publisherKeys)
+    ++ lib.optionals (cfg.uploadTokenFile != null) [
+      "--upload-token-file"
+      "%d/upload-token"
+    ]
+    ++ lib.optionals tls [
+      "--tls-cert"
+      "%d/tls-cert"
+      "--tls-key"
+      "%d/tls-key"
+    ]
+    ++ cfg.extraArgs;
 in
 {
   options.services.roost.coordinator = {
-    enable = lib.mkEnableOption "the roost coordinator (manifests, binary cache, fleet reports)";
+    enable = lib.mkEnableOption "the roost coordinator, which serves signed manifests, reports and a binary cache to a fleet";
 
-    package = lib.mkOption {
-      type = lib.types.package;
-      description = "The roost-coordinator package.";
+    package = lib.mkPackageOption pkgs "roost-coordinator" {
+      extraDescription = "The flake's `nixosModules.coordinator` sets it to the flake's own build; with only this file, add `overlays.default` to nixpkgs.";
     };
 
     listen = lib.mkOption {
-      type = lib.types.str;
-      default = "0.0.0.0:8080";
-      example = "[::]:443";
-      description = "Address and port to listen on.";
+      type = lib.types.strMatching ".+:[0-9]+";
+      default = "[::]:8080";
+      example = "127.0.0.1:8080";
+      description = "Address and port to listen on; `[::]` takes IPv4 and IPv6 on every interface.";
     };
 
     stateDir = lib.mkOption {
-      type = lib.types.str;
+      type = lib.types.strMatching "/var/lib/.+";
       default = "/var/lib/roost-coordinator";
-      description = "Where manifests, reports and the cache live (must be under /var/lib).";
+      description = ''
+        Manifests, the report database and the binary cache. A folder under {file}`/var/lib`,
+        managed by systemd (`StateDirectory`) for the service's dynamic user.
+      '';
     };
 
     publisherKeys = lib.mkOption {
-      type = lib.types.listOf (lib.types.either lib.types.str lib.types.path);
-      example = [ "acme-publisher-1:J8Gm0YDm7Tkl1b0x8yGV2hX9QaA6b8pN5YQ3Yk9nQ2c=" ];
-      description = "Public keys allowed to sign uploaded manifests.";
+      type = lib.types.nonEmptyListOf keys.keyType;
+      example = lib.literalExpression ''[ "fleet-publisher-1:kA9bbo7ZmEZ9h3ZFnSjvQBr3dY6a4RZrBVbPQzHyLTQ=" ./keys/publisher-2.pub ]'';
+      description = ''
+        Publisher public keys (inline `name:base64` or files): an uploaded manifest must carry
+        {option}`threshold` valid signatures from them. The secret halves belong in CI, never here.
+      '';
+    };
+
+    threshold = lib.mkOption {
+      type = lib.types.ints.positive;
+      default = 1;
+      description = "How many distinct {option}`publisherKeys` must sign an uploaded manifest.";
     };
 
     uploadTokenFile = lib.mkOption {
-      type = lib.types.nullOr lib.types.str;
+      type = lib.types.nullOr (lib.types.either lib.types.str lib.types.path);
       default = null;
       example = "/run/secrets/roost-upload-token";
-      description = "File with the token that authorises cache uploads (`nix copy --to`). Delivered with LoadCredential; must not be in the Nix store.";
+      description = ''
+        A file holding the token (16 characters or more) that lets `publish --cache
+        http://HOST/cache` upload store paths to the embedded cache. Give its location on this
+        machine as a string; it must not be in the world-readable Nix store (a path literal
+        would copy it there). Handed to the service with `LoadCredential`. Without it the cache
+        is read-only.
+      '';
     };
 
-    tls = {
-      certFile = lib.mkOption {
-        type = lib.types.nullOr lib.types.str;
-        default = null;
-        description = "PEM certificate chain; serve HTTPS.";
-      };
-      keyFile = lib.mkOption {
-        type = lib.types.nullOr lib.types.str;
-        default = null;
-        description = "PEM private key (not in the Nix store).";
-      };
+    tlsCertFile = lib.mkOption {
+      type = lib.types.nullOr lib.types.str;
+      default = null;
+      example = "/var/lib/acme/roost.example.org/fullchain.pem";
+      description = "TLS certificate chain (PEM): serve HTTPS. Needs {option}`tlsKeyFile`.";
+    };
+
+    tlsKeyFile = lib.mkOption {
+      type = lib.types.nullOr lib.types.str;
+      default = null;
+      example = "/var/lib/acme/roost.example.org/key.pem";
+      description = "TLS private key (PEM), not in the Nix store. Needs {option}`tlsCertFile`.";
     };
 
     openFirewall = lib.mkOption {
       type = lib.types.bool;
       default = false;
-      description = "Open the listening port in the firewall.";
+      description = "Open the port of {option}`listen` in the firewall.";
     };
 
     extraArgs = lib.mkOption {
       type = lib.types.listOf lib.types.str;
       default = [ ];
-      example = [ "--max-nar-bytes" "4294967296" ];
-      description = "More arguments for `roost-coordinator serve`.";
+      example = [
+        "--max-nar-bytes"
+        "17179869184"
+      ];
+      description = "Further arguments to `roost-coordinator serve` (see its `--help`).";
     };
   };
 
   config = lib.mkIf cfg.enable {
     assertions = [
       {
-        assertion = cfg.uploadTokenFile == null || !(lib.hasPrefix builtins.storeDir cfg.uploadTokenFile);
-        message = "services.roost.coordinator.uploadTokenFile must not be in the Nix store (it would be world-readable)";
+        assertion = cfg.uploadTokenFile == null || !(inStore cfg.uploadTokenFile);
+        message = "services.roost.coordinator.uploadTokenFile must not be in the Nix store, where every user can read it: give the secret's location on the machine as a string, e.g. \"/run/secrets/roost-upload-token\".";
       }
       {
-        assertion = cfg.tls.keyFile == null || !(lib.hasPrefix builtins.storeDir cfg.tls.keyFile);
-        message = "services.roost.coordinator.tls.keyFile must not be in the Nix store";
+        assertion = (cfg.tlsCertFile == null) == (cfg.tlsKeyFile == null);
+        message = "services.roost.coordinator: set both tlsCertFile and tlsKeyFile, or neither.";
       }
       {
-        assertion = (cfg.tls.certFile == null) == (cfg.tls.keyFile == null);
-        message = "services.roost.coordinator.tls needs both certFile and keyFile";
+        assertion = cfg.tlsKeyFile == null || !(inStore cfg.tlsKeyFile);
+        message = "services.roost.coordinator.tlsKeyFile must not be in the Nix store, where every user can read it.";
       }
       {
-        assertion = lib.hasPrefix "/var/lib/" cfg.stateDir;
-        message = "services.roost.coordinator.stateDir must be under /var/lib (it is a StateDirectory)";
+        assertion = cfg.threshold <= lib.length cfg.publisherKeys;
+        message = "services.roost.coordinator.threshold (${toString cfg.threshold}) is larger than the number of publisherKeys (${toString (lib.length cfg.publisherKeys)}).";
       }
     ];
+
+    # For `roost-coordinator status` and `keygen` on the server.
+    environment.systemPackages = [ cfg.package ];
 
     networking.firewall.allowedTCPPorts = lib.mkIf cfg.openFirewall [ port ];
 
     systemd.services.roost-coordinator = {
-      description = "roost coordinator";
+      description = "roost coordinator: signed manifests, reports and a binary cache for a fleet";
+      wants = [ "network-online.target" ];
+      after = [ "network-online.target" ];
       wantedBy = [ "multi-user.target" ];
-      after = [ "network.target" ];
       serviceConfig = {
-        ExecStart = "${cfg.package}/bin/roost-coordinator ${args}";
+        Type = "exec";
+        ExecStart = "${cfg.package}/bin/roost-coordinator ${lib.escapeShellArgs args}";
         Restart = "on-failure";
+        RestartSec = "5s";
+        # Exit 2 is a configuration error (bad key file, short token): restarting cannot fix it.
+        RestartPreventExitStatus = 2;
+        LoadCredential = credentials;
+
         DynamicUser = true;
-        StateDirectory = stateName;
+        StateDirectory = lib.removePrefix "/var/lib/" cfg.stateDir;
         StateDirectoryMode = "0750";
-        LoadCredential =
-          lib.optional (cfg.uploadTokenFile != null) "upload-token:${cfg.uploadTokenFile}"
-          ++ lib.optionals (cfg.tls.certFile != null) [ "tls-cert:${cfg.tls.certFile}" "tls-key:${cfg.tls.keyFile}" ];
-        # Hardening: it needs its state folder and the network, nothing else.
-        AmbientCapabilities = lib.optional (port < 1024) "CAP_NET_BIND_SERVICE";
-        CapabilityBoundingSet = lib.optional (port < 1024) "CAP_NET_BIND_SERVICE";
+        UMask = "0027";
+
+        # Hardening: a network service that reads its keys and writes its state folder.
+        CapabilityBoundingSet = if port < 1024 then "CAP_NET_BIND_SERVICE" else "";
+        AmbientCapabilities = lib.mkIf (port < 1024) [ "CAP_NET_BIND_SERVICE" ];
         NoNewPrivileges = true;
-        PrivateTmp = true;
-        PrivateDevices = true;
-        PrivateUsers = port >= 1024;
         ProtectSystem = "strict";
         ProtectHome = true;
+        PrivateTmp = true;
+        PrivateDevices = true;
+        ProtectHostname = true;
+        ProtectClock = true;
         ProtectKernelTunables = true;
         ProtectKernelModules = true;
         ProtectKernelLogs = true;
         ProtectControlGroups = true;
-        ProtectClock = true;
-        ProtectHostname = true;
         ProtectProc = "invisible";
         ProcSubset = "pid";
-        RestrictAddressFamilies = [ "AF_INET" "AF_INET6" "AF_UNIX" ];
+        RestrictAddressFamilies = [
+          "AF_INET"
+          "AF_INET6"
+          "AF_UNIX"
+        ];
         RestrictNamespaces = true;
         RestrictRealtime = true;
         RestrictSUIDSGID = true;
         LockPersonality = true;
         MemoryDenyWriteExecute = true;
+        RemoveIPC = true;
         SystemCallArchitectures = "native";
-        SystemCallFilter = [ "@system-service" "~@privileged" "~@resources" ];
-        UMask = "0027";
+        SystemCallFilter = [
+          "@system-service"
+          "~@privileged"
+        ];
+        SystemCallErrorNumber = "EPERM";
       };
     };
   };

@@ -1,5 +1,8 @@
-# Both roost modules; `package` defaults come from the flake's overlay when it is applied.
-{ ... }:
+# Both roost modules: `services.roost.agent` and `services.roost.coordinator`. Each is off
+# until enabled.
 {
-  imports = [ ./agent.nix ./coordinator.nix ];
+  imports = [
+    ./agent.nix
+    ./coordinator.nix
+  ];
 }

@@ -132,7 +132,7 @@ impl Agent {
         let written = dir.load_snapshot();
         let live = Snapshot {
             pid: std::process::id(),
-            phase: "starting".into(),
+            phase: "idle".into(),
             ..written.clone().unwrap_or_default()
         };
         Ok(Self {
@@ -202,8 +202,20 @@ impl Agent {
             }
             Err(_) => return,
         };
-        // status.json is rewritten only when what it says changes, not when times move.
-        let key = |s: &Snapshot| (s.phase.clone(), s.last_poll_result.clone(), s.long_poll);
+        // status.json is rewritten only when what it says changes: not when times move, and
+        // not when a successful poll follows another (an idle poll writes nothing).
+        let key = |s: &Snapshot| {
+            let failed = s
+                .last_poll_result
+                .clone()
+                .filter(|r| r.starts_with("failed"));
+            (
+                s.phase.clone(),
+                s.last_poll_result.is_some(),
+                failed,
+                s.long_poll,
+            )
+        };
         if self.written.as_ref().map(key) != Some(key(&snap)) {
             match self.dir.save_snapshot(&snap) {
                 Ok(()) => self.written = Some(snap),
@@ -551,7 +563,17 @@ impl Agent {
         for p in &m.profiles {
             let link = activate::default_profile_path(p);
             let cur = profiles::current(&link).ok().flatten();
+            let previous_spec = cur.as_ref().and_then(|g| {
+                self.state
+                    .applied
+                    .as_ref()?
+                    .profiles
+                    .iter()
+                    .find(|q| q.name == p.name && g.target == q.path.as_path())
+                    .cloned()
+            });
             pending.profiles.push(PendingProfile {
+                previous_spec,
                 name: p.name.to_string(),
                 previous_link: std::fs::read_link(&link).ok(),
                 profile_path: link,
@@ -661,6 +683,7 @@ impl Agent {
         }
         self.state.pending = None;
         self.state.current_version = Some(version);
+        self.state.applied = Some(m.clone());
         self.finish(version, ReportState::Success, None, health, timings);
         self.set_phase("idle");
         tracing::info!(%version, "deployed and confirmed");
@@ -788,11 +811,13 @@ impl Agent {
         let mut errors = Vec::new();
         let mut notes = Vec::new();
         for pp in pending.profiles.iter().rev().filter(|p| p.switched) {
-            let spec = m.or(self.state.desired.as_ref()).and_then(|m| {
-                m.profiles
-                    .iter()
-                    .find(|p| p.name.as_str() == pp.name)
-                    .cloned()
+            let spec = pp.previous_spec.clone().or_else(|| {
+                m.or(self.state.desired.as_ref()).and_then(|m| {
+                    m.profiles
+                        .iter()
+                        .find(|p| p.name.as_str() == pp.name)
+                        .cloned()
+                })
             });
             if let Some(s) = &spec {
                 self.progress
@@ -890,6 +915,7 @@ impl Agent {
                 if ok {
                     self.state.pending = None;
                     self.state.current_version = Some(m.version);
+                    self.state.applied = Some(m.clone());
                     self.finish(m.version, ReportState::Success, None, health, timings);
                     Verdict::Converged
                 } else {
@@ -1012,6 +1038,7 @@ impl Agent {
         }
         self.state.quarantined.insert(m.version.0);
         self.state.current_version = None;
+        self.state.applied = None;
         let (st, msg) = if failures.is_empty() {
             (
                 ReportState::RolledBack,

@@ -17,7 +17,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use roost_common::verify::Floor;
-use roost_common::wire::v1::{Manifest, ReportError};
+use roost_common::wire::v1::{Manifest, Profile, ReportError};
 use roost_common::{SecretKey, Timestamp, Version};
 use serde::{Deserialize, Serialize};
 
@@ -34,6 +34,9 @@ pub struct State {
     pub desired: Option<Manifest>,
     /// The version last deployed and confirmed.
     pub current_version: Option<Version>,
+    /// The manifest of that version: how its profiles are activated, for a later rollback.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub applied: Option<Manifest>,
     /// A deploy in progress (steps 5–7); its presence at start means a crash mid-deploy.
     pub pending: Option<Pending>,
     /// Versions that failed here; not retried until a newer one arrives.
@@ -70,6 +73,10 @@ pub struct PendingProfile {
     pub previous_generation: Option<u64>,
     /// That generation's store path.
     pub previous_path: Option<String>,
+    /// How the previous generation is activated again on rollback: its profile in the
+    /// manifest that deployed it, when roost did (else the new profile's settings are used).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous_spec: Option<Profile>,
     /// The new store path.
     pub new_path: String,
     /// What the profile link itself pointed at before (restored on rollback when it was not
@@ -113,7 +120,8 @@ pub struct Snapshot {
     pub pid: u32,
     /// What it is doing: `idle`, `downloading`, `activating`, `confirming`, ….
     pub phase: String,
-    /// When the last poll ended (in `status.json`: when its result last changed).
+    /// When the last poll ended (in `status.json`: the last poll that changed something, as
+    /// a successful poll after a successful poll is not written).
     pub last_poll_at: Option<Timestamp>,
     /// What the last poll brought.
     pub last_poll_result: Option<String>,

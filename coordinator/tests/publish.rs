@@ -1071,3 +1071,127 @@ fn a_publish_killed_at_any_moment_leaves_every_previous_manifest_intact() {
         assert!(delay_ms < 60_000, "publish never completed");
     }
 }
+
+#[tokio::test]
+async fn a_node_whose_closure_the_cache_refuses_is_reported_and_the_others_publish() {
+    if !nix_ready() {
+        return;
+    }
+    let fleet = Fleet::new(
+        "{ big.profiles.system.path = fixtures.fakeSystem { node = \"big\"; inherit generation; blobKiB = 512; }; }",
+    );
+    fleet.fresh_generation();
+    let token = "a-long-enough-upload-token-5678";
+    let mut cfg = ServerConfig::new(
+        fleet.path("coordinator"),
+        TrustedKeys::new([fleet.publisher.public()], 1),
+    )
+    .with_upload_token(token);
+    cfg.max_nar_bytes = 64 * 1024;
+    let server = start("127.0.0.1:0".parse().unwrap(), cfg).await.unwrap();
+    let netrc = fleet.path("netrc");
+    std::fs::write(&netrc, format!("default login roost password {token}\n")).unwrap();
+    let nix = Nix::new().with_extra_args(vec![
+        "--option".into(),
+        "netrc-file".into(),
+        netrc.display().to_string(),
+    ]);
+    let mut opts = fleet.options(&[], Destination::Coordinator(server.url()));
+    opts.cache = Some(format!("{}/cache", server.url()));
+    let report = publish(&opts, &nix).await.unwrap();
+    let big = report.node("big").unwrap();
+    assert_eq!(big.result, "failed", "{report:#?}");
+    let error = big.error.as_deref().unwrap();
+    assert!(
+        error.contains("copy to") && error.contains("nixos-system-big"),
+        "{error}"
+    );
+    for n in ["db", "kiosk", "web.prod"] {
+        assert_eq!(result_of(&report, n), "published");
+    }
+    let big_manifest = reqwest::get(format!("{}/v1/nodes/big/manifest", server.url()))
+        .await
+        .unwrap();
+    assert_eq!(
+        big_manifest.status(),
+        404,
+        "no manifest without its closure"
+    );
+    server.stop().await.unwrap();
+}
+
+#[test]
+fn a_target_path_without_a_flake_is_bad_usage() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("publisher.sec");
+    SecretKey::generate("p")
+        .unwrap()
+        .write_new_file(&key)
+        .unwrap();
+    let missing = dir.path().join("no-flake-here");
+    let run = Command::new(BIN)
+        .arg("publish")
+        .arg(format!("{}#web", missing.display()))
+        .arg("--key")
+        .arg(&key)
+        .arg("--out")
+        .arg(dir.path().join("out"))
+        .output()
+        .unwrap();
+    assert_eq!(run.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&run.stderr);
+    assert!(
+        err.contains(&missing.display().to_string()) && err.contains("flake.nix"),
+        "{err}"
+    );
+    assert!(!dir.path().join("out").exists());
+}
+
+#[tokio::test]
+async fn source_records_the_git_revision_and_whether_the_tree_was_dirty() {
+    if !nix_ready() {
+        return;
+    }
+    let fleet = Fleet::new("");
+    let git = |args: &[&str]| {
+        let out = Command::new("git")
+            .args(["-c", "user.name=t", "-c", "user.email=t@example.org"])
+            .args(args)
+            .current_dir(&fleet.flake)
+            .output()
+            .expect("git");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    };
+    git(&["init", "-q"]);
+    git(&["add", "."]);
+    git(&["commit", "-q", "-m", "fleet"]);
+    let rev = git(&["rev-parse", "HEAD"]);
+    async fn source_of(fleet: &Fleet, out: PathBuf) -> roost_common::wire::v1::Source {
+        let report = publish(
+            &fleet.options(&["#kiosk"], Destination::Folder(out.clone())),
+            &Nix::new(),
+        )
+        .await
+        .unwrap();
+        assert!(report.all_published(), "{report:#?}");
+        let m = fleet.open(
+            &std::fs::read(manifest_file(&out, "kiosk")).unwrap(),
+            "kiosk",
+        );
+        m.source.unwrap()
+    }
+    let clean = source_of(&fleet, fleet.path("clean")).await;
+    assert!(clean.flake.starts_with("git+file://"), "{clean:?}");
+    assert_eq!(clean.rev.as_deref(), Some(rev.as_str()));
+    assert!(!clean.dirty);
+
+    fleet.set_generation(2);
+    let dirty = source_of(&fleet, fleet.path("dirty")).await;
+    assert!(dirty.dirty, "{dirty:?}");
+    assert_eq!(dirty.rev, None);
+}

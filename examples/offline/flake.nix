@@ -10,6 +10,8 @@
       fixtures = import ./fixtures.nix { inherit (settings) system; };
       behaviour = node: settings.behaviour.${node} or "ok";
       blob = node: settings.blobKiB.${node} or 0;
+      # roost.nodeKey pins the key a node signs its reports with; null: trust on first use.
+      nodeKey = node: (settings.nodeKeys or { }).${node} or null;
       # The system's own health script, plus any HTTP checks settings.nix asks for.
       checks = node:
         [ { kind = "command"; argv = [ "/nix/var/nix/profiles/system/bin/health" ]; timeout_s = 10; } ]
@@ -33,6 +35,7 @@
         nodes = {
           laptop = {
             hostname = "laptop.lan";
+            roost.nodeKey = nodeKey "laptop";
             # node-level settings override deploy-level ones
             magicRollback = true;
             profilesOrder = [ "system" "home" ];
@@ -49,6 +52,7 @@
 
           pi-kitchen = {
             hostname = "pi-kitchen.lan";
+            roost.nodeKey = nodeKey "pi-kitchen";
             roost.wave = 1;
             roost.healthChecks = checks "pi-kitchen";
             profiles.system.path = system "pi-kitchen";
@@ -56,6 +60,7 @@
 
           pi-garage = {
             hostname = "pi-garage.lan";
+            roost.nodeKey = nodeKey "pi-garage";
             roost.wave = 1;
             roost.healthChecks = checks "pi-garage";
             profiles.system = {

@@ -12,4 +12,6 @@
   blobKiB = { };
   # Per node: URLs that must answer 2xx for the deploy to be confirmed.
   httpChecks = { };
+  # Per node: the public key (`NAME:BASE64`) its reports must be signed with (roost.nodeKey).
+  nodeKeys = { };
 }

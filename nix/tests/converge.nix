@@ -1,21 +1,57 @@
-# A deploy that converges: publish a profile with a health check, the node switches to it.
-{ pkgs, self }:
-let c = import ./common.nix { inherit pkgs self; }; in
-pkgs.testers.runNixOSTest {
+# A deploy that converges: CI publishes a signed manifest to the coordinator; the node's
+# agent picks it up (long-poll), switches to the new system, passes its health check and
+# reports success, which the coordinator's fleet view shows.
+{ roost }:
+{ hostPkgs, ... }:
+
+let
+  common = import ./common.nix { inherit roost; };
+in
+{
   name = "roost-converge";
-  nodes = { coordinator = c.coordinator; node = c.node; };
-  testScript = ''
-    start_all()
-    coordinator.wait_for_unit("roost-coordinator.service")
-    node.wait_for_unit("roost-agent.service")
-    coordinator.succeed("mkdir -p /tmp/fleet && cp -r ${./fleet}/* /tmp/fleet/")
-    coordinator.succeed(
-      "ROOST_UPLOAD_TOKEN=$(cat /etc/roost-token) roost-coordinator publish /tmp/fleet "
-      "--key ${c.keys}/publisher.sec --to http://localhost:8080 --cache http://localhost:8080/cache "
-      "--cache-key ${c.keys}/publisher.sec --substituter http://coordinator:8080/cache"
-    )
-    node.wait_until_succeeds("roost-agent status --json | grep -q '\"state\": \"success\"'", timeout=120)
-    node.succeed("test -e /nix/var/nix/profiles/per-user/root/hello")
-    coordinator.succeed("roost-coordinator status --coordinator http://localhost:8080")
-  '';
+
+  nodes = {
+    coordinator = common.coordinator;
+    machine = common.machine "http://coordinator:8080";
+  };
+
+  testScript =
+    { nodes, ... }:
+    let
+      fleet = common.fleet hostPkgs nodes;
+    in
+    ''
+      start_all()
+      coordinator.wait_for_unit("roost-coordinator.service")
+      coordinator.wait_for_open_port(8080)
+      machine.wait_for_unit("roost-agent.service")
+      machine.succeed("roost-agent status")
+      agent_pid = machine.succeed("systemctl show -p MainPID --value roost-agent.service").strip()
+
+      with subtest("nothing is deployed before a publish"):
+          machine.fail("${common.runs nodes "good"}")
+
+      with subtest("publish signs and uploads the node's manifest"):
+          coordinator.succeed("${common.publish { flake = fleet "good"; }}")
+
+      with subtest("the node switches to the published system and is healthy"):
+          machine.wait_until_succeeds("${common.runs nodes "good"}", timeout=300)
+          machine.succeed("grep -qx good /etc/roost-test-generation")
+          machine.succeed("systemctl is-active roost-test-app.service")
+          machine.wait_until_succeeds(
+              "roost-agent status --json | jq -e '.last_deploy.state == \"success\"'", timeout=120
+          )
+          machine.succeed("${common.profileIs nodes "good"}")
+
+      with subtest("the switch the agent performed did not stop or restart the agent"):
+          pid = machine.succeed("systemctl show -p MainPID --value roost-agent.service").strip()
+          assert pid == agent_pid, f"roost-agent was restarted: MainPID {agent_pid} -> {pid}"
+
+      with subtest("the coordinator shows the node's success report"):
+          coordinator.wait_until_succeeds(
+              "curl -sf http://localhost:8080/v1/fleet"
+              + " | jq -e '.nodes[] | select(.node == \"machine\") | .state == \"success\"'",
+              timeout=120,
+          )
+    '';
 }

@@ -1,27 +1,59 @@
-# A failing deploy rolls back: the profile's activation exits 1; the node returns to the
-# exact previous generation and reports rolled_back.
-{ pkgs, self }:
-let c = import ./common.nix { inherit pkgs self; }; in
-pkgs.testers.runNixOSTest {
+# A failing deploy rolls back: after a good generation, the fleet publishes one with a unit
+# that fails to start. switch-to-configuration exits 4, the agent points the system profile
+# back at the exact previous generation, re-activates it, quarantines the version and reports
+# `rolled_back`.
+{ roost }:
+{ hostPkgs, ... }:
+
+let
+  common = import ./common.nix { inherit roost; };
+in
+{
   name = "roost-rollback";
-  nodes = { coordinator = c.coordinator; node = c.node; };
-  testScript = ''
-    start_all()
-    coordinator.wait_for_unit("roost-coordinator.service")
-    node.wait_for_unit("roost-agent.service")
-    coordinator.succeed("mkdir -p /tmp/fleet && cp -r ${./fleet}/* /tmp/fleet/ && chmod -R u+w /tmp/fleet")
-    publish = (
-      "ROOST_UPLOAD_TOKEN=$(cat /etc/roost-token) roost-coordinator publish /tmp/fleet "
-      "--key ${c.keys}/publisher.sec --to http://localhost:8080 --cache http://localhost:8080/cache "
-      "--cache-key ${c.keys}/publisher.sec --substituter http://coordinator:8080/cache"
-    )
-    coordinator.succeed(publish)
-    node.wait_until_succeeds("roost-agent status --json | grep -q '\"state\": \"success\"'", timeout=120)
-    before = node.succeed("readlink /nix/var/nix/profiles/per-user/root/hello")
-    coordinator.succeed("sed -i 's/fail = false/fail = true/' /tmp/fleet/flake.nix")
-    coordinator.succeed(publish)
-    node.wait_until_succeeds("roost-agent status --json | grep -q '\"state\": \"rolled_back\"'", timeout=120)
-    after = node.succeed("readlink /nix/var/nix/profiles/per-user/root/hello")
-    assert before == after, f"not back at the exact generation: {before} != {after}"
-  '';
+
+  nodes = {
+    coordinator = common.coordinator;
+    machine = common.machine "http://coordinator:8080";
+  };
+
+  testScript =
+    { nodes, ... }:
+    let
+      fleet = common.fleet hostPkgs nodes;
+      status = field: value: "roost-agent status --json | jq -e '${field} == \\\"${value}\\\"'";
+    in
+    ''
+      start_all()
+      coordinator.wait_for_unit("roost-coordinator.service")
+      coordinator.wait_for_open_port(8080)
+      machine.wait_for_unit("roost-agent.service")
+
+      with subtest("the good generation is deployed first"):
+          coordinator.succeed("${common.publish { flake = fleet "good"; }}")
+          machine.wait_until_succeeds("${common.runs nodes "good"}", timeout=300)
+          machine.wait_until_succeeds("${status ".last_deploy.state" "success"}", timeout=120)
+          good_generation = machine.succeed("readlink /nix/var/nix/profiles/system").strip()
+
+      with subtest("the bad generation fails to activate and is rolled back"):
+          coordinator.succeed("${common.publish { flake = fleet "bad"; }}")
+          machine.wait_until_succeeds("${status ".last_deploy.state" "rolled_back"}", timeout=300)
+          machine.succeed("${common.runs nodes "good"}")
+          machine.succeed("${common.profileIs nodes "good"}")
+          link = machine.succeed("readlink /nix/var/nix/profiles/system").strip()
+          assert link == good_generation, f"profile points at {link}, not the previous {good_generation}"
+          machine.succeed("grep -qx good /etc/roost-test-generation")
+          machine.succeed("systemctl is-active roost-test-app.service")
+          machine.fail("systemctl is-active roost-test-broken.service")
+
+      with subtest("the failed version is quarantined and reported"):
+          machine.succeed("roost-agent status --json | jq -e '.quarantined | length >= 1'")
+          coordinator.wait_until_succeeds(
+              "curl -sf http://localhost:8080/v1/fleet"
+              + " | jq -e '.nodes[] | select(.node == \"machine\") | .state == \"rolled_back\"'",
+              timeout=120,
+          )
+
+      with subtest("the agent survived its own failed deploy"):
+          machine.succeed("systemctl is-active roost-agent.service")
+    '';
 }

@@ -275,7 +275,11 @@ fn a_quarantined_version_is_not_retried_and_a_newer_one_deploys() {
     for _ in 0..2 {
         // Nothing to do: the only version on offer is quarantined.
         let o = once(&f);
-        assert!(o.status.code().is_some(), "{}", String::from_utf8_lossy(&o.stderr));
+        assert!(
+            o.status.code().is_some(),
+            "{}",
+            String::from_utf8_lossy(&o.stderr)
+        );
     }
     assert_eq!(
         f.node(NODE).activations().len(),

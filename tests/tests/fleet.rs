@@ -75,7 +75,11 @@ fn count_json(dir: &std::path::Path) -> usize {
             d.flatten()
                 .map(|e| {
                     let p = e.path();
-                    if p.is_dir() { count_json(&p) } else { usize::from(p.extension().is_some_and(|x| x == "json")) }
+                    if p.is_dir() {
+                        count_json(&p)
+                    } else {
+                        usize::from(p.extension().is_some_and(|x| x == "json"))
+                    }
                 })
                 .sum()
         })

@@ -261,6 +261,11 @@ pub fn evaluate(
             (names, base["settings"].clone(), results, failures)
         }
     };
+    if names.is_empty() {
+        return Err(PublishError::Usage(format!(
+            "{flake}: deploy.nodes is empty; there is nothing to publish"
+        )));
+    }
     let empty = Map::new();
     let deploy_settings = settings.as_object().unwrap_or(&empty);
     let mut out = Evaluated {

@@ -32,16 +32,21 @@ pub use output::Progress;
 pub use pipeline::publish;
 
 /// Arguments of `publish`.
-///
-/// Examples:
-///   roost-coordinator publish --key publisher.sec --to https://roost.example.org \
-///       --cache https://roost.example.org/cache --cache-key cache.sec
-///   roost-coordinator publish '.#"web.prod".system' --key publisher.sec --out ./public
-///   roost-coordinator publish . --key publisher.sec --out ./public --no-build \
-///       --cache s3://fleet-cache -- --impure
 #[derive(Debug, Args)]
 #[command(group(clap::ArgGroup::new("dest").required(true).args(["to", "out"])))]
-#[command(verbatim_doc_comment)]
+#[command(after_help = "\
+Reads deploy-rs's `deploy` output unchanged (profile > node > deploy settings, profilesOrder) \
+plus roost.* keys, in one `nix eval` for all nodes; builds in one `nix build`; copies to --cache; \
+signs one manifest per node with a version above the destination's.
+Exit: 0 all published, 1 some node failed (the others are published unless --all-or-nothing), \
+2 bad usage (unknown node or profile, bad key file).
+
+Examples:
+  roost-coordinator publish --key publisher.sec --to https://roost.example.org \\
+      --cache https://roost.example.org/cache --cache-key cache.sec
+  roost-coordinator publish '.#\"web.prod\".system' --key publisher.sec --out ./public
+  roost-coordinator publish . --key publisher.sec --out ./public --no-build \\
+      --cache s3://fleet-cache -- --impure")]
 pub struct PublishArgs {
     /// What to publish, in deploy-rs's syntax: `.` (every node of the flake here),
     /// `path/to/flake`, `FLAKE#NODE`, `FLAKE#NODE.PROFILE`; quote names with dots:
@@ -93,8 +98,9 @@ pub struct PublishArgs {
     /// running what they have. Units: s, m, h, d (e.g. 12h, 30d).
     #[arg(long, default_value = "30d", value_parser = parse_duration, value_name = "DURATION")]
     pub expires: Duration,
-    /// Publish nothing unless every selected node evaluates, builds, copies and can be
-    /// delivered.
+    /// Publish nothing unless every selected node evaluates, builds, copies and its current
+    /// version can be read. (A coordinator may still refuse one upload after accepting
+    /// others; each refusal is reported.)
     #[arg(long)]
     pub all_or_nothing: bool,
     /// Print the summary as JSON on stdout (progress still goes to stderr).
@@ -309,9 +315,9 @@ pub async fn run(args: PublishArgs) -> u8 {
     if let Some(path) = netrc.as_ref().map(Netrc::path) {
         nix_args.extend(["--option".into(), "netrc-file".into(), path]);
     }
-    let nix = Nix::new()
-        .with_extra_args(nix_args)
-        .with_progress(progress == Progress::Terminal);
+    // Nix's own output is kept for error messages, not forwarded: it would tear through the
+    // spinners, and piped runs should stay quiet.
+    let nix = Nix::new().with_extra_args(nix_args);
     match publish(&opts, &nix).await {
         Ok(report) => {
             output::print(&report, args.json);
@@ -393,6 +399,15 @@ pub fn options(args: &PublishArgs, progress: Progress) -> anyhow::Result<Publish
         (None, Some(d)) => Destination::Folder(d.clone()),
         _ => anyhow::bail!("give exactly one of --to URL or --out DIR"),
     };
+    for t in &targets {
+        // A local path without a flake: say so now rather than through Nix. (A bare word
+        // may be a registry name, so only path-looking references are checked.)
+        let f = &t.flake;
+        let local = !f.contains(':') && (f.starts_with('.') || f.contains('/'));
+        if local && !std::path::Path::new(f).join("flake.nix").exists() {
+            anyhow::bail!("target `{f}`: there is no flake.nix in {f}");
+        }
+    }
     anyhow::ensure!(
         args.expires.as_secs() >= 60,
         "--expires must be at least a minute"

@@ -25,6 +25,11 @@ impl Stage {
         match progress {
             Progress::Terminal => {
                 let pb = indicatif::ProgressBar::new_spinner();
+                if let Ok(style) =
+                    indicatif::ProgressStyle::with_template("{spinner} {msg} ({elapsed})")
+                {
+                    pb.set_style(style);
+                }
                 pb.enable_steady_tick(Duration::from_millis(120));
                 pb.set_message(msg);
                 Stage(Some(pb), progress)
@@ -39,7 +44,12 @@ impl Stage {
 
     pub(crate) fn done(self, msg: String) {
         match (self.0, self.1) {
-            (Some(pb), _) => pb.finish_with_message(msg),
+            // Cleared, then a plain line: the next spinner starts on a line of its own.
+            (Some(pb), _) => {
+                let took = pb.elapsed();
+                pb.finish_and_clear();
+                eprintln!("{msg} ({:.1}s)", took.as_secs_f64());
+            }
             (None, Progress::Lines) => eprintln!("{msg}"),
             _ => {}
         }

@@ -43,6 +43,9 @@ pub async fn publish(opts: &PublishOptions, nix: &Nix) -> Result<PublishReport, 
         BTreeSet::new()
     };
     specs.retain(|s| !results.contains_key(s.node.as_str()));
+    if give_up(opts, &specs, &mut results) {
+        return Ok(report(results, nix, opts));
+    }
 
     // Paths that are only in the cache (--no-build) are neither signed nor copied again.
     let local: Vec<StorePath> = all_paths(&specs)
@@ -52,6 +55,9 @@ pub async fn publish(opts: &PublishOptions, nix: &Nix) -> Result<PublishReport, 
     if let Some(cache) = &opts.cache {
         copy(opts, nix, cache, &specs, &local, &mut results).await?;
         specs.retain(|s| !results.contains_key(s.node.as_str()));
+        if give_up(opts, &specs, &mut results) {
+            return Ok(report(results, nix, opts));
+        }
     }
 
     let info = path_info(opts, nix, &specs, &missing).await?;
@@ -108,6 +114,22 @@ pub async fn publish(opts: &PublishOptions, nix: &Nix) -> Result<PublishReport, 
     }
     stage.done(format!("delivered to {}", opts.dest));
     Ok(report(results, nix, opts))
+}
+
+/// Under `--all-or-nothing`, once a node failed the rest is skipped (no copy, no reads).
+fn give_up(
+    opts: &PublishOptions,
+    specs: &[NodeSpec],
+    results: &mut BTreeMap<String, NodeResult>,
+) -> bool {
+    if !opts.all_or_nothing || results.is_empty() {
+        return false;
+    }
+    for s in specs {
+        let node = s.node.to_string();
+        results.insert(node.clone(), NodeResult::skipped(&node));
+    }
+    true
 }
 
 fn now_ms() -> u64 {

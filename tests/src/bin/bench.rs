@@ -54,7 +54,9 @@ fn main() -> anyhow::Result<()> {
         _ => {
             eprintln!("usage: bench capacity [--nodes N] [--conns C] [--seconds S]");
             eprintln!("       bench publish-scaling [--sizes 10,100,1000] [--baseline-max 100]");
-            eprintln!("       bench idle-poll [--seconds 60]   (root: a namespaced node with real Nix)");
+            eprintln!(
+                "       bench idle-poll [--seconds 60]   (root: a namespaced node with real Nix)"
+            );
             std::process::exit(2);
         }
     }
@@ -472,12 +474,21 @@ fn publish_scaling(sizes: &str, baseline_max: usize) -> anyhow::Result<()> {
 }
 
 fn metric(text: &str, prefix: &str) -> u64 {
-    text.lines().filter(|l| l.starts_with(prefix)).filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok()).sum()
+    text.lines()
+        .filter(|l| l.starts_with(prefix))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
 }
 
 fn conditional_gets_304(coordinator: &roost_tests::Coordinator) -> u64 {
-    let text = String::from_utf8(roost_tests::http_get(&format!("{}/metrics", coordinator.url())).unwrap_or_default()).unwrap_or_default();
-    metric(&text, "roost_http_requests_total{route=\"GET /v1/nodes/{node}/manifest\",status=\"304\"}")
+    let text = String::from_utf8(
+        roost_tests::http_get(&format!("{}/metrics", coordinator.url())).unwrap_or_default(),
+    )
+    .unwrap_or_default();
+    metric(
+        &text,
+        "roost_http_requests_total{route=\"GET /v1/nodes/{node}/manifest\",status=\"304\"}",
+    )
 }
 
 /// What one idle node pays: the real agent, on a namespaced node, polling through a counting
@@ -488,18 +499,29 @@ async fn idle_poll(seconds: u64) -> anyhow::Result<()> {
     roost_tests::preflight().map_err(|e| anyhow::anyhow!("{e}"))?;
     let mut fleet = tokio::task::spawn_blocking(|| Fleet::new(&["pi-kitchen"])).await??;
     let target = format!("127.0.0.1:{}", fleet.coordinator.port);
-    let proxy = CountingProxy::start_on(std::net::SocketAddr::new(fleet.bridge.ip.into(), 0), target).await?;
+    let proxy =
+        CountingProxy::start_on(std::net::SocketAddr::new(fleet.bridge.ip.into(), 0), target)
+            .await?;
     let summary = {
         let f = &fleet;
         tokio::task::block_in_place(|| f.publish(&[]))?
     };
     let version = summary["nodes"][0]["version"].as_u64().context("version")?;
-    for (mode, long_poll) in [("plain polling, 1 s interval, keep-alive", false), ("long-poll (wait = interval = 2 s)", true)] {
+    for (mode, long_poll) in [
+        ("plain polling, 1 s interval, keep-alive", false),
+        ("long-poll (wait = interval = 2 s)", true),
+    ] {
         let node_url = format!("http://{}", proxy.addr);
         let mut args = fleet.agent_args(fleet.node("pi-kitchen"), false);
-        let i = args.iter().position(|a| a == "--coordinator").context("args")?;
+        let i = args
+            .iter()
+            .position(|a| a == "--coordinator")
+            .context("args")?;
         args[i + 1] = node_url;
-        let j = args.iter().position(|a| a == "--interval").context("args")?;
+        let j = args
+            .iter()
+            .position(|a| a == "--interval")
+            .context("args")?;
         args[j + 1] = if long_poll { "2s".into() } else { "1s".into() };
         if !long_poll {
             args.push("--no-long-poll".into());
@@ -507,14 +529,24 @@ async fn idle_poll(seconds: u64) -> anyhow::Result<()> {
         fleet.node_mut("pi-kitchen").start_agent(&args, &[])?;
         {
             let f = &fleet;
-            tokio::task::block_in_place(|| f.wait_report("pi-kitchen", version, "success", Duration::from_secs(120)))?;
+            tokio::task::block_in_place(|| {
+                f.wait_report("pi-kitchen", version, "success", Duration::from_secs(120))
+            })?;
         }
         tokio::time::sleep(Duration::from_secs(3)).await;
         let pid = fleet.node("pi-kitchen").agent_pid().context("agent pid")?;
-        let (cpu0, (up0, down0, conns0), polls0) = (cpu_ms(pid), proxy.counters.snapshot(), conditional_gets_304(&fleet.coordinator));
+        let (cpu0, (up0, down0, conns0), polls0) = (
+            cpu_ms(pid),
+            proxy.counters.snapshot(),
+            conditional_gets_304(&fleet.coordinator),
+        );
         let t0 = Instant::now();
         tokio::time::sleep(Duration::from_secs(seconds)).await;
-        let (cpu1, (up1, down1, conns1), polls1) = (cpu_ms(pid), proxy.counters.snapshot(), conditional_gets_304(&fleet.coordinator));
+        let (cpu1, (up1, down1, conns1), polls1) = (
+            cpu_ms(pid),
+            proxy.counters.snapshot(),
+            conditional_gets_304(&fleet.coordinator),
+        );
         let polls = (polls1 - polls0).max(1);
         println!(
             "{}",
@@ -535,9 +567,14 @@ async fn idle_poll(seconds: u64) -> anyhow::Result<()> {
             };
             let v2 = again["nodes"][0]["version"].as_u64().context("version")?;
             let f = &fleet;
-            tokio::task::block_in_place(|| f.wait_report("pi-kitchen", v2, "success", Duration::from_secs(60)))?;
+            tokio::task::block_in_place(|| {
+                f.wait_report("pi-kitchen", v2, "success", Duration::from_secs(60))
+            })?;
             let spent = cpu_ms(pid) - before;
-            println!("{}", json!({"scenario": "new_manifest_present_closure", "agent_cpu_ms": spent, "note": "includes the idle polls in the same seconds, the nix-store/nix path-info calls and the health check"}));
+            println!(
+                "{}",
+                json!({"scenario": "new_manifest_present_closure", "agent_cpu_ms": spent, "note": "includes the idle polls in the same seconds, the nix-store/nix path-info calls and the health check"})
+            );
         }
     }
     Ok(())
