@@ -299,7 +299,8 @@ fn a_quarantined_version_is_not_retried_and_a_newer_one_deploys() {
         f.node(NODE).status_json().unwrap()["quarantined"]
             .as_array()
             .map(Vec::len),
-        Some(1)
+        Some(0),
+        "a newer version clears the quarantine"
     );
 }
 
