@@ -27,7 +27,7 @@ let
   };
 in
 rustPlatform.buildRustPackage {
-  pname = crate;
+  pname = crate + lib.optionalString withTests "-tests";
   inherit (workspace.workspace.package) version;
   inherit src;
   cargoLock.lockFile = ../Cargo.lock;

@@ -120,28 +120,42 @@ pub fn start_activation(
     let env = vec![("PROFILE".to_owned(), profile_path.display().to_string())];
     if systemd_is_pid1() {
         let unit = format!("roost-activate-{}-{tag}", profile.name).replace(['+', '.'], "-");
-        let mut sd = vec![
-            "systemd-run".to_owned(),
-            format!("--unit={unit}"),
-            "--wait".into(),
-            "--collect".into(),
-            "--pipe".into(),
-            "--quiet".into(),
-            "--service-type=exec".into(),
-            format!("--property=RuntimeMaxSec={}", timeout.as_secs()),
-            format!("--uid={}", profile.user),
-        ];
-        for (k, v) in &env {
-            sd.push(format!("--setenv={k}={v}"));
-        }
-        sd.push("--".into());
-        sd.extend(argv);
+        let sd = systemd_run_argv(&unit, &argv, &env, &profile.user, timeout);
         // The unit enforces the limit; our own timeout is a backstop a little later.
         let mut r = start(&sd, &[], None, timeout + Duration::from_secs(10))?;
         r.handle.unit = Some(unit);
         return Ok(Some(r));
     }
     start(&argv, &env, Some(&profile.user), timeout).map(Some)
+}
+
+/// The `systemd-run` command line that runs `argv` in the transient unit `unit`: waits for
+/// it and pipes its output (so its exit status and output are ours), as `user`, killed by
+/// systemd after `timeout` (`RuntimeMaxSec`), collected even when it fails.
+pub fn systemd_run_argv(
+    unit: &str,
+    argv: &[String],
+    env: &[(String, String)],
+    user: &str,
+    timeout: Duration,
+) -> Vec<String> {
+    let mut sd = vec![
+        "systemd-run".to_owned(),
+        format!("--unit={unit}"),
+        "--wait".into(),
+        "--collect".into(),
+        "--pipe".into(),
+        "--quiet".into(),
+        "--service-type=exec".into(),
+        format!("--property=RuntimeMaxSec={}", timeout.as_secs()),
+        format!("--uid={user}"),
+    ];
+    for (k, v) in env {
+        sd.push(format!("--setenv={k}={v}"));
+    }
+    sd.push("--".into());
+    sd.extend(argv.iter().cloned());
+    sd
 }
 
 /// Activates and waits: [`start_activation`] then [`Running::wait`].
@@ -530,6 +544,64 @@ mod tests {
         );
         r.child.start_kill().unwrap();
         kill_group(h.pgid);
+    }
+
+    #[test]
+    fn a_transient_unit_waits_pipes_and_enforces_the_timeout_as_the_user() {
+        let argv = systemd_run_argv(
+            "roost-activate-system-7",
+            &[
+                "/nix/store/x/bin/switch-to-configuration".into(),
+                "switch".into(),
+            ],
+            &[("PROFILE".into(), "/nix/var/nix/profiles/system".into())],
+            "root",
+            Duration::from_secs(240),
+        );
+        for want in [
+            "--unit=roost-activate-system-7",
+            "--wait",
+            "--collect",
+            "--pipe",
+            "--property=RuntimeMaxSec=240",
+            "--uid=root",
+            "--setenv=PROFILE=/nix/var/nix/profiles/system",
+        ] {
+            assert!(argv.iter().any(|a| a == want), "{want} missing: {argv:?}");
+        }
+        let sep = argv.iter().position(|a| a == "--").unwrap();
+        assert_eq!(
+            &argv[sep + 1..],
+            ["/nix/store/x/bin/switch-to-configuration", "switch"]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_command_runs_as_the_named_user() {
+        if !running_as_root() {
+            eprintln!("SKIP a_command_runs_as_the_named_user: needs root to switch users");
+            return;
+        }
+        let Ok(Some(nobody)) = ::nix::unistd::User::from_name("nobody") else {
+            eprintln!("SKIP a_command_runs_as_the_named_user: no user `nobody`");
+            return;
+        };
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(
+            dir.path(),
+            std::os::unix::fs::PermissionsExt::from_mode(0o777),
+        )
+        .unwrap();
+        let out = dir.path().join("uid");
+        let script = format!("id -u > {}", out.display());
+        let r = run(&sh(&script), &[], Some("nobody"), Duration::from_secs(10)).await;
+        assert_eq!(r, Outcome::Ok);
+        let uid: u32 = std::fs::read_to_string(&out)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        assert_eq!(uid, nobody.uid.as_raw());
     }
 
     #[test]

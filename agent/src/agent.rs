@@ -364,6 +364,28 @@ impl Agent {
         if !self.has_work() {
             return Verdict::Converged;
         }
+        if m.expires_at <= self.trusted_now() {
+            // Accepted in time but never deployed (deferred): not applied late either.
+            let message = format!(
+                "manifest version {} expired at {} before it could be deployed; keeping the running system",
+                m.version, m.expires_at
+            );
+            let same = self.state.last_deploy.as_ref().is_some_and(|d| {
+                d.version == Some(m.version)
+                    && d.error.as_ref().is_some_and(|e| e.message == message)
+            });
+            if !same {
+                tracing::warn!("{message}");
+                self.finish(
+                    m.version,
+                    ReportState::Rejected,
+                    Some(err("verify", message)),
+                    vec![],
+                    Timings::default(),
+                );
+            }
+            return Verdict::NotConverged;
+        }
         self.deploy(&m).await
     }
 

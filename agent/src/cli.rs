@@ -97,7 +97,8 @@ pub enum Cmd {
 /// Where the state folder is, for commands that need nothing else.
 #[derive(Debug, Args)]
 pub struct StateArgs {
-    /// The agent's config file; only its `state_dir` (and `node`) is used here.
+    /// The agent's config file; only its `state_dir` (and `node`) is used here
+    /// [default: /etc/roost/agent.json when it exists].
     #[arg(long, env = "ROOST_CONFIG")]
     config: Option<PathBuf>,
     /// The state folder [default: the config's, else /var/lib/roost].
@@ -105,12 +106,22 @@ pub struct StateArgs {
     state_dir: Option<PathBuf>,
 }
 
+/// The config file NixOS's `services.roost.agent` installs; used when `--config` is not given.
+pub const DEFAULT_CONFIG: &str = "/etc/roost/agent.json";
+
+/// `--config` if given, else [`DEFAULT_CONFIG`] when it exists.
+fn config_file(given: &Option<PathBuf>) -> Result<ConfigFile, String> {
+    let default = PathBuf::from(DEFAULT_CONFIG);
+    match given {
+        Some(p) => ConfigFile::read(p).map_err(|e| e.to_string()),
+        None if default.exists() => ConfigFile::read(&default).map_err(|e| e.to_string()),
+        None => Ok(ConfigFile::default()),
+    }
+}
+
 impl StateArgs {
     fn resolve(&self) -> Result<(PathBuf, Option<String>), String> {
-        let file = match &self.config {
-            Some(p) => ConfigFile::read(p).map_err(|e| e.to_string())?,
-            None => ConfigFile::default(),
-        };
+        let file = config_file(&self.config)?;
         let dir = self
             .state_dir
             .clone()
@@ -125,7 +136,8 @@ impl StateArgs {
 pub struct ConfigArgs {
     /// A JSON config file with the same keys as these flags: coordinators, node, system,
     /// trusted_keys, threshold, state_dir, interval, build_policy, long_poll,
-    /// realise_timeout, extra_substituters, extra_trusted_public_keys.
+    /// realise_timeout, extra_substituters, extra_trusted_public_keys
+    /// [default: /etc/roost/agent.json when it exists].
     #[arg(long, env = "ROOST_CONFIG")]
     config: Option<PathBuf>,
     /// Coordinator base URL (http:// or https://); repeat for fallbacks, tried in order.
@@ -164,10 +176,7 @@ pub struct ConfigArgs {
 impl ConfigArgs {
     /// Merges the file and the flags and validates them.
     pub fn resolve(self) -> Result<Config, String> {
-        let mut f = match &self.config {
-            Some(p) => ConfigFile::read(p).map_err(|e| e.to_string())?,
-            None => ConfigFile::default(),
-        };
+        let mut f = config_file(&self.config)?;
         if !self.coordinators.is_empty() {
             f.coordinators = self.coordinators;
         }

@@ -178,3 +178,131 @@ impl ConfigFile {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key_file(dir: &Path, name: &str) -> PathBuf {
+        let k = roost_common::SecretKey::generate(name).unwrap();
+        let p = dir.join(format!("{name}.pub"));
+        std::fs::write(&p, k.public().to_string()).unwrap();
+        p
+    }
+
+    fn base(dir: &Path) -> ConfigFile {
+        ConfigFile {
+            node: Some("pi-kitchen".into()),
+            trusted_keys: vec![key_file(dir, "publisher-1")],
+            ..ConfigFile::default()
+        }
+    }
+
+    #[test]
+    fn defaults_follow_the_design() {
+        let d = tempfile::tempdir().unwrap();
+        let c = base(d.path()).resolve().unwrap();
+        assert_eq!(c.state_dir, PathBuf::from("/var/lib/roost"));
+        assert_eq!(c.interval, Duration::from_secs(300));
+        assert_eq!(c.build_policy, BuildPolicy::Fallback);
+        assert_eq!(c.trusted.threshold(), 1);
+        assert!(c.long_poll);
+        assert_eq!(c.system, build_system());
+    }
+
+    #[test]
+    fn an_unknown_key_in_the_file_is_named_with_the_file() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("agent.json");
+        std::fs::write(&p, r#"{"node": "a", "pol_interval": "5s"}"#).unwrap();
+        let e = ConfigFile::read(&p).unwrap_err().to_string();
+        assert!(
+            e.contains("pol_interval") && e.contains("agent.json"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn the_file_uses_the_same_keys_as_the_flags() {
+        let d = tempfile::tempdir().unwrap();
+        let k = key_file(d.path(), "k1");
+        let p = d.path().join("agent.json");
+        std::fs::write(
+            &p,
+            serde_json::json!({
+                "coordinators": ["https://a.example/", "https://b.example"],
+                "node": "pi-garage", "system": "aarch64-linux",
+                "trusted_keys": [k], "threshold": 1, "state_dir": "/srv/roost",
+                "interval": "30s", "build_policy": "substitute-only", "long_poll": false,
+                "realise_timeout": "2h"
+            })
+            .to_string(),
+        )
+        .unwrap();
+        let c = ConfigFile::read(&p).unwrap().resolve().unwrap();
+        assert_eq!(
+            c.coordinators,
+            vec!["https://a.example".to_owned(), "https://b.example".into()]
+        );
+        assert_eq!(c.node.as_str(), "pi-garage");
+        assert_eq!(c.system, "aarch64-linux");
+        assert_eq!(c.state_dir, PathBuf::from("/srv/roost"));
+        assert_eq!(c.interval, Duration::from_secs(30));
+        assert_eq!(c.build_policy, BuildPolicy::SubstituteOnly);
+        assert!(!c.long_poll);
+        assert_eq!(c.realise_timeout, Duration::from_secs(7200));
+    }
+
+    #[test]
+    fn bad_values_are_refused_with_a_reason() {
+        let d = tempfile::tempdir().unwrap();
+        let cases: Vec<(ConfigFile, &str)> = vec![
+            (
+                ConfigFile {
+                    trusted_keys: vec![],
+                    ..base(d.path())
+                },
+                "no trusted publisher key",
+            ),
+            (
+                ConfigFile {
+                    threshold: Some(2),
+                    ..base(d.path())
+                },
+                "threshold 2",
+            ),
+            (
+                ConfigFile {
+                    interval: Some("soon".into()),
+                    ..base(d.path())
+                },
+                "interval",
+            ),
+            (
+                ConfigFile {
+                    coordinators: vec!["ftp://x".into()],
+                    ..base(d.path())
+                },
+                "ftp://x",
+            ),
+            (
+                ConfigFile {
+                    node: Some("not a node!".into()),
+                    ..base(d.path())
+                },
+                "node",
+            ),
+            (
+                ConfigFile {
+                    trusted_keys: vec![d.path().join("missing.pub")],
+                    ..base(d.path())
+                },
+                "missing.pub",
+            ),
+        ];
+        for (f, want) in cases {
+            let e = f.resolve().unwrap_err().to_string();
+            assert!(e.contains(want), "expected `{want}` in: {e}");
+        }
+    }
+}

@@ -39,6 +39,12 @@ pub struct CycleResult {
 /// One poll-and-apply cycle: `wait` asks for a long-poll of that many seconds.
 pub async fn cycle(agent: &mut Agent, wait: Option<u64>) -> CycleResult {
     let poll = agent.poll(wait).await;
+    apply(agent, poll, wait).await
+}
+
+/// The apply half of a cycle: whatever the poll brought is verified and deployed, and
+/// queued reports are sent.
+pub async fn apply(agent: &mut Agent, poll: Poll, wait: Option<u64>) -> CycleResult {
     let text = poll.describe();
     let held = match &poll {
         Poll::NotModified => wait.is_some(),
@@ -107,10 +113,13 @@ pub async fn run(
     loop {
         let wait = agent.long_poll_offered().then_some(long_wait);
         agent.progress().within(Duration::from_secs(long_wait + 30));
-        let r = tokio::select! {
-            r = cycle(&mut agent, wait) => r,
+        // A stop request ends a poll at once but never a deploy: that finishes (under its
+        // own hard timeouts) so the node is not left half switched.
+        let polled = tokio::select! {
+            p = agent.poll(wait) => p,
             _ = &mut shutdown => break,
         };
+        let r = apply(&mut agent, polled, wait).await;
         if r.reachable {
             failures = 0;
         } else {

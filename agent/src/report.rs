@@ -41,9 +41,6 @@ pub struct Reporter {
     coordinators: Vec<String>,
 }
 
-/// How many reports are still queued after a flush.
-pub type Left = usize;
-
 impl Reporter {
     /// A reporter writing into `dir`'s queue and sending to `coordinators`.
     pub fn new(
@@ -96,8 +93,8 @@ impl Reporter {
     /// Sends queued reports oldest first and stops at the first that cannot be delivered,
     /// so the coordinator sees them in order. A 409 (already received) counts as delivered;
     /// another 4xx is a permanent refusal: that report moves to `reports/refused/` instead
-    /// of blocking the queue forever.
-    pub async fn flush(&self) -> Left {
+    /// of blocking the queue forever. Returns how many are still queued.
+    pub async fn flush(&self) -> usize {
         let queued = self.dir.queued_reports();
         if queued.is_empty() || self.coordinators.is_empty() {
             return queued.len();

@@ -344,3 +344,93 @@ impl StateDir {
         std::fs::rename(path, &to).map_err(|e| io_err(&to, e))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn state_round_trips_and_a_missing_file_is_empty() {
+        let d = tempfile::tempdir().unwrap();
+        let sd = StateDir::new(&d.path().join("state"));
+        assert_eq!(sd.load().unwrap(), State::default());
+        let mut s = State::default();
+        s.quarantined.insert(7);
+        s.etag = Some("\"x\"".into());
+        sd.save(&s).unwrap();
+        assert_eq!(sd.load().unwrap(), s);
+        let leftovers: Vec<_> = std::fs::read_dir(sd.root())
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().ends_with(".tmp"))
+            .collect();
+        assert!(leftovers.is_empty(), "temp files left behind");
+    }
+
+    #[test]
+    fn a_corrupt_state_file_is_an_error_naming_it() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(d.path().join("state.json"), "{garbage").unwrap();
+        let e = StateDir::new(d.path()).load().unwrap_err().to_string();
+        assert!(e.contains("state.json"), "{e}");
+    }
+
+    #[test]
+    fn the_node_key_is_made_once_and_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let d = tempfile::tempdir().unwrap();
+        let sd = StateDir::new(d.path());
+        let a = sd.node_key("pi-kitchen").unwrap();
+        let b = sd.node_key("pi-kitchen").unwrap();
+        assert_eq!(a.public().to_string(), b.public().to_string());
+        let mode = std::fs::metadata(d.path().join("node.key"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+
+    #[test]
+    fn report_seqs_keep_increasing_across_delivery() {
+        let d = tempfile::tempdir().unwrap();
+        let sd = StateDir::new(d.path());
+        assert_eq!(sd.next_seq(), 1);
+        sd.queue_report(1, b"a").unwrap();
+        sd.queue_report(2, b"b").unwrap();
+        assert_eq!(sd.next_seq(), 3);
+        for (seq, path) in sd.queued_reports() {
+            sd.report_delivered(seq, &path).unwrap();
+        }
+        assert!(sd.queued_reports().is_empty());
+        assert_eq!(sd.next_seq(), 3, "a delivered seq was handed out again");
+        sd.queue_report(3, b"c").unwrap();
+        let (seq, path) = sd.queued_reports().pop().unwrap();
+        sd.report_refused(seq, &path).unwrap();
+        assert_eq!(sd.next_seq(), 4);
+        assert!(sd.refused_dir().join("0000000003.json").exists());
+    }
+
+    #[test]
+    fn queued_reports_sort_by_number_not_by_name() {
+        let d = tempfile::tempdir().unwrap();
+        let sd = StateDir::new(d.path());
+        for seq in [10_000_000_000u64, 9, 10] {
+            sd.queue_report(seq, b"x").unwrap();
+        }
+        let seqs: Vec<u64> = sd.queued_reports().into_iter().map(|(s, _)| s).collect();
+        assert_eq!(seqs, vec![9, 10, 10_000_000_000]);
+    }
+
+    #[test]
+    fn only_one_process_holds_the_lock() {
+        let d = tempfile::tempdir().unwrap();
+        let sd = StateDir::new(d.path());
+        let held = sd.lock().unwrap();
+        // flock is per open file description: a second open in this process conflicts too.
+        let e = sd.lock().unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::WouldBlock);
+        assert!(e.to_string().contains("another roost-agent"), "{e}");
+        drop(held);
+        sd.lock().unwrap();
+    }
+}

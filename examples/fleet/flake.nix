@@ -1,79 +1,183 @@
 {
-  description = "An example fleet deployed with roost: two laptops and two Raspberry Pis";
+  description = "A household fleet deployed with roost: two laptops and two Raspberry Pis";
 
   inputs = {
-    nixpkgs.url = "github:NixOS/nixpkgs/nixos-unstable";
-    roost.url = "github:acme/roost";
-    roost.inputs.nixpkgs.follows = "nixpkgs";
+    nixpkgs.url = "github:NixOS/nixpkgs/nixos-25.05";
+    home-manager = {
+      url = "github:nix-community/home-manager/release-25.05";
+      inputs.nixpkgs.follows = "nixpkgs";
+    };
+    # Where you get roost from; the same revision provides the agent module, the lib and the
+    # `roost-coordinator` CI runs (`nix run --inputs-from . roost#roost-coordinator`).
+    roost = {
+      url = "git+https://example.invalid/roost";
+      inputs.nixpkgs.follows = "nixpkgs";
+    };
   };
 
-  outputs = { self, nixpkgs, roost }:
+  outputs =
+    {
+      self,
+      nixpkgs,
+      home-manager,
+      roost,
+    }:
     let
-      # Every node trusts the CI's publisher key; its node key is pinned so only that node's
-      # reports are believed. (Run `roost-agent key` on a node to print its key.)
-      publisherKey = "acme-publisher-1:J8Gm0YDm7Tkl1b0x8yGV2hX9QaA6b8pN5YQ3Yk9nQ2c=";
-      nodeKeys = import ./node-keys.nix;
+      inherit (nixpkgs) lib;
+      keys = import ./keys.nix;
 
-      host = system: name: extra: nixpkgs.lib.nixosSystem {
-        inherit system;
-        modules = [
-          roost.nixosModules.agent
-          ./hosts/common.nix
-          extra
-          {
-            networking.hostName = name;
-            services.roost.agent = {
-              enable = true;
-              coordinators = [ "https://roost.acme.example" ];
-              trustedKeys = [ publisherKey ];
-            };
-          }
-        ];
+      # The machines: their architecture, their own modules and, for laptops, their owner.
+      machines = {
+        anna-laptop = {
+          system = "x86_64-linux";
+          modules = [ ./hosts/laptop.nix ];
+          owner = "anna";
+        };
+        ben-laptop = {
+          system = "x86_64-linux";
+          modules = [ ./hosts/laptop.nix ];
+          owner = "ben";
+        };
+        pi-kitchen = {
+          system = "aarch64-linux";
+          modules = [
+            ./hosts/pi.nix
+            ./hosts/pi-kitchen.nix
+          ];
+        };
+        pi-garage = {
+          system = "aarch64-linux";
+          modules = [
+            ./hosts/pi.nix
+            ./hosts/pi-garage.nix
+          ];
+        };
       };
 
-      # A Home Manager-style user profile: packages and dotfiles, activated by the link alone.
-      homeFor = system: user: let pkgs = nixpkgs.legacyPackages.${system}; in
-        pkgs.buildEnv {
-          name = "home-${user}";
-          paths = with pkgs; [ git ripgrep htop (writeTextDir "share/roost/motd" "managed by roost\n") ];
+      activate = name: roost.lib.${machines.${name}.system}.activate;
+
+      # A laptop's owner also gets their own Home Manager profile, deployed as them.
+      home =
+        name:
+        home-manager.lib.homeManagerConfiguration {
+          pkgs = nixpkgs.legacyPackages.${machines.${name}.system};
+          modules = [ (import ./home.nix machines.${name}.owner) ];
         };
 
-      nodes = {
-        laptop-alice = { system = "x86_64-linux"; config = host "x86_64-linux" "laptop-alice" ./hosts/laptop.nix; user = "alice"; };
-        laptop-bob = { system = "x86_64-linux"; config = host "x86_64-linux" "laptop-bob" ./hosts/laptop.nix; user = "bob"; };
-        pi-kitchen = { system = "aarch64-linux"; config = host "aarch64-linux" "pi-kitchen" ./hosts/pi.nix; user = "pi"; };
-        pi-garage = { system = "aarch64-linux"; config = host "aarch64-linux" "pi-garage" ./hosts/pi.nix; user = "pi"; };
+      # The system profile every node has.
+      system = name: {
+        path = (activate name).nixos self.nixosConfigurations.${name};
+      };
+
+      laptop = name: {
+        # deploy-rs's SSH settings may stay; roost ignores them.
+        hostname = "${name}.lan";
+        roost.nodeKey = keys.nodes.${name};
+        profilesOrder = [
+          "system"
+          "home"
+        ];
+        profiles = {
+          system = system name;
+          home = {
+            user = machines.${name}.owner;
+            path = (activate name).home-manager (home name);
+            # A broken dotfile is not worth a rollback of the user's session: no checks.
+            roost.healthChecks = [ ];
+          };
+        };
       };
     in
     {
-      nixosConfigurations = builtins.mapAttrs (_: n: n.config) nodes;
+      nixosConfigurations = lib.mapAttrs (
+        name: m:
+        lib.nixosSystem {
+          inherit (m) system;
+          specialArgs = {
+            inherit keys;
+            owner = m.owner or null;
+          };
+          modules = [
+            roost.nixosModules.agent
+            ./hosts/common.nix
+            { networking.hostName = name; }
+          ] ++ m.modules;
+        }
+      ) machines;
 
-      # deploy-rs's schema, unchanged; roost's own settings sit beside it under `roost`.
+      # deploy-rs's schema, unchanged, with roost's own settings under `roost`. Precedence:
+      # profile > node > this level.
       deploy = {
-        user = "root";
+        autoRollback = true;
+        magicRollback = true;
         activationTimeout = 300;
         confirmTimeout = 60;
+        # A deploy is confirmed only once systemd has settled with no failed unit.
         roost.healthChecks = [
-          { kind = "command"; argv = [ "systemctl" "is-system-running" "--wait" ]; timeout_s = 120; }
+          {
+            kind = "command";
+            argv = [
+              "systemctl"
+              "is-system-running"
+              "--wait"
+            ];
+            timeout_s = 180;
+          }
         ];
-        nodes = builtins.mapAttrs (name: n: {
-          hostname = "${name}.lan"; # used by deploy-rs, ignored by roost
-          roost.nodeKey = nodeKeys.${name};
-          roost.wave = if nixpkgs.lib.hasPrefix "pi-" name then 1 else 0;
-          profilesOrder = [ "system" "home" ];
-          profiles = {
-            system.path = roost.lib.${n.system}.activate.nixos n.config;
-            home = {
-              user = n.user;
-              path = roost.lib.${n.system}.activate.noop (homeFor n.system n.user);
-              roost.activation = { kind = "none"; };
-              roost.healthChecks = [ ];
-            };
+
+        nodes = {
+          anna-laptop = laptop "anna-laptop";
+          ben-laptop = laptop "ben-laptop";
+
+          pi-kitchen = {
+            hostname = "pi-kitchen.lan";
+            roost.nodeKey = keys.nodes.pi-kitchen;
+            # The Pis get a release after the laptops have taken it.
+            roost.wave = 1;
+            roost.healthChecks = [
+              {
+                kind = "command";
+                argv = [
+                  "systemctl"
+                  "is-system-running"
+                  "--wait"
+                ];
+                timeout_s = 300;
+              }
+              {
+                kind = "command";
+                argv = [
+                  "systemctl"
+                  "is-active"
+                  "--quiet"
+                  "mosquitto.service"
+                ];
+                timeout_s = 30;
+              }
+            ];
+            profiles.system = system "pi-kitchen";
           };
-        }) nodes;
+
+          pi-garage = {
+            hostname = "pi-garage.lan";
+            roost.nodeKey = keys.nodes.pi-garage;
+            roost.wave = 1;
+            # An SD card is slow: give the switch more time.
+            activationTimeout = 600;
+            roost.healthChecks = [
+              {
+                kind = "http";
+                url = "http://127.0.0.1:9100/metrics";
+                timeout_s = 30;
+              }
+            ];
+            profiles.system = system "pi-garage";
+          };
+        };
       };
 
-      checks = builtins.mapAttrs (system: lib: { deploy = lib.deployChecks self.deploy; })
-        { inherit (roost.lib) x86_64-linux aarch64-linux; };
+      # `nix flake check`: the deploy output is well-formed for roost, and every profile
+      # builds and has the activation it declares (builds the Pis too: CI emulates aarch64).
+      checks.x86_64-linux = roost.lib.x86_64-linux.deployChecks self.deploy;
     };
 }

@@ -1,58 +1,332 @@
-//! Every `.nix` file of the repository parses (the modules' evaluation is in nixos_module.rs).
+//! The repository's Nix files: every one parses, `checkDeploy` (the flake's `lib.checkDeploy`
+//! and the heart of `lib.${system}.deployChecks`) accepts the offline fleet and names each
+//! problem of a broken one, and the offline fleet evaluates and publishes with this machine's
+//! Nix into manifests the agent's verification accepts.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use roost_tests::repo_root;
+use roost_common::{Identity, NodeName, PublicKey, Timestamp, TrustedKeys, verify_manifest};
+use roost_tests::{bin, repo_root};
+use serde_json::Value;
 
-fn have(tool: &str) -> bool {
-    let ok = Command::new(tool)
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !ok {
-        eprintln!("SKIP: {tool} is not installed (CI installs Nix)");
-    }
-    ok
+/// Whether `tool` is on `PATH`.
+fn on_path(tool: &str) -> bool {
+    std::env::var_os("PATH")
+        .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
 }
 
-fn nix_files(dir: &Path, out: &mut Vec<PathBuf>) {
-    for e in std::fs::read_dir(dir).unwrap() {
-        let p = e.unwrap().path();
-        let name = p.file_name().unwrap().to_string_lossy().into_owned();
-        if name.starts_with('.') || name == "target" {
-            continue;
+/// Skips the calling test, loudly, when Nix's tools are missing.
+macro_rules! require_nix {
+    () => {
+        if !on_path("nix-instantiate") || !on_path("nix") {
+            eprintln!("SKIP: Nix is not installed (scripts/test installs it)");
+            return;
         }
-        if p.is_dir() {
-            nix_files(&p, out);
+    };
+}
+
+fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .and_then(|l| l.split_whitespace().nth(2).map(|u| u == "0"))
+        })
+        .unwrap_or(false)
+}
+
+/// Every `.nix` file under `dir`, skipping build output and hidden folders.
+fn nix_files(dir: &Path, out: &mut Vec<PathBuf>) {
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let entry = entry.unwrap();
+        let path = entry.path();
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if entry.file_type().unwrap().is_dir() {
+            if !name.starts_with('.') && name != "target" && name != "result" {
+                nix_files(&path, out);
+            }
         } else if name.ends_with(".nix") {
-            out.push(p);
+            out.push(path);
         }
     }
 }
 
 #[test]
-fn every_nix_file_parses() {
-    if !have("nix-instantiate") {
-        return;
-    }
+fn every_nix_file_in_the_repository_parses() {
+    require_nix!();
+    let root = repo_root();
     let mut files = Vec::new();
-    nix_files(&repo_root(), &mut files);
-    assert!(
-        files.len() >= 10,
-        "expected the modules, flake, tests and examples: {files:?}"
-    );
-    for f in &files {
-        let o = Command::new("nix-instantiate")
-            .arg("--parse")
-            .arg(f)
-            .output()
-            .unwrap();
+    nix_files(&root, &mut files);
+    for expected in [
+        "flake.nix",
+        "nixos-module/agent.nix",
+        "nixos-module/coordinator.nix",
+        "examples/fleet/flake.nix",
+        "examples/offline/flake.nix",
+        "nix/tests/converge.nix",
+    ] {
         assert!(
-            o.status.success(),
-            "{} does not parse:\n{}",
-            f.display(),
-            String::from_utf8_lossy(&o.stderr)
+            files.contains(&root.join(expected)),
+            "{expected} was not found among the repository's .nix files"
         );
     }
+    let broken: Vec<String> = files
+        .iter()
+        .filter_map(|f| {
+            let out = Command::new("nix-instantiate")
+                .arg("--parse")
+                .arg(f)
+                .output()
+                .unwrap();
+            (!out.status.success()).then(|| {
+                format!(
+                    "{}: {}",
+                    f.display(),
+                    String::from_utf8_lossy(&out.stderr).trim()
+                )
+            })
+        })
+        .collect();
+    assert!(
+        broken.is_empty(),
+        "{} of {} .nix files do not parse:\n{}",
+        broken.len(),
+        files.len(),
+        broken.join("\n")
+    );
+}
+
+/// `checkDeploy` applied to `deploy` (a Nix expression), as a list of problems.
+fn check_deploy(deploy: &str) -> Vec<String> {
+    let expr = format!(
+        "import {} ({deploy})",
+        repo_root().join("nix/check-deploy.nix").display()
+    );
+    let out = Command::new("nix-instantiate")
+        .args(["--eval", "--strict", "--json", "--expr", &expr])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "checkDeploy failed to evaluate:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[test]
+fn check_deploy_accepts_the_offline_fleet() {
+    require_nix!();
+    let flake = repo_root().join("examples/offline/flake.nix");
+    let problems = check_deploy(&format!(
+        "((import {}).outputs {{ self = {{ }}; }}).deploy",
+        flake.display()
+    ));
+    assert!(problems.is_empty(), "{problems:#?}");
+}
+
+#[test]
+fn check_deploy_names_each_problem_with_its_node_and_profile() {
+    require_nix!();
+    let problems = check_deploy(
+        r#"{
+          nodes.pi = {
+            roost.nodeKey = "pi:short";
+            roost.healtChecks = [ ];
+            profilesOrder = [ "system" "home" ];
+            profiles.system = {
+              path = "/tmp/not-in-the-store";
+              activationTimeout = "soon";
+              roost.activation = { kind = "command"; argv = [ "/bin/sh" ]; };
+              roost.healthChecks = [ { kind = "tcp"; } ];
+            };
+          };
+          nodes.laptop.profiles.system = {
+            path = "/nix/store/00000000000000000000000000000000-system";
+            roost.activation = { kind = "nixos"; goal = "reboot"; };
+          };
+        }"#,
+    );
+    let expected = [
+        "deploy.nodes.pi.roost.nodeKey: expected a public key",
+        "deploy.nodes.pi.roost.healtChecks: unknown key",
+        "deploy.nodes.pi.profilesOrder: names `home`, which is not in `profiles`",
+        "deploy.nodes.pi.profiles.system.path: expected a derivation or a store path",
+        "deploy.nodes.pi.profiles.system.activationTimeout: expected a whole number of seconds",
+        "deploy.nodes.pi.profiles.system.roost.activation.argv: the program \"/bin/sh\" must be relative",
+        "deploy.nodes.pi.profiles.system.roost.healthChecks.0.kind: expected \"command\" or \"http\"",
+        "deploy.nodes.laptop.profiles.system.roost.activation.goal: expected \"switch\", \"boot\" or \"test\"",
+    ];
+    for e in expected {
+        assert!(
+            problems.iter().any(|p| p.starts_with(e)),
+            "no problem starting with {e:?} in {problems:#?}"
+        );
+    }
+    assert_eq!(problems.len(), expected.len(), "{problems:#?}");
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), &target).unwrap();
+        }
+    }
+}
+
+#[test]
+fn the_offline_example_evaluates_and_publishes_verifiable_manifests() {
+    require_nix!();
+    if !is_root() {
+        eprintln!("SKIP: publishing builds into the Nix store, which needs root without a daemon");
+        return;
+    }
+    let coordinator = bin("roost-coordinator");
+    assert!(
+        coordinator.exists(),
+        "{} is missing: run `cargo build --workspace` before this test",
+        coordinator.display()
+    );
+    let tmp = tempfile::tempdir().unwrap();
+    let flake = tmp.path().join("fleet");
+    copy_dir(&repo_root().join("examples/offline"), &flake);
+    // The fixtures build for this machine's system (the demo does the same).
+    let settings = flake.join("settings.nix");
+    let system = format!("{}-linux", std::env::consts::ARCH);
+    let text: String = std::fs::read_to_string(&settings)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            if l.trim_start().starts_with("system =") {
+                format!("  system = \"{system}\";\n")
+            } else {
+                format!("{l}\n")
+            }
+        })
+        .collect();
+    std::fs::write(&settings, text).unwrap();
+
+    let secret = tmp.path().join("publisher.sec");
+    let public = tmp.path().join("publisher.pub");
+    let out = Command::new(&coordinator)
+        .args(["keygen", "ci-publisher", "--secret-file"])
+        .arg(&secret)
+        .arg("--public-file")
+        .arg(&public)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "keygen: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let dest = tmp.path().join("static");
+    let out = Command::new(&coordinator)
+        .arg("publish")
+        .arg(&flake)
+        .arg("--key")
+        .arg(&secret)
+        .arg("--out")
+        .arg(&dest)
+        .arg("--json")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "publish of examples/offline failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let summary: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "publish --json printed no JSON ({e}):\n{}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    });
+
+    let trusted = TrustedKeys::new([PublicKey::read_file(&public).unwrap()], 1);
+    for node in ["laptop", "pi-kitchen", "pi-garage"] {
+        let file = dest.join(format!("v1/nodes/{node}/manifest"));
+        let bytes = std::fs::read(&file)
+            .unwrap_or_else(|e| panic!("{}: {e}\npublish said: {summary:#}", file.display()));
+        let name: NodeName = node.parse().unwrap();
+        let accepted = verify_manifest(
+            &bytes,
+            &trusted,
+            None,
+            Timestamp::now(),
+            Identity {
+                node: &name,
+                system: &system,
+            },
+        )
+        .unwrap_or_else(|e| panic!("{node}'s manifest does not verify: {e}"));
+        let roost_common::Accepted::New(verified) = accepted else {
+            panic!("{node}'s manifest was not a new one: {accepted:?}");
+        };
+        for p in &verified.manifest.profiles {
+            assert!(
+                p.path.as_path().exists(),
+                "{node}.{}: {} was not built",
+                p.name,
+                p.path
+            );
+        }
+    }
+}
+
+#[test]
+fn the_fleet_example_deploy_output_passes_check_deploy() {
+    require_nix!();
+    let Some(lib) = std::env::var_os("ROOST_NIXPKGS_LIB").filter(|v| !v.is_empty()) else {
+        eprintln!(
+            "SKIP: ROOST_NIXPKGS_LIB is not set (point it at a nixpkgs `lib` folder to evaluate examples/fleet)"
+        );
+        return;
+    };
+    let out = Command::new("nix-instantiate")
+        .args(["--eval", "--strict", "--json"])
+        .arg(repo_root().join("nix/example-eval.nix"))
+        .args(["--arg", "lib"])
+        .arg(format!("import {}", PathBuf::from(lib).display()))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "examples/fleet did not evaluate:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["problems"], serde_json::json!([]), "{v:#}");
+    let nodes = v["nodes"].as_object().unwrap();
+    assert_eq!(
+        nodes.keys().collect::<Vec<_>>(),
+        ["anna-laptop", "ben-laptop", "pi-garage", "pi-kitchen"]
+    );
+    for (laptop, owner) in [("anna-laptop", "anna"), ("ben-laptop", "ben")] {
+        let n = &v["nodes"][laptop];
+        assert_eq!(n["profilesOrder"], serde_json::json!(["system", "home"]));
+        assert_eq!(n["profiles"]["home"]["user"], owner, "{n:#}");
+        assert_eq!(n["profiles"]["system"]["user"], "root", "{n:#}");
+    }
+    for (name, system) in v["nixos"].as_object().unwrap() {
+        assert_eq!(
+            system["agent"], true,
+            "{name} does not import the agent module"
+        );
+    }
+    assert_eq!(v["nixos"]["pi-kitchen"]["system"], "aarch64-linux");
+    assert_eq!(
+        v["checks"]["x86_64-linux"],
+        serde_json::json!(["deploy-activate", "deploy-schema"])
+    );
 }

@@ -543,3 +543,33 @@ fn the_daemon_follows_new_versions_through_long_polls_and_stops_on_sigterm() {
     };
     assert_eq!(status.code(), Some(0), "{}", node.agent_log());
 }
+
+#[test]
+fn sigterm_during_a_deploy_lets_it_finish_before_the_daemon_exits() {
+    let f = world!("sigterm_mid_deploy");
+    let (c, node) = setup(f);
+    deploy_v1(&c, &node, f);
+    let mut args = vec!["run".to_owned(), "--interval".into(), "2s".into()];
+    args.extend(node.config_args());
+    let mut agent = node.spawn(&args, &[]);
+    publish(&c, &node, f, 2, f.profile("slow", json!({})));
+    let slow = f.get("slow").path.clone();
+    assert!(
+        node.wait_for(60, || node
+            .activations()
+            .contains(&format!("switch {slow}"))),
+        "the slow activation never started: {}",
+        node.agent_log()
+    );
+    ::nix::sys::signal::kill(
+        ::nix::unistd::Pid::from_raw(agent.id() as i32),
+        ::nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let status = agent.wait().unwrap();
+    assert_eq!(status.code(), Some(0), "{}", node.agent_log());
+    assert_eq!(node.activations().last().map(String::as_str), Some("done"));
+    assert_eq!(node.system(), Some((2, slow)));
+    assert!(node.status()["pending"].is_null());
+    assert_eq!(last(&c).state.as_str(), "success");
+}

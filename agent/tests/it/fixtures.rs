@@ -46,12 +46,15 @@ in {
   exit4 = mk "exit4" ''echo "some units failed" >&2; exit 4'';
   hang = mk "hang" ''sleep 1000 & echo $! > "$ROOST_FIXTURE_LOG.hang-pid"; wait'';
   cut = mk "cut" ''touch "$ROOST_FIXTURE_LOG.down"'';
+  slow = mk "slow" ''sleep 2; echo done >> "$ROOST_FIXTURE_LOG"'';
 }
 "#;
 
 /// Variants whose outputs go to the cache (`local` only has its derivation there).
-const CACHED: &[&str] = &["v1", "v2", "v3", "fail", "exit4", "hang", "cut"];
-const ALL: &[&str] = &["v1", "v2", "v3", "local", "fail", "exit4", "hang", "cut"];
+const CACHED: &[&str] = &["v1", "v2", "v3", "fail", "exit4", "hang", "cut", "slow"];
+const ALL: &[&str] = &[
+    "v1", "v2", "v3", "local", "fail", "exit4", "hang", "cut", "slow",
+];
 
 /// One built fixture.
 #[derive(Debug, Clone)]

@@ -3,8 +3,9 @@
 //! against real Nix, each node with its own `/nix` in a private mount namespace (`e2e`).
 
 mod coordinator;
+mod fixtures;
 mod support;
 
+mod cli;
 mod e2e;
-mod fixtures;
 mod state_machine;

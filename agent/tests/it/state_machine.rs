@@ -931,3 +931,34 @@ async fn polls_are_held_open_only_where_the_coordinator_offers_it() {
         "eight failures back off to minutes: {d:?}"
     );
 }
+
+#[tokio::test]
+async fn a_deferred_manifest_that_expires_is_not_applied_late() {
+    let w = World::new();
+    let mut agent = w.agent(vec![]);
+    let path = fake_store_path("late");
+    let mut m = w.manifest(
+        1,
+        vec![json!({"name": "system", "path": path, "profile_path": w.profile_link()})],
+    );
+    let soon = Timestamp::now().plus(Duration::from_secs(2));
+    m["expires_at"] = json!(soon.to_string());
+    assert_eq!(
+        agent.handle_manifest(&w.publisher.sign(&m), None).await,
+        Verdict::NotConverged
+    );
+    w.nix.add_to_cache(&path.parse().unwrap(), NAR);
+    tokio::time::sleep(Duration::from_millis(3100)).await;
+    let calls = w.nix.counts();
+    assert_eq!(agent.deploy_if_needed().await, Verdict::NotConverged);
+    assert_eq!(w.nix.counts(), calls, "an expired manifest was realised");
+    assert!(std::fs::symlink_metadata(w.profile_link()).is_err());
+    let last = w.reports().pop().unwrap().1;
+    assert_eq!(last["state"], "rejected");
+    assert!(
+        last["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("expired")
+    );
+}

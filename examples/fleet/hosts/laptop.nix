@@ -1,9 +1,28 @@
-{ ... }:
+# A laptop: UEFI, NetworkManager, one owner. It sleeps and roams, so the agent's long-poll
+# and its catch-up after resume matter more than the poll interval.
+{ owner, ... }:
 {
   boot.loader.systemd-boot.enable = true;
-  fileSystems."/" = { device = "/dev/disk/by-label/nixos"; fsType = "ext4"; };
+  boot.loader.efi.canTouchEfiVariables = true;
+  fileSystems."/" = {
+    device = "/dev/disk/by-label/nixos";
+    fsType = "ext4";
+  };
+  fileSystems."/boot" = {
+    device = "/dev/disk/by-label/BOOT";
+    fsType = "vfat";
+  };
+
   networking.networkmanager.enable = true;
-  services.xserver.enable = false;
-  # Laptops sleep: the agent polls soon after resume and long-polls while awake.
-  services.roost.agent.interval = "10min";
+  services.xserver.enable = true;
+  services.xserver.displayManager.gdm.enable = true;
+  services.xserver.desktopManager.gnome.enable = true;
+
+  users.users.${owner} = {
+    isNormalUser = true;
+    extraGroups = [
+      "wheel"
+      "networkmanager"
+    ];
+  };
 }
