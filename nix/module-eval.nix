@@ -59,6 +59,7 @@ let
 
   pkgs = rec {
     stdenv.hostPlatform.system = system;
+    stdenv.buildPlatform.canExecute = platform: platform.system == system;
     formats.json =
       { }:
       {

@@ -38,6 +38,9 @@ let
         cp ${rawConfigFile} $out
       '';
 
+  # Cross-compiled systems cannot run the node's agent on the build machine.
+  canRunAgent = (pkgs.stdenv.buildPlatform.canExecute or (_: true)) pkgs.stdenv.hostPlatform;
+
   daemon = cfg.mode == "daemon";
 in
 {
@@ -145,7 +148,8 @@ in
       default = true;
       description = ''
         Validate the generated config file with `roost-agent check-config` when the system
-        is built. Turn it off only when a trusted key file exists on the node alone.
+        is built (skipped when cross-compiling for a platform the build machine cannot run).
+        Turn it off only when a trusted key file exists on the node alone.
       '';
     };
 
@@ -186,7 +190,8 @@ in
   };
 
   config = lib.mkIf cfg.enable {
-    services.roost.agent.configFile = if cfg.checkConfig then checkedConfigFile else rawConfigFile;
+    services.roost.agent.configFile =
+      if cfg.checkConfig && canRunAgent then checkedConfigFile else rawConfigFile;
 
     # For `roost-agent status`, `roost-agent key` and manual `apply`/`rollback`.
     environment.systemPackages = [ cfg.package ];
