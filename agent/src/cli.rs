@@ -347,10 +347,14 @@ async fn run_once(agent: &mut Agent) -> u8 {
     if left > 0 {
         eprintln!("{left} report(s) queued for later delivery");
     }
-    print_outcome(agent, r.verdict);
     if r.reachable {
+        print_outcome(agent, r.verdict);
         exit_code(r.verdict)
     } else {
+        match agent.state().current_version {
+            Some(v) => println!("unreachable: no coordinator answered; still running version {v}"),
+            None => println!("unreachable: no coordinator answered"),
+        }
         FAILED
     }
 }
