@@ -12,12 +12,10 @@ pub fn init(default_filter: &str) {
     {
         if let Ok(logger) = systemd_journal_logger::JournalLog::new() {
             if logger.install().is_ok() {
+                // No tracing subscriber in this mode: tracing's `log` feature forwards events
+                // to the `log` facade only when none is installed, and journald is behind it.
                 log::set_max_level(log::LevelFilter::Info);
-                // tracing events reach the `log` facade through tracing's `log` feature.
-                let _ = tracing_subscriber::fmt()
-                    .with_env_filter(filter)
-                    .with_writer(std::io::sink)
-                    .try_init();
+                drop(filter);
                 return;
             }
         }
