@@ -42,6 +42,7 @@ fn main() -> anyhow::Result<()> {
             opt("--seconds", 10),
         )),
         "idle-poll" => rt.block_on(idle_poll(opt("--seconds", 60))),
+        "convergence" => convergence(opt("--nodes", 10) as usize, opt("--interval", 60)),
         "publish-scaling" => {
             let sizes = args
                 .iter()
@@ -92,6 +93,18 @@ fn cpu_ms(pid: u32) -> u64 {
     // Fields 14 and 15 (utime, stime) are at 11 and 12 after the state field is skipped.
     let ticks = f.get(10).copied().unwrap_or(0) + f.get(11).copied().unwrap_or(0);
     ticks * 1000 / 100
+}
+
+/// Nanoseconds on CPU of every thread of a process (/proc/PID/task/*/schedstat).
+fn cpu_ns(pid: u32) -> u64 {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .map(|d| {
+            d.flatten()
+                .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
+                .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+                .sum()
+        })
+        .unwrap_or(0)
 }
 
 fn node_name(i: usize) -> String {
@@ -506,7 +519,7 @@ async fn idle_poll(seconds: u64) -> anyhow::Result<()> {
         let f = &fleet;
         tokio::task::block_in_place(|| f.publish(&[]))?
     };
-    let version = summary["nodes"][0]["version"].as_u64().context("version")?;
+    let mut version = summary["nodes"][0]["version"].as_u64().context("version")?;
     for (mode, long_poll) in [
         ("plain polling, 1 s interval, keep-alive", false),
         ("long-poll (wait = interval = 2 s)", true),
@@ -536,14 +549,14 @@ async fn idle_poll(seconds: u64) -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_secs(3)).await;
         let pid = fleet.node("pi-kitchen").agent_pid().context("agent pid")?;
         let (cpu0, (up0, down0, conns0), polls0) = (
-            cpu_ms(pid),
+            cpu_ns(pid),
             proxy.counters.snapshot(),
             conditional_gets_304(&fleet.coordinator),
         );
         let t0 = Instant::now();
         tokio::time::sleep(Duration::from_secs(seconds)).await;
         let (cpu1, (up1, down1, conns1), polls1) = (
-            cpu_ms(pid),
+            cpu_ns(pid),
             proxy.counters.snapshot(),
             conditional_gets_304(&fleet.coordinator),
         );
@@ -551,16 +564,16 @@ async fn idle_poll(seconds: u64) -> anyhow::Result<()> {
         println!(
             "{}",
             json!({"scenario": "idle_poll", "mode": mode, "seconds": t0.elapsed().as_secs_f64(), "polls": polls,
-                   "cpu_ms_per_poll": (cpu1 - cpu0) as f64 / polls as f64,
+                   "cpu_ms_per_poll": (cpu1 - cpu0) as f64 / 1e6 / polls as f64,
                    "bytes_sent_per_poll": (up1 - up0) as f64 / polls as f64,
                    "bytes_received_per_poll": (down1 - down0) as f64 / polls as f64,
                    "new_connections": conns1 - conns0,
                    "agent_rss_mib": rss_kib(pid) as f64 / 1024.0,
-                   "cpu_clock_resolution_ms": 10})
+                   "cpu_source": "/proc/PID/task/*/schedstat (ns on CPU, all threads)"})
         );
         if !long_poll {
             // A poll that brings a new manifest for a closure the node already has.
-            let before = cpu_ms(pid);
+            let before = cpu_ns(pid);
             let again = {
                 let f = &fleet;
                 tokio::task::block_in_place(|| f.publish(&[]))?
@@ -570,12 +583,139 @@ async fn idle_poll(seconds: u64) -> anyhow::Result<()> {
             tokio::task::block_in_place(|| {
                 f.wait_report("pi-kitchen", v2, "success", Duration::from_secs(60))
             })?;
-            let spent = cpu_ms(pid) - before;
+            let spent = (cpu_ns(pid) - before) as f64 / 1e6;
+            version = v2;
             println!(
                 "{}",
-                json!({"scenario": "new_manifest_present_closure", "agent_cpu_ms": spent, "note": "includes the idle polls in the same seconds, the nix-store/nix path-info calls and the health check"})
+                json!({"scenario": "new_manifest_present_closure", "agent_cpu_ms": spent, "note": "the agent process only (its Nix and health-check child processes are not counted), including the idle polls in the same seconds"})
             );
         }
+    }
+    Ok(())
+}
+
+/// A fixture flake with `n` nodes built from the offline fleet's fixtures.
+fn big_fleet_flake(n: usize) -> String {
+    format!(
+        r#"{{
+  outputs = {{ self }}:
+    let
+      settings = import ./settings.nix;
+      fixtures = import ./fixtures.nix {{ inherit (settings) system; }};
+      node = i: let name = "node-${{toString i}}"; in {{
+        inherit name;
+        value.profiles.system.path = fixtures.fakeSystem {{ node = name; inherit (settings) generation; }};
+      }};
+    in {{
+      deploy.roost.healthChecks = [ {{ kind = "command"; argv = [ "/nix/var/nix/profiles/system/bin/health" ]; timeout_s = 10; }} ];
+      deploy.nodes = builtins.listToAttrs (builtins.genList node {n});
+    }};
+}}
+"#
+    )
+}
+
+/// Time from `publish` returning until each node starts activating and until it reports
+/// success, with long-poll and with plain polling.
+fn convergence(n: usize, interval_s: u64) -> anyhow::Result<()> {
+    use roost_tests::Fleet;
+    use roost_tests::fleet::Settings;
+    roost_tests::preflight().map_err(|e| anyhow::anyhow!("{e}"))?;
+    let names: Vec<String> = (0..n).map(|i| format!("node-{i}")).collect();
+    let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+    let mut fleet = Fleet::new(&refs)?;
+    fleet.edit("flake.nix", &big_fleet_flake(n))?;
+    fleet.interval = format!("{interval_s}s");
+    let mut generation = 1;
+    fleet.settings(&Settings {
+        generation,
+        ..Settings::default()
+    })?;
+    let first = fleet.publish(&[])?;
+    let v1 = first["nodes"][0]["version"].as_u64().context("version")?;
+    fleet.start_agents()?;
+    for name in &names {
+        fleet.wait_report(name, v1, "success", Duration::from_secs(180))?;
+    }
+    for long_poll in [true, false] {
+        if !long_poll {
+            for i in 0..n {
+                let mut args = fleet.agent_args(&fleet.nodes[i], false);
+                args.push("--no-long-poll".into());
+                fleet.nodes[i].start_agent(&args, &[])?;
+            }
+            std::thread::sleep(Duration::from_secs(5));
+        } else {
+            // Let every agent settle into a held long-poll.
+            std::thread::sleep(Duration::from_secs(3));
+        }
+        generation += 1;
+        fleet.settings(&Settings {
+            generation,
+            ..Settings::default()
+        })?;
+        let summary = fleet.publish(&[])?;
+        let published = Instant::now();
+        let version = summary["nodes"][0]["version"].as_u64().context("version")?;
+        let paths: Vec<String> = (0..n)
+            .map(|i| {
+                let node = summary["nodes"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .find(|x| x["node"] == names[i].as_str())
+                    .unwrap();
+                node["profiles"][0]["path"].as_str().unwrap().to_owned()
+            })
+            .collect();
+        let mut started: Vec<Option<Duration>> = vec![None; n];
+        let mut done: Vec<Option<Duration>> = vec![None; n];
+        let deadline = Duration::from_secs(interval_s * 2 + 120);
+        while done.iter().any(Option::is_none) && published.elapsed() < deadline {
+            for i in 0..n {
+                if started[i].is_none()
+                    && fleet.nodes[i]
+                        .activations()
+                        .iter()
+                        .any(|a| a.contains(&paths[i]))
+                {
+                    started[i] = Some(published.elapsed());
+                }
+            }
+            if let Ok(doc) = fleet.coordinator.fleet() {
+                for e in doc["nodes"].as_array().into_iter().flatten() {
+                    let Some(i) = names.iter().position(|x| e["node"] == x.as_str()) else {
+                        continue;
+                    };
+                    if done[i].is_none()
+                        && e["last_report"]["manifest_version"].as_u64() == Some(version)
+                        && e["last_report"]["state"] == "success"
+                    {
+                        done[i] = Some(published.elapsed());
+                    }
+                }
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let stats = |v: &[Option<Duration>]| {
+            let mut ms: Vec<f64> = v
+                .iter()
+                .flatten()
+                .map(|d| d.as_secs_f64() * 1000.0)
+                .collect();
+            ms.sort_by(f64::total_cmp);
+            let q = |p: f64| {
+                ms.get(((ms.len().saturating_sub(1)) as f64 * p).round() as usize)
+                    .copied()
+                    .unwrap_or(f64::NAN)
+            };
+            json!({"count": ms.len(), "median_ms": q(0.5), "max_ms": ms.last().copied().unwrap_or(f64::NAN)})
+        };
+        println!(
+            "{}",
+            json!({"scenario": "convergence", "nodes": n, "mode": if long_poll { "long-poll".to_owned() } else { format!("plain polling every {interval_s} s ± 20 %") },
+                   "start_activating": stats(&started), "reported_success": stats(&done)})
+        );
     }
     Ok(())
 }
