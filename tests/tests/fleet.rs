@@ -358,15 +358,22 @@ fn a_bad_deploy_on_one_node_rolls_back_there_only_and_is_not_retried() {
     assert_eq!(states["laptop"], "success");
 }
 
-/// Kill the agent inside `phase` (debug fault hook), restart it, and check the node is at the
-/// old or the new path, nothing is pending, and a report arrives.
-fn crash_in(phase: &str, behaviour: Option<&'static str>) {
+/// A one-node fleet (`pi-kitchen`) converged on generation 1, its agent stopped, and `next`
+/// published but not fetched yet.
+fn one_node_with_next(next: &Settings) -> (Fleet, Published, Published) {
     let mut f = Fleet::new(&["pi-kitchen"]).unwrap();
     let first = publish(&f, &generation(1));
     f.start_agents().unwrap();
     f.wait_report("pi-kitchen", first.version, "success", LONG)
         .unwrap();
     f.node_mut("pi-kitchen").stop_agent();
+    let second = publish(&f, next);
+    (f, first, second)
+}
+
+/// Kill the agent inside `phase` (debug fault hook), restart it, and check the node is at the
+/// old or the new path, nothing is pending, and a report arrives.
+fn crash_in(phase: &str, behaviour: Option<&'static str>) {
     let s = Settings {
         generation: 2,
         behaviour: behaviour
@@ -374,7 +381,7 @@ fn crash_in(phase: &str, behaviour: Option<&'static str>) {
             .unwrap_or_default(),
         ..Settings::default()
     };
-    let second = publish(&f, &s);
+    let (mut f, first, second) = one_node_with_next(&s);
     let args = f.agent_args(f.node("pi-kitchen"), false);
     f.node_mut("pi-kitchen")
         .start_agent(&args, &[("ROOST_FAULT", phase)])
@@ -533,13 +540,7 @@ fn cache_file_for(f: &Fleet, store_path: &str, ext: &str) -> std::path::PathBuf 
 #[test]
 fn a_corrupted_nar_is_refused_and_the_system_kept() {
     require_fleet!();
-    let mut f = Fleet::new(&["pi-kitchen"]).unwrap();
-    let first = publish(&f, &generation(1));
-    f.start_agents().unwrap();
-    f.wait_report("pi-kitchen", first.version, "success", LONG)
-        .unwrap();
-    f.node_mut("pi-kitchen").stop_agent();
-    let second = publish(&f, &generation(2));
+    let (mut f, first, second) = one_node_with_next(&generation(2));
     let narinfo = std::fs::read_to_string(cache_file_for(
         &f,
         &system_of(&second, "pi-kitchen"),
@@ -567,13 +568,7 @@ fn a_corrupted_nar_is_refused_and_the_system_kept() {
 #[test]
 fn a_narinfo_signed_by_an_untrusted_key_is_refused() {
     require_fleet!();
-    let mut f = Fleet::new(&["pi-kitchen"]).unwrap();
-    let first = publish(&f, &generation(1));
-    f.start_agents().unwrap();
-    f.wait_report("pi-kitchen", first.version, "success", LONG)
-        .unwrap();
-    f.node_mut("pi-kitchen").stop_agent();
-    let second = publish(&f, &generation(2));
+    let (mut f, first, second) = one_node_with_next(&generation(2));
     let path = system_of(&second, "pi-kitchen");
     let file = cache_file_for(&f, &path, "narinfo");
     let narinfo = std::fs::read_to_string(&file).unwrap();
@@ -616,13 +611,7 @@ fn a_narinfo_signed_by_an_untrusted_key_is_refused() {
 #[test]
 fn a_manifest_published_before_its_closure_converges_soon_after_the_closure_arrives() {
     require_fleet!();
-    let mut f = Fleet::new(&["pi-kitchen"]).unwrap();
-    let first = publish(&f, &generation(1));
-    f.start_agents().unwrap();
-    f.wait_report("pi-kitchen", first.version, "success", LONG)
-        .unwrap();
-    f.node_mut("pi-kitchen").stop_agent();
-    let second = publish(&f, &generation(2));
+    let (mut f, _first, second) = one_node_with_next(&generation(2));
     // Hide the new closure: the manifest is visible, the cache does not have it yet.
     let narinfo = cache_file_for(&f, &system_of(&second, "pi-kitchen"), "narinfo");
     let hidden = f.dir().join("hidden.narinfo");
