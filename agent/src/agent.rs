@@ -110,7 +110,11 @@ impl Agent {
         };
         let state = dir.load().map_err(state_err)?;
         let key = dir.node_key(cfg.node.as_str()).map_err(state_err)?;
-        let http = reqwest::Client::builder()
+        let mut http = reqwest::Client::builder();
+        for ca in &cfg.ca_certs {
+            http = http.add_root_certificate(ca.clone());
+        }
+        let http = http
             .connect_timeout(Duration::from_secs(10))
             .pool_idle_timeout(Duration::from_secs(600))
             .tcp_keepalive(Duration::from_secs(60))

@@ -171,6 +171,10 @@ pub struct ConfigArgs {
     /// Never hold polls open, even where the coordinator offers it.
     #[arg(long)]
     no_long_poll: bool,
+    /// A CA certificate (PEM) to trust for HTTPS coordinators behind a private CA, besides
+    /// the web PKI roots; repeat for several.
+    #[arg(long = "ca-cert", value_name = "PEM")]
+    ca_certs: Vec<PathBuf>,
 }
 
 impl ConfigArgs {
@@ -191,6 +195,9 @@ impl ConfigArgs {
         f.build_policy = self.build_policy.or(f.build_policy);
         if self.no_long_poll {
             f.long_poll = Some(false);
+        }
+        if !self.ca_certs.is_empty() {
+            f.ca_certs = self.ca_certs;
         }
         f.resolve().map_err(|e| e.to_string())
     }

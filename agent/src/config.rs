@@ -53,6 +53,10 @@ pub struct ConfigFile {
     /// Extra cache public keys the node always trusts.
     #[serde(default)]
     pub extra_trusted_public_keys: Vec<String>,
+    /// CA certificates (PEM files) trusted for HTTPS coordinators besides the web PKI roots,
+    /// for coordinators behind a private CA.
+    #[serde(default)]
+    pub ca_certs: Vec<PathBuf>,
 }
 
 /// The validated configuration.
@@ -80,6 +84,8 @@ pub struct Config {
     pub extra_substituters: Vec<String>,
     /// Extra cache keys.
     pub extra_trusted_public_keys: Vec<String>,
+    /// Extra CA certificates for HTTPS coordinators.
+    pub ca_certs: Vec<reqwest::Certificate>,
 }
 
 /// A configuration problem (exit 2).
@@ -157,6 +163,27 @@ impl ConfigFile {
             k.parse::<PublicKey>()
                 .map_err(|e| ConfigError(format!("extra_trusted_public_keys `{k}`: {e}")))?;
         }
+        let ca_certs = self
+            .ca_certs
+            .iter()
+            .map(|p| {
+                let pem = std::fs::read(p)
+                    .map_err(|e| ConfigError(format!("ca_certs: {}: {e}", p.display())))?;
+                // reqwest parses lazily; refuse what is plainly not a PEM certificate now.
+                if !String::from_utf8_lossy(&pem).contains("-----BEGIN CERTIFICATE-----") {
+                    return Err(ConfigError(format!(
+                        "ca_certs: {}: not a PEM certificate (no BEGIN CERTIFICATE block)",
+                        p.display()
+                    )));
+                }
+                reqwest::Certificate::from_pem(&pem).map_err(|e| {
+                    ConfigError(format!(
+                        "ca_certs: {}: not a PEM certificate: {e}",
+                        p.display()
+                    ))
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         Ok(Config {
             coordinators: self
                 .coordinators
@@ -175,6 +202,7 @@ impl ConfigFile {
             realise_timeout,
             extra_substituters: self.extra_substituters,
             extra_trusted_public_keys: self.extra_trusted_public_keys,
+            ca_certs,
         })
     }
 }
@@ -208,6 +236,20 @@ mod tests {
         assert_eq!(c.trusted.threshold(), 1);
         assert!(c.long_poll);
         assert_eq!(c.system, build_system());
+    }
+
+    #[test]
+    fn a_ca_cert_that_is_not_pem_is_refused_with_its_file() {
+        let d = tempfile::tempdir().unwrap();
+        let bad = d.path().join("ca.pem");
+        std::fs::write(&bad, "not a certificate").unwrap();
+        let mut f = base(d.path());
+        f.ca_certs = vec![bad];
+        let e = f.resolve().unwrap_err().to_string();
+        assert!(e.contains("ca.pem") && e.contains("PEM"), "{e}");
+        let mut f = base(d.path());
+        f.ca_certs = vec![d.path().join("missing.pem")];
+        assert!(f.resolve().unwrap_err().to_string().contains("missing.pem"));
     }
 
     #[test]

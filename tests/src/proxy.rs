@@ -77,6 +77,102 @@ impl CountingProxy {
     }
 }
 
+impl CountingProxy {
+    /// Like [`CountingProxy::start_on`], but clients speak TLS to the proxy (certificate and
+    /// key from PEM files) and bytes are counted as they cross the wire, encrypted.
+    pub async fn start_tls(
+        bind: std::net::SocketAddr,
+        target: String,
+        cert_pem: &std::path::Path,
+        key_pem: &std::path::Path,
+    ) -> anyhow::Result<Self> {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let certs = CertificateDer::pem_file_iter(cert_pem)?.collect::<Result<Vec<_>, _>>()?;
+        let key = PrivateKeyDer::from_pem_file(key_pem)?;
+        let config = rustls::ServerConfig::builder()
+            .with_no_client_auth()
+            .with_single_cert(certs, key)?;
+        let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
+        let listener = TcpListener::bind(bind).await?;
+        let addr = listener.local_addr()?;
+        let counters = Arc::new(Counters::default());
+        let c = counters.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                c.connections.fetch_add(1, Ordering::Relaxed);
+                let (c, target, acceptor) = (c.clone(), target.clone(), acceptor.clone());
+                tokio::spawn(async move {
+                    let _ = client.set_nodelay(true);
+                    let counted = CountingStream {
+                        inner: client,
+                        counters: c,
+                    };
+                    let Ok(mut tls) = acceptor.accept(counted).await else {
+                        return;
+                    };
+                    let Ok(mut server) = TcpStream::connect(&target).await else {
+                        return;
+                    };
+                    let _ = tokio::io::copy_bidirectional(&mut tls, &mut server).await;
+                });
+            }
+        });
+        Ok(Self {
+            addr,
+            counters,
+            task,
+        })
+    }
+}
+
+/// A socket that counts what it reads (client → proxy) and writes (proxy → client).
+struct CountingStream {
+    inner: TcpStream,
+    counters: Arc<Counters>,
+}
+
+impl tokio::io::AsyncRead for CountingStream {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let r = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
+        let n = buf.filled().len() - before;
+        self.counters.up.fetch_add(n as u64, Ordering::Relaxed);
+        r
+    }
+}
+
+impl tokio::io::AsyncWrite for CountingStream {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let r = std::pin::Pin::new(&mut self.inner).poll_write(cx, buf);
+        if let std::task::Poll::Ready(Ok(n)) = &r {
+            self.counters.down.fetch_add(*n as u64, Ordering::Relaxed);
+        }
+        r
+    }
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
 impl Drop for CountingProxy {
     fn drop(&mut self) {
         self.task.abort();

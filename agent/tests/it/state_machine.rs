@@ -127,6 +127,7 @@ async fn substituters_and_keys_are_the_manifests_plus_the_configs_only() {
                 .public()
                 .to_string(),
         ],
+        ca_certs: vec![],
         ..Default::default()
     };
     f.realise_timeout = Some("90s".into());

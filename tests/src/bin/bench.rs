@@ -520,11 +520,93 @@ async fn idle_poll(seconds: u64) -> anyhow::Result<()> {
         tokio::task::block_in_place(|| f.publish(&[]))?
     };
     let mut version = summary["nodes"][0]["version"].as_u64().context("version")?;
-    for (mode, long_poll) in [
-        ("plain polling, 1 s interval, keep-alive", false),
-        ("long-poll (wait = interval = 2 s)", true),
+    // HTTPS: a TLS front (rustls) with a certificate for the bridge address, trusted by the
+    // agent through --ca-cert; bytes are counted encrypted, at its socket.
+    let certs = tempfile::tempdir()?;
+    let (cert, key) = (certs.path().join("cert.pem"), certs.path().join("key.pem"));
+    let (ca, ca_key, csr, ext) = (
+        certs.path().join("ca.pem"),
+        certs.path().join("ca.key"),
+        certs.path().join("leaf.csr"),
+        certs.path().join("leaf.ext"),
+    );
+    std::fs::write(
+        &ext,
+        format!(
+            "subjectAltName=IP:{}\nbasicConstraints=CA:FALSE\n",
+            fleet.bridge.ip
+        ),
+    )?;
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    let openssl = |args: &[std::ffi::OsString]| {
+        std::process::Command::new("openssl")
+            .args(args)
+            .output()
+            .map(|o| o.status.success())
+            .unwrap_or(false)
+    };
+    let p = |x: &std::path::Path| x.as_os_str().to_owned();
+    let s = |x: &str| std::ffi::OsString::from(x);
+    let mut ca_args: Vec<std::ffi::OsString> =
+        ["req", "-x509", "-days", "2", "-subj", "/CN=roost-bench-ca"]
+            .iter()
+            .map(|x| s(x))
+            .collect();
+    ca_args.extend(ec.iter().map(|x| s(x)));
+    ca_args.extend([s("-keyout"), p(&ca_key), s("-out"), p(&ca)]);
+    let mut leaf_args: Vec<std::ffi::OsString> = ["req", "-subj", "/CN=roost-bench"]
+        .iter()
+        .map(|x| s(x))
+        .collect();
+    leaf_args.extend(ec.iter().map(|x| s(x)));
+    leaf_args.extend([s("-keyout"), p(&key), s("-out"), p(&csr)]);
+    let sign_args: Vec<std::ffi::OsString> = vec![
+        s("x509"),
+        s("-req"),
+        s("-days"),
+        s("2"),
+        s("-in"),
+        p(&csr),
+        s("-CA"),
+        p(&ca),
+        s("-CAkey"),
+        p(&ca_key),
+        s("-CAcreateserial"),
+        s("-out"),
+        p(&cert),
+        s("-extfile"),
+        p(&ext),
+    ];
+    let ok = openssl(&ca_args) && openssl(&leaf_args) && openssl(&sign_args);
+    anyhow::ensure!(ok, "openssl could not make a test certificate");
+    let tls_proxy = CountingProxy::start_tls(
+        std::net::SocketAddr::new(fleet.bridge.ip.into(), 0),
+        format!("127.0.0.1:{}", fleet.coordinator.port),
+        &cert,
+        &key,
+    )
+    .await?;
+    for (mode, long_poll, tls) in [
+        ("plain polling, 1 s interval, keep-alive", false, false),
+        ("long-poll (wait = interval = 2 s)", true, false),
+        (
+            "HTTPS (rustls), plain polling, 1 s interval, keep-alive",
+            false,
+            true,
+        ),
     ] {
-        let node_url = format!("http://{}", proxy.addr);
+        let proxy = if tls { &tls_proxy } else { &proxy };
+        let node_url = if tls {
+            format!("https://{}", proxy.addr)
+        } else {
+            format!("http://{}", proxy.addr)
+        };
         let mut args = fleet.agent_args(fleet.node("pi-kitchen"), false);
         let i = args
             .iter()
@@ -538,6 +620,10 @@ async fn idle_poll(seconds: u64) -> anyhow::Result<()> {
         args[j + 1] = if long_poll { "2s".into() } else { "1s".into() };
         if !long_poll {
             args.push("--no-long-poll".into());
+        }
+        if tls {
+            args.push("--ca-cert".into());
+            args.push(ca.display().to_string());
         }
         fleet.node_mut("pi-kitchen").start_agent(&args, &[])?;
         {
@@ -571,7 +657,13 @@ async fn idle_poll(seconds: u64) -> anyhow::Result<()> {
                    "agent_rss_mib": rss_kib(pid) as f64 / 1024.0,
                    "cpu_source": "/proc/PID/task/*/schedstat (ns on CPU, all threads)"})
         );
-        if !long_poll {
+        if tls && polls < 5 {
+            eprintln!(
+                "HTTPS polls failed? agent log:\n{}",
+                roost_tests::fleet::tail(&fleet.node("pi-kitchen").log(), 15)
+            );
+        }
+        if !long_poll && !tls {
             // A poll that brings a new manifest for a closure the node already has.
             let before = cpu_ns(pid);
             let again = {
