@@ -631,3 +631,21 @@ fn a_manifest_published_before_its_closure_converges_soon_after_the_closure_arri
     );
     assert_eq!(at(&f, "pi-kitchen"), Some(system_of(&second, "pi-kitchen")));
 }
+
+#[test]
+fn a_cache_replaced_at_the_same_url_receives_the_closures_again() {
+    require_fleet!();
+    let mut f = Fleet::new(&["pi-kitchen"]).unwrap();
+    publish(&f, &generation(1));
+    // The coordinator loses its state and comes back at the same URL, empty.
+    f.coordinator.kill();
+    std::fs::remove_dir_all(&f.coordinator.state_dir).unwrap();
+    std::fs::create_dir_all(&f.coordinator.state_dir).unwrap();
+    f.coordinator.restart().unwrap();
+    // Nix remembers the old cache had the closure; publish must upload it regardless.
+    let again = publish(&f, &generation(1));
+    f.start_agents().unwrap();
+    f.wait_report("pi-kitchen", again.version, "success", LONG)
+        .unwrap();
+    assert_eq!(at(&f, "pi-kitchen"), Some(system_of(&again, "pi-kitchen")));
+}

@@ -353,8 +353,22 @@ impl Nix {
     }
 
     /// `nix copy --to URL PATHS…`.
+    ///
+    /// Nix remembers which paths a cache holds (for 30 days by default) and skips uploading
+    /// them; a cache that was emptied or replaced at the same URL would then never receive
+    /// them again. The TTLs are set to 0 so the destination itself is asked.
     pub fn copy_to(&self, to: &str, paths: &[StorePath]) -> Result<(), NixError> {
-        let mut args = strings(&["copy", "--to", to]);
+        let mut args = strings(&[
+            "copy",
+            "--to",
+            to,
+            "--option",
+            "narinfo-cache-positive-ttl",
+            "0",
+            "--option",
+            "narinfo-cache-negative-ttl",
+            "0",
+        ]);
         args.extend(paths.iter().map(|p| p.to_string()));
         self.run(Tool::Nix, &args, None).map(drop)
     }
