@@ -4,6 +4,7 @@
 //! No tokio and no HTTP here. The `nix` feature adds the one door to the Nix commands.
 
 pub mod envelope;
+pub mod fs;
 pub mod keys;
 pub mod names;
 pub mod time;

@@ -19,6 +19,9 @@ pub enum StoreError {
         /// The OS error.
         source: std::io::Error,
     },
+    /// An atomic write failed (the message names the file).
+    #[error(transparent)]
+    Write(std::io::Error),
     /// SQLite trouble.
     #[error("report database: {0}")]
     Db(#[from] rusqlite::Error),
@@ -31,23 +34,9 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
     }
 }
 
-/// Writes `bytes` to `path` atomically: temp file in the same folder, fsync, rename, fsync dir.
+/// Writes `bytes` to `path` atomically (temp file, fsync, rename, fsync of the folder).
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
-    use std::io::Write;
-    let dir = path.parent().unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir).map_err(io(dir))?;
-    let tmp = dir.join(format!(
-        ".{}.tmp-{}",
-        path.file_name().and_then(|f| f.to_str()).unwrap_or("f"),
-        std::process::id()
-    ));
-    let mut f = std::fs::File::create(&tmp).map_err(io(&tmp))?;
-    f.write_all(bytes).map_err(io(&tmp))?;
-    f.sync_all().map_err(io(&tmp))?;
-    std::fs::rename(&tmp, path).map_err(io(path))?;
-    std::fs::File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io(dir))
+    roost_common::fs::write_atomic(path, bytes).map_err(StoreError::Write)
 }
 
 /// A node's stored report summary.
