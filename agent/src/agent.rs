@@ -137,6 +137,9 @@ impl Agent {
         let live = Snapshot {
             pid: std::process::id(),
             phase: "idle".into(),
+            // The first poll is due as soon as start-up reconciliation is done.
+            next_poll_at: Some(Timestamp::from(clock.now())),
+            polling_since: None,
             ..written.clone().unwrap_or_default()
         };
         Ok(Self {
@@ -243,6 +246,7 @@ impl Agent {
             l.next_poll_at = next;
             l.failures = failures;
             l.long_poll = long_poll;
+            l.polling_since = None;
         });
     }
 
@@ -265,6 +269,8 @@ impl Agent {
     pub async fn poll(&mut self, wait: Option<u64>) -> Poll {
         fault::point("fetch");
         let t = Instant::now();
+        let since = Timestamp::from(self.clock.now());
+        self.update_live(|l| l.polling_since = Some(since));
         let etag = self.seen_etag.clone().or_else(|| self.state.etag.clone());
         let p = self.poller.poll(etag.as_deref(), wait).await;
         self.fresh = false;

@@ -130,6 +130,10 @@ pub struct Snapshot {
     pub failures: u32,
     /// Whether the coordinator holds polls open.
     pub long_poll: bool,
+    /// When the poll in flight began (none: between polls). A held long-poll is in flight
+    /// most of the time.
+    #[serde(default)]
+    pub polling_since: Option<Timestamp>,
 }
 
 /// The outcome of a deploy attempt.

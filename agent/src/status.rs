@@ -71,7 +71,9 @@ pub fn collect(dir: &Path) -> anyhow::Result<Value> {
         "source": state.desired.as_ref().and_then(|m| m.source.clone()),
         "profiles": profiles,
         "last_poll": last_poll,
-        "next_poll": snap.as_ref().and_then(|s| s.next_poll_at).filter(|_| running),
+        // While a poll is in flight (a held long-poll mostly is) the next poll is that one.
+        "next_poll": snap.as_ref().and_then(|s| s.polling_since.or(s.next_poll_at)).filter(|_| running),
+        "polling_since": snap.as_ref().and_then(|s| s.polling_since).filter(|_| running),
         "poll_failures": snap.as_ref().map_or(0, |s| s.failures),
         "long_poll": snap.as_ref().is_some_and(|s| s.long_poll),
         "last_deploy": state.last_deploy,
@@ -144,7 +146,18 @@ pub fn render(doc: &Value) -> String {
             s(&doc["last_poll"]["result"])
         );
     }
-    if !doc["next_poll"].is_null() {
+    if !doc["polling_since"].is_null() {
+        let held = if doc["long_poll"] == true {
+            " (held open by the coordinator until a new manifest or the wait ends)"
+        } else {
+            ""
+        };
+        let _ = writeln!(
+            o,
+            "next poll       in flight, began {}{held}",
+            ago(&doc["polling_since"])
+        );
+    } else if !doc["next_poll"].is_null() {
         let _ = writeln!(o, "next poll       {}", ago(&doc["next_poll"]));
     }
     let ld = &doc["last_deploy"];
@@ -225,4 +238,36 @@ pub fn render(doc: &Value) -> String {
         }
     }
     o
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn doc(polling_since: Value, next_poll: Value) -> Value {
+        json!({
+            "node": "pi", "daemon_running": true, "phase": "idle", "long_poll": true,
+            "last_poll": null, "polling_since": polling_since, "next_poll": next_poll,
+            "last_deploy": null, "pending": null, "quarantined": [], "pending_reports": [],
+        })
+    }
+
+    #[test]
+    fn a_poll_in_flight_is_shown_as_such_not_as_a_due_time() {
+        let t = Timestamp::now().to_string();
+        let out = render(&doc(json!(t), json!(t)));
+        assert!(out.contains("next poll       in flight, began"), "{out}");
+        assert!(out.contains("held open by the coordinator"), "{out}");
+    }
+
+    #[test]
+    fn between_polls_the_due_time_is_shown() {
+        let later = Timestamp::from(std::time::SystemTime::now() + Duration::from_secs(300));
+        let out = render(&doc(Value::Null, json!(later.to_string())));
+        assert!(
+            out.contains("next poll       in 4 min") || out.contains("next poll       in 5 min"),
+            "{out}"
+        );
+        assert!(!out.contains("in flight"), "{out}");
+    }
 }

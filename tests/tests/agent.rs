@@ -452,6 +452,7 @@ fn status_json_has_every_field_while_the_daemon_runs() {
         "profiles",
         "last_poll",
         "next_poll",
+        "polling_since",
         "last_deploy",
         "pending",
         "pending_reports",
