@@ -90,6 +90,15 @@ fn report(node: &str, seq: u64, key: &SecretKey, include_key: bool) -> Vec<u8> {
     Envelope::seal(Context::Report, &serde_json::to_vec(&r).unwrap(), &[key]).to_bytes()
 }
 
+/// A server on a fresh state folder with a manifest of version `v` stored for `n1`.
+async fn serving_n1(v: u64) -> (tempfile::TempDir, SecretKey, Server) {
+    let dir = tempfile::tempdir().unwrap();
+    let key = SecretKey::generate("pub").unwrap();
+    let s = Server::start(dir.path(), &key, None).await;
+    put(&s.url, "n1", sealed(&key, &manifest("n1", v, None))).await;
+    (dir, key, s)
+}
+
 async fn put(url: &str, node: &str, body: Vec<u8>) -> (u16, Value) {
     let r = reqwest::Client::new()
         .put(format!("{url}/v1/nodes/{node}/manifest"))
@@ -154,10 +163,7 @@ async fn etag_round_trip_gives_200_then_304() {
 
 #[tokio::test]
 async fn long_poll_is_answered_by_a_put_long_before_wait_expires() {
-    let dir = tempfile::tempdir().unwrap();
-    let key = SecretKey::generate("pub").unwrap();
-    let s = Server::start(dir.path(), &key, None).await;
-    put(&s.url, "n1", sealed(&key, &manifest("n1", 1, None))).await;
+    let (_dir, key, s) = serving_n1(1).await;
     let etag = "\"1\"";
     let mut waiters = Vec::new();
     for _ in 0..50 {
@@ -198,10 +204,7 @@ async fn long_poll_is_answered_by_a_put_long_before_wait_expires() {
 
 #[tokio::test]
 async fn long_poll_without_change_ends_in_304_after_wait() {
-    let dir = tempfile::tempdir().unwrap();
-    let key = SecretKey::generate("pub").unwrap();
-    let s = Server::start(dir.path(), &key, None).await;
-    put(&s.url, "n1", sealed(&key, &manifest("n1", 1, None))).await;
+    let (_dir, _key, s) = serving_n1(1).await;
     let r = reqwest::Client::new()
         .get(format!("{}/v1/nodes/n1/manifest?wait=1", s.url))
         .header("If-None-Match", "\"1\"")
@@ -328,10 +331,7 @@ async fn reports_are_refused_for_wrong_key_replayed_seq_and_unknown_node() {
 
 #[tokio::test]
 async fn without_node_key_the_first_report_pins_its_key() {
-    let dir = tempfile::tempdir().unwrap();
-    let key = SecretKey::generate("pub").unwrap();
-    let s = Server::start(dir.path(), &key, None).await;
-    put(&s.url, "n1", sealed(&key, &manifest("n1", 1, None))).await;
+    let (_dir, _key, s) = serving_n1(1).await;
     let first = SecretKey::generate("n1").unwrap();
     assert_eq!(
         post_report(&s.url, "n1", report("n1", 1, &first, true))
@@ -636,13 +636,7 @@ async fn a_restart_on_the_same_state_serves_the_same_manifests_reports_and_cache
     s.stop().await;
 
     let s = Server::start_on(dir.path(), &key, Some(token), addr).await;
-    let got = reqwest::get(format!("{}/v1/nodes/n1/manifest", s.url))
-        .await
-        .unwrap()
-        .bytes()
-        .await
-        .unwrap();
-    assert_eq!(got.to_vec(), body);
+    assert_eq!(sealed_bytes_of(&s, "n1").await, body);
     let fleet: Value = reqwest::get(format!("{}/v1/fleet", s.url))
         .await
         .unwrap()
@@ -682,12 +676,7 @@ async fn metrics_expose_versions_states_and_request_counters() {
     )
     .await;
     post_report(&s.url, "n1", report("n1", 1, &node_key, false)).await;
-    let text = reqwest::get(format!("{}/metrics", s.url))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = metrics_text(&s).await;
     assert!(
         text.contains("roost_node_desired_version{node=\"n1\"} 3"),
         "{text}"
@@ -842,10 +831,7 @@ async fn an_upload_whose_body_stalls_gets_408_and_stores_nothing() {
 
 #[tokio::test]
 async fn shutdown_answers_held_long_polls_and_stops() {
-    let dir = tempfile::tempdir().unwrap();
-    let key = SecretKey::generate("pub").unwrap();
-    let s = Server::start(dir.path(), &key, None).await;
-    put(&s.url, "n1", sealed(&key, &manifest("n1", 1, None))).await;
+    let (_dir, _key, s) = serving_n1(1).await;
     let url = format!("{}/v1/nodes/n1/manifest?wait=300", s.url);
     let poll = tokio::spawn(async move {
         reqwest::Client::new()
@@ -940,4 +926,176 @@ async fn tls_serves_the_api_over_https() {
     );
     let _ = tx.send(());
     task.await.unwrap().unwrap();
+}
+
+/// One HTTP/1.1 response read off a raw connection: the head's lines (status first, header
+/// names lower-cased) and the body (by `content-length`); `None` at end of stream.
+async fn read_response(s: &mut tokio::net::TcpStream) -> Option<(Vec<String>, Vec<u8>)> {
+    use tokio::io::AsyncReadExt;
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        if s.read(&mut byte).await.ok()? == 0 {
+            return None;
+        }
+        head.push(byte[0]);
+    }
+    let lines: Vec<String> = String::from_utf8_lossy(&head)
+        .split("\r\n")
+        .filter(|l| !l.is_empty())
+        .enumerate()
+        .map(|(i, l)| match (i, l.split_once(':')) {
+            (0, _) | (_, None) => l.to_owned(),
+            (_, Some((k, v))) => format!("{}:{}", k.to_ascii_lowercase(), v),
+        })
+        .collect();
+    let len = lines
+        .iter()
+        .find_map(|l| l.strip_prefix("content-length: "))
+        .map_or(0, |v| v.parse().unwrap());
+    let mut body = vec![0u8; len];
+    s.read_exact(&mut body).await.ok()?;
+    Some((lines, body))
+}
+
+async fn raw_get(s: &mut tokio::net::TcpStream, target: &str, extra: &str) {
+    use tokio::io::AsyncWriteExt;
+    let req = format!("GET {target} HTTP/1.1\r\nHost: x\r\n{extra}\r\n");
+    s.write_all(req.as_bytes()).await.unwrap();
+}
+
+fn without_date(mut lines: Vec<String>) -> Vec<String> {
+    lines.retain(|l| !l.starts_with("date:"));
+    lines.sort();
+    lines
+}
+
+fn header<'a>(lines: &'a [String], name: &str) -> Option<&'a str> {
+    lines
+        .iter()
+        .find_map(|l| l.strip_prefix(&format!("{name}: ")))
+}
+
+#[tokio::test]
+async fn the_front_answers_polls_exactly_as_the_router_does() {
+    let (_dir, _key, s) = serving_n1(3).await;
+    // `n%31` is `n1` to axum; the front leaves anything percent-encoded to it.
+    for extra in ["", "If-None-Match: \"3\"\r\n"] {
+        let mut c = tokio::net::TcpStream::connect(s.addr).await.unwrap();
+        raw_get(&mut c, "/v1/nodes/n1/manifest", extra).await;
+        let front = read_response(&mut c).await.unwrap();
+        let mut c = tokio::net::TcpStream::connect(s.addr).await.unwrap();
+        raw_get(&mut c, "/v1/nodes/n%31/manifest", extra).await;
+        let router = read_response(&mut c).await.unwrap();
+        assert!(header(&front.0, "date").is_some(), "{:?}", front.0);
+        assert_eq!(without_date(front.0), without_date(router.0), "{extra}");
+        assert_eq!(front.1, router.1);
+    }
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn a_poll_connection_is_kept_alive_pipelined_and_closed_after_any_other_request() {
+    use tokio::io::AsyncWriteExt;
+    let (_dir, _key, s) = serving_n1(1).await;
+    let mut c = tokio::net::TcpStream::connect(s.addr).await.unwrap();
+    raw_get(&mut c, "/v1/nodes/n1/manifest", "").await;
+    let (head, body) = read_response(&mut c).await.unwrap();
+    assert_eq!(head[0], "HTTP/1.1 200 OK");
+    assert_eq!(body, sealed_bytes_of(&s, "n1").await);
+    // Two polls in one write: two answers, in order.
+    let poll = "GET /v1/nodes/n1/manifest HTTP/1.1\r\nHost: x\r\nIf-None-Match: \"1\"\r\n\r\n";
+    c.write_all(format!("{poll}{poll}").as_bytes())
+        .await
+        .unwrap();
+    for _ in 0..2 {
+        let (head, _) = read_response(&mut c).await.unwrap();
+        assert_eq!(head[0], "HTTP/1.1 304 Not Modified");
+        assert_eq!(header(&head, "etag"), Some("\"1\""));
+        assert_eq!(header(&head, "roost-long-poll"), Some("300"));
+    }
+    // Another route on the same connection: answered by the router, then closed, so the
+    // client's next poll opens a fresh connection.
+    raw_get(&mut c, "/v1/fleet", "").await;
+    let (head, body) = read_response(&mut c).await.unwrap();
+    assert_eq!(head[0], "HTTP/1.1 200 OK");
+    assert_eq!(header(&head, "connection"), Some("close"));
+    assert!(serde_json::from_slice::<Value>(&body).is_ok());
+    assert!(read_response(&mut c).await.is_none(), "still open");
+    // A connection that starts with another route stays with the router, kept alive.
+    let mut c = tokio::net::TcpStream::connect(s.addr).await.unwrap();
+    for target in ["/v1/fleet", "/metrics", "/v1/nodes/n1/manifest"] {
+        raw_get(&mut c, target, "").await;
+        let (head, _) = read_response(&mut c).await.unwrap();
+        assert_eq!(head[0], "HTTP/1.1 200 OK", "{target}");
+        assert_eq!(header(&head, "connection"), None, "{target}");
+    }
+    // `Connection: close` on a poll is honoured.
+    let mut c = tokio::net::TcpStream::connect(s.addr).await.unwrap();
+    raw_get(&mut c, "/v1/nodes/n1/manifest", "Connection: close\r\n").await;
+    let (head, _) = read_response(&mut c).await.unwrap();
+    assert_eq!(header(&head, "connection"), Some("close"));
+    assert!(read_response(&mut c).await.is_none(), "still open");
+    s.stop().await;
+}
+
+async fn sealed_bytes_of(s: &Server, node: &str) -> Vec<u8> {
+    reqwest::get(format!("{}/v1/nodes/{node}/manifest", s.url))
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap()
+        .to_vec()
+}
+
+async fn metrics_text(s: &Server) -> String {
+    reqwest::get(format!("{}/metrics", s.url))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
+async fn metric(s: &Server, line_prefix: &str) -> Option<u64> {
+    let text = metrics_text(s).await;
+    text.lines()
+        .find_map(|l| l.strip_prefix(line_prefix))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// A raw connection with `n1`'s version 1 poll (`wait` seconds) sent on it.
+async fn poll_n1(s: &Server, wait: u64) -> tokio::net::TcpStream {
+    let mut c = tokio::net::TcpStream::connect(s.addr).await.unwrap();
+    let target = format!("/v1/nodes/n1/manifest?wait={wait}");
+    raw_get(&mut c, &target, "If-None-Match: \"1\"\r\n").await;
+    c
+}
+
+#[tokio::test]
+async fn a_client_leaving_a_held_poll_frees_it_and_answered_polls_are_counted() {
+    let (_dir, _key, s) = serving_n1(1).await;
+    let held = "roost_long_polls_held ";
+    let c = poll_n1(&s, 300).await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while metric(&s, held).await != Some(1) {
+        assert!(Instant::now() < deadline, "the poll was never held");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    drop(c);
+    while metric(&s, held).await != Some(0) {
+        assert!(
+            Instant::now() < deadline,
+            "a poll whose client left is still held"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut c = poll_n1(&s, 1).await;
+    let (head, _) = read_response(&mut c).await.unwrap();
+    assert_eq!(head[0], "HTTP/1.1 304 Not Modified");
+    let route =
+        "roost_http_requests_total{route=\"GET /v1/nodes/{node}/manifest\",status=\"304\"} ";
+    assert_eq!(metric(&s, route).await, Some(1));
+    s.stop().await;
 }

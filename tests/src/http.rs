@@ -29,6 +29,10 @@ pub struct Conn {
     pub sent: u64,
     /// Bytes read on this connection.
     pub received: u64,
+    /// The server said it closes the connection after the last response.
+    closing: bool,
+    /// New connections opened because the server closed one (as real clients do).
+    pub reconnects: u64,
 }
 
 impl Conn {
@@ -44,6 +48,8 @@ impl Conn {
             line: String::new(),
             sent: 0,
             received: 0,
+            closing: false,
+            reconnects: 0,
         })
     }
 
@@ -66,6 +72,12 @@ impl Conn {
             head.push_str(&format!("Content-Length: {}\r\n", body.len()));
         }
         head.push_str("\r\n");
+        if self.closing {
+            let fresh = Self::connect(&self.host).await?;
+            self.stream = fresh.stream;
+            self.closing = false;
+            self.reconnects += 1;
+        }
         let s = self.stream.get_mut();
         s.write_all(head.as_bytes()).await?;
         s.write_all(body).await?;
@@ -119,6 +131,8 @@ impl Conn {
             let v = v.trim();
             if k.eq_ignore_ascii_case("content-length") {
                 length = Some(v.parse()?);
+            } else if k.eq_ignore_ascii_case("connection") && v.eq_ignore_ascii_case("close") {
+                self.closing = true;
             } else if k.eq_ignore_ascii_case("etag") {
                 etag = Some(v.to_owned());
             } else if k.eq_ignore_ascii_case("transfer-encoding")

@@ -6,11 +6,12 @@
 //! number, and one PUT wakes every waiter of that node at once.
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use axum::body::{Body, Bytes};
 use axum::extract::{Path, Query, State};
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use base64::Engine;
 use roost_common::envelope::{self, Context};
@@ -72,38 +73,131 @@ fn etag_for(version: u64) -> HeaderValue {
     HeaderValue::from_str(&format!("\"{version}\"")).expect("digits are a valid header")
 }
 
-fn matches_etag(headers: &HeaderMap, etag: &HeaderValue) -> bool {
+/// Whether any `If-None-Match` value names `etag` (or `*`).
+pub(super) fn matches_etag<'a>(
+    values: impl IntoIterator<Item = &'a [u8]>,
+    etag: &HeaderValue,
+) -> bool {
     let want = etag.as_bytes();
-    headers.get_all(header::IF_NONE_MATCH).iter().any(|v| {
-        v.as_bytes()
-            .split(|&b| b == b',')
+    values.into_iter().any(|v| {
+        v.split(|&b| b == b',')
             .map(|t| t.trim_ascii())
             .any(|t| t == b"*" || t == want || t.strip_prefix(b"W/") == Some(want))
     })
 }
 
-fn long_poll_header() -> HeaderValue {
-    HeaderValue::from(MAX_WAIT_S)
+/// What a manifest GET answers: the envelope, or "not modified".
+pub(super) enum Answer {
+    Full(Arc<Current>),
+    NotModified(Arc<Current>),
 }
 
-fn manifest_response(cur: &Current) -> Response {
-    let mut r = Response::new(Body::from(cur.bytes.clone()));
-    let h = r.headers_mut();
-    h.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    h.insert(header::ETAG, cur.etag.clone());
-    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-    h.insert(LONG_POLL, long_poll_header());
-    r
+impl Answer {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Answer::Full(_) => StatusCode::OK,
+            Answer::NotModified(_) => StatusCode::NOT_MODIFIED,
+        }
+    }
+
+    /// The response headers (besides `content-length` and `date`), the same on every path
+    /// that answers: axum's handler and the connection front.
+    pub fn headers(&self) -> Vec<(HeaderName, HeaderValue)> {
+        let long_poll = (LONG_POLL, HeaderValue::from(MAX_WAIT_S));
+        match self {
+            Answer::Full(cur) => vec![
+                (
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("application/json"),
+                ),
+                (header::ETAG, cur.etag.clone()),
+                (header::CACHE_CONTROL, HeaderValue::from_static("no-cache")),
+                long_poll,
+            ],
+            Answer::NotModified(cur) => vec![(header::ETAG, cur.etag.clone()), long_poll],
+        }
+    }
+
+    /// The body: the envelope exactly as uploaded, or nothing.
+    pub fn body(&self) -> Bytes {
+        match self {
+            Answer::Full(cur) => cur.bytes.clone(),
+            Answer::NotModified(_) => Bytes::new(),
+        }
+    }
+
+    fn into_response(self) -> Response {
+        let mut r = Response::new(Body::from(self.body()));
+        *r.status_mut() = self.status();
+        for (k, v) in self.headers() {
+            r.headers_mut().insert(k, v);
+        }
+        r
+    }
 }
 
-fn not_modified(cur: &Current) -> Response {
-    let mut r = StatusCode::NOT_MODIFIED.into_response();
-    r.headers_mut().insert(header::ETAG, cur.etag.clone());
-    r.headers_mut().insert(LONG_POLL, long_poll_header());
-    r
+/// A long-poll to hold: the client has the current version and asked to wait.
+pub(super) struct Hold {
+    node: NodeName,
+    cur: Arc<Current>,
+    rx: watch::Receiver<u64>,
+    wait: u64,
+}
+
+/// The first, immediate step of a manifest GET.
+pub(super) enum Step {
+    Answer(Answer),
+    Hold(Hold),
+}
+
+/// Starts answering `GET /v1/nodes/{node}/manifest[?wait=S]`; `None` when no manifest was
+/// published for the node.
+pub(super) fn begin_get<'a>(
+    app: &App,
+    node: &NodeName,
+    if_none_match: impl IntoIterator<Item = &'a [u8]>,
+    wait: Option<u64>,
+) -> Option<Step> {
+    let (cur, rx) = app.current(node)?;
+    if !matches_etag(if_none_match, &cur.etag) {
+        return Some(Step::Answer(Answer::Full(cur)));
+    }
+    let wait = wait.unwrap_or(0).min(MAX_WAIT_S);
+    if wait == 0 {
+        return Some(Step::Answer(Answer::NotModified(cur)));
+    }
+    Some(Step::Hold(Hold {
+        node: node.clone(),
+        cur,
+        rx,
+        wait,
+    }))
+}
+
+/// Holds a long-poll until a newer version is stored (answering it), the wait ends or the
+/// server shuts down (answering "not modified").
+pub(super) async fn hold(app: &App, h: Hold) -> Answer {
+    let Hold {
+        node,
+        cur,
+        mut rx,
+        wait,
+    } = h;
+    let version = cur.manifest.version.0;
+    app.waiting.fetch_add(1, Ordering::Relaxed);
+    let _waiting = scopeguard(app);
+    tokio::select! {
+        changed = tokio::time::timeout(Duration::from_secs(wait), rx.wait_for(|v| *v > version)) => {
+            if matches!(changed, Ok(Ok(_))) {
+                if let Some((newer, _)) = app.current(&node) {
+                    return Answer::Full(newer);
+                }
+            }
+        }
+        // Shutting down: answer now so the client re-polls the next server.
+        _ = app.shutdown.cancelled() => {}
+    }
+    Answer::NotModified(cur)
 }
 
 fn unknown_node(node: &NodeName) -> ApiError {
@@ -119,7 +213,8 @@ pub(super) struct WaitQuery {
     wait: Option<u64>,
 }
 
-/// `GET /v1/nodes/{node}/manifest[?wait=S]`.
+/// `GET /v1/nodes/{node}/manifest[?wait=S]` (the connection front answers most of these
+/// itself, through the same [`begin_get`] and [`hold`]).
 pub(super) async fn get_manifest(
     State(app): State<Arc<App>>,
     Path(node): Path<String>,
@@ -127,42 +222,24 @@ pub(super) async fn get_manifest(
     headers: HeaderMap,
 ) -> ApiResult {
     let node = parse_node(&node)?;
-    let Some((cur, mut rx)) = app.current(&node) else {
-        return Err(unknown_node(&node));
+    let inm = headers
+        .get_all(header::IF_NONE_MATCH)
+        .iter()
+        .map(HeaderValue::as_bytes);
+    let answer = match begin_get(&app, &node, inm, q.wait) {
+        None => return Err(unknown_node(&node)),
+        Some(Step::Answer(a)) => a,
+        Some(Step::Hold(h)) => hold(&app, h).await,
     };
-    if !matches_etag(&headers, &cur.etag) {
-        return Ok(manifest_response(&cur));
-    }
-    let wait = q.wait.unwrap_or(0).min(MAX_WAIT_S);
-    if wait == 0 {
-        return Ok(not_modified(&cur));
-    }
-    let version = cur.manifest.version.0;
-    app.waiting
-        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let _waiting = scopeguard(&app);
-    tokio::select! {
-        changed = tokio::time::timeout(Duration::from_secs(wait), rx.wait_for(|v| *v > version)) => {
-            if matches!(changed, Ok(Ok(_))) {
-                if let Some((newer, _)) = app.current(&node) {
-                    return Ok(manifest_response(&newer));
-                }
-            }
-        }
-        // Shutting down: answer now so the client re-polls the next server.
-        _ = app.shutdown.cancelled() => {}
-    }
-    Ok(not_modified(&cur))
+    Ok(answer.into_response())
 }
 
 /// Decrements the held-long-poll gauge when the request ends, however it ends.
-fn scopeguard(app: &Arc<App>) -> impl Drop + '_ {
+fn scopeguard(app: &App) -> impl Drop + '_ {
     struct Guard<'a>(&'a App);
     impl Drop for Guard<'_> {
         fn drop(&mut self) {
-            self.0
-                .waiting
-                .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+            self.0.waiting.fetch_sub(1, Ordering::Relaxed);
         }
     }
     Guard(app)

@@ -15,6 +15,7 @@
 mod cache;
 mod error;
 mod fleet;
+mod front;
 mod manifests;
 mod reports;
 mod server;
@@ -30,8 +31,8 @@ use roost_common::{PublicKey, TrustedKeys};
 pub use error::ApiError;
 pub use reports::MAX_REPORT_BYTES;
 pub use server::{
-    Coordinator, LONG_POLL, MAX_WAIT_S, Running, ServeError, ServerConfig, load_tls, serve,
-    serve_tls, start,
+    Coordinator, LONG_POLL, MAX_WAIT_S, Running, ServeError, ServerConfig, TlsConfig, load_tls,
+    serve, serve_tls, start,
 };
 pub use store::Store;
 

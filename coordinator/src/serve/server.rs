@@ -17,12 +17,12 @@ use axum::http::{StatusCode, header::HeaderName};
 use axum::middleware::Next;
 use axum::response::Response;
 use axum::routing::get;
-use axum_server::tls_rustls::RustlsConfig;
 use roost_common::{NodeName, TrustedKeys, envelope};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use super::error::{ApiError, json_errors};
+use super::front::Front;
 use super::manifests::{Current, Slot};
 use super::store::{Store, StoreError};
 use super::{cache, fleet, manifests, reports};
@@ -33,6 +33,9 @@ pub const LONG_POLL: HeaderName = HeaderName::from_static("roost-long-poll");
 
 /// Longest long-poll a client may ask for, in seconds.
 pub const MAX_WAIT_S: u64 = 300;
+
+/// The route of a node's manifest (the connection front answers most requests to it).
+pub(super) const MANIFEST_ROUTE: &str = "/v1/nodes/{node}/manifest";
 
 /// What the server needs, loaded and validated.
 #[derive(Debug, Clone)]
@@ -161,6 +164,13 @@ impl App {
         }
     }
 
+    /// Counts an answered request by method, route and status (for `/metrics`).
+    pub fn count_request(&self, key: String, status: u16) {
+        if let Ok(mut m) = self.requests.lock() {
+            *m.entry((key, status)).or_default() += 1;
+        }
+    }
+
     /// The lock that serialises uploads for one node.
     pub fn write_lock(&self, node: &NodeName) -> Arc<tokio::sync::Mutex<()>> {
         let mut locks = self.write_locks.lock().unwrap_or_else(|p| p.into_inner());
@@ -206,7 +216,7 @@ pub(super) async fn read_body(app: &App, body: Body, limit: usize) -> Result<Byt
 fn router(app: Arc<App>) -> Router {
     Router::new()
         .route(
-            "/v1/nodes/{node}/manifest",
+            MANIFEST_ROUTE,
             get(manifests::get_manifest)
                 .put(manifests::put_manifest)
                 .layer(DefaultBodyLimit::max(envelope::MAX_ENVELOPE_BYTES)),
@@ -244,9 +254,7 @@ async fn count_requests(State(app): State<Arc<App>>, req: Request, next: Next) -
         .unwrap_or_else(|| "other".into());
     let key = format!("{} {route}", req.method());
     let resp = next.run(req).await;
-    if let Ok(mut m) = app.requests.lock() {
-        *m.entry((key, resp.status().as_u16())).or_default() += 1;
-    }
+    app.count_request(key, resp.status().as_u16());
     resp
 }
 
@@ -277,53 +285,64 @@ impl Coordinator {
     pub async fn serve(
         self,
         listener: tokio::net::TcpListener,
-        tls: Option<RustlsConfig>,
+        tls: Option<TlsConfig>,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), ServeError> {
-        let _ = rustls::crypto::ring::default_provider().install_default();
         let app = self.app;
         let addr = listener.local_addr()?;
-        let listener = listener.into_std()?;
-        let handle = axum_server::Handle::new();
-        {
-            let handle = handle.clone();
-            let token = app.shutdown.clone();
-            let grace = app.cfg.shutdown_grace;
-            tokio::spawn(async move {
-                shutdown.await;
-                tracing::info!("shutting down: finishing requests in flight");
-                token.cancel();
-                handle.graceful_shutdown(Some(grace));
-            });
+        let grace = app.cfg.shutdown_grace;
+        let front = Arc::new(Front::new(app.clone(), router(app.clone())));
+        let acceptor = tls.map(|t| tokio_rustls::TlsAcceptor::from(t.0));
+        let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+        let mut conns = tokio::task::JoinSet::new();
+        tracing::info!(%addr, tls = acceptor.is_some(), "roost-coordinator serving");
+        tokio::pin!(shutdown);
+        loop {
+            let (tcp, _peer) = tokio::select! {
+                r = listener.accept() => match r {
+                    Ok(c) => c,
+                    Err(e) => {
+                        // Out of file descriptors, most likely: let connections end first.
+                        tracing::warn!("accept: {e}");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                },
+                () = &mut shutdown => break,
+            };
+            while conns.try_join_next().is_some() {}
+            let _ = tcp.set_nodelay(true);
+            let (front, watcher) = (front.clone(), graceful.watcher());
+            // Two task types, so a plain connection's task is not sized for TLS state.
+            match acceptor.clone() {
+                None => conns.spawn(async move { front.serve(tcp, watcher).await }),
+                Some(acceptor) => conns.spawn(async move {
+                    let hs = tokio::time::timeout(front.header_timeout(), acceptor.accept(tcp));
+                    match hs.await {
+                        Ok(Ok(tls)) => front.serve(tls, watcher).await,
+                        Ok(Err(e)) => tracing::debug!("TLS handshake: {e}"),
+                        Err(_) => tracing::debug!("TLS handshake timed out"),
+                    }
+                }),
+            };
         }
-        tracing::info!(%addr, tls = tls.is_some(), "roost-coordinator serving");
-        let header_timeout = app.cfg.header_timeout;
-        let make = router(app).into_make_service();
-        match tls {
-            Some(tls) => {
-                let mut server = axum_server::from_tcp_rustls(listener, tls).handle(handle);
-                tune(server.http_builder(), header_timeout);
-                server.serve(make).await?;
-            }
-            None => {
-                let mut server = axum_server::from_tcp(listener).handle(handle);
-                tune(server.http_builder(), header_timeout);
-                server.serve(make).await?;
-            }
+        tracing::info!("shutting down: finishing requests in flight");
+        drop(listener);
+        app.shutdown.cancel();
+        let drained = tokio::time::timeout(grace, async {
+            graceful.shutdown().await;
+            while conns.join_next().await.is_some() {}
+        })
+        .await;
+        if drained.is_err() {
+            tracing::warn!(
+                left = conns.len(),
+                "requests still running after the {grace:?} grace period are cut off"
+            );
         }
+        conns.abort_all();
         Ok(())
     }
-}
-
-fn tune(
-    b: &mut hyper_util::server::conn::auto::Builder<hyper_util::rt::TokioExecutor>,
-    header_timeout: Duration,
-) {
-    // Slow clients: a request head (including the first one after an idle keep-alive)
-    // must arrive within the header timeout, or the connection is closed.
-    b.http1()
-        .timer(hyper_util::rt::TokioTimer::new())
-        .header_read_timeout(header_timeout);
 }
 
 /// Serves plain HTTP on `listener` until `shutdown` completes (see [`Coordinator::serve`]).
@@ -340,7 +359,7 @@ pub async fn serve(
 /// Serves HTTPS on `listener` until `shutdown` completes (see [`Coordinator::serve`]).
 pub async fn serve_tls(
     listener: tokio::net::TcpListener,
-    tls: RustlsConfig,
+    tls: TlsConfig,
     cfg: ServerConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
@@ -349,19 +368,51 @@ pub async fn serve_tls(
         .await
 }
 
+/// A certificate chain and key, ready to serve HTTPS (TLS 1.2 and 1.3, HTTP/1.1).
+#[derive(Clone)]
+pub struct TlsConfig(Arc<rustls::ServerConfig>);
+
+impl std::fmt::Debug for TlsConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TlsConfig")
+    }
+}
+
 /// Loads a PEM certificate chain and private key for [`serve_tls`].
 pub async fn load_tls(
     cert: &std::path::Path,
     key: &std::path::Path,
-) -> Result<RustlsConfig, ServeError> {
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    RustlsConfig::from_pem_file(cert, key)
-        .await
-        .map_err(|source| ServeError::Tls {
-            cert: cert.display().to_string(),
-            key: key.display().to_string(),
-            source,
-        })
+) -> Result<TlsConfig, ServeError> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let err = |source: std::io::Error| ServeError::Tls {
+        cert: cert.display().to_string(),
+        key: key.display().to_string(),
+        source,
+    };
+    let pem = |e: rustls::pki_types::pem::Error| match e {
+        rustls::pki_types::pem::Error::Io(e) => e,
+        e => std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()),
+    };
+    let certs = CertificateDer::pem_file_iter(cert)
+        .and_then(|i| i.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| err(pem(e)))?;
+    if certs.is_empty() {
+        return Err(err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "no certificate in the file",
+        )));
+    }
+    let key_der = PrivateKeyDer::from_pem_file(key).map_err(|e| err(pem(e)))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .and_then(|b| b.with_no_client_auth().with_single_cert(certs, key_der))
+        .map_err(|e| err(std::io::Error::new(std::io::ErrorKind::InvalidData, e)))?;
+    // HTTP/1.1 only: an agent's one held poll per connection gains nothing from HTTP/2, and
+    // the connection front answers polls over HTTP/1.1 for a fraction of the memory.
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(TlsConfig(Arc::new(config)))
 }
 
 /// A server running in the background of the current tokio runtime.

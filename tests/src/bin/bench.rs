@@ -265,11 +265,13 @@ async fn capacity(nodes: usize, conns: usize, seconds: u64) -> anyhow::Result<()
     let stop = Arc::new(AtomicBool::new(false));
     let gets = Arc::new(Mutex::new(Latencies::default()));
     let posts = Arc::new(Mutex::new(Latencies::default()));
+    let reconnects = Arc::new(AtomicU64::new(0));
     let cpu0 = cpu_ms(pid);
     let start = Instant::now();
     let mut tasks = Vec::new();
     for k in 0..conns {
         let (fleet, stop, gets, posts) = (fleet.clone(), stop.clone(), gets.clone(), posts.clone());
+        let reconnects = reconnects.clone();
         tasks.push(tokio::spawn(async move {
             let mut c = Conn::connect(&fleet.addr).await?;
             let (mut g, mut p) = (Latencies::default(), Latencies::default());
@@ -317,6 +319,7 @@ async fn capacity(nodes: usize, conns: usize, seconds: u64) -> anyhow::Result<()
             }
             gets.lock().await.0.extend(g.0);
             posts.lock().await.0.extend(p.0);
+            reconnects.fetch_add(c.reconnects, Ordering::Relaxed);
             anyhow::Ok(())
         }));
     }
@@ -335,6 +338,7 @@ async fn capacity(nodes: usize, conns: usize, seconds: u64) -> anyhow::Result<()
         "{}",
         json!({"phase": "conditional_get", "connections": conns, "seconds": elapsed,
                "get_per_s": g.0.len() as f64 / elapsed, "get_p50_ms": g.quantile_ms(0.5), "get_p99_ms": g.quantile_ms(0.99),
+               "reconnects_after_reports": reconnects.load(Ordering::Relaxed),
                "report_per_s": p.0.len() as f64 / elapsed, "report_p50_ms": p.quantile_ms(0.5), "report_p99_ms": p.quantile_ms(0.99),
                "coordinator_cpu_s": cpu as f64 / 1000.0, "coordinator_rss_mib": rss_kib(pid) as f64 / 1024.0,
                "rss_empty_mib": rss_empty as f64 / 1024.0, "rss_with_manifests_mib": rss_loaded as f64 / 1024.0})

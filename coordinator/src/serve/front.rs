@@ -1,0 +1,416 @@
+//! The connection front: accepts connections, answers agents' manifest polls itself, and
+//! hands every other request to hyper and the axum router.
+//!
+//! Why: an agent keeps one connection open and, with long-poll, a request held on it almost
+//! all the time. hyper reserves an 8 KiB read buffer and an 8 KiB write buffer for every
+//! HTTP/1.1 connection, and the held request's future, header map and timers come on top:
+//! about 23 KiB per idle agent, 230 MiB for 10,000 of them. Here a held poll is the socket, a
+//! `watch` receiver and a timer (the request head is parsed from a small buffer that is freed
+//! before the hold), so a coordinator holds a fleet's polls in a few KiB each.
+//!
+//! What the front answers itself: `GET /v1/nodes/{node}/manifest[?wait=S]` over HTTP/1.1
+//! without a body, for a node that has a manifest — through the same [`begin_get`] and
+//! [`hold`] as axum's handler, with the same headers and request counters. Anything else
+//! (other routes, unknown nodes, odd heads, HTTP/1.0, HTTP/2) goes to hyper with the bytes
+//! already read: for the rest of the connection when it was the connection's first request,
+//! else for that one request (hyper answers it with `connection: close` and the client opens
+//! a fresh connection for its next poll, which lands here again). Agents post a report about
+//! once per deploy, so that reconnect costs nothing that matters.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::http::header;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::Watcher;
+use hyper_util::service::TowerToHyperService;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::time::Instant;
+
+use super::manifests::{self, Answer, Step};
+use super::server::{App, MANIFEST_ROUTE};
+
+/// A request head longer than this is not an agent's poll: hyper gets it.
+const MAX_LEAN_HEAD: usize = 8 * 1024;
+/// Most headers an agent's poll carries (more: hyper gets it).
+const MAX_HEADERS: usize = 24;
+/// Bytes a client may pipeline behind a held poll before the connection is dropped.
+const MAX_PIPELINED: usize = 16 * 1024;
+
+/// What every connection shares.
+pub(super) struct Front {
+    app: Arc<App>,
+    router: Router,
+    /// hyper for connections it keeps (their first request was not a manifest poll).
+    keep: auto::Builder<TokioExecutor>,
+    /// hyper for one request on a connection the front served before.
+    once: auto::Builder<TokioExecutor>,
+}
+
+impl Front {
+    pub fn new(app: Arc<App>, router: Router) -> Self {
+        let builder = |keep_alive: bool| {
+            let mut b = auto::Builder::new(TokioExecutor::new());
+            // Slow clients: a request head (including the first one after an idle
+            // keep-alive) must arrive within the header timeout, or the connection is closed.
+            b.http1()
+                .timer(TokioTimer::new())
+                .header_read_timeout(app.cfg.header_timeout)
+                .keep_alive(keep_alive);
+            b
+        };
+        Self {
+            keep: builder(true),
+            once: builder(false),
+            router,
+            app,
+        }
+    }
+
+    /// How long a request head (or a TLS handshake) may take.
+    pub fn header_timeout(&self) -> Duration {
+        self.app.cfg.header_timeout
+    }
+
+    /// Serves one connection until the client or the server ends it.
+    pub async fn serve<IO>(&self, mut io: IO, watcher: Watcher)
+    where
+        IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let mut buf: Vec<u8> = Vec::new();
+        let mut served = 0u64;
+        loop {
+            let next = match self.read_head(&mut io, &mut buf).await {
+                Some(n) => n,
+                None => return,
+            };
+            let (step, head_len, close) = match next {
+                Next::Manifest { step, len, close } => (step, len, close),
+                Next::Other => {
+                    // Boxed: hyper's connection state is large, and a future is as large as
+                    // its largest state; connections the front keeps never pay for it.
+                    let keep_alive = served == 0;
+                    return Box::pin(self.hand_off(io, buf, keep_alive, watcher)).await;
+                }
+            };
+            buf.drain(..head_len);
+            if buf.is_empty() {
+                // Nothing of the client's stays in memory while the poll is held.
+                buf = Vec::new();
+            }
+            let answer = match step {
+                Step::Answer(a) => a,
+                Step::Hold(h) => {
+                    tokio::select! {
+                        a = manifests::hold(&self.app, h) => a,
+                        () = closed(&mut io, &mut buf) => return,
+                    }
+                }
+            };
+            self.app
+                .count_request(format!("GET {MANIFEST_ROUTE}"), answer.status().as_u16());
+            let bytes = encode(&answer, close);
+            let write = async {
+                io.write_all(&bytes).await?;
+                io.flush().await
+            };
+            match tokio::time::timeout(self.header_timeout(), write).await {
+                Ok(Ok(())) => {}
+                _ => return,
+            }
+            served += 1;
+            if close {
+                let _ = io.shutdown().await;
+                return;
+            }
+        }
+    }
+
+    /// Reads until `buf` holds a whole request head and says what it is; `None`: the
+    /// connection is to be closed (the client left, the head timed out, or the server is
+    /// shutting down between requests).
+    async fn read_head<IO>(&self, io: &mut IO, buf: &mut Vec<u8>) -> Option<Next>
+    where
+        IO: AsyncRead + Unpin,
+    {
+        let deadline = Instant::now() + self.header_timeout();
+        loop {
+            if !buf.is_empty() {
+                match classify(&self.app, buf) {
+                    Parsed::Partial if buf.len() < MAX_LEAN_HEAD => {}
+                    Parsed::Partial => return Some(Next::Other),
+                    Parsed::Done(next) => return Some(next),
+                }
+            }
+            if buf.capacity() - buf.len() < 512 {
+                buf.reserve(1024);
+            }
+            let read = tokio::select! {
+                r = tokio::time::timeout_at(deadline, io.read_buf(buf)) => r,
+                // Between requests a stopping server just closes the connection.
+                () = self.app.shutdown.cancelled(), if buf.is_empty() => return None,
+            };
+            match read {
+                Ok(Ok(n)) if n > 0 => {}
+                _ => return None,
+            }
+        }
+    }
+
+    /// Gives the connection, with the bytes already read, to hyper.
+    async fn hand_off<IO>(&self, io: IO, prefix: Vec<u8>, keep_alive: bool, watcher: Watcher)
+    where
+        IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let io = TokioIo::new(Rewind {
+            prefix: Bytes::from(prefix),
+            inner: io,
+        });
+        let service = TowerToHyperService::new(self.router.clone());
+        let builder = if keep_alive { &self.keep } else { &self.once };
+        let conn = builder.serve_connection(io, service);
+        if let Err(e) = watcher.watch(conn).await {
+            tracing::debug!("connection ended: {e}");
+        }
+    }
+}
+
+/// The next request on a connection.
+enum Next {
+    /// A manifest poll the front answers: its first step, the head's length, and whether the
+    /// client asked to close the connection after it.
+    Manifest { step: Step, len: usize, close: bool },
+    /// Anything else: hyper's.
+    Other,
+}
+
+enum Parsed {
+    Partial,
+    Done(Next),
+}
+
+/// Parses the head in `buf` and, for a manifest poll of a known node, takes its first step
+/// (while the head is still borrowed).
+fn classify(app: &App, buf: &[u8]) -> Parsed {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut headers);
+    let len = match req.parse(buf) {
+        Ok(httparse::Status::Complete(len)) => len,
+        Ok(httparse::Status::Partial) => return Parsed::Partial,
+        Err(_) => return Parsed::Done(Next::Other),
+    };
+    let other = Parsed::Done(Next::Other);
+    if req.method != Some("GET") || req.version != Some(1) {
+        return other;
+    }
+    let Some((node, wait)) = req.path.and_then(manifest_target) else {
+        return other;
+    };
+    let mut close = false;
+    for h in req.headers.iter() {
+        let name = h.name;
+        if name.eq_ignore_ascii_case(header::CONTENT_LENGTH.as_str()) {
+            if h.value.trim_ascii() != b"0" {
+                return other;
+            }
+        } else if name.eq_ignore_ascii_case(header::TRANSFER_ENCODING.as_str())
+            || name.eq_ignore_ascii_case(header::EXPECT.as_str())
+            || name.eq_ignore_ascii_case(header::UPGRADE.as_str())
+        {
+            return other;
+        } else if name.eq_ignore_ascii_case(header::CONNECTION.as_str()) {
+            close |= h
+                .value
+                .split(|&b| b == b',')
+                .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close"));
+        }
+    }
+    let Ok(node) = node.parse() else {
+        return other;
+    };
+    let inm = req
+        .headers
+        .iter()
+        .filter(|h| h.name.eq_ignore_ascii_case(header::IF_NONE_MATCH.as_str()))
+        .map(|h| h.value);
+    match manifests::begin_get(app, &node, inm, wait) {
+        Some(step) => Parsed::Done(Next::Manifest { step, len, close }),
+        None => other,
+    }
+}
+
+/// `/v1/nodes/{node}/manifest[?wait=S]` → the node and the wait; `None` for any other
+/// target, or one the front would have to decode (percent-escapes, a malformed `wait`, a
+/// repeated `wait`): axum decides those.
+fn manifest_target(target: &str) -> Option<(&str, Option<u64>)> {
+    let (path, query) = target.split_once('?').unwrap_or((target, ""));
+    let node = path.strip_prefix("/v1/nodes/")?.strip_suffix("/manifest")?;
+    if node.is_empty() || node.contains(['/', '%']) {
+        return None;
+    }
+    let mut wait = None;
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        if pair.contains(['%', '+']) {
+            return None;
+        }
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        if k == "wait" {
+            if wait.is_some() {
+                return None;
+            }
+            wait = Some(v.parse::<u64>().ok()?);
+        }
+    }
+    Some((node, wait))
+}
+
+/// The answer as HTTP/1.1 bytes: the same status, headers and body as axum's handler gives,
+/// plus `content-length` and `date` as hyper adds them.
+fn encode(answer: &Answer, close: bool) -> Vec<u8> {
+    use std::io::Write;
+    let status = answer.status();
+    let body = answer.body();
+    let mut out = Vec::with_capacity(256 + body.len());
+    let _ = write!(
+        out,
+        "HTTP/1.1 {} {}\r\n",
+        status.as_str(),
+        status.canonical_reason().unwrap_or("")
+    );
+    for (name, value) in answer.headers() {
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    if status != axum::http::StatusCode::NOT_MODIFIED {
+        let _ = write!(out, "content-length: {}\r\n", body.len());
+    }
+    if close {
+        out.extend_from_slice(b"connection: close\r\n");
+    }
+    let _ = write!(
+        out,
+        "date: {}\r\n\r\n",
+        httpdate::fmt_http_date(std::time::SystemTime::now())
+    );
+    out.extend_from_slice(&body);
+    out
+}
+
+/// Resolves when the client closes the connection (or it fails) while a poll is held. Bytes
+/// it sends meanwhile (a pipelined request) are kept for after the answer, within a limit.
+async fn closed<IO: AsyncRead + Unpin>(io: &mut IO, buf: &mut Vec<u8>) {
+    let mut chunk = [0u8; 256];
+    loop {
+        match io.read(&mut chunk).await {
+            Ok(n) if n > 0 && buf.len() + n <= MAX_PIPELINED => {
+                buf.extend_from_slice(&chunk[..n]);
+            }
+            _ => return,
+        }
+    }
+}
+
+/// A connection whose first bytes were already read: hyper reads them again first.
+struct Rewind<T> {
+    prefix: Bytes,
+    inner: T,
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Rewind<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if !self.prefix.is_empty() {
+            let n = self.prefix.len().min(buf.remaining());
+            buf.put_slice(&self.prefix[..n]);
+            self.prefix = self.prefix.slice(n..);
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Rewind<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn manifest_targets_are_recognised_and_anything_to_decode_is_left_to_axum() {
+        assert_eq!(manifest_target("/v1/nodes/pi/manifest"), Some(("pi", None)));
+        assert_eq!(
+            manifest_target("/v1/nodes/pi/manifest?wait=300"),
+            Some(("pi", Some(300)))
+        );
+        assert_eq!(
+            manifest_target("/v1/nodes/pi/manifest?x=1&wait=5&"),
+            Some(("pi", Some(5)))
+        );
+        for other in [
+            "/v1/nodes/pi/reports",
+            "/v1/nodes//manifest",
+            "/v1/nodes/a/b/manifest",
+            "/v1/nodes/p%69/manifest",
+            "/v1/nodes/pi/manifest?wait=abc",
+            "/v1/nodes/pi/manifest?wait=1&wait=2",
+            "/v1/nodes/pi/manifest?wait=%31",
+            "/v1/fleet",
+            "/cache/nix-cache-info",
+        ] {
+            assert_eq!(manifest_target(other), None, "{other}");
+        }
+    }
+
+    #[tokio::test]
+    async fn rewind_replays_the_prefix_then_reads_the_connection() {
+        let (mut a, b) = tokio::io::duplex(64);
+        a.write_all(b" world").await.unwrap();
+        drop(a);
+        let mut r = Rewind {
+            prefix: Bytes::from_static(b"hello"),
+            inner: b,
+        };
+        let mut s = String::new();
+        r.read_to_string(&mut s).await.unwrap();
+        assert_eq!(s, "hello world");
+    }
+}
