@@ -20,6 +20,8 @@ use roost_tests::{Coordinator, Keys};
 use serde_json::json;
 use tokio::sync::Mutex;
 
+mod sim;
+
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let scenario = args.first().map(String::as_str).unwrap_or("help");
@@ -43,6 +45,10 @@ fn main() -> anyhow::Result<()> {
         )),
         "idle-poll" => rt.block_on(idle_poll(opt("--seconds", 60))),
         "convergence" => convergence(opt("--nodes", 10) as usize, opt("--interval", 60)),
+        "convergence-sim" => rt.block_on(sim::run(
+            opt("--agents", 1000) as usize,
+            opt("--interval", 60),
+        )),
         "publish-scaling" => {
             let sizes = args
                 .iter()
@@ -57,6 +63,12 @@ fn main() -> anyhow::Result<()> {
             eprintln!("       bench publish-scaling [--sizes 10,100,1000] [--baseline-max 100]");
             eprintln!(
                 "       bench idle-poll [--seconds 60]   (root: a namespaced node with real Nix)"
+            );
+            eprintln!(
+                "       bench convergence [--nodes 10] [--interval 60]   (root: namespaced nodes, real Nix)"
+            );
+            eprintln!(
+                "       bench convergence-sim [--agents 1000] [--interval 60]   (agents in process, fake Nix)"
             );
             std::process::exit(2);
         }
@@ -138,7 +150,7 @@ fn manifest(node: &str, version: u64, node_key: Option<&SecretKey>) -> Vec<u8> {
 
 struct Fleet {
     addr: String,
-    publisher: SecretKey,
+    publisher: Arc<SecretKey>,
     node_keys: Vec<SecretKey>,
     etags: Vec<std::sync::Mutex<String>>,
     seqs: Vec<AtomicU64>,
@@ -146,23 +158,49 @@ struct Fleet {
 
 /// PUTs one manifest version for every node over `conns` connections; returns elapsed time.
 async fn publish_all(fleet: &Arc<Fleet>, version: u64, conns: usize) -> anyhow::Result<Duration> {
-    let n = fleet.node_keys.len();
+    let f = fleet.clone();
+    let payload = move |i: usize| {
+        let node = node_name(i);
+        let m = manifest(&node, version, Some(&f.node_keys[i]));
+        (node, m)
+    };
+    upload(
+        &fleet.addr,
+        fleet.publisher.clone(),
+        fleet.node_keys.len(),
+        conns,
+        Arc::new(payload),
+    )
+    .await
+}
+
+/// A manifest payload for node `i`: the node's name and the payload bytes.
+type Payload = Arc<dyn Fn(usize) -> (String, Vec<u8>) + Send + Sync>;
+
+/// Signs and PUTs `n` manifests (`payload(i)` for i in 0..n) over `conns` keep-alive
+/// connections, the way `publish` delivers them; returns the elapsed time.
+async fn upload(
+    addr: &str,
+    publisher: Arc<SecretKey>,
+    n: usize,
+    conns: usize,
+    payload: Payload,
+) -> anyhow::Result<Duration> {
     let next = Arc::new(AtomicU64::new(0));
     let start = Instant::now();
     let mut tasks = Vec::new();
     for _ in 0..conns {
-        let fleet = fleet.clone();
-        let next = next.clone();
+        let (next, publisher, payload) = (next.clone(), publisher.clone(), payload.clone());
+        let addr = addr.to_owned();
         tasks.push(tokio::spawn(async move {
-            let mut c = Conn::connect(&fleet.addr).await?;
+            let mut c = Conn::connect(&addr).await?;
             loop {
                 let i = next.fetch_add(1, Ordering::Relaxed) as usize;
                 if i >= n {
                     return anyhow::Ok(());
                 }
-                let node = node_name(i);
-                let payload = manifest(&node, version, Some(&fleet.node_keys[i]));
-                let env = Envelope::seal(Ctx::Manifest, &payload, &[&fleet.publisher]).to_bytes();
+                let (node, payload) = payload(i);
+                let env = Envelope::seal(Ctx::Manifest, &payload, &[&*publisher]).to_bytes();
                 let r = c
                     .request(
                         "PUT",
@@ -245,7 +283,7 @@ async fn capacity(nodes: usize, conns: usize, seconds: u64) -> anyhow::Result<()
         .collect();
     let fleet = Arc::new(Fleet {
         addr: format!("127.0.0.1:{}", coordinator.port),
-        publisher,
+        publisher: Arc::new(publisher),
         etags: (0..nodes)
             .map(|_| std::sync::Mutex::new(String::new()))
             .collect(),
