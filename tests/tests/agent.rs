@@ -53,18 +53,7 @@ fn last_report(f: &Fleet) -> Value {
 fn converged(s: Settings) -> (Fleet, u64, String) {
     let f = Fleet::new(&[NODE]).unwrap();
     let (v, path) = publish(&f, &s);
-    let mut o = once(&f);
-    for attempt in 1..3 {
-        if o.status.code() == Some(0) {
-            break;
-        }
-        // A deferred substitution is retried by the daemon; `--once` reports it and exits 1.
-        eprintln!(
-            "NOTE: first deploy not converged (attempt {attempt}), retrying:\n{}",
-            tail(&f.node(NODE).log(), 15)
-        );
-        o = once(&f);
-    }
+    let o = once(&f);
     assert_eq!(
         o.status.code(),
         Some(0),
