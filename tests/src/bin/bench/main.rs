@@ -20,6 +20,7 @@ use roost_tests::{Coordinator, Keys};
 use serde_json::json;
 use tokio::sync::Mutex;
 
+mod held_tls;
 mod sim;
 
 fn main() -> anyhow::Result<()> {
@@ -45,6 +46,7 @@ fn main() -> anyhow::Result<()> {
         )),
         "idle-poll" => rt.block_on(idle_poll(opt("--seconds", 60))),
         "convergence" => convergence(opt("--nodes", 10) as usize, opt("--interval", 60)),
+        "held-tls" => rt.block_on(held_tls::run(opt("--nodes", 10_000) as usize)),
         "convergence-sim" => rt.block_on(sim::run(
             opt("--agents", 1000) as usize,
             opt("--interval", 60),
@@ -60,6 +62,7 @@ fn main() -> anyhow::Result<()> {
         }
         _ => {
             eprintln!("usage: bench capacity [--nodes N] [--conns C] [--seconds S]");
+            eprintln!("       bench held-tls [--nodes N]   (held long-polls over HTTPS: memory)");
             eprintln!("       bench publish-scaling [--sizes 10,100,1000] [--baseline-max 100]");
             eprintln!(
                 "       bench idle-poll [--seconds 60]   (root: a namespaced node with real Nix)"
@@ -105,6 +108,54 @@ fn cpu_ms(pid: u32) -> u64 {
     // Fields 14 and 15 (utime, stime) are at 11 and 12 after the state field is skipped.
     let ticks = f.get(10).copied().unwrap_or(0) + f.get(11).copied().unwrap_or(0);
     ticks * 1000 / 100
+}
+
+/// A throw-away CA and a certificate for `ip` signed by it, made with the openssl command:
+/// (CA certificate, certificate, key), all PEM files in `dir`.
+fn test_certificate(
+    dir: &std::path::Path,
+    ip: &str,
+) -> anyhow::Result<(std::path::PathBuf, std::path::PathBuf, std::path::PathBuf)> {
+    use std::ffi::OsString;
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    let (ca, ca_key, csr, ext) = (
+        dir.join("ca.pem"),
+        dir.join("ca.key"),
+        dir.join("leaf.csr"),
+        dir.join("leaf.ext"),
+    );
+    std::fs::write(
+        &ext,
+        format!("subjectAltName=IP:{ip}\nbasicConstraints=CA:FALSE\n"),
+    )?;
+    let openssl = |args: Vec<OsString>| {
+        std::process::Command::new("openssl")
+            .args(args)
+            .output()
+            .map(|o| o.status.success())
+            .unwrap_or(false)
+    };
+    let os = |x: &[&str]| x.iter().map(OsString::from).collect::<Vec<_>>();
+    let p = |x: &std::path::Path| x.as_os_str().to_owned();
+    let ec = os(&[
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ]);
+    let mut ca_args = os(&["req", "-x509", "-days", "2", "-subj", "/CN=roost-bench-ca"]);
+    ca_args.extend(ec.iter().cloned());
+    ca_args.extend([OsString::from("-keyout"), p(&ca_key), "-out".into(), p(&ca)]);
+    let mut leaf_args = os(&["req", "-subj", "/CN=roost-bench"]);
+    leaf_args.extend(ec);
+    leaf_args.extend([OsString::from("-keyout"), p(&key), "-out".into(), p(&csr)]);
+    let mut sign_args = os(&["x509", "-req", "-days", "2", "-CAcreateserial", "-in"]);
+    sign_args.extend([p(&csr), "-CA".into(), p(&ca), "-CAkey".into(), p(&ca_key)]);
+    sign_args.extend(["-out".into(), p(&cert), "-extfile".into(), p(&ext)]);
+    let ok = openssl(ca_args) && openssl(leaf_args) && openssl(sign_args);
+    anyhow::ensure!(ok, "openssl could not make a test certificate");
+    Ok((ca, cert, key))
 }
 
 /// Nanoseconds on CPU of every thread of a process (/proc/PID/task/*/schedstat).
@@ -565,68 +616,7 @@ async fn idle_poll(seconds: u64) -> anyhow::Result<()> {
     // HTTPS: a TLS front (rustls) with a certificate for the bridge address, trusted by the
     // agent through --ca-cert; bytes are counted encrypted, at its socket.
     let certs = tempfile::tempdir()?;
-    let (cert, key) = (certs.path().join("cert.pem"), certs.path().join("key.pem"));
-    let (ca, ca_key, csr, ext) = (
-        certs.path().join("ca.pem"),
-        certs.path().join("ca.key"),
-        certs.path().join("leaf.csr"),
-        certs.path().join("leaf.ext"),
-    );
-    std::fs::write(
-        &ext,
-        format!(
-            "subjectAltName=IP:{}\nbasicConstraints=CA:FALSE\n",
-            fleet.bridge.ip
-        ),
-    )?;
-    let ec = [
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:prime256v1",
-        "-nodes",
-    ];
-    let openssl = |args: &[std::ffi::OsString]| {
-        std::process::Command::new("openssl")
-            .args(args)
-            .output()
-            .map(|o| o.status.success())
-            .unwrap_or(false)
-    };
-    let p = |x: &std::path::Path| x.as_os_str().to_owned();
-    let s = |x: &str| std::ffi::OsString::from(x);
-    let mut ca_args: Vec<std::ffi::OsString> =
-        ["req", "-x509", "-days", "2", "-subj", "/CN=roost-bench-ca"]
-            .iter()
-            .map(|x| s(x))
-            .collect();
-    ca_args.extend(ec.iter().map(|x| s(x)));
-    ca_args.extend([s("-keyout"), p(&ca_key), s("-out"), p(&ca)]);
-    let mut leaf_args: Vec<std::ffi::OsString> = ["req", "-subj", "/CN=roost-bench"]
-        .iter()
-        .map(|x| s(x))
-        .collect();
-    leaf_args.extend(ec.iter().map(|x| s(x)));
-    leaf_args.extend([s("-keyout"), p(&key), s("-out"), p(&csr)]);
-    let sign_args: Vec<std::ffi::OsString> = vec![
-        s("x509"),
-        s("-req"),
-        s("-days"),
-        s("2"),
-        s("-in"),
-        p(&csr),
-        s("-CA"),
-        p(&ca),
-        s("-CAkey"),
-        p(&ca_key),
-        s("-CAcreateserial"),
-        s("-out"),
-        p(&cert),
-        s("-extfile"),
-        p(&ext),
-    ];
-    let ok = openssl(&ca_args) && openssl(&leaf_args) && openssl(&sign_args);
-    anyhow::ensure!(ok, "openssl could not make a test certificate");
+    let (ca, cert, key) = test_certificate(certs.path(), &fleet.bridge.ip.to_string())?;
     let tls_proxy = CountingProxy::start_tls(
         std::net::SocketAddr::new(fleet.bridge.ip.into(), 0),
         format!("127.0.0.1:{}", fleet.coordinator.port),
