@@ -1099,3 +1099,41 @@ async fn a_client_leaving_a_held_poll_frees_it_and_answered_polls_are_counted() 
     assert_eq!(metric(&s, route).await, Some(1));
     s.stop().await;
 }
+
+#[tokio::test]
+async fn a_client_that_stops_reading_a_download_is_cut_off() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = tempfile::tempdir().unwrap();
+    let key = SecretKey::generate("pub").unwrap();
+    let mut cfg = ServerConfig::new(dir.path(), TrustedKeys::new([key.public()], 1));
+    cfg.body_timeout = Duration::from_secs(1);
+    let s = Server::with_config(cfg, "127.0.0.1:0".parse().unwrap()).await;
+    // Larger than what the kernel's socket buffers can absorb on both sides.
+    let size = 64 << 20;
+    let nar_dir = dir.path().join("cache/nar");
+    std::fs::create_dir_all(&nar_dir).unwrap();
+    std::fs::write(nar_dir.join("big.nar"), vec![7u8; size]).unwrap();
+    let mut c = tokio::net::TcpStream::connect(s.addr).await.unwrap();
+    c.write_all(b"GET /cache/nar/big.nar HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    // Read nothing for a while: the server's writes stall.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let mut got = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(60), c.read_to_end(&mut got)).await;
+    assert!(read.is_ok(), "the connection is still open after 60 s");
+    assert!(
+        got.len() < size,
+        "all {} bytes arrived: the stalled download was never cut off",
+        got.len()
+    );
+    // The server itself is fine.
+    assert_eq!(
+        reqwest::get(format!("{}/v1/fleet", s.url))
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    s.stop().await;
+}

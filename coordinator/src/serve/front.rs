@@ -17,6 +17,7 @@
 //! a fresh connection for its next poll, which lands here again). Agents post a report about
 //! once per deploy, so that reconnect costs nothing that matters.
 
+use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -120,7 +121,7 @@ impl Front {
                 io.write_all(&bytes).await?;
                 io.flush().await
             };
-            match tokio::time::timeout(self.header_timeout(), write).await {
+            match tokio::time::timeout(self.app.cfg.body_timeout, write).await {
                 Ok(Ok(())) => {}
                 _ => return,
             }
@@ -168,10 +169,7 @@ impl Front {
     where
         IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        let io = TokioIo::new(Rewind {
-            prefix: Bytes::from(prefix),
-            inner: io,
-        });
+        let io = TokioIo::new(Rewind::new(io, prefix, self.app.cfg.body_timeout));
         let service = TowerToHyperService::new(self.router.clone());
         let builder = if keep_alive { &self.keep } else { &self.once };
         let conn = builder.serve_connection(io, service);
@@ -318,10 +316,45 @@ async fn closed<IO: AsyncRead + Unpin>(io: &mut IO, buf: &mut Vec<u8>) {
     }
 }
 
-/// A connection whose first bytes were already read: hyper reads them again first.
+/// A connection handed to hyper: the bytes the front already read come first, and a write
+/// that cannot make progress for `stall` (a client that stopped reading the response) fails,
+/// which ends the connection.
 struct Rewind<T> {
     prefix: Bytes,
     inner: T,
+    stall: Duration,
+    stalled: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl<T> Rewind<T> {
+    fn new(inner: T, prefix: Vec<u8>, stall: Duration) -> Self {
+        Self {
+            prefix: Bytes::from(prefix),
+            inner,
+            stall,
+            stalled: None,
+        }
+    }
+
+    /// Passes a write's result on; while it is pending, counts towards the stall limit.
+    fn watch<R>(&mut self, cx: &mut Context<'_>, p: Poll<io::Result<R>>) -> Poll<io::Result<R>> {
+        if p.is_ready() {
+            self.stalled = None;
+            return p;
+        }
+        let stall = self.stall;
+        let timer = self
+            .stalled
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(stall)));
+        if timer.as_mut().poll(cx).is_ready() {
+            self.stalled = None;
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("the client read nothing for {stall:?}"),
+            )));
+        }
+        Poll::Pending
+    }
 }
 
 impl<T: AsyncRead + Unpin> AsyncRead for Rewind<T> {
@@ -346,7 +379,8 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Rewind<T> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
+        let p = Pin::new(&mut self.inner).poll_write(cx, buf);
+        self.watch(cx, p)
     }
 
     fn poll_write_vectored(
@@ -354,7 +388,8 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Rewind<T> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+        let p = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        self.watch(cx, p)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -362,7 +397,8 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Rewind<T> {
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
+        let p = Pin::new(&mut self.inner).poll_flush(cx);
+        self.watch(cx, p)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -405,10 +441,7 @@ mod tests {
         let (mut a, b) = tokio::io::duplex(64);
         a.write_all(b" world").await.unwrap();
         drop(a);
-        let mut r = Rewind {
-            prefix: Bytes::from_static(b"hello"),
-            inner: b,
-        };
+        let mut r = Rewind::new(b, b"hello".to_vec(), Duration::from_secs(5));
         let mut s = String::new();
         r.read_to_string(&mut s).await.unwrap();
         assert_eq!(s, "hello world");

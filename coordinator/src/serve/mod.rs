@@ -94,7 +94,8 @@ pub struct ServeArgs {
     /// clients).
     #[arg(long, default_value = "30s", value_parser = roost_common::time::parse_duration)]
     pub header_timeout: Duration,
-    /// Give up on a request body that pauses for longer than this.
+    /// Give up on a client that pauses for longer than this while sending a request body or
+    /// reading a response (a NAR download it stopped reading, say).
     #[arg(long, default_value = "60s", value_parser = roost_common::time::parse_duration)]
     pub body_timeout: Duration,
 }

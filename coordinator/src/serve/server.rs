@@ -50,7 +50,7 @@ pub struct ServerConfig {
     pub max_nar_bytes: u64,
     /// A request head must arrive within this; also how long an idle connection stays open.
     pub header_timeout: Duration,
-    /// Longest pause while a request body is being received.
+    /// Longest pause while a request body is received or a response is sent.
     pub body_timeout: Duration,
     /// After the shutdown signal, how long requests in flight may take to finish.
     pub shutdown_grace: Duration,
