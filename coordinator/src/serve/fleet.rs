@@ -8,99 +8,184 @@ use std::sync::Arc;
 use axum::extract::State;
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
-use roost_common::Timestamp;
-use serde_json::{Value, json};
+use roost_common::wire::v1::Source;
+use roost_common::{StorePath, Timestamp, Version};
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 
 use super::error::ApiError;
+use super::manifests::Current;
 use super::server::App;
+use super::store::NodeRecord;
 
-/// Builds the fleet document.
-fn fleet_json(app: &App) -> Result<Value, ApiError> {
+/// What the fleet views need of a node's last report (the rest is passed on verbatim).
+#[derive(Debug, Default, Deserialize)]
+struct ReportGist {
+    state: Option<String>,
+    manifest_version: Option<u64>,
+    health: Option<Vec<HealthGist>>,
+}
+
+#[derive(Debug, Deserialize)]
+struct HealthGist {
+    ok: Option<bool>,
+}
+
+/// One node as this coordinator knows it: its current manifest, its report record, or both.
+struct Row {
+    name: String,
+    cur: Option<Arc<Current>>,
+    rec: Option<NodeRecord>,
+    gist: Option<ReportGist>,
+}
+
+impl Row {
+    fn seconds_since_report(&self, now: Timestamp) -> Option<u64> {
+        let seen = self.rec.as_ref()?.last_seen?;
+        Some(now.unix().saturating_sub(seen))
+    }
+}
+
+/// Every node, by name. Typed rows, not JSON trees: for 10,000 nodes a tree of
+/// `serde_json::Value`s took about 60 MiB (and twice that for `/metrics`), which the
+/// allocator then kept.
+fn rows(app: &App) -> Result<Vec<Row>, ApiError> {
     let records = app.store.nodes().map_err(ApiError::internal)?;
-    let now = Timestamp::now();
-    let mut nodes: BTreeMap<String, Value> = BTreeMap::new();
+    let mut rows: BTreeMap<String, Row> = BTreeMap::new();
     for (name, cur) in app.all_current() {
-        let m = &cur.manifest;
-        nodes.insert(
-            name.to_string(),
-            json!({
-                "node": name,
-                "desired_version": m.version,
-                "issued_at": m.issued_at,
-                "expires_at": m.expires_at,
-                "system": m.system,
-                "source": m.source,
-                "desired": m.profiles.iter().map(|p| json!({"profile": p.name, "path": p.path})).collect::<Vec<_>>(),
-                "node_key": m.node_key,
-                "key_source": if m.node_key.is_some() { Some("manifest") } else { None },
-            }),
+        let name = name.to_string();
+        rows.insert(
+            name.clone(),
+            Row {
+                name,
+                cur: Some(cur),
+                rec: None,
+                gist: None,
+            },
         );
     }
     for r in records {
-        let e = nodes
-            .entry(r.node.clone())
-            .or_insert_with(|| json!({"node": r.node, "desired_version": null}));
-        let report: Option<Value> = r
+        let row = rows.entry(r.node.clone()).or_insert_with(|| Row {
+            name: r.node.clone(),
+            cur: None,
+            rec: None,
+            gist: None,
+        });
+        row.gist = r
             .last_report
             .as_deref()
             .and_then(|p| serde_json::from_str(p).ok());
-        let obj = e.as_object_mut().expect("object");
-        if obj.get("key_source").is_none_or(Value::is_null) && r.pinned_key.is_some() {
-            obj.insert("node_key".into(), json!(r.pinned_key));
-            obj.insert("key_source".into(), json!("tofu"));
-        }
-        obj.insert("last_seq".into(), json!(r.last_seq));
-        obj.insert(
-            "last_seen".into(),
-            json!(r.last_seen.map(|s| Timestamp::from_unix(s).to_string())),
-        );
-        obj.insert(
-            "seconds_since_report".into(),
-            json!(r.last_seen.map(|s| now.unix().saturating_sub(s))),
-        );
-        if let Some(rep) = &report {
-            let healthy = rep
-                .get("health")
-                .and_then(Value::as_array)
-                .map(|h| h.iter().all(|c| c.get("ok") == Some(&Value::Bool(true))));
-            obj.insert("healthy".into(), json!(healthy));
-            obj.insert(
-                "state".into(),
-                rep.get("state").cloned().unwrap_or(Value::Null),
-            );
-            obj.insert(
-                "reported_version".into(),
-                rep.get("manifest_version").cloned().unwrap_or(Value::Null),
-            );
-        }
-        obj.insert("last_report".into(), report.unwrap_or(Value::Null));
+        row.rec = Some(r);
     }
-    for v in nodes.values_mut() {
-        let obj = v.as_object_mut().expect("object");
-        for k in [
-            "last_report",
-            "last_seen",
-            "seconds_since_report",
-            "state",
-            "reported_version",
-            "healthy",
-            "last_seq",
-        ] {
-            obj.entry(k).or_insert(Value::Null);
-        }
+    Ok(rows.into_values().collect())
+}
+
+#[derive(Serialize)]
+struct FleetDoc<'a> {
+    generated_at: Timestamp,
+    nodes: Vec<NodeDoc<'a>>,
+}
+
+#[derive(Serialize)]
+struct Desired<'a> {
+    profile: &'a str,
+    path: &'a StorePath,
+}
+
+/// A node in `GET /v1/fleet`. The manifest's fields are left out for a node that only
+/// reported; `node_key` is the manifest's or, marked `tofu`, the one pinned on first use.
+#[derive(Serialize)]
+struct NodeDoc<'a> {
+    node: &'a str,
+    desired_version: Option<Version>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    issued_at: Option<Timestamp>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    expires_at: Option<Timestamp>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    system: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    source: Option<Option<&'a Source>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    desired: Option<Vec<Desired<'a>>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    node_key: Option<Option<String>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    key_source: Option<Option<&'static str>>,
+    last_seq: Option<u64>,
+    last_seen: Option<String>,
+    seconds_since_report: Option<u64>,
+    healthy: Option<bool>,
+    state: Option<&'a str>,
+    reported_version: Option<u64>,
+    last_report: Option<&'a RawValue>,
+}
+
+fn node_doc(row: &Row, now: Timestamp) -> NodeDoc<'_> {
+    let m = row.cur.as_ref().map(|c| &c.manifest);
+    let pinned = row.rec.as_ref().and_then(|r| r.pinned_key.clone());
+    let manifest_key = m.and_then(|m| m.node_key.as_ref().map(ToString::to_string));
+    let (node_key, key_source) = match (m, manifest_key, pinned) {
+        (_, Some(k), _) => (Some(Some(k)), Some(Some("manifest"))),
+        (_, None, Some(p)) => (Some(Some(p)), Some(Some("tofu"))),
+        (Some(_), None, None) => (Some(None), Some(None)),
+        (None, None, None) => (None, None),
+    };
+    let gist = row.gist.as_ref();
+    NodeDoc {
+        node: &row.name,
+        desired_version: m.map(|m| m.version),
+        issued_at: m.map(|m| m.issued_at),
+        expires_at: m.map(|m| m.expires_at),
+        system: m.map(|m| m.system.as_str()),
+        source: m.map(|m| m.source.as_ref()),
+        desired: m.map(|m| {
+            m.profiles
+                .iter()
+                .map(|p| Desired {
+                    profile: p.name.as_str(),
+                    path: &p.path,
+                })
+                .collect()
+        }),
+        node_key,
+        key_source,
+        last_seq: row.rec.as_ref().and_then(|r| r.last_seq),
+        last_seen: row
+            .rec
+            .as_ref()
+            .and_then(|r| r.last_seen)
+            .map(|s| Timestamp::from_unix(s).to_string()),
+        seconds_since_report: row.seconds_since_report(now),
+        healthy: gist
+            .and_then(|g| g.health.as_ref())
+            .map(|h| h.iter().all(|c| c.ok == Some(true))),
+        state: gist.and_then(|g| g.state.as_deref()),
+        reported_version: gist.and_then(|g| g.manifest_version),
+        last_report: row
+            .rec
+            .as_ref()
+            .and_then(|r| r.last_report.as_deref())
+            .and_then(|p| serde_json::from_str(p).ok()),
     }
-    Ok(json!({ "generated_at": now, "nodes": nodes.into_values().collect::<Vec<_>>() }))
+}
+
+/// The fleet document, serialised.
+fn fleet_json(app: &App) -> Result<Vec<u8>, ApiError> {
+    let rows = rows(app)?;
+    let now = Timestamp::now();
+    let doc = FleetDoc {
+        generated_at: now,
+        nodes: rows.iter().map(|r| node_doc(r, now)).collect(),
+    };
+    serde_json::to_vec(&doc).map_err(ApiError::internal)
 }
 
 pub(super) async fn get_fleet(State(app): State<Arc<App>>) -> Result<Response, ApiError> {
     let doc = tokio::task::spawn_blocking(move || fleet_json(&app))
         .await
         .map_err(ApiError::internal)??;
-    Ok((
-        [(header::CONTENT_TYPE, "application/json")],
-        doc.to_string(),
-    )
-        .into_response())
+    Ok(([(header::CONTENT_TYPE, "application/json")], doc).into_response())
 }
 
 fn label(s: &str) -> String {
@@ -109,66 +194,67 @@ fn label(s: &str) -> String {
         .replace('\n', "\\n")
 }
 
+/// One gauge: its help line, then a line per node that has a value.
+fn gauge<T: std::fmt::Display>(
+    out: &mut String,
+    name: &str,
+    help: &str,
+    rows: &[Row],
+    value: impl Fn(&Row) -> Option<(String, T)>,
+) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
+    for r in rows {
+        if let Some((labels, v)) = value(r) {
+            let _ = writeln!(out, "{name}{{node=\"{}\"{labels}}} {v}", label(&r.name));
+        }
+    }
+}
+
 pub(super) async fn get_metrics(State(app): State<Arc<App>>) -> Result<Response, ApiError> {
     let app2 = app.clone();
-    let doc = tokio::task::spawn_blocking(move || fleet_json(&app2))
+    let rows = tokio::task::spawn_blocking(move || rows(&app2))
         .await
         .map_err(ApiError::internal)??;
+    let now = Timestamp::now();
     let mut out = String::new();
-    let _ = writeln!(
-        out,
-        "# HELP roost_node_desired_version Version of the node's current manifest.\n# TYPE roost_node_desired_version gauge"
+    gauge(
+        &mut out,
+        "roost_node_desired_version",
+        "Version of the node's current manifest.",
+        &rows,
+        |r| {
+            r.cur
+                .as_ref()
+                .map(|c| (String::new(), c.manifest.version.0))
+        },
     );
-    let nodes = doc["nodes"].as_array().cloned().unwrap_or_default();
-    for n in &nodes {
-        if let Some(v) = n["desired_version"].as_u64() {
-            let _ = writeln!(
-                out,
-                "roost_node_desired_version{{node=\"{}\"}} {v}",
-                label(n["node"].as_str().unwrap_or(""))
-            );
-        }
-    }
-    let _ = writeln!(
-        out,
-        "# HELP roost_node_reported_version Manifest version of the node's last report.\n# TYPE roost_node_reported_version gauge"
+    gauge(
+        &mut out,
+        "roost_node_reported_version",
+        "Manifest version of the node's last report.",
+        &rows,
+        |r| {
+            let v = r.gist.as_ref()?.manifest_version?;
+            Some((String::new(), v))
+        },
     );
-    for n in &nodes {
-        if let Some(v) = n["reported_version"].as_u64() {
-            let _ = writeln!(
-                out,
-                "roost_node_reported_version{{node=\"{}\"}} {v}",
-                label(n["node"].as_str().unwrap_or(""))
-            );
-        }
-    }
-    let _ = writeln!(
-        out,
-        "# HELP roost_node_state 1 for the state of the node's last report.\n# TYPE roost_node_state gauge"
+    gauge(
+        &mut out,
+        "roost_node_state",
+        "1 for the state of the node's last report.",
+        &rows,
+        |r| {
+            let s = r.gist.as_ref()?.state.as_deref()?;
+            Some((format!(",state=\"{}\"", label(s)), 1))
+        },
     );
-    for n in &nodes {
-        if let Some(s) = n["state"].as_str() {
-            let _ = writeln!(
-                out,
-                "roost_node_state{{node=\"{}\",state=\"{}\"}} 1",
-                label(n["node"].as_str().unwrap_or("")),
-                label(s)
-            );
-        }
-    }
-    let _ = writeln!(
-        out,
-        "# HELP roost_node_seconds_since_report Seconds since the node's last report.\n# TYPE roost_node_seconds_since_report gauge"
+    gauge(
+        &mut out,
+        "roost_node_seconds_since_report",
+        "Seconds since the node's last report.",
+        &rows,
+        |r| r.seconds_since_report(now).map(|s| (String::new(), s)),
     );
-    for n in &nodes {
-        if let Some(s) = n["seconds_since_report"].as_u64() {
-            let _ = writeln!(
-                out,
-                "roost_node_seconds_since_report{{node=\"{}\"}} {s}",
-                label(n["node"].as_str().unwrap_or(""))
-            );
-        }
-    }
     let _ = writeln!(
         out,
         "# HELP roost_long_polls_held Manifest long-polls being held open.\n# TYPE roost_long_polls_held gauge\nroost_long_polls_held {}",
@@ -191,4 +277,107 @@ pub(super) async fn get_metrics(State(app): State<Arc<App>>) -> Result<Response,
         );
     }
     Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use roost_common::envelope::{Context as Ctx, Envelope};
+    use serde_json::{Value, json};
+
+    fn current(node_key: Option<String>) -> Arc<Current> {
+        let now = Timestamp::now();
+        let m = json!({
+            "format": 1, "node": "n1", "system": "x86_64-linux", "version": 7,
+            "issued_at": now, "expires_at": now.plus(std::time::Duration::from_secs(60)),
+            "node_key": node_key,
+            "profiles": [{"name": "system", "path": "/nix/store/0123456789abcdfghijklmnpqrsvwxyz-sys",
+                          "activation": {"kind": "none"}}]
+        });
+        let key = roost_common::SecretKey::generate("p").unwrap();
+        let env = Envelope::seal(Ctx::Manifest, &serde_json::to_vec(&m).unwrap(), &[&key]);
+        Arc::new(Current::from_stored(env.to_bytes()).unwrap())
+    }
+
+    fn record(report: &str, pinned: Option<&str>) -> NodeRecord {
+        NodeRecord {
+            node: "n1".into(),
+            pinned_key: pinned.map(str::to_owned),
+            last_seq: Some(3),
+            last_seen: Some(Timestamp::now().unix()),
+            last_report: Some(report.into()),
+        }
+    }
+
+    fn doc(cur: Option<Arc<Current>>, rec: Option<NodeRecord>) -> Value {
+        let gist = rec
+            .as_ref()
+            .and_then(|r| serde_json::from_str(r.last_report.as_deref()?).ok());
+        let row = Row {
+            name: "n1".into(),
+            cur,
+            rec,
+            gist,
+        };
+        serde_json::to_value(node_doc(&row, Timestamp::now())).unwrap()
+    }
+
+    #[test]
+    fn a_node_with_a_manifest_and_no_report_has_every_field() {
+        let d = doc(Some(current(None)), None);
+        assert_eq!(d["desired_version"], 7);
+        assert_eq!(d["desired"][0]["profile"], "system");
+        assert_eq!(d["system"], "x86_64-linux");
+        assert!(d["source"].is_null() && d.get("source").is_some());
+        assert!(d["node_key"].is_null() && d.get("key_source").is_some());
+        for k in [
+            "last_report",
+            "state",
+            "healthy",
+            "reported_version",
+            "last_seen",
+        ] {
+            assert!(d.get(k).is_some_and(Value::is_null), "{k}: {d}");
+        }
+    }
+
+    #[test]
+    fn a_node_that_only_reported_shows_its_pinned_key_and_its_report_verbatim() {
+        let report = r#"{"state":"failed","manifest_version":6,"health":[{"ok":true},{"ok":false}],"extra":{"x":[1,2]}}"#;
+        let d = doc(None, Some(record(report, Some("n1-1:AAAA"))));
+        assert!(
+            d.get("system").is_none() && d.get("desired").is_none(),
+            "{d}"
+        );
+        assert!(d["desired_version"].is_null());
+        assert_eq!(
+            (d["node_key"].as_str(), d["key_source"].as_str()),
+            (Some("n1-1:AAAA"), Some("tofu"))
+        );
+        assert_eq!(d["state"], "failed");
+        assert_eq!(d["reported_version"], 6);
+        assert_eq!(d["healthy"], false);
+        assert_eq!(d["last_seq"], 3);
+        assert_eq!(
+            d["last_report"],
+            serde_json::from_str::<Value>(report).unwrap()
+        );
+    }
+
+    #[test]
+    fn the_manifests_node_key_wins_over_a_pinned_one_and_unreadable_reports_are_null() {
+        let key = roost_common::SecretKey::generate("n1-2")
+            .unwrap()
+            .public()
+            .to_string();
+        let d = doc(
+            Some(current(Some(key.clone()))),
+            Some(record("not json", Some("old:AAAA"))),
+        );
+        assert_eq!(
+            (d["node_key"].as_str(), d["key_source"].as_str()),
+            (Some(key.as_str()), Some("manifest"))
+        );
+        assert!(d["last_report"].is_null() && d["state"].is_null() && d["healthy"].is_null());
+    }
 }

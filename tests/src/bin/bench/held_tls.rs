@@ -73,6 +73,7 @@ pub async fn run(nodes: usize) -> anyhow::Result<()> {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    let rss_loaded = rss_kib(pid);
     let mut roots = rustls::RootCertStore::empty();
     for c in CertificateDer::pem_file_iter(&ca)? {
         roots.add(c?)?;
@@ -125,6 +126,7 @@ pub async fn run(nodes: usize) -> anyhow::Result<()> {
         "{}",
         json!({"scenario": "held_tls", "held": nodes, "coordinator_says_held": counted,
                "handshakes_and_polls_s": connect_s,
+               "rss_after_start_mib": rss_loaded as f64 / 1024.0,
                "rss_before_mib": rss_before as f64 / 1024.0, "rss_held_mib": rss_held as f64 / 1024.0,
                "held_cost_kib_each": rss_held.saturating_sub(rss_before) as f64 / nodes as f64})
     );

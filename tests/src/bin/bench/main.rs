@@ -433,6 +433,24 @@ async fn capacity(nodes: usize, conns: usize, seconds: u64) -> anyhow::Result<()
                "rss_empty_mib": rss_empty as f64 / 1024.0, "rss_with_manifests_mib": rss_loaded as f64 / 1024.0})
     );
 
+    // The fleet views over every node (what a dashboard or Prometheus scrape costs).
+    let mut c = Conn::connect(&fleet.addr).await?;
+    for path in ["/v1/fleet", "/metrics"] {
+        let rss0 = rss_kib(pid);
+        let cpu0 = cpu_ms(pid);
+        let t = Instant::now();
+        let r = c.request("GET", path, &[], &[]).await?;
+        let took = t.elapsed();
+        anyhow::ensure!(r.status == 200, "GET {path}: {}", r.status);
+        println!(
+            "{}",
+            json!({"phase": "fleet_view", "path": path, "nodes": nodes, "ms": took.as_secs_f64() * 1000.0,
+                   "coordinator_cpu_ms": cpu_ms(pid) - cpu0, "body_bytes": r.body.len(),
+                   "rss_before_mib": rss0 as f64 / 1024.0, "rss_after_mib": rss_kib(pid) as f64 / 1024.0})
+        );
+    }
+    drop(c);
+
     // Phase 2: one held long-poll per node, then a publish of every node wakes them all.
     learn_etags(&fleet).await?;
     let rss_before = rss_kib(pid);
