@@ -995,9 +995,9 @@ async fn the_front_answers_polls_exactly_as_the_router_does() {
 }
 
 #[tokio::test]
-async fn a_poll_connection_is_kept_alive_pipelined_and_closed_after_any_other_request() {
+async fn a_poll_connection_is_kept_alive_through_other_requests_and_pipelining() {
     use tokio::io::AsyncWriteExt;
-    let (_dir, _key, s) = serving_n1(1).await;
+    let (_dir, key, s) = serving_n1(1).await;
     let mut c = tokio::net::TcpStream::connect(s.addr).await.unwrap();
     raw_get(&mut c, "/v1/nodes/n1/manifest", "").await;
     let (head, body) = read_response(&mut c).await.unwrap();
@@ -1014,17 +1014,38 @@ async fn a_poll_connection_is_kept_alive_pipelined_and_closed_after_any_other_re
         assert_eq!(header(&head, "etag"), Some("\"1\""));
         assert_eq!(header(&head, "roost-long-poll"), Some("300"));
     }
-    // Another route on the same connection: answered by the router, then closed, so the
-    // client's next poll opens a fresh connection.
-    raw_get(&mut c, "/v1/fleet", "").await;
+    // Another route on the same connection (the router answers), pipelined with a poll.
+    let fleet = "GET /v1/fleet HTTP/1.1\r\nHost: x\r\n\r\n";
+    c.write_all(format!("{fleet}{poll}").as_bytes())
+        .await
+        .unwrap();
     let (head, body) = read_response(&mut c).await.unwrap();
     assert_eq!(head[0], "HTTP/1.1 200 OK");
-    assert_eq!(header(&head, "connection"), Some("close"));
+    assert_eq!(header(&head, "connection"), None);
     assert!(serde_json::from_slice::<Value>(&body).is_ok());
-    assert!(read_response(&mut c).await.is_none(), "still open");
-    // A connection that starts with another route stays with the router, kept alive.
+    let (head, _) = read_response(&mut c).await.unwrap();
+    assert_eq!(head[0], "HTTP/1.1 304 Not Modified");
+    // A request with a body on it, then a poll that sees what it stored.
+    let newer = sealed(&key, &manifest("n1", 2, None));
+    let put = format!(
+        "PUT /v1/nodes/n1/manifest HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n",
+        newer.len()
+    );
+    c.write_all(put.as_bytes()).await.unwrap();
+    c.write_all(&newer).await.unwrap();
+    let (head, _) = read_response(&mut c).await.unwrap();
+    assert_eq!(head[0], "HTTP/1.1 200 OK");
+    c.write_all(poll.as_bytes()).await.unwrap();
+    let (head, body) = read_response(&mut c).await.unwrap();
+    assert_eq!((head[0].as_str(), body), ("HTTP/1.1 200 OK", newer));
+    // A connection that starts with another route is kept alive too.
     let mut c = tokio::net::TcpStream::connect(s.addr).await.unwrap();
-    for target in ["/v1/fleet", "/metrics", "/v1/nodes/n1/manifest"] {
+    for target in [
+        "/v1/fleet",
+        "/metrics",
+        "/v1/nodes/n1/manifest",
+        "/v1/fleet",
+    ] {
         raw_get(&mut c, target, "").await;
         let (head, _) = read_response(&mut c).await.unwrap();
         assert_eq!(head[0], "HTTP/1.1 200 OK", "{target}");
@@ -1036,6 +1057,21 @@ async fn a_poll_connection_is_kept_alive_pipelined_and_closed_after_any_other_re
     let (head, _) = read_response(&mut c).await.unwrap();
     assert_eq!(header(&head, "connection"), Some("close"));
     assert!(read_response(&mut c).await.is_none(), "still open");
+    // A body the router refuses before reading it all: answered, then the connection ends
+    // (where the next request would start is unknown).
+    let mut c = tokio::net::TcpStream::connect(s.addr).await.unwrap();
+    let big = 1 << 20;
+    let put =
+        format!("PUT /v1/nodes/n1/manifest HTTP/1.1\r\nHost: x\r\nContent-Length: {big}\r\n\r\n");
+    c.write_all(put.as_bytes()).await.unwrap();
+    c.write_all(&vec![b'x'; 512 << 10]).await.unwrap();
+    let (head, _) = tokio::time::timeout(Duration::from_secs(20), read_response(&mut c))
+        .await
+        .expect("no answer to an oversized body")
+        .unwrap();
+    assert!(head[0].starts_with("HTTP/1.1 413"), "{head:?}");
+    let after = tokio::time::timeout(Duration::from_secs(20), read_response(&mut c)).await;
+    assert!(matches!(after, Ok(None)), "the connection stayed open");
     s.stop().await;
 }
 

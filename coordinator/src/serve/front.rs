@@ -10,14 +10,14 @@
 //!
 //! What the front answers itself: `GET /v1/nodes/{node}/manifest[?wait=S]` over HTTP/1.1
 //! without a body, for a node that has a manifest — through the same [`begin_get`] and
-//! [`hold`] as axum's handler, with the same headers and request counters. Anything else
-//! (other routes, unknown nodes, odd heads, HTTP/1.0, HTTP/2) goes to hyper with the bytes
-//! already read: for the rest of the connection when it was the connection's first request,
-//! else for that one request (hyper answers it with `connection: close` and the client opens
-//! a fresh connection for its next poll, which lands here again). Agents post a report about
-//! once per deploy, so that reconnect costs nothing that matters.
+//! [`hold`] as axum's handler, with the same headers and request counters. Any other
+//! HTTP/1.1 request with a known length (reports, uploads, `/v1/fleet`, cache files) goes to
+//! hyper for exactly that request: hyper reads the request and then the end of the stream,
+//! answers, and gives the connection back, which stays open for the agent's next poll.
+//! hyper's buffers live only while it answers. What the front cannot delimit (HTTP/1.0,
+//! chunked bodies, upgrades, HTTP/2, `connection: close`, heads it cannot parse) goes to
+//! hyper for the rest of the connection.
 
-use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -27,6 +27,7 @@ use std::time::Duration;
 use axum::Router;
 use axum::body::Bytes;
 use axum::http::header;
+use hyper::server::conn::http1;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::Watcher;
@@ -48,27 +49,29 @@ const MAX_PIPELINED: usize = 16 * 1024;
 pub(super) struct Front {
     app: Arc<App>,
     router: Router,
-    /// hyper for connections it keeps (their first request was not a manifest poll).
+    /// hyper for connections it keeps (HTTP/1.0, chunked bodies, HTTP/2, …).
     keep: auto::Builder<TokioExecutor>,
-    /// hyper for one request on a connection the front served before.
-    once: auto::Builder<TokioExecutor>,
+    /// hyper for one HTTP/1.1 request, after which the front takes the connection back.
+    one: http1::Builder,
 }
 
 impl Front {
     pub fn new(app: Arc<App>, router: Router) -> Self {
-        let builder = |keep_alive: bool| {
-            let mut b = auto::Builder::new(TokioExecutor::new());
-            // Slow clients: a request head (including the first one after an idle
-            // keep-alive) must arrive within the header timeout, or the connection is closed.
-            b.http1()
-                .timer(TokioTimer::new())
-                .header_read_timeout(app.cfg.header_timeout)
-                .keep_alive(keep_alive);
-            b
-        };
+        let mut keep = auto::Builder::new(TokioExecutor::new());
+        // Slow clients: a request head (including the first one after an idle keep-alive)
+        // must arrive within the header timeout, or the connection is closed.
+        keep.http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(app.cfg.header_timeout);
+        let mut one = http1::Builder::new();
+        // The end of the stream after the request is the front's doing, not the client
+        // leaving: hyper must still answer.
+        one.half_close(true)
+            .timer(TokioTimer::new())
+            .header_read_timeout(app.cfg.header_timeout);
         Self {
-            keep: builder(true),
-            once: builder(false),
+            keep,
+            one,
             router,
             app,
         }
@@ -85,7 +88,6 @@ impl Front {
         IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let mut buf: Vec<u8> = Vec::new();
-        let mut served = 0u64;
         loop {
             let next = match self.read_head(&mut io, &mut buf).await {
                 Some(n) => n,
@@ -93,11 +95,21 @@ impl Front {
             };
             let (step, head_len, close) = match next {
                 Next::Manifest { step, len, close } => (step, len, close),
+                // Boxed: hyper's connection state is large, and a future is as large as its
+                // largest state; connections the front keeps never pay for it.
+                Next::Once { len } => {
+                    let prefix = std::mem::take(&mut buf);
+                    match Box::pin(self.once(io, prefix, len)).await {
+                        Some((back, rest)) => {
+                            io = back;
+                            buf = rest;
+                            continue;
+                        }
+                        None => return,
+                    }
+                }
                 Next::Other => {
-                    // Boxed: hyper's connection state is large, and a future is as large as
-                    // its largest state; connections the front keeps never pay for it.
-                    let keep_alive = served == 0;
-                    return Box::pin(self.hand_off(io, buf, keep_alive, watcher)).await;
+                    return Box::pin(self.hand_off(io, buf, watcher)).await;
                 }
             };
             buf.drain(..head_len);
@@ -125,7 +137,6 @@ impl Front {
                 Ok(Ok(())) => {}
                 _ => return,
             }
-            served += 1;
             if close {
                 let _ = io.shutdown().await;
                 return;
@@ -164,18 +175,55 @@ impl Front {
         }
     }
 
-    /// Gives the connection, with the bytes already read, to hyper.
-    async fn hand_off<IO>(&self, io: IO, prefix: Vec<u8>, keep_alive: bool, watcher: Watcher)
+    /// Gives the connection, with the bytes already read, to hyper for good.
+    async fn hand_off<IO>(&self, io: IO, prefix: Vec<u8>, watcher: Watcher)
     where
         IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        let io = TokioIo::new(Rewind::new(io, prefix, self.app.cfg.body_timeout));
+        let io = TokioIo::new(Rewind::new(io, prefix, None, self.app.cfg.body_timeout));
         let service = TowerToHyperService::new(self.router.clone());
-        let builder = if keep_alive { &self.keep } else { &self.once };
-        let conn = builder.serve_connection(io, service);
+        let conn = self.keep.serve_connection(io, service);
         if let Err(e) = watcher.watch(conn).await {
             tracing::debug!("connection ended: {e}");
         }
+    }
+
+    /// Lets hyper answer exactly one request (`len` bytes, head and body, starting with
+    /// `prefix`) and takes the connection back, with any bytes the client sent after it.
+    /// hyper sees the end of the stream after the request; allowed to half-close, it answers
+    /// and then ends the connection without shutting it. `None`: the connection is done
+    /// (hyper failed, or did not read the whole request, so where the next one starts is
+    /// unknown).
+    async fn once<IO>(&self, io: IO, prefix: Vec<u8>, len: u64) -> Option<(IO, Vec<u8>)>
+    where
+        IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let io = TokioIo::new(Rewind::new(
+            io,
+            prefix,
+            Some(len),
+            self.app.cfg.body_timeout,
+        ));
+        let service = TowerToHyperService::new(self.router.clone());
+        let parts = match self
+            .one
+            .serve_connection(io, service)
+            .without_shutdown()
+            .await
+        {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::debug!("connection ended: {e}");
+                return None;
+            }
+        };
+        let rewind = parts.io.into_inner();
+        if rewind.limit != Some(0) {
+            return None;
+        }
+        let mut rest = parts.read_buf.to_vec();
+        rest.extend_from_slice(&rewind.prefix);
+        Some((rewind.inner, rest))
     }
 }
 
@@ -184,7 +232,11 @@ enum Next {
     /// A manifest poll the front answers: its first step, the head's length, and whether the
     /// client asked to close the connection after it.
     Manifest { step: Step, len: usize, close: bool },
-    /// Anything else: hyper's.
+    /// An HTTP/1.1 request of `len` bytes (head and body): hyper answers it, the front
+    /// takes the connection back.
+    Once { len: u64 },
+    /// Anything else (HTTP/1.0, chunked bodies, upgrades, HTTP/2, `connection: close`,
+    /// heads the front cannot parse): hyper's for good.
     Other,
 }
 
@@ -198,30 +250,33 @@ enum Parsed {
 fn classify(app: &App, buf: &[u8]) -> Parsed {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut req = httparse::Request::new(&mut headers);
-    let len = match req.parse(buf) {
+    let head = match req.parse(buf) {
         Ok(httparse::Status::Complete(len)) => len,
         Ok(httparse::Status::Partial) => return Parsed::Partial,
         Err(_) => return Parsed::Done(Next::Other),
     };
     let other = Parsed::Done(Next::Other);
-    if req.method != Some("GET") || req.version != Some(1) {
+    if req.version != Some(1) {
         return other;
     }
-    let Some((node, wait)) = req.path.and_then(manifest_target) else {
-        return other;
-    };
-    let mut close = false;
+    let (mut body, mut lengths, mut close, mut expect) = (0u64, 0, false, false);
     for h in req.headers.iter() {
         let name = h.name;
         if name.eq_ignore_ascii_case(header::CONTENT_LENGTH.as_str()) {
-            if h.value.trim_ascii() != b"0" {
-                return other;
+            lengths += 1;
+            match std::str::from_utf8(h.value)
+                .ok()
+                .and_then(|v| v.trim().parse().ok())
+            {
+                Some(n) => body = n,
+                None => return other,
             }
         } else if name.eq_ignore_ascii_case(header::TRANSFER_ENCODING.as_str())
-            || name.eq_ignore_ascii_case(header::EXPECT.as_str())
             || name.eq_ignore_ascii_case(header::UPGRADE.as_str())
         {
             return other;
+        } else if name.eq_ignore_ascii_case(header::EXPECT.as_str()) {
+            expect = true;
         } else if name.eq_ignore_ascii_case(header::CONNECTION.as_str()) {
             close |= h
                 .value
@@ -229,18 +284,37 @@ fn classify(app: &App, buf: &[u8]) -> Parsed {
                 .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close"));
         }
     }
-    let Ok(node) = node.parse() else {
+    if lengths > 1 {
         return other;
-    };
+    }
+    if let Some(step) = poll_step(app, &req, body == 0 && !expect) {
+        return Parsed::Done(Next::Manifest {
+            step,
+            len: head,
+            close,
+        });
+    }
+    if close {
+        return other;
+    }
+    Parsed::Done(Next::Once {
+        len: head as u64 + body,
+    })
+}
+
+/// The first step of a manifest poll of a known node, if `req` is one.
+fn poll_step(app: &App, req: &httparse::Request<'_, '_>, bodiless: bool) -> Option<Step> {
+    if req.method != Some("GET") || !bodiless {
+        return None;
+    }
+    let (node, wait) = manifest_target(req.path?)?;
+    let node = node.parse().ok()?;
     let inm = req
         .headers
         .iter()
         .filter(|h| h.name.eq_ignore_ascii_case(header::IF_NONE_MATCH.as_str()))
         .map(|h| h.value);
-    match manifests::begin_get(app, &node, inm, wait) {
-        Some(step) => Parsed::Done(Next::Manifest { step, len, close }),
-        None => other,
-    }
+    manifests::begin_get(app, &node, inm, wait)
 }
 
 /// `/v1/nodes/{node}/manifest[?wait=S]` → the node and the wait; `None` for any other
@@ -316,21 +390,25 @@ async fn closed<IO: AsyncRead + Unpin>(io: &mut IO, buf: &mut Vec<u8>) {
     }
 }
 
-/// A connection handed to hyper: the bytes the front already read come first, and a write
-/// that cannot make progress for `stall` (a client that stopped reading the response) fails,
-/// which ends the connection.
+/// A connection handed to hyper: the bytes the front already read come first; with a
+/// `limit`, hyper reads that many bytes (one request) and then the end of the stream; and a
+/// write that cannot make progress for `stall` (a client that stopped reading the response)
+/// fails, which ends the connection.
 struct Rewind<T> {
     prefix: Bytes,
     inner: T,
+    /// Bytes hyper may still read (`None`: no limit).
+    limit: Option<u64>,
     stall: Duration,
     stalled: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 impl<T> Rewind<T> {
-    fn new(inner: T, prefix: Vec<u8>, stall: Duration) -> Self {
+    fn new(inner: T, prefix: Vec<u8>, limit: Option<u64>, stall: Duration) -> Self {
         Self {
             prefix: Bytes::from(prefix),
             inner,
+            limit,
             stall,
             stalled: None,
         }
@@ -363,13 +441,35 @@ impl<T: AsyncRead + Unpin> AsyncRead for Rewind<T> {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        if !self.prefix.is_empty() {
-            let n = self.prefix.len().min(buf.remaining());
+        let room = match self.limit {
+            Some(0) => return Poll::Ready(Ok(())),
+            Some(left) => usize::try_from(left)
+                .unwrap_or(usize::MAX)
+                .min(buf.remaining()),
+            None => buf.remaining(),
+        };
+        let n = if !self.prefix.is_empty() {
+            let n = self.prefix.len().min(room);
             buf.put_slice(&self.prefix[..n]);
             self.prefix = self.prefix.slice(n..);
-            return Poll::Ready(Ok(()));
+            n
+        } else if room == buf.remaining() {
+            let before = buf.filled().len();
+            std::task::ready!(Pin::new(&mut self.inner).poll_read(cx, buf))?;
+            buf.filled().len() - before
+        } else {
+            // Near the end of the request: read no further than it, through a small copy.
+            let mut chunk = [0u8; 1024];
+            let take = room.min(chunk.len());
+            let mut small = ReadBuf::new(&mut chunk[..take]);
+            std::task::ready!(Pin::new(&mut self.inner).poll_read(cx, &mut small))?;
+            buf.put_slice(small.filled());
+            small.filled().len()
+        };
+        if let Some(left) = self.limit.as_mut() {
+            *left -= n as u64;
         }
-        Pin::new(&mut self.inner).poll_read(cx, buf)
+        Poll::Ready(Ok(()))
     }
 }
 
@@ -441,7 +541,7 @@ mod tests {
         let (mut a, b) = tokio::io::duplex(64);
         a.write_all(b" world").await.unwrap();
         drop(a);
-        let mut r = Rewind::new(b, b"hello".to_vec(), Duration::from_secs(5));
+        let mut r = Rewind::new(b, b"hello".to_vec(), None, Duration::from_secs(5));
         let mut s = String::new();
         r.read_to_string(&mut s).await.unwrap();
         assert_eq!(s, "hello world");
