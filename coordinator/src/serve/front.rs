@@ -217,13 +217,14 @@ impl Front {
                 return None;
             }
         };
+        // hyper could read no further than the request, so bytes it left unread belong to
+        // the request too: then, as when it did not read all of it, the next request's start
+        // is unknown.
         let rewind = parts.io.into_inner();
-        if rewind.limit != Some(0) {
+        if rewind.limit != Some(0) || !parts.read_buf.is_empty() {
             return None;
         }
-        let mut rest = parts.read_buf.to_vec();
-        rest.extend_from_slice(&rewind.prefix);
-        Some((rewind.inner, rest))
+        Some((rewind.inner, rewind.prefix.to_vec()))
     }
 }
 
