@@ -192,6 +192,8 @@ pub struct Coordinator {
     pub state_dir: PathBuf,
     log: PathBuf,
     args: Vec<String>,
+    /// Serving HTTPS (then readiness is an accepted connection, not a plain GET).
+    tls: bool,
 }
 
 impl Coordinator {
@@ -217,6 +219,7 @@ impl Coordinator {
             state_dir,
             log: dir.join("coordinator.log"),
             args,
+            tls: false,
         };
         c.spawn()?;
         Ok(c)
@@ -236,8 +239,16 @@ impl Coordinator {
             .context("starting roost-coordinator serve")?;
         self.child = Some(child);
         let url = format!("{}/v1/fleet", self.url());
+        let port = self.port;
+        let tls = self.tls;
         wait_for("the coordinator to answer", Duration::from_secs(20), || {
-            http_get(&url).ok()
+            if tls {
+                std::net::TcpStream::connect(("127.0.0.1", port))
+                    .ok()
+                    .map(drop)
+            } else {
+                http_get(&url).ok().map(drop)
+            }
         })
         .with_context(|| {
             format!(
@@ -255,7 +266,8 @@ impl Coordinator {
 
     /// The URL from the host.
     pub fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
+        let scheme = if self.tls { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}", self.port)
     }
 
     /// Kills it with SIGKILL (no graceful shutdown).
@@ -269,6 +281,20 @@ impl Coordinator {
     /// Starts it again on the same port and state folder.
     pub fn restart(&mut self) -> anyhow::Result<()> {
         self.kill();
+        self.spawn()
+    }
+
+    /// Starts it again on the same port and state folder, serving HTTPS with the PEM
+    /// certificate chain `cert` and key `key`; ready once it accepts connections.
+    pub fn restart_tls(&mut self, cert: &Path, key: &Path) -> anyhow::Result<()> {
+        self.kill();
+        self.args.extend([
+            "--tls-cert".into(),
+            cert.display().to_string(),
+            "--tls-key".into(),
+            key.display().to_string(),
+        ]);
+        self.tls = true;
         self.spawn()
     }
 

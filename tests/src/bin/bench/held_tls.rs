@@ -1,9 +1,8 @@
 //! `bench held-tls`: what a held long-poll costs the coordinator over HTTPS. The manifests
-//! are uploaded over plain HTTP, then the same state folder is served with `--tls-cert`, and
-//! one TLS connection per node sends a long-poll that is held.
+//! are uploaded over plain HTTP, then the coordinator is restarted on the same state folder
+//! with `--tls-cert`, and one TLS connection per node sends a long-poll that is held.
 
 use std::net::{IpAddr, Ipv4Addr};
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -19,61 +18,21 @@ use tokio_rustls::TlsConnector;
 
 use super::{manifest, node_name, rss_kib, test_certificate, upload};
 
-/// Kills the coordinator however the scenario ends.
-struct Killed(Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 pub async fn run(nodes: usize) -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let keys = Keys::create(&dir.path().join("keys"))?;
-    let state_dir = {
-        let plain = Coordinator::start(dir.path(), &keys)?;
-        let publisher = Arc::new(SecretKey::read_file(&keys.publisher_sec)?);
-        let payload = |i: usize| {
-            let node = node_name(i);
-            let m = manifest(&node, 1, None);
-            (node, m)
-        };
-        let addr = format!("127.0.0.1:{}", plain.port);
-        upload(&addr, publisher, nodes, 8, Arc::new(payload)).await?;
-        plain.state_dir.clone()
+    let mut coordinator = Coordinator::start(dir.path(), &keys)?;
+    let addr = format!("127.0.0.1:{}", coordinator.port);
+    let publisher = Arc::new(SecretKey::read_file(&keys.publisher_sec)?);
+    let payload = |i: usize| {
+        let node = node_name(i);
+        let m = manifest(&node, 1, None);
+        (node, m)
     };
+    upload(&addr, publisher, nodes, 8, Arc::new(payload)).await?;
     let (ca, cert, key) = test_certificate(dir.path(), "127.0.0.1")?;
-    let port = roost_tests::free_port();
-    let addr = format!("127.0.0.1:{port}");
-    let log = std::fs::File::create(dir.path().join("coordinator-tls.log"))?;
-    let child = Command::new(roost_tests::bin("roost-coordinator"))
-        .arg("serve")
-        .args(["--listen", &addr])
-        .arg("--state-dir")
-        .arg(&state_dir)
-        .arg("--publisher-key")
-        .arg(&keys.publisher_pub)
-        .arg("--tls-cert")
-        .arg(&cert)
-        .arg("--tls-key")
-        .arg(&key)
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .context("starting roost-coordinator serve with TLS")?;
-    let coordinator = Killed(child);
-    let pid = coordinator.0.id();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while TcpStream::connect(&addr).await.is_err() {
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "the TLS coordinator never listened"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let rss_loaded = rss_kib(pid);
+    tokio::task::block_in_place(|| coordinator.restart_tls(&cert, &key))?;
+    let pid = coordinator.pid().context("coordinator pid")?;
     let mut roots = rustls::RootCertStore::empty();
     for c in CertificateDer::pem_file_iter(&ca)? {
         roots.add(c?)?;
@@ -126,7 +85,6 @@ pub async fn run(nodes: usize) -> anyhow::Result<()> {
         "{}",
         json!({"scenario": "held_tls", "held": nodes, "coordinator_says_held": counted,
                "handshakes_and_polls_s": connect_s,
-               "rss_after_start_mib": rss_loaded as f64 / 1024.0,
                "rss_before_mib": rss_before as f64 / 1024.0, "rss_held_mib": rss_held as f64 / 1024.0,
                "held_cost_kib_each": rss_held.saturating_sub(rss_before) as f64 / nodes as f64})
     );
