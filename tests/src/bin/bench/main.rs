@@ -840,24 +840,38 @@ fn convergence(n: usize, interval_s: u64) -> anyhow::Result<()> {
             std::thread::sleep(Duration::from_millis(20));
         }
         let stats = |v: &[Option<Duration>]| {
-            let mut ms: Vec<f64> = v
-                .iter()
-                .flatten()
-                .map(|d| d.as_secs_f64() * 1000.0)
-                .collect();
-            ms.sort_by(f64::total_cmp);
-            let q = |p: f64| {
-                ms.get(((ms.len().saturating_sub(1)) as f64 * p).round() as usize)
-                    .copied()
-                    .unwrap_or(f64::NAN)
-            };
-            json!({"count": ms.len(), "median_ms": q(0.5), "max_ms": ms.last().copied().unwrap_or(f64::NAN)})
+            quantiles(
+                v.iter()
+                    .flatten()
+                    .map(|d| d.as_secs_f64() * 1000.0)
+                    .collect(),
+            )
         };
         println!(
             "{}",
-            json!({"scenario": "convergence", "nodes": n, "mode": if long_poll { "long-poll".to_owned() } else { format!("plain polling every {interval_s} s ± 20 %") },
+            json!({"scenario": "convergence", "nodes": n, "mode": mode_name(long_poll, interval_s),
                    "start_activating": stats(&started), "reported_success": stats(&done)})
         );
     }
     Ok(())
+}
+
+/// How a convergence run's agents poll, for its JSON line.
+fn mode_name(long_poll: bool, interval_s: u64) -> String {
+    if long_poll {
+        "long-poll".to_owned()
+    } else {
+        format!("plain polling every {interval_s} s ± 20 %")
+    }
+}
+
+/// Count, min, median, p90 and max of millisecond samples (they may be negative).
+fn quantiles(mut ms: Vec<f64>) -> serde_json::Value {
+    ms.sort_by(f64::total_cmp);
+    let q = |p: f64| {
+        ms.get(((ms.len().saturating_sub(1)) as f64 * p).round() as usize)
+            .copied()
+            .unwrap_or(f64::NAN)
+    };
+    json!({"count": ms.len(), "min_ms": q(0.0), "median_ms": q(0.5), "p90_ms": q(0.9), "max_ms": q(1.0)})
 }

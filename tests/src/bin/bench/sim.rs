@@ -19,7 +19,7 @@ use roost_tests::http::Conn;
 use roost_tests::{Coordinator, Keys};
 use serde_json::json;
 
-use super::{Payload, upload};
+use super::{Payload, mode_name, quantiles, upload};
 
 const NAR: &str = "sha256-47DEQpj8HBSa+/TImW+5JCeuQeRkm5NMpJWZG3hSuFU=";
 const CACHE_URL: &str = "file:///roost-sim-cache";
@@ -245,13 +245,13 @@ pub async fn run(n: usize, interval_s: u64) -> anyhow::Result<()> {
         }
         let since = |base: Instant, v: &[Option<Instant>]| {
             let ms: Vec<f64> = v.iter().flatten().map(|t| signed_ms(*t, base)).collect();
-            summary(ms)
+            quantiles(ms)
         };
         println!(
             "{}",
             json!({
                 "scenario": "convergence-sim", "agents": n,
-                "mode": if long_poll { "long-poll".to_owned() } else { format!("plain polling every {interval_s} s ± 20 %") },
+                "mode": mode_name(long_poll, interval_s),
                 "publish_upload_ms": upload_took.as_secs_f64() * 1000.0,
                 "start_activating_after_publish_returned": since(published, &activating),
                 "start_activating_after_publish_began": since(t0, &activating),
@@ -292,14 +292,4 @@ fn signed_ms(t: Instant, base: Instant) -> f64 {
     } else {
         -((base - t).as_secs_f64() * 1000.0)
     }
-}
-
-fn summary(mut ms: Vec<f64>) -> serde_json::Value {
-    ms.sort_by(f64::total_cmp);
-    let q = |p: f64| {
-        ms.get(((ms.len().saturating_sub(1)) as f64 * p).round() as usize)
-            .copied()
-            .unwrap_or(f64::NAN)
-    };
-    json!({"count": ms.len(), "min_ms": q(0.0), "median_ms": q(0.5), "p90_ms": q(0.9), "max_ms": q(1.0)})
 }
