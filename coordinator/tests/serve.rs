@@ -90,12 +90,16 @@ fn report(node: &str, seq: u64, key: &SecretKey, include_key: bool) -> Vec<u8> {
     Envelope::seal(Context::Report, &serde_json::to_vec(&r).unwrap(), &[key]).to_bytes()
 }
 
-/// A server on a fresh state folder with a manifest of version `v` stored for `n1`.
-async fn serving_n1(v: u64) -> (tempfile::TempDir, SecretKey, Server) {
+/// A server on a fresh state folder with a manifest of version `v` stored for `n1`
+/// (naming `node_key`, if given).
+async fn serving_n1(
+    v: u64,
+    node_key: Option<&SecretKey>,
+) -> (tempfile::TempDir, SecretKey, Server) {
     let dir = tempfile::tempdir().unwrap();
     let key = SecretKey::generate("pub").unwrap();
     let s = Server::start(dir.path(), &key, None).await;
-    put(&s.url, "n1", sealed(&key, &manifest("n1", v, None))).await;
+    put(&s.url, "n1", sealed(&key, &manifest("n1", v, node_key))).await;
     (dir, key, s)
 }
 
@@ -163,7 +167,7 @@ async fn etag_round_trip_gives_200_then_304() {
 
 #[tokio::test]
 async fn long_poll_is_answered_by_a_put_long_before_wait_expires() {
-    let (_dir, key, s) = serving_n1(1).await;
+    let (_dir, key, s) = serving_n1(1, None).await;
     let etag = "\"1\"";
     let mut waiters = Vec::new();
     for _ in 0..50 {
@@ -204,7 +208,7 @@ async fn long_poll_is_answered_by_a_put_long_before_wait_expires() {
 
 #[tokio::test]
 async fn long_poll_without_change_ends_in_304_after_wait() {
-    let (_dir, _key, s) = serving_n1(1).await;
+    let (_dir, _key, s) = serving_n1(1, None).await;
     let r = reqwest::Client::new()
         .get(format!("{}/v1/nodes/n1/manifest?wait=1", s.url))
         .header("If-None-Match", "\"1\"")
@@ -285,16 +289,8 @@ async fn racing_uploads_of_one_version_cannot_both_win() {
 
 #[tokio::test]
 async fn reports_are_refused_for_wrong_key_replayed_seq_and_unknown_node() {
-    let dir = tempfile::tempdir().unwrap();
-    let key = SecretKey::generate("pub").unwrap();
     let node_key = SecretKey::generate("n1").unwrap();
-    let s = Server::start(dir.path(), &key, None).await;
-    put(
-        &s.url,
-        "n1",
-        sealed(&key, &manifest("n1", 1, Some(&node_key))),
-    )
-    .await;
+    let (_dir, _key, s) = serving_n1(1, Some(&node_key)).await;
 
     assert_eq!(
         post_report(&s.url, "n1", report("n1", 1, &node_key, false))
@@ -331,7 +327,7 @@ async fn reports_are_refused_for_wrong_key_replayed_seq_and_unknown_node() {
 
 #[tokio::test]
 async fn without_node_key_the_first_report_pins_its_key() {
-    let (_dir, _key, s) = serving_n1(1).await;
+    let (_dir, _key, s) = serving_n1(1, None).await;
     let first = SecretKey::generate("n1").unwrap();
     assert_eq!(
         post_report(&s.url, "n1", report("n1", 1, &first, true))
@@ -665,16 +661,8 @@ async fn a_restart_on_the_same_state_serves_the_same_manifests_reports_and_cache
 
 #[tokio::test]
 async fn metrics_expose_versions_states_and_request_counters() {
-    let dir = tempfile::tempdir().unwrap();
-    let key = SecretKey::generate("pub").unwrap();
     let node_key = SecretKey::generate("n1").unwrap();
-    let s = Server::start(dir.path(), &key, None).await;
-    put(
-        &s.url,
-        "n1",
-        sealed(&key, &manifest("n1", 3, Some(&node_key))),
-    )
-    .await;
+    let (_dir, _key, s) = serving_n1(3, Some(&node_key)).await;
     post_report(&s.url, "n1", report("n1", 1, &node_key, false)).await;
     let text = metrics_text(&s).await;
     assert!(
@@ -700,16 +688,8 @@ async fn metrics_expose_versions_states_and_request_counters() {
 
 #[tokio::test]
 async fn report_history_lists_a_nodes_reports_newest_first() {
-    let dir = tempfile::tempdir().unwrap();
-    let key = SecretKey::generate("pub").unwrap();
     let node_key = SecretKey::generate("n1").unwrap();
-    let s = Server::start(dir.path(), &key, None).await;
-    put(
-        &s.url,
-        "n1",
-        sealed(&key, &manifest("n1", 1, Some(&node_key))),
-    )
-    .await;
+    let (_dir, _key, s) = serving_n1(1, Some(&node_key)).await;
     for seq in [3, 5, 9] {
         assert_eq!(
             post_report(&s.url, "n1", report("n1", seq, &node_key, false))
@@ -736,16 +716,8 @@ async fn report_history_lists_a_nodes_reports_newest_first() {
 
 #[tokio::test]
 async fn a_new_node_key_in_the_manifest_starts_a_new_report_sequence() {
-    let dir = tempfile::tempdir().unwrap();
-    let key = SecretKey::generate("pub").unwrap();
     let old_key = SecretKey::generate("n1").unwrap();
-    let s = Server::start(dir.path(), &key, None).await;
-    put(
-        &s.url,
-        "n1",
-        sealed(&key, &manifest("n1", 1, Some(&old_key))),
-    )
-    .await;
+    let (_dir, key, s) = serving_n1(1, Some(&old_key)).await;
     assert_eq!(
         post_report(&s.url, "n1", report("n1", 50, &old_key, false))
             .await
@@ -831,7 +803,7 @@ async fn an_upload_whose_body_stalls_gets_408_and_stores_nothing() {
 
 #[tokio::test]
 async fn shutdown_answers_held_long_polls_and_stops() {
-    let (_dir, _key, s) = serving_n1(1).await;
+    let (_dir, _key, s) = serving_n1(1, None).await;
     let url = format!("{}/v1/nodes/n1/manifest?wait=300", s.url);
     let poll = tokio::spawn(async move {
         reqwest::Client::new()
@@ -978,7 +950,7 @@ fn header<'a>(lines: &'a [String], name: &str) -> Option<&'a str> {
 
 #[tokio::test]
 async fn the_front_answers_polls_exactly_as_the_router_does() {
-    let (_dir, _key, s) = serving_n1(3).await;
+    let (_dir, _key, s) = serving_n1(3, None).await;
     // `n%31` is `n1` to axum; the front leaves anything percent-encoded to it.
     for extra in ["", "If-None-Match: \"3\"\r\n"] {
         let mut c = tokio::net::TcpStream::connect(s.addr).await.unwrap();
@@ -997,7 +969,7 @@ async fn the_front_answers_polls_exactly_as_the_router_does() {
 #[tokio::test]
 async fn a_poll_connection_is_kept_alive_through_other_requests_and_pipelining() {
     use tokio::io::AsyncWriteExt;
-    let (_dir, key, s) = serving_n1(1).await;
+    let (_dir, key, s) = serving_n1(1, None).await;
     let mut c = tokio::net::TcpStream::connect(s.addr).await.unwrap();
     raw_get(&mut c, "/v1/nodes/n1/manifest", "").await;
     let (head, body) = read_response(&mut c).await.unwrap();
@@ -1111,7 +1083,7 @@ async fn poll_n1(s: &Server, wait: u64) -> tokio::net::TcpStream {
 
 #[tokio::test]
 async fn a_client_leaving_a_held_poll_frees_it_and_answered_polls_are_counted() {
-    let (_dir, _key, s) = serving_n1(1).await;
+    let (_dir, _key, s) = serving_n1(1, None).await;
     let held = "roost_long_polls_held ";
     let c = poll_n1(&s, 300).await;
     let deadline = Instant::now() + Duration::from_secs(20);
