@@ -436,51 +436,52 @@ mod tests {
         assert!(o.describe("switch").contains("some units failed"));
     }
 
-    #[tokio::test]
-    async fn a_hang_past_the_timeout_kills_the_whole_process_group() {
+    /// Runs a shell script that starts `sleep 1000` in the background and then does `tail`;
+    /// its outcome and the background child's pid.
+    async fn with_background_child(tail: &str, timeout: Duration) -> (Outcome, i32) {
         let dir = tempfile::tempdir().unwrap();
         let pidfile = dir.path().join("child.pid");
-        let script = format!("sleep 1000 & echo $! > {}; wait", pidfile.display());
-        let out = run(&sh(&script), &[], None, Duration::from_secs(1)).await;
-        assert_eq!(out, Outcome::TimedOut);
+        let script = format!("sleep 1000 & echo $! > {}; {tail}", pidfile.display());
+        let out = run(&sh(&script), &[], None, timeout).await;
         let child: i32 = std::fs::read_to_string(&pidfile)
             .unwrap()
             .trim()
             .parse()
             .unwrap();
-        // SIGKILL is delivered before killpg returns; give the kernel a moment to reap.
+        (out, child)
+    }
+
+    /// Whether `pid` is gone within a second (SIGKILL is delivered before killpg returns; the
+    /// kernel may take a moment to reap).
+    async fn gone(pid: i32) -> bool {
         for _ in 0..50 {
-            if !alive(child) {
-                return;
+            if !alive(pid) {
+                return true;
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        panic!("the background child {child} of a timed-out command survived");
+        false
+    }
+
+    #[tokio::test]
+    async fn a_hang_past_the_timeout_kills_the_whole_process_group() {
+        let (out, child) = with_background_child("wait", Duration::from_secs(1)).await;
+        assert_eq!(out, Outcome::TimedOut);
+        assert!(
+            gone(child).await,
+            "the background child {child} of a timed-out command survived"
+        );
     }
 
     #[tokio::test]
     async fn a_background_child_does_not_outlive_a_successful_command() {
-        let dir = tempfile::tempdir().unwrap();
-        let pidfile = dir.path().join("child.pid");
-        let script = format!("sleep 1000 & echo $! > {}; exit 0", pidfile.display());
-        let out = run(&sh(&script), &[], None, Duration::from_secs(30)).await;
+        let (out, child) = with_background_child("exit 0", Duration::from_secs(30)).await;
         assert_eq!(
             out,
             Outcome::Ok,
             "a leftover child holding the pipes is not a hang"
         );
-        let child: i32 = std::fs::read_to_string(&pidfile)
-            .unwrap()
-            .trim()
-            .parse()
-            .unwrap();
-        for _ in 0..50 {
-            if !alive(child) {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        panic!("background child {child} survived");
+        assert!(gone(child).await, "background child {child} survived");
     }
 
     #[tokio::test]
