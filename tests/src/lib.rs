@@ -23,14 +23,27 @@ pub mod proxy;
 
 pub use fleet::Fleet;
 
+/// Whether this process runs as root (its effective uid, from /proc: no unsafe libc call).
+pub fn is_root() -> bool {
+    fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .and_then(|l| l.split_whitespace().nth(2).map(|u| u == "0"))
+        })
+        .unwrap_or(false)
+}
+
+/// Whether `tool` is on `PATH`.
+pub fn on_path(tool: &str) -> bool {
+    std::env::var_os("PATH")
+        .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
+}
+
 /// Why the fleet tests cannot run here, if they cannot (not root, no Nix, no namespaces).
 pub fn preflight() -> Result<(), String> {
-    // The effective uid from /proc: no unsafe libc call needed.
-    let uid = fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("Uid:")).map(str::to_owned))
-        .and_then(|l| l.split_whitespace().nth(2).map(str::to_owned));
-    if uid.as_deref() != Some("0") {
+    if !is_root() {
         return Err("fleet tests need root (namespaces, mounts, veth)".into());
     }
     for tool in ["nix", "nix-store", "unshare", "ip", "mount"] {

@@ -7,14 +7,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use roost_common::{Identity, NodeName, PublicKey, Timestamp, TrustedKeys, verify_manifest};
-use roost_tests::{bin, repo_root};
+use roost_tests::{bin, is_root, on_path, repo_root};
 use serde_json::Value;
-
-/// Whether `tool` is on `PATH`.
-fn on_path(tool: &str) -> bool {
-    std::env::var_os("PATH")
-        .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
-}
 
 /// Skips the calling test, loudly, when Nix's tools are missing.
 macro_rules! require_nix {
@@ -24,17 +18,6 @@ macro_rules! require_nix {
             return;
         }
     };
-}
-
-fn is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("Uid:"))
-                .and_then(|l| l.split_whitespace().nth(2).map(|u| u == "0"))
-        })
-        .unwrap_or(false)
 }
 
 /// Every `.nix` file under `dir`, skipping build output and hidden folders.

@@ -13,7 +13,7 @@ use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
-use roost_tests::{bin, repo_root};
+use roost_tests::{bin, is_root, on_path, repo_root};
 use serde_json::Value;
 
 /// Where the modules are evaluated: nixpkgs' lib, keys, scratch files.
@@ -60,23 +60,6 @@ fn setup() -> Option<Eval> {
         key,
         key_file,
     })
-}
-
-/// Whether `tool` is on `PATH`.
-fn on_path(tool: &str) -> bool {
-    std::env::var_os("PATH")
-        .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
-}
-
-fn is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("Uid:"))
-                .and_then(|l| l.split_whitespace().nth(2).map(|u| u == "0"))
-        })
-        .unwrap_or(false)
 }
 
 /// Makes a Nix binary-cache key pair named `name` in `dir`; returns the public file.
