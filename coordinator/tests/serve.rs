@@ -6,10 +6,12 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use roost_common::envelope::{Context, Envelope};
-use roost_common::wire::v1::{self, Manifest, Report, ReportState};
-use roost_common::{SecretKey, Timestamp, TrustedKeys, Version};
+use roost_common::{SecretKey, TrustedKeys};
 use roost_coordinator::serve::{Running, ServerConfig, start};
+
+mod support;
 use serde_json::{Value, json};
+use support::{manifest, report, sealed};
 
 struct Server {
     url: String,
@@ -45,49 +47,6 @@ impl Server {
     async fn stop(self) {
         self.running.stop().await.unwrap();
     }
-}
-
-fn manifest(node: &str, version: u64, node_key: Option<&SecretKey>) -> Vec<u8> {
-    let now = Timestamp::now();
-    let m = Manifest {
-        format: v1::FORMAT,
-        node: node.parse().unwrap(),
-        system: "x86_64-linux".into(),
-        version: Version(version),
-        issued_at: now,
-        expires_at: now.plus(Duration::from_secs(3600)),
-        source: None,
-        substituters: vec![],
-        node_key: node_key.map(SecretKey::public),
-        profiles: vec![serde_json::from_value(json!({"name": "system", "path": "/nix/store/0123456789abcdfghijklmnpqrsvwxyz-sys"})).unwrap()],
-        rollout: Default::default(),
-    };
-    serde_json::to_vec(&m).unwrap()
-}
-
-fn sealed(key: &SecretKey, payload: &[u8]) -> Vec<u8> {
-    Envelope::seal(Context::Manifest, payload, &[key]).to_bytes()
-}
-
-fn report(node: &str, seq: u64, key: &SecretKey, include_key: bool) -> Vec<u8> {
-    let r = Report {
-        format: 1,
-        node: node.parse().unwrap(),
-        seq,
-        sent_at: Timestamp::now(),
-        boot_id: "b".into(),
-        agent_version: "t".into(),
-        manifest_version: Some(Version(1)),
-        state: ReportState::Success,
-        profiles: vec![],
-        booted_system: None,
-        error: None,
-        health: vec![],
-        timings_ms: Default::default(),
-        security_events: vec![],
-        node_key: include_key.then(|| key.public()),
-    };
-    Envelope::seal(Context::Report, &serde_json::to_vec(&r).unwrap(), &[key]).to_bytes()
 }
 
 /// A server on a fresh state folder with a manifest of version `v` stored for `n1`

@@ -5,11 +5,12 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use roost_common::envelope::{Context, Envelope};
-use roost_common::wire::v1::{self, Manifest, Report, ReportState};
-use roost_common::{SecretKey, Timestamp, Version};
-use serde_json::{Value, json};
+use roost_common::SecretKey;
+use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+mod support;
+use support::{manifest, report, sealed};
 
 const BIN: &str = env!("CARGO_BIN_EXE_roost-coordinator");
 
@@ -87,45 +88,11 @@ fn keys(dir: &Path) -> (SecretKey, std::path::PathBuf) {
 }
 
 fn manifest_envelope(key: &SecretKey, node: &str, version: u64, node_key: &SecretKey) -> Vec<u8> {
-    let now = Timestamp::now();
-    let m = Manifest {
-        format: v1::FORMAT,
-        node: node.parse().unwrap(),
-        system: "x86_64-linux".into(),
-        version: Version(version),
-        issued_at: now,
-        expires_at: now.plus(Duration::from_secs(3600)),
-        source: None,
-        substituters: vec![],
-        node_key: Some(node_key.public()),
-        profiles: vec![
-            serde_json::from_value(json!({"name": "system", "path": "/nix/store/0123456789abcdfghijklmnpqrsvwxyz-sys"}))
-                .unwrap(),
-        ],
-        rollout: Default::default(),
-    };
-    Envelope::seal(Context::Manifest, &serde_json::to_vec(&m).unwrap(), &[key]).to_bytes()
+    sealed(key, &manifest(node, version, Some(node_key)))
 }
 
 fn report_envelope(node: &str, seq: u64, key: &SecretKey) -> Vec<u8> {
-    let r = Report {
-        format: 1,
-        node: node.parse().unwrap(),
-        seq,
-        sent_at: Timestamp::now(),
-        boot_id: "b".into(),
-        agent_version: "t".into(),
-        manifest_version: Some(Version(1)),
-        state: ReportState::Success,
-        profiles: vec![],
-        booted_system: None,
-        error: None,
-        health: vec![],
-        timings_ms: Default::default(),
-        security_events: vec![],
-        node_key: None,
-    };
-    Envelope::seal(Context::Report, &serde_json::to_vec(&r).unwrap(), &[key]).to_bytes()
+    report(node, seq, key, false)
 }
 
 #[tokio::test]

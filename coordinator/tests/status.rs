@@ -2,11 +2,13 @@
 
 use std::time::Duration;
 
-use roost_common::envelope::{Context, Envelope};
-use roost_common::wire::v1::{self, HealthResult, Manifest, Report, ReportState};
-use roost_common::{SecretKey, Timestamp, TrustedKeys, Version};
+use roost_common::wire::v1::{HealthResult, ReportState};
+use roost_common::{SecretKey, TrustedKeys};
 use roost_coordinator::serve::{Running, ServerConfig, start};
+
+mod support;
 use serde_json::{Value, json};
+use support::{manifest, report_payload, seal_report, sealed};
 
 const BIN: &str = env!("CARGO_BIN_EXE_roost-coordinator");
 
@@ -32,31 +34,10 @@ impl Fleet {
     /// Publishes version 1 for `node` and returns its node key.
     async fn publish(&self, node: &str) -> SecretKey {
         let node_key = SecretKey::generate(node).unwrap();
-        let now = Timestamp::now();
-        let m = Manifest {
-            format: v1::FORMAT,
-            node: node.parse().unwrap(),
-            system: "x86_64-linux".into(),
-            version: Version(1),
-            issued_at: now,
-            expires_at: now.plus(Duration::from_secs(3600)),
-            source: None,
-            substituters: vec![],
-            node_key: Some(node_key.public()),
-            profiles: vec![
-                serde_json::from_value(json!({"name": "system", "path": "/nix/store/0123456789abcdfghijklmnpqrsvwxyz-sys"}))
-                    .unwrap(),
-            ],
-            rollout: Default::default(),
-        };
-        let env = Envelope::seal(
-            Context::Manifest,
-            &serde_json::to_vec(&m).unwrap(),
-            &[&self.publisher],
-        );
+        let env = sealed(&self.publisher, &manifest(node, 1, Some(&node_key)));
         let r = reqwest::Client::new()
             .put(format!("{}/v1/nodes/{node}/manifest", self.server.url()))
-            .body(env.to_bytes())
+            .body(env)
             .send()
             .await
             .unwrap();
@@ -65,31 +46,16 @@ impl Fleet {
     }
 
     async fn report(&self, node: &str, key: &SecretKey, state: ReportState, healthy: bool) {
-        let r = Report {
-            format: 1,
-            node: node.parse().unwrap(),
-            seq: 1,
-            sent_at: Timestamp::now(),
-            boot_id: "b".into(),
-            agent_version: "t".into(),
-            manifest_version: Some(Version(1)),
-            state,
-            profiles: vec![],
-            booted_system: None,
-            error: None,
-            health: vec![HealthResult {
-                name: "command:true".into(),
-                ok: healthy,
-                detail: String::new(),
-            }],
-            timings_ms: Default::default(),
-            security_events: vec![],
-            node_key: None,
-        };
-        let env = Envelope::seal(Context::Report, &serde_json::to_vec(&r).unwrap(), &[key]);
+        let mut r = report_payload(node, 1, state);
+        r.health = vec![HealthResult {
+            name: "command:true".into(),
+            ok: healthy,
+            detail: String::new(),
+        }];
+        let env = seal_report(&r, key);
         let resp = reqwest::Client::new()
             .post(format!("{}/v1/nodes/{node}/reports", self.server.url()))
-            .body(env.to_bytes())
+            .body(env)
             .send()
             .await
             .unwrap();
