@@ -209,6 +209,12 @@ impl Fleet {
         PublishOptions::new(targets, self.publisher.clone(), dest)
     }
 
+    /// Publishes every node into the folder `out` with a fresh Nix.
+    async fn publish_all_to(&self, out: &Path) -> PublishReport {
+        let opts = self.options(&[], Destination::Folder(out.to_owned()));
+        publish(&opts, &Nix::new()).await.unwrap()
+    }
+
     fn with_cache(&self, mut o: PublishOptions) -> PublishOptions {
         let url = format!("file://{}", self.path("cache").display());
         o.cache = Some(url.clone());
@@ -545,12 +551,7 @@ async fn all_or_nothing_publishes_nothing_when_one_node_fails() {
     }
     let fleet = Fleet::new("");
     let out = fleet.path("out");
-    let first = publish(
-        &fleet.options(&[], Destination::Folder(out.clone())),
-        &Nix::new(),
-    )
-    .await
-    .unwrap();
+    let first = fleet.publish_all_to(&out).await;
     assert!(first.all_published());
     let before = layout(&out);
 
@@ -601,12 +602,7 @@ async fn a_node_with_an_error_try_eval_cannot_catch_is_isolated() {
     }
     let fleet = Fleet::new("{ missing.profiles.system.path = self.no-such-output; }");
     let out = fleet.path("out");
-    let report = publish(
-        &fleet.options(&[], Destination::Folder(out.clone())),
-        &Nix::new(),
-    )
-    .await
-    .unwrap();
+    let report = fleet.publish_all_to(&out).await;
     assert_eq!(result_of(&report, "missing"), "failed");
     let error = report.node("missing").unwrap().error.clone().unwrap();
     assert!(error.contains("no-such-output"), "{error}");
@@ -623,12 +619,7 @@ async fn a_profile_without_path_fails_its_node_by_name_and_writes_nothing_for_it
     }
     let fleet = Fleet::new("{ pathless.profiles.system.user = \"root\"; }");
     let out = fleet.path("out");
-    let report = publish(
-        &fleet.options(&[], Destination::Folder(out.clone())),
-        &Nix::new(),
-    )
-    .await
-    .unwrap();
+    let report = fleet.publish_all_to(&out).await;
     let n = report.node("pathless").unwrap();
     assert_eq!(n.result, "failed");
     assert!(
@@ -655,18 +646,8 @@ async fn publishing_twice_gives_strictly_higher_versions() {
             .map(|n| (n.node.clone(), n.version.unwrap()))
             .collect()
     };
-    let first = publish(
-        &fleet.options(&[], Destination::Folder(out.clone())),
-        &Nix::new(),
-    )
-    .await
-    .unwrap();
-    let second = publish(
-        &fleet.options(&[], Destination::Folder(out.clone())),
-        &Nix::new(),
-    )
-    .await
-    .unwrap();
+    let first = fleet.publish_all_to(&out).await;
+    let second = fleet.publish_all_to(&out).await;
     for (node, v1) in versions(&first) {
         assert!(versions(&second)[&node] > v1, "{node}");
     }
@@ -802,12 +783,7 @@ async fn an_unknown_node_or_profile_is_a_usage_error_listing_what_exists_and_cha
     }
     let fleet = Fleet::new("");
     let out = fleet.path("out");
-    let first = publish(
-        &fleet.options(&[], Destination::Folder(out.clone())),
-        &Nix::new(),
-    )
-    .await
-    .unwrap();
+    let first = fleet.publish_all_to(&out).await;
     assert!(first.all_published());
     let before = layout(&out);
 
