@@ -14,7 +14,7 @@ use axum::response::IntoResponse;
 use base64::Engine;
 
 use super::error::{ApiError, ApiResult};
-use super::server::App;
+use super::state::App;
 
 /// `nix-cache-info` served when none was uploaded.
 pub const DEFAULT_CACHE_INFO: &str = "StoreDir: /nix/store\nWantMassQuery: 1\nPriority: 30\n";

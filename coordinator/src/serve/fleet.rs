@@ -14,8 +14,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
 use super::error::ApiError;
-use super::manifests::Current;
-use super::server::App;
+use super::live::Current;
+use super::state::App;
 use super::store::NodeRecord;
 
 /// What the fleet views need of a node's last report (the rest is passed on verbatim).
@@ -52,7 +52,7 @@ impl Row {
 fn rows(app: &App) -> Result<Vec<Row>, ApiError> {
     let records = app.store.nodes().map_err(ApiError::internal)?;
     let mut rows: BTreeMap<String, Row> = BTreeMap::new();
-    for (name, cur) in app.all_current() {
+    for (name, cur) in app.live.all() {
         let name = name.to_string();
         rows.insert(
             name.clone(),

@@ -35,8 +35,8 @@ use hyper_util::service::TowerToHyperService;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::time::Instant;
 
-use super::manifests::{self, Answer, Step};
-use super::server::{App, MANIFEST_ROUTE};
+use super::manifests::{self, Answer, MANIFEST_ROUTE, Step};
+use super::state::App;
 
 /// A request head longer than this is not an agent's poll: hyper gets it.
 const MAX_LEAN_HEAD: usize = 8 * 1024;

@@ -13,65 +13,25 @@ use axum::body::{Body, Bytes};
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use base64::Engine;
 use roost_common::envelope::{self, Context};
 use roost_common::verify::{self, Accepted, Floor, Identity, Rejection};
-use roost_common::wire::v1::Manifest;
-use roost_common::{Envelope, EnvelopeError, NodeName, Timestamp};
+use roost_common::{EnvelopeError, NodeName, Timestamp};
 use serde::Deserialize;
 use tokio::sync::watch;
 
 use super::error::{ApiError, ApiResult};
-use super::server::{App, LONG_POLL, MAX_WAIT_S, parse_node, read_body};
+use super::live::{Current, etag_for};
+use super::state::{App, parse_node, read_body};
 
-/// A node's current manifest as served.
-pub(super) struct Current {
-    /// The envelope exactly as uploaded.
-    pub bytes: Bytes,
-    pub etag: HeaderValue,
-    pub manifest: Manifest,
-    /// SHA-256 of the payload, to tell a re-upload of the same version apart.
-    pub digest: [u8; 32],
-}
+/// Tells agents this server holds `?wait=S` polls open, and for how long at most (static
+/// hosts do not send it).
+pub const LONG_POLL: HeaderName = HeaderName::from_static("roost-long-poll");
 
-impl Current {
-    /// Reads a stored envelope. Stored manifests were verified on upload; a key rotation may
-    /// make old ones unverifiable, so they are parsed, not verified again.
-    pub fn from_stored(bytes: Vec<u8>) -> Result<Self, String> {
-        let env: Envelope = serde_json::from_slice(&bytes).map_err(|e| e.to_string())?;
-        let payload = base64::engine::general_purpose::STANDARD
-            .decode(&env.payload)
-            .map_err(|e| e.to_string())?;
-        let manifest = verify::parse_manifest_payload(&payload).map_err(|e| e.to_string())?;
-        Ok(Self {
-            etag: etag_for(manifest.version.0),
-            digest: verify::digest(&payload),
-            manifest,
-            bytes: Bytes::from(bytes),
-        })
-    }
-}
+/// Longest long-poll a client may ask for, in seconds.
+pub const MAX_WAIT_S: u64 = 300;
 
-/// A node known to this coordinator: its current manifest and the channel waiters watch.
-pub(super) struct Slot {
-    pub current: Arc<Current>,
-    pub tx: watch::Sender<u64>,
-}
-
-impl Slot {
-    pub fn new(current: Current) -> Self {
-        let (tx, _) = watch::channel(current.manifest.version.0);
-        Self {
-            current: Arc::new(current),
-            tx,
-        }
-    }
-}
-
-/// The ETag of a manifest version: the version, quoted.
-fn etag_for(version: u64) -> HeaderValue {
-    HeaderValue::from_str(&format!("\"{version}\"")).expect("digits are a valid header")
-}
+/// The route of a node's manifest (the connection front answers most requests to it).
+pub(super) const MANIFEST_ROUTE: &str = "/v1/nodes/{node}/manifest";
 
 /// Whether any `If-None-Match` value names `etag` (or `*`).
 pub(super) fn matches_etag<'a>(
@@ -158,7 +118,7 @@ pub(super) fn begin_get<'a>(
     if_none_match: impl IntoIterator<Item = &'a [u8]>,
     wait: Option<u64>,
 ) -> Option<Step> {
-    let (cur, rx) = app.current(node)?;
+    let (cur, rx) = app.live.get(node)?;
     if !matches_etag(if_none_match, &cur.etag) {
         return Some(Step::Answer(Answer::Full(cur)));
     }
@@ -189,7 +149,7 @@ pub(super) async fn hold(app: &App, h: Hold) -> Answer {
     tokio::select! {
         changed = tokio::time::timeout(Duration::from_secs(wait), rx.wait_for(|v| *v > version)) => {
             if matches!(changed, Ok(Ok(_))) {
-                if let Some((newer, _)) = app.current(&node) {
+                if let Some((newer, _)) = app.live.get(&node) {
                     return Answer::Full(newer);
                 }
             }
@@ -284,7 +244,7 @@ pub(super) async fn put_manifest(
         .system;
     let lock = app.write_lock(&node);
     let _guard = lock.lock().await;
-    let floor = app.current(&node).map(|(c, _)| Floor {
+    let floor = app.live.get(&node).map(|(c, _)| Floor {
         version: c.manifest.version,
         digest: c.digest,
     });
@@ -330,7 +290,7 @@ pub(super) async fn put_manifest(
         manifest: verified.manifest,
         bytes,
     };
-    app.set_current(&node, cur);
+    app.live.set(&node, cur);
     tracing::info!(%node, version, "manifest stored");
     Ok((
         StatusCode::OK,

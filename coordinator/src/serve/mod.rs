@@ -11,14 +11,22 @@
 //! server.stop().await
 //! # }
 //! ```
+//!
+//! Layers, each depending only on those above it: `error` and `store` (the state folder);
+//! `live` (every node's current manifest in memory); `state` (what handlers share: config,
+//! store, live table, locks, counters); the handlers `manifests`, `reports`, `fleet`,
+//! `cache`; `front` (the connection front, which answers polls through `manifests`); and
+//! `server` (router, accept loop, TLS, shutdown).
 
 mod cache;
 mod error;
 mod fleet;
 mod front;
+mod live;
 mod manifests;
 mod reports;
 mod server;
+mod state;
 pub mod store;
 
 use std::net::SocketAddr;
@@ -29,11 +37,10 @@ use clap::Args;
 use roost_common::{PublicKey, TrustedKeys};
 
 pub use error::ApiError;
+pub use manifests::{LONG_POLL, MAX_WAIT_S};
 pub use reports::MAX_REPORT_BYTES;
-pub use server::{
-    Coordinator, LONG_POLL, MAX_WAIT_S, Running, ServeError, ServerConfig, TlsConfig, load_tls,
-    serve, serve_tls, start,
-};
+pub use server::{Coordinator, Running, ServeError, TlsConfig, load_tls, serve, serve_tls, start};
+pub use state::ServerConfig;
 pub use store::Store;
 
 /// Arguments of `serve`.

@@ -17,7 +17,7 @@ use roost_common::{Envelope, EnvelopeError, PublicKey, Timestamp, TrustedKeys};
 use serde::Deserialize;
 
 use super::error::{ApiError, ApiResult};
-use super::server::{App, parse_node, read_body};
+use super::state::{App, parse_node, read_body};
 use super::store::{NewReport, SeqRefused};
 
 /// Largest report envelope accepted.
@@ -41,7 +41,7 @@ pub(super) async fn post_report(
 ) -> ApiResult {
     let node = parse_node(&node)?;
     let bytes = read_body(&app, body, MAX_REPORT_BYTES).await?;
-    let Some((cur, _)) = app.current(&node) else {
+    let Some((cur, _)) = app.live.get(&node) else {
         return Err(ApiError::not_found(
             "unknown_node",
             format!("node `{node}` has no manifest here; publish one first"),
@@ -167,7 +167,7 @@ pub(super) async fn get_reports(
     Query(q): Query<LimitQuery>,
 ) -> ApiResult {
     let node = parse_node(&node)?;
-    if app.current(&node).is_none() {
+    if app.live.get(&node).is_none() {
         return Err(ApiError::not_found(
             "unknown_node",
             format!("no manifest has been published for node `{node}`"),

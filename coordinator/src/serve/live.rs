@@ -1,0 +1,105 @@
+//! The live manifest table: each node's current manifest as served (exact bytes, ETag,
+//! parsed payload) and the `watch` channel its long-polls wait on. It is what the manifest
+//! handlers and the connection front answer from, and what the fleet views read; the files
+//! under `manifests/` (see `store.rs`) are its durable copy.
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+
+use axum::body::Bytes;
+use axum::http::HeaderValue;
+use base64::Engine;
+use roost_common::wire::v1::Manifest;
+use roost_common::{Envelope, NodeName, verify};
+use tokio::sync::watch;
+
+/// A node's current manifest as served.
+pub(super) struct Current {
+    /// The envelope exactly as uploaded.
+    pub bytes: Bytes,
+    pub etag: HeaderValue,
+    pub manifest: Manifest,
+    /// SHA-256 of the payload, to tell a re-upload of the same version apart.
+    pub digest: [u8; 32],
+}
+
+impl Current {
+    /// Reads a stored envelope. Stored manifests were verified on upload; a key rotation may
+    /// make old ones unverifiable, so they are parsed, not verified again.
+    pub fn from_stored(bytes: Vec<u8>) -> Result<Self, String> {
+        let env: Envelope = serde_json::from_slice(&bytes).map_err(|e| e.to_string())?;
+        let payload = base64::engine::general_purpose::STANDARD
+            .decode(&env.payload)
+            .map_err(|e| e.to_string())?;
+        let manifest = verify::parse_manifest_payload(&payload).map_err(|e| e.to_string())?;
+        Ok(Self {
+            etag: etag_for(manifest.version.0),
+            digest: verify::digest(&payload),
+            manifest,
+            bytes: Bytes::from(bytes),
+        })
+    }
+}
+
+/// A node known to this coordinator: its current manifest and the channel waiters watch.
+struct Slot {
+    current: Arc<Current>,
+    tx: watch::Sender<u64>,
+}
+
+impl Slot {
+    fn new(current: Current) -> Self {
+        let (tx, _) = watch::channel(current.manifest.version.0);
+        Self {
+            current: Arc::new(current),
+            tx,
+        }
+    }
+}
+
+/// The ETag of a manifest version: the version, quoted.
+pub(super) fn etag_for(version: u64) -> HeaderValue {
+    HeaderValue::from_str(&format!("\"{version}\"")).expect("digits are a valid header")
+}
+
+/// Every node's current manifest.
+#[derive(Default)]
+pub(super) struct Live {
+    nodes: RwLock<HashMap<NodeName, Slot>>,
+}
+
+impl Live {
+    /// The node's current manifest and a receiver that sees its next version.
+    pub fn get(&self, node: &NodeName) -> Option<(Arc<Current>, watch::Receiver<u64>)> {
+        let map = self.nodes.read().unwrap_or_else(|p| p.into_inner());
+        map.get(node).map(|s| (s.current.clone(), s.tx.subscribe()))
+    }
+
+    /// Every node's current manifest.
+    pub fn all(&self) -> Vec<(NodeName, Arc<Current>)> {
+        let map = self.nodes.read().unwrap_or_else(|p| p.into_inner());
+        map.iter()
+            .map(|(n, s)| (n.clone(), s.current.clone()))
+            .collect()
+    }
+
+    /// Replaces the node's manifest and wakes its waiters.
+    pub fn set(&self, node: &NodeName, cur: Current) {
+        let version = cur.manifest.version.0;
+        let mut map = self.nodes.write().unwrap_or_else(|p| p.into_inner());
+        match map.get_mut(node) {
+            Some(slot) => {
+                slot.current = Arc::new(cur);
+                slot.tx.send_replace(version);
+            }
+            None => {
+                map.insert(node.clone(), Slot::new(cur));
+            }
+        }
+    }
+
+    /// How many nodes have a manifest.
+    pub fn len(&self) -> usize {
+        self.nodes.read().unwrap_or_else(|p| p.into_inner()).len()
+    }
+}

@@ -1,0 +1,144 @@
+//! The state every request handler shares: the configuration, the store, the live manifest
+//! table, per-node upload locks and request counters; and the two helpers every handler uses
+//! on its input (the `{node}` of a URL, a small request body). Handlers depend on this module;
+//! the router (`server.rs`) depends on the handlers.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::body::{Body, Bytes};
+use axum::http::StatusCode;
+use roost_common::{NodeName, TrustedKeys};
+use tokio_util::sync::CancellationToken;
+
+use super::error::ApiError;
+use super::live::{Current, Live};
+use super::store::{Store, StoreError};
+
+/// What the server needs, loaded and validated.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// The state folder: manifests, the report database, the binary cache.
+    pub state_dir: PathBuf,
+    /// Keys that may sign manifests, and how many must.
+    pub publishers: TrustedKeys,
+    /// The cache upload token; `None` makes the cache read-only.
+    pub upload_token: Option<String>,
+    /// Largest NAR (or build log) accepted into the cache.
+    pub max_nar_bytes: u64,
+    /// A request head must arrive within this; also how long an idle connection stays open.
+    pub header_timeout: Duration,
+    /// Longest pause while a request body is received or a response is sent.
+    pub body_timeout: Duration,
+    /// After the shutdown signal, how long requests in flight may take to finish.
+    pub shutdown_grace: Duration,
+}
+
+impl ServerConfig {
+    /// A configuration with the default limits: 8 GiB NARs, 30 s for a request head, 60 s
+    /// of silence in a body, 30 s of grace at shutdown, no uploads to the cache.
+    pub fn new(state_dir: impl Into<PathBuf>, publishers: TrustedKeys) -> Self {
+        Self {
+            state_dir: state_dir.into(),
+            publishers,
+            upload_token: None,
+            max_nar_bytes: 8 << 30,
+            header_timeout: Duration::from_secs(30),
+            body_timeout: Duration::from_secs(60),
+            shutdown_grace: Duration::from_secs(30),
+        }
+    }
+
+    /// Allows cache uploads with `token`.
+    pub fn with_upload_token(mut self, token: impl Into<String>) -> Self {
+        self.upload_token = Some(token.into());
+        self
+    }
+}
+
+/// Shared state of a running server.
+pub(super) struct App {
+    pub cfg: ServerConfig,
+    pub store: Store,
+    /// Every node's current manifest, in memory.
+    pub live: Live,
+    write_locks: Mutex<HashMap<NodeName, Arc<tokio::sync::Mutex<()>>>>,
+    pub requests: Mutex<HashMap<(String, u16), u64>>,
+    /// Long-polls being held right now.
+    pub waiting: AtomicU64,
+    pub shutdown: CancellationToken,
+}
+
+impl App {
+    pub fn load(cfg: ServerConfig) -> Result<Self, StoreError> {
+        let store = Store::open(&cfg.state_dir)?;
+        let live = Live::default();
+        for (node, bytes) in store.load_manifests()? {
+            match Current::from_stored(bytes) {
+                Ok(cur) => live.set(&node, cur),
+                Err(e) => tracing::warn!(%node, "ignoring unreadable stored manifest: {e}"),
+            }
+        }
+        tracing::info!(nodes = live.len(), state_dir = %cfg.state_dir.display(), "state loaded");
+        Ok(Self {
+            cfg,
+            store,
+            live,
+            write_locks: Mutex::new(HashMap::new()),
+            requests: Mutex::new(HashMap::new()),
+            waiting: AtomicU64::new(0),
+            shutdown: CancellationToken::new(),
+        })
+    }
+
+    /// Counts an answered request by method, route and status (for `/metrics`).
+    pub fn count_request(&self, key: String, status: u16) {
+        if let Ok(mut m) = self.requests.lock() {
+            *m.entry((key, status)).or_default() += 1;
+        }
+    }
+
+    /// The lock that serialises uploads for one node.
+    pub fn write_lock(&self, node: &NodeName) -> Arc<tokio::sync::Mutex<()>> {
+        let mut locks = self.write_locks.lock().unwrap_or_else(|p| p.into_inner());
+        locks.entry(node.clone()).or_default().clone()
+    }
+}
+
+/// Parses the `{node}` of a URL.
+pub(super) fn parse_node(raw: &str) -> Result<NodeName, ApiError> {
+    raw.parse()
+        .map_err(|e| ApiError::bad_request("bad_node_name", format!("{e}")))
+}
+
+/// Reads a whole small body: at most `limit` bytes, and no pause longer than the body timeout.
+pub(super) async fn read_body(app: &App, body: Body, limit: usize) -> Result<Bytes, ApiError> {
+    let body = tower_http::timeout::TimeoutBody::new(app.cfg.body_timeout, body);
+    match axum::body::to_bytes(Body::new(body), limit).await {
+        Ok(b) => Ok(b),
+        Err(e) => {
+            let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&e);
+            while let Some(s) = source {
+                if s.is::<tower_http::timeout::TimeoutError>() {
+                    return Err(ApiError::new(
+                        StatusCode::REQUEST_TIMEOUT,
+                        "timeout",
+                        format!(
+                            "the request body stalled for more than {} s",
+                            app.cfg.body_timeout.as_secs()
+                        ),
+                    ));
+                }
+                source = s.source();
+            }
+            Err(ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "too_large",
+                format!("the request body is over the {limit}-byte limit or was cut short"),
+            ))
+        }
+    }
+}
