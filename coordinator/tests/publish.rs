@@ -544,6 +544,32 @@ async fn a_node_whose_build_fails_is_reported_and_the_others_publish() {
     );
 }
 
+#[test]
+fn nodes_without_a_node_key_are_named_in_a_warning() {
+    if !nix_ready() {
+        return;
+    }
+    let fleet = Fleet::new("{ }");
+    fleet.fresh_generation();
+    let out = fleet.path("out");
+    let run = fleet.cli(&[], &["--out", out.to_str().unwrap()]);
+    assert_eq!(run.status.code(), Some(0));
+    let err = String::from_utf8_lossy(&run.stderr);
+    let warning = err
+        .lines()
+        .find(|l| l.contains("no roost.nodeKey"))
+        .unwrap_or_else(|| panic!("no warning about nodes without roost.nodeKey:\n{err}"));
+    assert!(
+        warning.contains("db") && warning.contains("kiosk"),
+        "{warning}"
+    );
+    assert!(
+        !warning.contains("web.prod"),
+        "web.prod has a node key: {warning}"
+    );
+    assert!(warning.contains("roost-coordinator node-key"), "{warning}");
+}
+
 #[tokio::test]
 async fn all_or_nothing_publishes_nothing_when_one_node_fails() {
     if !nix_ready() {

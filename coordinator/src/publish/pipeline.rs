@@ -35,6 +35,7 @@ pub async fn publish(opts: &PublishOptions, nix: &Nix) -> Result<PublishReport, 
 
     let mut results: BTreeMap<String, NodeResult> = BTreeMap::new();
     let mut specs = evaluate_all(opts, nix, &mut results).await?;
+    warn_without_node_key(&specs);
 
     let missing = if opts.no_build {
         check_present(opts, nix, &specs).await?
@@ -114,6 +115,32 @@ pub async fn publish(opts: &PublishOptions, nix: &Nix) -> Result<PublishReport, 
     }
     stage.done(format!("delivered to {}", opts.dest));
     Ok(report(results, nix, opts))
+}
+
+/// Nodes without `roost.nodeKey` get their report key pinned by whoever reports first for
+/// their name (trust on first use): say so, and what to do instead.
+fn warn_without_node_key(specs: &[NodeSpec]) {
+    let open: Vec<&str> = specs
+        .iter()
+        .filter(|s| s.node_key.is_none())
+        .map(|s| s.node.as_str())
+        .collect();
+    if open.is_empty() {
+        return;
+    }
+    let shown = open.iter().take(10).copied().collect::<Vec<_>>().join(", ");
+    let more = open.len().saturating_sub(10);
+    let more = if more > 0 {
+        format!(" and {more} more")
+    } else {
+        String::new()
+    };
+    tracing::warn!(
+        "no roost.nodeKey for {shown}{more}: a coordinator trusts the key of the first report \
+         for such a node (trust on first use). Set roost.nodeKey to the node's key \
+         (`roost-agent key` prints it), or pin it with `roost-coordinator node-key` \
+         (README: Enrolment)"
+    );
 }
 
 /// Under `--all-or-nothing`, once a node failed the rest is skipped (no copy, no reads).
