@@ -19,6 +19,14 @@ pub struct Response {
     pub body: Vec<u8>,
 }
 
+/// A response's status line and the headers this client acts on.
+struct Head {
+    status: u16,
+    etag: Option<String>,
+    length: Option<u64>,
+    chunked: bool,
+}
+
 /// One keep-alive connection.
 #[derive(Debug)]
 pub struct Conn {
@@ -53,6 +61,17 @@ impl Conn {
         })
     }
 
+    /// Opens a new connection when the server said it closes this one (as real clients do).
+    async fn reconnect_if_closed(&mut self) -> anyhow::Result<()> {
+        if self.closing {
+            let fresh = Self::connect(&self.host).await?;
+            self.stream = fresh.stream;
+            self.closing = false;
+            self.reconnects += 1;
+        }
+        Ok(())
+    }
+
     /// Sends a request and reads the whole response.
     pub async fn request(
         &mut self,
@@ -72,12 +91,7 @@ impl Conn {
             head.push_str(&format!("Content-Length: {}\r\n", body.len()));
         }
         head.push_str("\r\n");
-        if self.closing {
-            let fresh = Self::connect(&self.host).await?;
-            self.stream = fresh.stream;
-            self.closing = false;
-            self.reconnects += 1;
-        }
+        self.reconnect_if_closed().await?;
         let s = self.stream.get_mut();
         s.write_all(head.as_bytes()).await?;
         s.write_all(body).await?;
@@ -97,8 +111,39 @@ impl Conn {
         Ok(())
     }
 
-    /// Reads one response.
-    pub async fn read_response(&mut self) -> anyhow::Result<Response> {
+    /// GETs `path` and reads the body into `scratch` over and over, keeping none of it (a
+    /// download as fast as this client can take it), adding each read to `progress`; returns
+    /// the status and the body's length.
+    pub async fn download(
+        &mut self,
+        path: &str,
+        scratch: &mut [u8],
+        progress: &std::sync::atomic::AtomicU64,
+    ) -> anyhow::Result<(u16, u64)> {
+        self.reconnect_if_closed().await?;
+        let head = format!("GET {path} HTTP/1.1\r\nHost: {}\r\n\r\n", self.host);
+        self.stream.get_mut().write_all(head.as_bytes()).await?;
+        self.sent += head.len() as u64;
+        let head = self.read_head().await?;
+        let length = head.length.context("no content-length in a download")?;
+        let mut left = length;
+        while left > 0 {
+            let want = scratch
+                .len()
+                .min(usize::try_from(left).unwrap_or(usize::MAX));
+            let n = self.stream.read(&mut scratch[..want]).await?;
+            if n == 0 {
+                bail!("connection closed with {left} bytes of the body to come");
+            }
+            left -= n as u64;
+            progress.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+        }
+        self.received += length;
+        Ok((head.status, length))
+    }
+
+    /// Reads a status line and headers.
+    async fn read_head(&mut self) -> anyhow::Result<Head> {
         self.line.clear();
         let n = self.stream.read_line(&mut self.line).await?;
         if n == 0 {
@@ -111,9 +156,12 @@ impl Conn {
             .nth(1)
             .context("no status")?
             .parse()?;
-        let mut etag = None;
-        let mut length: Option<usize> = None;
-        let mut chunked = false;
+        let mut head = Head {
+            status,
+            etag: None,
+            length: None,
+            chunked: false,
+        };
         loop {
             self.line.clear();
             let n = self.stream.read_line(&mut self.line).await?;
@@ -123,24 +171,34 @@ impl Conn {
             self.received += n as u64;
             let l = self.line.trim_end();
             if l.is_empty() {
-                break;
+                return Ok(head);
             }
             let Some((k, v)) = l.split_once(':') else {
                 continue;
             };
             let v = v.trim();
             if k.eq_ignore_ascii_case("content-length") {
-                length = Some(v.parse()?);
+                head.length = Some(v.parse()?);
             } else if k.eq_ignore_ascii_case("connection") && v.eq_ignore_ascii_case("close") {
                 self.closing = true;
             } else if k.eq_ignore_ascii_case("etag") {
-                etag = Some(v.to_owned());
+                head.etag = Some(v.to_owned());
             } else if k.eq_ignore_ascii_case("transfer-encoding")
                 && v.eq_ignore_ascii_case("chunked")
             {
-                chunked = true;
+                head.chunked = true;
             }
         }
+    }
+
+    /// Reads one response.
+    pub async fn read_response(&mut self) -> anyhow::Result<Response> {
+        let Head {
+            status,
+            etag,
+            length,
+            chunked,
+        } = self.read_head().await?;
         let mut body = Vec::new();
         if chunked {
             loop {
@@ -156,6 +214,7 @@ impl Conn {
                 body.extend_from_slice(&chunk[..size]);
             }
         } else if let Some(len) = length {
+            let len = usize::try_from(len)?;
             body.resize(len, 0);
             self.stream.read_exact(&mut body).await?;
             self.received += len as u64;

@@ -22,6 +22,7 @@ use tokio::sync::Mutex;
 
 mod held_tls;
 mod sim;
+mod vs_nginx;
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -32,6 +33,15 @@ fn main() -> anyhow::Result<()> {
             .and_then(|i| args.get(i + 1))
             .and_then(|v| v.parse().ok())
             .unwrap_or(default)
+    };
+    let list = |name: &str, default: &str| -> Vec<usize> {
+        args.iter()
+            .position(|a| a == name)
+            .and_then(|i| args.get(i + 1))
+            .map_or(default, String::as_str)
+            .split(',')
+            .filter_map(|v| v.parse().ok())
+            .collect()
     };
     raise_fd_limit();
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -51,6 +61,14 @@ fn main() -> anyhow::Result<()> {
             opt("--agents", 1000) as usize,
             opt("--interval", 60),
         )),
+        "vs-nginx" => rt.block_on(vs_nginx::run(vs_nginx::Plan {
+            nar_mib: opt("--nar-mib", 300),
+            clients: list("--clients", "1,20"),
+            seconds: opt("--seconds", 8),
+            rounds: opt("--rounds", 3) as usize,
+            poll_conns: opt("--conns", 64) as usize,
+            nodes: opt("--nodes", 1000) as usize,
+        })),
         "publish-scaling" => {
             let sizes = args
                 .iter()
@@ -63,6 +81,9 @@ fn main() -> anyhow::Result<()> {
         _ => {
             eprintln!("usage: bench capacity [--nodes N] [--conns C] [--seconds S]");
             eprintln!("       bench held-tls [--nodes N]   (held long-polls over HTTPS: memory)");
+            eprintln!(
+                "       bench vs-nginx [--nar-mib 300] [--clients 1,20] [--seconds 8] [--rounds 3] [--conns 64] [--nodes 1000]"
+            );
             eprintln!("       bench publish-scaling [--sizes 10,100,1000] [--baseline-max 100]");
             eprintln!(
                 "       bench idle-poll [--seconds 60]   (root: a namespaced node with real Nix)"
