@@ -1,8 +1,10 @@
 //! roost-coordinator: `publish` turns a flake into signed per-node manifests; `serve` stores
 //! and serves them with an embedded binary cache and the fleet's reports; `status` shows the
-//! fleet; `keygen` makes keys. The binary only parses arguments and calls in here.
+//! fleet; `keygen` makes keys; `node-key` pins the key a node's reports are checked with.
+//! The binary only parses arguments and calls in here.
 
 pub mod keygen;
+pub mod node_key;
 pub mod publish;
 pub mod serve;
 pub mod status;

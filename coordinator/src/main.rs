@@ -1,7 +1,7 @@
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use roost_coordinator::{exit, keygen, publish, serve, status};
+use roost_coordinator::{exit, keygen, node_key, publish, serve, status};
 
 /// roost's coordinator: publish signed manifests from a flake, and serve them to the fleet.
 ///
@@ -24,6 +24,8 @@ enum Cmd {
     Serve(serve::ServeArgs),
     /// Show the fleet as a coordinator sees it: versions, states, health, last seen.
     Status(status::StatusArgs),
+    /// Pin, replace or clear the key a coordinator checks a node's reports with.
+    NodeKey(node_key::NodeKeyArgs),
 }
 
 fn main() -> ExitCode {
@@ -40,6 +42,7 @@ fn main() -> ExitCode {
         Cmd::Publish(a) => block_on(publish::run(a)),
         Cmd::Serve(a) => block_on(serve::run(a)),
         Cmd::Status(a) => block_on(status::run(a)),
+        Cmd::NodeKey(a) => block_on(node_key::run(a)),
     };
     ExitCode::from(code)
 }

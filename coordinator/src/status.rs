@@ -19,7 +19,8 @@ arrived; FLAGS:
   STALE   no report within --stale (a node that never reported: once its manifest is older)
   FAILED  last state failed, rolled_back or rejected, or a health check failing
   BEHIND  reported version below the desired one (deploying, or stuck)
-  TOFU    its report key was pinned on first use: put it in the flake as roost.nodeKey
+  TOFU    its report key was pinned on first use: put it in the flake as roost.nodeKey, or
+          pin it with `roost-coordinator node-key`
 
 Exit status: 0 when no node is stale or failed, 1 when some are or the coordinator cannot be
 read, 2 for bad usage. BEHIND and TOFU alone do not fail.")]
@@ -194,6 +195,15 @@ pub async fn run(args: StatusArgs) -> u8 {
 }
 
 async fn fetch(url: &str, ca_cert: Option<&std::path::Path>) -> anyhow::Result<Value> {
+    let resp = http_client(ca_cert)?.get(url).send().await?;
+    let status = resp.status();
+    let body = resp.text().await?;
+    anyhow::ensure!(status.is_success(), "{status}: {body}");
+    serde_json::from_str(&body).context("the answer is not a fleet document")
+}
+
+/// An HTTP client for talking to a coordinator, trusting `ca_cert` too when given.
+pub(crate) fn http_client(ca_cert: Option<&std::path::Path>) -> anyhow::Result<reqwest::Client> {
     let mut client = reqwest::Client::builder().timeout(Duration::from_secs(15));
     if let Some(ca) = ca_cert {
         let pem = std::fs::read(ca).with_context(|| format!("CA certificate {}", ca.display()))?;
@@ -201,11 +211,7 @@ async fn fetch(url: &str, ca_cert: Option<&std::path::Path>) -> anyhow::Result<V
             .with_context(|| format!("CA certificate {}", ca.display()))?;
         client = client.add_root_certificate(cert);
     }
-    let resp = client.build()?.get(url).send().await?;
-    let status = resp.status();
-    let body = resp.text().await?;
-    anyhow::ensure!(status.is_success(), "{status}: {body}");
-    serde_json::from_str(&body).context("the answer is not a fleet document")
+    Ok(client.build()?)
 }
 
 /// Prints rows under headers with columns padded to fit (also used by `publish`).

@@ -7,47 +7,11 @@ use std::time::{Duration, Instant};
 
 use roost_common::envelope::{Context, Envelope};
 use roost_common::{SecretKey, TrustedKeys};
-use roost_coordinator::serve::{Running, ServerConfig, start};
+use roost_coordinator::serve::ServerConfig;
 
 mod support;
 use serde_json::{Value, json};
-use support::{manifest, report, sealed};
-
-struct Server {
-    url: String,
-    addr: std::net::SocketAddr,
-    running: Running,
-}
-
-impl Server {
-    async fn start(state: &Path, publisher: &SecretKey, token: Option<&str>) -> Self {
-        Self::start_on(state, publisher, token, "127.0.0.1:0".parse().unwrap()).await
-    }
-
-    async fn start_on(
-        state: &Path,
-        publisher: &SecretKey,
-        token: Option<&str>,
-        addr: std::net::SocketAddr,
-    ) -> Self {
-        let mut cfg = ServerConfig::new(state, TrustedKeys::new([publisher.public()], 1));
-        cfg.upload_token = token.map(str::to_owned);
-        Self::with_config(cfg, addr).await
-    }
-
-    async fn with_config(cfg: ServerConfig, addr: std::net::SocketAddr) -> Self {
-        let running = start(addr, cfg).await.unwrap();
-        Self {
-            url: running.url(),
-            addr: running.addr(),
-            running,
-        }
-    }
-
-    async fn stop(self) {
-        self.running.stop().await.unwrap();
-    }
-}
+use support::{Server, header, manifest, post_report, put, read_response, report, sealed};
 
 /// A server on a fresh state folder with a manifest of version `v` stored for `n1`
 /// (naming `node_key`, if given).
@@ -60,28 +24,6 @@ async fn serving_n1(
     let s = Server::start(dir.path(), &key, None).await;
     put(&s.url, "n1", sealed(&key, &manifest("n1", v, node_key))).await;
     (dir, key, s)
-}
-
-async fn put(url: &str, node: &str, body: Vec<u8>) -> (u16, Value) {
-    let r = reqwest::Client::new()
-        .put(format!("{url}/v1/nodes/{node}/manifest"))
-        .body(body)
-        .send()
-        .await
-        .unwrap();
-    let s = r.status().as_u16();
-    (s, r.json().await.unwrap_or(Value::Null))
-}
-
-async fn post_report(url: &str, node: &str, body: Vec<u8>) -> (u16, Value) {
-    let r = reqwest::Client::new()
-        .post(format!("{url}/v1/nodes/{node}/reports"))
-        .body(body)
-        .send()
-        .await
-        .unwrap();
-    let s = r.status().as_u16();
-    (s, r.json().await.unwrap_or(Value::Null))
 }
 
 #[tokio::test]
@@ -859,36 +801,6 @@ async fn tls_serves_the_api_over_https() {
     task.await.unwrap().unwrap();
 }
 
-/// One HTTP/1.1 response read off a raw connection: the head's lines (status first, header
-/// names lower-cased) and the body (by `content-length`); `None` at end of stream.
-async fn read_response(s: &mut tokio::net::TcpStream) -> Option<(Vec<String>, Vec<u8>)> {
-    use tokio::io::AsyncReadExt;
-    let mut head = Vec::new();
-    let mut byte = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        if s.read(&mut byte).await.ok()? == 0 {
-            return None;
-        }
-        head.push(byte[0]);
-    }
-    let lines: Vec<String> = String::from_utf8_lossy(&head)
-        .split("\r\n")
-        .filter(|l| !l.is_empty())
-        .enumerate()
-        .map(|(i, l)| match (i, l.split_once(':')) {
-            (0, _) | (_, None) => l.to_owned(),
-            (_, Some((k, v))) => format!("{}:{}", k.to_ascii_lowercase(), v),
-        })
-        .collect();
-    let len = lines
-        .iter()
-        .find_map(|l| l.strip_prefix("content-length: "))
-        .map_or(0, |v| v.parse().unwrap());
-    let mut body = vec![0u8; len];
-    s.read_exact(&mut body).await.ok()?;
-    Some((lines, body))
-}
-
 async fn raw_get(s: &mut tokio::net::TcpStream, target: &str, extra: &str) {
     use tokio::io::AsyncWriteExt;
     let req = format!("GET {target} HTTP/1.1\r\nHost: x\r\n{extra}\r\n");
@@ -899,12 +811,6 @@ fn without_date(mut lines: Vec<String>) -> Vec<String> {
     lines.retain(|l| !l.starts_with("date:"));
     lines.sort();
     lines
-}
-
-fn header<'a>(lines: &'a [String], name: &str) -> Option<&'a str> {
-    lines
-        .iter()
-        .find_map(|l| l.strip_prefix(&format!("{name}: ")))
 }
 
 #[tokio::test]

@@ -260,3 +260,66 @@ fn a_short_upload_token_exits_2() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("shorter than 16"));
 }
+
+fn node_key_cmd(url: &str, token: &Path, args: &[&str]) -> std::process::Output {
+    Command::new(BIN)
+        .args(["node-key", "n1", "--coordinator", url, "--token-file"])
+        .arg(token)
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+#[tokio::test]
+async fn node_key_pins_and_clears_with_the_token_and_exits_by_the_book() {
+    let dir = tempfile::tempdir().unwrap();
+    let (key, public) = keys(dir.path());
+    let token = dir.path().join("token");
+    std::fs::write(&token, "upload-token-0123456789\n").unwrap();
+    let p = Proc::start(&dir.path().join("state"), &public, Some(&token));
+    let node = SecretKey::generate("n1").unwrap();
+    let node_pub = dir.path().join("n1.pub");
+    std::fs::write(&node_pub, format!("{}\n", node.public())).unwrap();
+    let pin = ["--key-file", node_pub.to_str().unwrap()];
+    let ok = node_key_cmd(&p.url(), &token, &pin);
+    assert_eq!(
+        ok.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    let out = String::from_utf8_lossy(&ok.stdout);
+    assert!(
+        out.contains("pinned") && out.contains(&node.public().to_string()),
+        "{out}"
+    );
+    // The pin is what reports are checked with.
+    let c = reqwest::Client::new();
+    c.put(format!("{}/v1/nodes/n1/manifest", p.url()))
+        .body(sealed(&key, &manifest("n1", 1, None)))
+        .send()
+        .await
+        .unwrap();
+    let impostor = SecretKey::generate("n1").unwrap();
+    let r = c
+        .post(format!("{}/v1/nodes/n1/reports", p.url()))
+        .body(report("n1", 1, &impostor, true))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    let wrong = dir.path().join("wrong");
+    std::fs::write(&wrong, "not-the-token-0123456789").unwrap();
+    let refused = node_key_cmd(&p.url(), &wrong, &pin);
+    assert_eq!(refused.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("401"));
+    let cleared = node_key_cmd(&p.url(), &token, &["--clear", "--json"]);
+    assert_eq!(cleared.status.code(), Some(0));
+    let answer: Value = serde_json::from_slice(&cleared.stdout).unwrap();
+    assert!(answer["pinned_key"].is_null(), "{answer}");
+    assert_eq!(answer["previous"], node.public().to_string());
+    let usage = node_key_cmd(&p.url(), &token, &[]);
+    assert_eq!(usage.status.code(), Some(2), "neither a key nor --clear");
+    let unreachable = node_key_cmd("http://127.0.0.1:1", &token, &["--clear"]);
+    assert_eq!(unreachable.status.code(), Some(1));
+}

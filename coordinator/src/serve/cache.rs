@@ -4,6 +4,7 @@
 //! Uploads (`PUT`) need the upload token; files are streamed to a temporary name and renamed
 //! into place, so a reader never sees half a file.
 
+use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -11,13 +12,17 @@ use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::IntoResponse;
-use base64::Engine;
 
+use super::auth;
 use super::error::{ApiError, ApiResult};
 use super::state::App;
+use super::store::StoreError;
 
 /// `nix-cache-info` served when none was uploaded.
 pub const DEFAULT_CACHE_INFO: &str = "StoreDir: /nix/store\nWantMassQuery: 1\nPriority: 30\n";
+
+/// The route of the cache's files.
+pub(super) const CACHE_ROUTE: &str = "/cache/{*path}";
 
 /// Folders Nix writes inside a binary cache.
 const FOLDERS: &[&str] = &["nar", "log", "realisations", "debuginfo"];
@@ -72,28 +77,6 @@ pub fn content_type(path: &Path) -> &'static str {
 /// Largest upload for anything but a NAR or a build log.
 const MAX_SMALL_FILE: u64 = 1 << 20;
 
-/// The token from `Authorization: Bearer T` or the password of `Authorization: Basic`
-/// (any user name), which is what Nix sends from a netrc file.
-fn given_token(headers: &HeaderMap) -> Option<String> {
-    let v = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
-    if let Some(b) = v.strip_prefix("Bearer ") {
-        return Some(b.trim().to_owned());
-    }
-    let basic = v.strip_prefix("Basic ")?;
-    let decoded = base64::engine::general_purpose::STANDARD
-        .decode(basic.trim())
-        .ok()?;
-    let text = String::from_utf8(decoded).ok()?;
-    Some(match text.split_once(':') {
-        Some((_, password)) => password.to_owned(),
-        None => text,
-    })
-}
-
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
 fn check_token(app: &App, headers: &HeaderMap) -> Result<(), ApiError> {
     let Some(want) = &app.cfg.upload_token else {
         return Err(ApiError::new(
@@ -102,15 +85,11 @@ fn check_token(app: &App, headers: &HeaderMap) -> Result<(), ApiError> {
             "this coordinator has no --upload-token-file: the cache is read-only",
         ));
     };
-    if given_token(headers).is_some_and(|g| constant_time_eq(g.as_bytes(), want.as_bytes())) {
-        Ok(())
-    } else {
-        Err(ApiError::new(
-            StatusCode::UNAUTHORIZED,
-            "unauthorized",
-            "cache uploads need the upload token (HTTP Basic password, e.g. from a netrc file, or Bearer)",
-        ))
-    }
+    auth::check(
+        headers,
+        want,
+        "cache uploads need the upload token (HTTP Basic password, e.g. from a netrc file, or Bearer)",
+    )
 }
 
 /// The raw, still percent-encoded part of the request path after `/cache/`.
@@ -123,49 +102,73 @@ fn resolve_request(app: &App, raw: &str) -> Result<PathBuf, ApiError> {
         .map_err(|e| ApiError::bad_request("bad_path", e.to_string()))
 }
 
+/// A cache file ready to send.
+pub(super) struct CacheFile {
+    pub file: std::fs::File,
+    pub len: u64,
+    pub content_type: &'static str,
+}
+
+/// Opens the cache file at `raw` (the path after `/cache/`, still percent-encoded); `None`
+/// when there is none.
+pub(super) async fn open(app: &App, raw: &str) -> Result<Option<CacheFile>, ApiError> {
+    let path = resolve_request(app, raw)?;
+    let content_type = content_type(&path);
+    let opened = tokio::task::spawn_blocking(move || {
+        let file = std::fs::File::open(&path)?;
+        let meta = file.metadata()?;
+        Ok::<_, std::io::Error>(meta.is_file().then_some((file, meta.len())))
+    })
+    .await
+    .map_err(|e| ApiError::internal("opening a cache file", e))?;
+    match opened {
+        Ok(Some((file, len))) => Ok(Some(CacheFile {
+            file,
+            len,
+            content_type,
+        })),
+        Ok(None) => Ok(None),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(ApiError::internal(&format!("opening cache file {raw}"), e)),
+    }
+}
+
 /// `GET /cache/…` (and `HEAD`): a file of the cache, streamed.
 pub(super) async fn get_cache(State(app): State<Arc<App>>, req: Request) -> ApiResult {
     let raw = raw_cache_path(req.uri().path()).to_owned();
-    let path = resolve_request(&app, &raw)?;
-    let file = match tokio::fs::File::open(&path).await {
-        Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            if raw == "nix-cache-info" {
-                return Ok((
-                    [(header::CONTENT_TYPE, content_type(&path))],
-                    DEFAULT_CACHE_INFO,
-                )
-                    .into_response());
-            }
-            return Err(ApiError::not_found(
-                "not_found",
-                format!("{raw} is not in the cache"),
-            ));
+    let Some(f) = open(&app, &raw).await? else {
+        if raw == "nix-cache-info" {
+            return Ok((
+                [(header::CONTENT_TYPE, "text/x-nix-cache-info")],
+                DEFAULT_CACHE_INFO,
+            )
+                .into_response());
         }
-        Err(e) => return Err(ApiError::internal(format!("{}: {e}", path.display()))),
-    };
-    let meta = file.metadata().await.map_err(ApiError::internal)?;
-    if !meta.is_file() {
         return Err(ApiError::not_found(
             "not_found",
             format!("{raw} is not in the cache"),
         ));
-    }
+    };
+    let file = tokio::fs::File::from_std(f.file);
     let body = Body::from_stream(tokio_util::io::ReaderStream::new(file));
     Ok((
         [
-            (header::CONTENT_TYPE, content_type(&path).to_owned()),
-            (header::CONTENT_LENGTH, meta.len().to_string()),
+            (header::CONTENT_TYPE, f.content_type.to_owned()),
+            (header::CONTENT_LENGTH, f.len.to_string()),
         ],
         body,
     )
         .into_response())
 }
 
-/// `PUT /cache/…`: stores an upload from `nix copy --to http://…/cache`.
+/// Bytes of an upload gathered before each write to disk: one blocking-pool hop per MiB
+/// instead of one per network read.
+const WRITE_CHUNK: usize = 1 << 20;
+
+/// `PUT /cache/…`: stores an upload from `nix copy --to http://…/cache`, written to a temp
+/// name, fsynced and renamed; on failure no temp file is left.
 pub(super) async fn put_cache(State(app): State<Arc<App>>, req: Request) -> ApiResult {
     use futures_util::StreamExt;
-    use tokio::io::AsyncWriteExt;
     check_token(&app, req.headers())?;
     let raw = raw_cache_path(req.uri().path()).to_owned();
     let path = resolve_request(&app, &raw)?;
@@ -182,49 +185,123 @@ pub(super) async fn put_cache(State(app): State<Arc<App>>, req: Request) -> ApiR
     if declared.is_some_and(|n| n > limit) {
         return Err(too_large(&raw, limit));
     }
+    let what = format!("storing cache file {raw}");
     let dir = path.parent().expect("cache files have a folder").to_owned();
-    tokio::fs::create_dir_all(&dir)
-        .await
-        .map_err(ApiError::internal)?;
     let tmp = dir.join(format!(".upload-{}-{}", std::process::id(), next_id()));
-    let mut f = tokio::fs::File::create(&tmp)
+    let mut upload = Upload::create(dir, tmp)
         .await
-        .map_err(ApiError::internal)?;
+        .map_err(|e| ApiError::store(&what, e))?;
     let mut stream = req.into_body().into_data_stream();
     let mut total = 0u64;
     let idle = app.cfg.body_timeout;
-    let result: Result<(), ApiError> = async {
-        loop {
-            let chunk = match tokio::time::timeout(idle, stream.next()).await {
-                Ok(Some(Ok(c))) => c,
-                Ok(Some(Err(e))) => return Err(ApiError::bad_request("bad_body", e.to_string())),
-                Ok(None) => break,
-                Err(_) => {
-                    return Err(ApiError::new(
-                        StatusCode::REQUEST_TIMEOUT,
-                        "timeout",
-                        format!("upload of {raw} stalled for {} s", idle.as_secs()),
-                    ));
+    loop {
+        let refused = match tokio::time::timeout(idle, stream.next()).await {
+            Ok(Some(Ok(chunk))) => {
+                total += chunk.len() as u64;
+                if total <= limit {
+                    upload.buf.extend_from_slice(&chunk);
+                    if upload.buf.len() >= WRITE_CHUNK {
+                        upload = upload
+                            .flush()
+                            .await
+                            .map_err(|e| ApiError::store(&what, e))?;
+                    }
+                    continue;
                 }
-            };
-            total += chunk.len() as u64;
-            if total > limit {
-                return Err(too_large(&raw, limit));
+                too_large(&raw, limit)
             }
-            f.write_all(&chunk).await.map_err(ApiError::internal)?;
-        }
-        f.sync_all().await.map_err(ApiError::internal)?;
-        tokio::fs::rename(&tmp, &path)
-            .await
-            .map_err(ApiError::internal)
+            Ok(None) => break,
+            Ok(Some(Err(e))) => ApiError::bad_request("bad_body", e.to_string()),
+            Err(_) => ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "timeout",
+                format!("upload of {raw} stalled for {} s", idle.as_secs()),
+            ),
+        };
+        upload.abandon().await;
+        return Err(refused);
     }
-    .await;
-    if let Err(e) = result {
-        let _ = tokio::fs::remove_file(&tmp).await;
-        return Err(e);
-    }
+    upload
+        .finish(path)
+        .await
+        .map_err(|e| ApiError::store(&what, e))?;
     tracing::debug!(file = %raw, bytes = total, "cache upload stored");
     Ok(StatusCode::OK.into_response())
+}
+
+/// An upload being written to its temp file.
+struct Upload {
+    tmp: PathBuf,
+    file: std::fs::File,
+    buf: Vec<u8>,
+}
+
+impl Upload {
+    async fn create(dir: PathBuf, tmp: PathBuf) -> Result<Self, StoreError> {
+        blocking_io(move || {
+            std::fs::create_dir_all(&dir).map_err(store_io(&dir))?;
+            let file = std::fs::File::create(&tmp).map_err(store_io(&tmp))?;
+            Ok(Self {
+                tmp,
+                file,
+                buf: Vec::with_capacity(WRITE_CHUNK + 64 * 1024),
+            })
+        })
+        .await
+    }
+
+    /// Writes what was gathered; on failure the temp file is removed.
+    async fn flush(self) -> Result<Self, StoreError> {
+        blocking_io(move || {
+            let mut me = self;
+            if let Err(e) = me.file.write_all(&me.buf) {
+                let _ = std::fs::remove_file(&me.tmp);
+                return Err(store_io(&me.tmp)(e));
+            }
+            me.buf.clear();
+            Ok(me)
+        })
+        .await
+    }
+
+    /// Writes the rest, fsyncs and renames to `path`.
+    async fn finish(self, path: PathBuf) -> Result<(), StoreError> {
+        blocking_io(move || {
+            let mut me = self;
+            let done = me
+                .file
+                .write_all(&me.buf)
+                .and_then(|()| me.file.sync_all())
+                .map_err(store_io(&me.tmp))
+                .and_then(|()| std::fs::rename(&me.tmp, &path).map_err(store_io(&path)));
+            if let Err(e) = done {
+                let _ = std::fs::remove_file(&me.tmp);
+                return Err(e);
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    async fn abandon(self) {
+        let tmp = self.tmp;
+        let _ = tokio::task::spawn_blocking(move || std::fs::remove_file(tmp)).await;
+    }
+}
+
+fn store_io(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
+    move |source| StoreError::Io {
+        path: path.display().to_string(),
+        source,
+    }
+}
+
+async fn blocking_io<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, StoreError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .unwrap_or_else(|e| Err(StoreError::Write(std::io::Error::other(e))))
 }
 
 fn too_large(raw: &str, limit: u64) -> ApiError {

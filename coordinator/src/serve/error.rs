@@ -7,6 +7,8 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
+use super::store::StoreError;
+
 /// An error answer with its status, a stable code and a human message.
 #[derive(Debug)]
 pub struct ApiError {
@@ -24,17 +26,72 @@ impl ApiError {
         }
     }
 
-    pub(super) fn internal(e: impl std::fmt::Display) -> Self {
-        tracing::error!("internal error: {e}");
-        Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
+    /// A failure of the coordinator itself while doing `what`: the detail goes to its log
+    /// (it may name the coordinator's own files), the client learns what failed.
+    pub(super) fn internal(what: &str, e: impl std::fmt::Display) -> Self {
+        tracing::error!("{what}: {e}");
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            format!("the coordinator failed while {what}; its log has the details"),
+        )
+    }
+
+    /// A failure of the state folder while doing `what`: 507 when the disk is full, 503 when
+    /// the report database is unavailable, else [`ApiError::internal`]. Nothing of the
+    /// coordinator's paths reaches the client.
+    pub(super) fn store(what: &str, e: StoreError) -> Self {
+        if e.is_disk_full() {
+            tracing::error!("{what}: {e}");
+            return Self::new(
+                StatusCode::INSUFFICIENT_STORAGE,
+                "insufficient_storage",
+                format!(
+                    "the coordinator's disk is full: {what} failed and nothing was stored; \
+                     free space on the coordinator, then retry"
+                ),
+            );
+        }
+        if let StoreError::ReportsUnavailable(_) = e {
+            return Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "reports_unavailable",
+                format!(
+                    "{what} failed: the coordinator's report database could not be opened \
+                     when it started (its log says why); agents keep their reports queued"
+                ),
+            );
+        }
+        Self::internal(what, e)
     }
 
     pub(super) fn bad_request(code: &'static str, message: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, code, message)
     }
 
+    /// A request body over `limit` bytes.
+    pub(super) fn too_large(limit: usize) -> Self {
+        Self::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_large",
+            format!("the request body is over the {limit}-byte limit"),
+        )
+    }
+
     pub(super) fn not_found(code: &'static str, message: impl Into<String>) -> Self {
         Self::new(StatusCode::NOT_FOUND, code, message)
+    }
+}
+
+impl ApiError {
+    /// The status to answer with.
+    pub(super) fn status(&self) -> StatusCode {
+        self.status
+    }
+
+    /// The JSON body: `{"error": code, "message": text}`.
+    pub(super) fn body(&self) -> String {
+        json_body(self.code, &self.message)
     }
 }
 
@@ -47,12 +104,15 @@ impl IntoResponse for ApiError {
 /// What handlers return.
 pub(super) type ApiResult = Result<Response, ApiError>;
 
+fn json_body(code: &str, message: &str) -> String {
+    serde_json::json!({ "error": code, "message": message }).to_string()
+}
+
 fn json_error(status: StatusCode, code: &str, message: &str) -> Response {
-    let body = serde_json::json!({ "error": code, "message": message });
     (
         status,
         [(header::CONTENT_TYPE, "application/json")],
-        body.to_string(),
+        json_body(code, message),
     )
         .into_response()
 }
@@ -68,6 +128,7 @@ fn code_for(status: StatusCode) -> &'static str {
         StatusCode::REQUEST_TIMEOUT => "timeout",
         StatusCode::PAYLOAD_TOO_LARGE => "too_large",
         StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported_media_type",
+        StatusCode::SERVICE_UNAVAILABLE => "unavailable",
         s if s.is_server_error() => "internal",
         _ => "error",
     }

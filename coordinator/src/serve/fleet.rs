@@ -16,7 +16,7 @@ use serde_json::value::RawValue;
 use super::error::ApiError;
 use super::live::Current;
 use super::state::App;
-use super::store::NodeRecord;
+use super::store::{NodeRecord, PinSource, StoreError};
 
 /// What the fleet views need of a node's last report (the rest is passed on verbatim).
 #[derive(Debug, Default, Deserialize)]
@@ -50,7 +50,11 @@ impl Row {
 /// `serde_json::Value`s took about 60 MiB (and twice that for `/metrics`), which the
 /// allocator then kept.
 fn rows(app: &App) -> Result<Vec<Row>, ApiError> {
-    let records = app.store.nodes().map_err(ApiError::internal)?;
+    // Without the report database the views still show every node's manifest.
+    let records = match app.store.nodes() {
+        Err(StoreError::ReportsUnavailable(_)) => Vec::new(),
+        r => r.map_err(|e| ApiError::store("reading the fleet's reports", e))?,
+    };
     let mut rows: BTreeMap<String, Row> = BTreeMap::new();
     for (name, cur) in app.live.all() {
         let name = name.to_string();
@@ -83,6 +87,9 @@ fn rows(app: &App) -> Result<Vec<Row>, ApiError> {
 #[derive(Serialize)]
 struct FleetDoc<'a> {
     generated_at: Timestamp,
+    /// False when the report database could not be opened at start: no node then shows a
+    /// report, and reports are refused until an operator repairs it.
+    reports_available: bool,
     nodes: Vec<NodeDoc<'a>>,
 }
 
@@ -93,7 +100,8 @@ struct Desired<'a> {
 }
 
 /// A node in `GET /v1/fleet`. The manifest's fields are left out for a node that only
-/// reported; `node_key` is the manifest's or, marked `tofu`, the one pinned on first use.
+/// reported; `node_key` is the manifest's (`key_source` `manifest`), or the one pinned on
+/// first use (`tofu`) or by an operator (`pinned`).
 #[derive(Serialize)]
 struct NodeDoc<'a> {
     node: &'a str,
@@ -123,11 +131,14 @@ struct NodeDoc<'a> {
 
 fn node_doc(row: &Row, now: Timestamp) -> NodeDoc<'_> {
     let m = row.cur.as_ref().map(|c| &c.manifest);
-    let pinned = row.rec.as_ref().and_then(|r| r.pinned_key.clone());
+    let pinned = row.rec.as_ref().and_then(|r| {
+        let source = r.pin_source.unwrap_or(PinSource::FirstUse).as_str();
+        Some((r.pinned_key.clone()?, source))
+    });
     let manifest_key = m.and_then(|m| m.node_key.as_ref().map(ToString::to_string));
     let (node_key, key_source) = match (m, manifest_key, pinned) {
         (_, Some(k), _) => (Some(Some(k)), Some(Some("manifest"))),
-        (_, None, Some(p)) => (Some(Some(p)), Some(Some("tofu"))),
+        (_, None, Some((p, source))) => (Some(Some(p)), Some(Some(source))),
         (Some(_), None, None) => (Some(None), Some(None)),
         (None, None, None) => (None, None),
     };
@@ -176,15 +187,16 @@ fn fleet_json(app: &App) -> Result<Vec<u8>, ApiError> {
     let now = Timestamp::now();
     let doc = FleetDoc {
         generated_at: now,
+        reports_available: app.store.reports_available(),
         nodes: rows.iter().map(|r| node_doc(r, now)).collect(),
     };
-    serde_json::to_vec(&doc).map_err(ApiError::internal)
+    serde_json::to_vec(&doc).map_err(|e| ApiError::internal("writing the fleet document", e))
 }
 
 pub(super) async fn get_fleet(State(app): State<Arc<App>>) -> Result<Response, ApiError> {
     let doc = tokio::task::spawn_blocking(move || fleet_json(&app))
         .await
-        .map_err(ApiError::internal)??;
+        .map_err(|e| ApiError::internal("building the fleet view", e))??;
     Ok(([(header::CONTENT_TYPE, "application/json")], doc).into_response())
 }
 
@@ -214,7 +226,7 @@ pub(super) async fn get_metrics(State(app): State<Arc<App>>) -> Result<Response,
     let app2 = app.clone();
     let rows = tokio::task::spawn_blocking(move || rows(&app2))
         .await
-        .map_err(ApiError::internal)??;
+        .map_err(|e| ApiError::internal("building the fleet view", e))??;
     let now = Timestamp::now();
     let mut out = String::new();
     gauge(
@@ -262,6 +274,11 @@ pub(super) async fn get_metrics(State(app): State<Arc<App>>) -> Result<Response,
     );
     let _ = writeln!(
         out,
+        "# HELP roost_report_database_up 1 when the report database is in use, 0 when it could not be opened at start.\n# TYPE roost_report_database_up gauge\nroost_report_database_up {}",
+        u8::from(app.store.reports_available())
+    );
+    let _ = writeln!(
+        out,
         "# HELP roost_http_requests_total HTTP requests by route and status.\n# TYPE roost_http_requests_total counter"
     );
     let requests: BTreeMap<(String, u16), u64> = app
@@ -296,13 +313,15 @@ mod tests {
         });
         let key = roost_common::SecretKey::generate("p").unwrap();
         let env = Envelope::seal(Ctx::Manifest, &serde_json::to_vec(&m).unwrap(), &[&key]);
-        Arc::new(Current::from_stored(env.to_bytes()).unwrap())
+        let trusted = roost_common::TrustedKeys::new([key.public()], 1);
+        Arc::new(Current::from_stored(env.to_bytes(), &trusted, &"n1".parse().unwrap()).unwrap())
     }
 
     fn record(report: &str, pinned: Option<&str>) -> NodeRecord {
         NodeRecord {
             node: "n1".into(),
             pinned_key: pinned.map(str::to_owned),
+            pin_source: pinned.map(|_| PinSource::FirstUse),
             last_seq: Some(3),
             last_seen: Some(Timestamp::now().unix()),
             last_report: Some(report.into()),

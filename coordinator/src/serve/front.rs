@@ -10,13 +10,21 @@
 //!
 //! What the front answers itself: `GET /v1/nodes/{node}/manifest[?wait=S]` over HTTP/1.1
 //! without a body, for a node that has a manifest — through the same [`begin_get`] and
-//! [`hold`] as axum's handler, with the same headers and request counters. Any other
-//! HTTP/1.1 request with a known length (reports, uploads, `/v1/fleet`, cache files) goes to
-//! hyper for exactly that request: hyper reads the request and then the end of the stream,
-//! answers, and gives the connection back, which stays open for the agent's next poll.
-//! hyper's buffers live only while it answers. What the front cannot delimit (HTTP/1.0,
-//! chunked bodies, upgrades, HTTP/2, `connection: close`, heads it cannot parse) goes to
-//! hyper for the rest of the connection.
+//! [`hold`] as axum's handler, with the same headers and request counters. Any other HTTP/1.1
+//! request with a known length (reports, uploads, `/v1/fleet`, cache files) goes to hyper
+//! for exactly that request: hyper reads the request and then the end of the stream,
+//! answers, and gives the connection back, which stays open for the agent's next poll. hyper's buffers live only while it answers. What
+//! the front cannot delimit (HTTP/1.0, chunked bodies, upgrades, `connection: close`,
+//! HTTP/2) goes to hyper for the rest of the connection: one request for HTTP/1.
+//!
+//! The front is also the gate: it parses every HTTP/1 head hyper will see and refuses, with
+//! the JSON error body of every other answer, what hyper would refuse with an empty one
+//! (malformed heads, bad `Content-Length` or `Transfer-Encoding`, heads or targets over
+//! the limits), and a declared body over the manifest or report route's limit before it
+//! is read.
+//!
+//! [`begin_get`]: manifests::begin_get
+//! [`hold`]: manifests::hold
 
 use std::io;
 use std::pin::Pin;
@@ -26,24 +34,40 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::body::Bytes;
-use axum::http::header;
+use axum::http::{HeaderName, HeaderValue, StatusCode, header};
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::Watcher;
 use hyper_util::service::TowerToHyperService;
+use roost_common::envelope;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::time::Instant;
 
+use super::error::ApiError;
 use super::manifests::{self, Answer, MANIFEST_ROUTE, Step};
+use super::reports::{MAX_REPORT_BYTES, REPORTS_ROUTE};
 use super::state::App;
 
-/// A request head longer than this is not an agent's poll: hyper gets it.
-const MAX_LEAN_HEAD: usize = 8 * 1024;
-/// Most headers an agent's poll carries (more: hyper gets it).
-const MAX_HEADERS: usize = 24;
+/// Longest request head accepted (431 above it); nginx's default is 4 × 8 KiB.
+const MAX_HEAD: usize = 64 * 1024;
+/// Most header lines a request may have (hyper's own limit).
+const MAX_HEADERS: usize = 100;
+/// Longest request target (414 above it): agents' and Nix's are a few hundred bytes.
+const MAX_TARGET: usize = 16 * 1024;
 /// Bytes a client may pipeline behind a held poll before the connection is dropped.
 const MAX_PIPELINED: usize = 16 * 1024;
+/// What starts an HTTP/2 connection without TLS ("prior knowledge"): hyper's.
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+/// After refusing a request whose body may still be coming, how long and how much of it is
+/// read and dropped before closing, so the client reads the answer instead of a reset.
+const LINGER: Duration = Duration::from_secs(2);
+const LINGER_BYTES: usize = 1 << 20;
+
+/// A client connection.
+pub(super) trait Conn: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
+
+impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn for T {}
 
 /// What every connection shares.
 pub(super) struct Front {
@@ -60,9 +84,12 @@ impl Front {
         let mut keep = auto::Builder::new(TokioExecutor::new());
         // Slow clients: a request head (including the first one after an idle keep-alive)
         // must arrive within the header timeout, or the connection is closed.
+        // One HTTP/1 request, then the connection closes: every request head hyper parses
+        // is one the front has checked (and answers errors to as JSON).
         keep.http1()
             .timer(TokioTimer::new())
-            .header_read_timeout(app.cfg.header_timeout);
+            .header_read_timeout(app.cfg.header_timeout)
+            .keep_alive(false);
         let mut one = http1::Builder::new();
         // The end of the stream after the request is the front's doing, not the client
         // leaving: hyper must still answer.
@@ -83,10 +110,7 @@ impl Front {
     }
 
     /// Serves one connection until the client or the server ends it.
-    pub async fn serve<IO>(&self, mut io: IO, watcher: Watcher)
-    where
-        IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    {
+    pub async fn serve<IO: Conn>(&self, mut io: IO, watcher: Watcher) {
         let mut buf: Vec<u8> = Vec::new();
         loop {
             let next = match self.read_head(&mut io, &mut buf).await {
@@ -111,12 +135,12 @@ impl Front {
                 Next::Other => {
                     return Box::pin(self.hand_off(io, buf, watcher)).await;
                 }
+                Next::Refuse { error, route } => {
+                    self.app.count_request(route, error.status().as_u16());
+                    return Box::pin(self.refuse(io, &error)).await;
+                }
             };
-            buf.drain(..head_len);
-            if buf.is_empty() {
-                // Nothing of the client's stays in memory while the poll is held.
-                buf = Vec::new();
-            }
+            consume(&mut buf, head_len);
             let answer = match step {
                 Step::Answer(a) => a,
                 Step::Hold(h) => {
@@ -129,18 +153,56 @@ impl Front {
             self.app
                 .count_request(format!("GET {MANIFEST_ROUTE}"), answer.status().as_u16());
             let bytes = encode(&answer, close);
-            let write = async {
-                io.write_all(&bytes).await?;
-                io.flush().await
-            };
-            match tokio::time::timeout(self.app.cfg.body_timeout, write).await {
-                Ok(Ok(())) => {}
-                _ => return,
+            if !self.write(&mut io, &bytes).await {
+                return;
             }
             if close {
                 let _ = io.shutdown().await;
                 return;
             }
+        }
+    }
+
+    /// Writes `bytes` within the body timeout; false: the connection is done.
+    async fn write<IO: Conn>(&self, io: &mut IO, bytes: &[u8]) -> bool {
+        let write = async {
+            io.write_all(bytes).await?;
+            io.flush().await
+        };
+        matches!(
+            tokio::time::timeout(self.app.cfg.body_timeout, write).await,
+            Ok(Ok(()))
+        )
+    }
+
+    /// Answers a request refused before it was read, then closes the connection.
+    async fn refuse<IO: Conn>(&self, mut io: IO, error: &ApiError) {
+        let body = error.body();
+        let mut out = Vec::with_capacity(256 + body.len());
+        let json = HeaderValue::from_static("application/json");
+        response_head(
+            &mut out,
+            error.status(),
+            &[(header::CONTENT_TYPE, json)],
+            Some(body.len() as u64),
+            true,
+        );
+        out.extend_from_slice(body.as_bytes());
+        if self.write(&mut io, &out).await {
+            let _ = io.shutdown().await;
+            // Drop what the client still sends (the body of a refused upload, say), so
+            // that it reads this answer rather than a connection reset.
+            let mut sink = [0u8; 4096];
+            let mut left = LINGER_BYTES;
+            let _ = tokio::time::timeout(LINGER, async {
+                while left > 0 {
+                    match io.read(&mut sink).await {
+                        Ok(n) if n > 0 => left = left.saturating_sub(n),
+                        _ => return,
+                    }
+                }
+            })
+            .await;
         }
     }
 
@@ -155,8 +217,7 @@ impl Front {
         loop {
             if !buf.is_empty() {
                 match classify(&self.app, buf) {
-                    Parsed::Partial if buf.len() < MAX_LEAN_HEAD => {}
-                    Parsed::Partial => return Some(Next::Other),
+                    Parsed::Partial => {}
                     Parsed::Done(next) => return Some(next),
                 }
             }
@@ -176,10 +237,7 @@ impl Front {
     }
 
     /// Gives the connection, with the bytes already read, to hyper for good.
-    async fn hand_off<IO>(&self, io: IO, prefix: Vec<u8>, watcher: Watcher)
-    where
-        IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    {
+    async fn hand_off<IO: Conn>(&self, io: IO, prefix: Vec<u8>, watcher: Watcher) {
         let io = TokioIo::new(Rewind::new(io, prefix, None, self.app.cfg.body_timeout));
         let service = TowerToHyperService::new(self.router.clone());
         let conn = self.keep.serve_connection(io, service);
@@ -194,10 +252,7 @@ impl Front {
     /// and then ends the connection without shutting it. `None`: the connection is done
     /// (hyper failed, or did not read the whole request, so where the next one starts is
     /// unknown).
-    async fn once<IO>(&self, io: IO, prefix: Vec<u8>, len: u64) -> Option<(IO, Vec<u8>)>
-    where
-        IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    {
+    async fn once<IO: Conn>(&self, io: IO, prefix: Vec<u8>, len: u64) -> Option<(IO, Vec<u8>)> {
         let io = TokioIo::new(Rewind::new(
             io,
             prefix,
@@ -236,9 +291,12 @@ enum Next {
     /// An HTTP/1.1 request of `len` bytes (head and body): hyper answers it, the front
     /// takes the connection back.
     Once { len: u64 },
-    /// Anything else (HTTP/1.0, chunked bodies, upgrades, HTTP/2, `connection: close`,
-    /// heads the front cannot parse): hyper's for good.
+    /// A request the front cannot delimit (HTTP/1.0, chunked body, upgrade,
+    /// `connection: close`, HTTP/2): hyper answers it and, for HTTP/1, closes.
     Other,
+    /// A request refused before its body is read (a head that is not valid HTTP/1.1, or a
+    /// declared body over its route's limit), counted under `route`.
+    Refuse { error: ApiError, route: String },
 }
 
 enum Parsed {
@@ -246,72 +304,231 @@ enum Parsed {
     Done(Next),
 }
 
-/// Parses the head in `buf` and, for a manifest poll of a known node, takes its first step
-/// (while the head is still borrowed).
+fn refuse(status: StatusCode, code: &'static str, message: String) -> Parsed {
+    Parsed::Done(Next::Refuse {
+        error: ApiError::new(status, code, message),
+        route: "malformed".into(),
+    })
+}
+
+/// Parses the head in `buf`, refuses what hyper would refuse with an empty body (so every
+/// error is JSON) or what is over its route's body limit, and, for a manifest poll of a
+/// known node, takes its first step (while the head is still borrowed). Every request it
+/// passes on is one hyper parses without error.
 fn classify(app: &App, buf: &[u8]) -> Parsed {
+    if H2_PREFACE.starts_with(&buf[..buf.len().min(H2_PREFACE.len())]) {
+        return if buf.len() >= H2_PREFACE.len() {
+            Parsed::Done(Next::Other)
+        } else {
+            Parsed::Partial
+        };
+    }
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut req = httparse::Request::new(&mut headers);
     let head = match req.parse(buf) {
         Ok(httparse::Status::Complete(len)) => len,
-        Ok(httparse::Status::Partial) => return Parsed::Partial,
-        Err(_) => return Parsed::Done(Next::Other),
+        Ok(httparse::Status::Partial) if buf.len() < MAX_HEAD => return Parsed::Partial,
+        Ok(httparse::Status::Partial) => {
+            return refuse(
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                "head_too_large",
+                format!("the request head is over the {MAX_HEAD}-byte limit"),
+            );
+        }
+        Err(httparse::Error::TooManyHeaders) => {
+            return refuse(
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                "too_many_headers",
+                format!("the request has more than {MAX_HEADERS} header lines"),
+            );
+        }
+        Err(e) => {
+            return refuse(
+                StatusCode::BAD_REQUEST,
+                "malformed_request",
+                format!("the request head is not valid HTTP/1.1: {e}"),
+            );
+        }
     };
-    let other = Parsed::Done(Next::Other);
-    if req.version != Some(1) {
-        return other;
+    let (Some(method), Some(target), Some(version)) = (req.method, req.path, req.version) else {
+        return refuse(
+            StatusCode::BAD_REQUEST,
+            "malformed_request",
+            "the request line is incomplete".into(),
+        );
+    };
+    if target.len() > MAX_TARGET {
+        return refuse(
+            StatusCode::URI_TOO_LONG,
+            "uri_too_long",
+            format!("the request target is over the {MAX_TARGET}-byte limit"),
+        );
     }
-    let (mut body, mut lengths, mut close, mut expect) = (0u64, 0, false, false);
-    for h in req.headers.iter() {
-        let name = h.name;
-        if name.eq_ignore_ascii_case(header::CONTENT_LENGTH.as_str()) {
-            lengths += 1;
-            match std::str::from_utf8(h.value)
-                .ok()
-                .and_then(|v| v.trim().parse().ok())
-            {
-                Some(n) => body = n,
-                None => return other,
-            }
-        } else if name.eq_ignore_ascii_case(header::TRANSFER_ENCODING.as_str())
-            || name.eq_ignore_ascii_case(header::UPGRADE.as_str())
-        {
-            return other;
-        } else if name.eq_ignore_ascii_case(header::EXPECT.as_str()) {
-            expect = true;
-        } else if name.eq_ignore_ascii_case(header::CONNECTION.as_str()) {
-            close |= h
-                .value
-                .split(|&b| b == b',')
-                .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close"));
+    if axum::http::Uri::try_from(target).is_err() {
+        let shown: String = target.chars().take(200).collect();
+        return refuse(
+            StatusCode::BAD_REQUEST,
+            "bad_target",
+            format!("the request target `{shown}` is not a valid URI"),
+        );
+    }
+    let h = match RequestHeaders::read(req.headers, version) {
+        Ok(h) => h,
+        Err(e) => {
+            return Parsed::Done(Next::Refuse {
+                error: e,
+                route: "malformed".into(),
+            });
+        }
+    };
+    let body = h.length.unwrap_or(0);
+    let Some(total) = (head as u64).checked_add(body) else {
+        return refuse(
+            StatusCode::BAD_REQUEST,
+            "bad_content_length",
+            "the request head and its Content-Length add up to more than 2^64 bytes".into(),
+        );
+    };
+    if let Some((route, limit)) = body_limit(method, target) {
+        if body > limit as u64 {
+            return Parsed::Done(Next::Refuse {
+                error: ApiError::too_large(limit),
+                route: format!("{method} {route}"),
+            });
         }
     }
-    if lengths > 1 {
-        return other;
+    let bodiless = body == 0 && !h.chunked && !h.expect;
+    if version == 1 && method == "GET" && bodiless && !h.upgrade {
+        if let Some(step) = poll_step(app, target, req.headers) {
+            return Parsed::Done(Next::Manifest {
+                step,
+                len: head,
+                close: h.close,
+            });
+        }
     }
-    if let Some(step) = poll_step(app, &req, body == 0 && !expect) {
-        return Parsed::Done(Next::Manifest {
-            step,
-            len: head,
-            close,
-        });
+    if version != 1 || h.chunked || h.upgrade || h.close {
+        return Parsed::Done(Next::Other);
     }
-    if close {
-        return other;
+    Parsed::Done(Next::Once { len: total })
+}
+
+/// What the front needs of a request's headers, checked as hyper checks them.
+struct RequestHeaders {
+    length: Option<u64>,
+    chunked: bool,
+    upgrade: bool,
+    expect: bool,
+    close: bool,
+}
+
+impl RequestHeaders {
+    fn read(headers: &[httparse::Header<'_>], version: u8) -> Result<Self, ApiError> {
+        let bad = |code, message: String| Err(ApiError::bad_request(code, message));
+        let mut h = Self {
+            length: None,
+            chunked: false,
+            upgrade: false,
+            expect: false,
+            close: false,
+        };
+        let mut coding: Option<&[u8]> = None;
+        for hd in headers {
+            let name = hd.name;
+            if name.eq_ignore_ascii_case(header::CONTENT_LENGTH.as_str()) {
+                let Some(n) = parse_length(hd.value) else {
+                    return bad(
+                        "bad_content_length",
+                        format!(
+                            "Content-Length `{}` is not a length (decimal digits, at most 2^63 - 1)",
+                            String::from_utf8_lossy(hd.value)
+                                .chars()
+                                .take(40)
+                                .collect::<String>()
+                        ),
+                    );
+                };
+                if h.length.replace(n).is_some() {
+                    return bad("bad_content_length", "Content-Length is given twice".into());
+                }
+            } else if name.eq_ignore_ascii_case(header::TRANSFER_ENCODING.as_str()) {
+                // The codings of several headers form one list; what matters is the last.
+                if let Some(last) = hd
+                    .value
+                    .rsplit(|&b| b == b',')
+                    .map(<[u8]>::trim_ascii)
+                    .next()
+                {
+                    coding = Some(last);
+                }
+            } else if name.eq_ignore_ascii_case(header::UPGRADE.as_str()) {
+                h.upgrade = true;
+            } else if name.eq_ignore_ascii_case(header::EXPECT.as_str()) {
+                h.expect = true;
+            } else if name.eq_ignore_ascii_case(header::CONNECTION.as_str()) {
+                h.close |= hd
+                    .value
+                    .split(|&b| b == b',')
+                    .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close"));
+            }
+        }
+        if let Some(coding) = coding {
+            if version == 0 {
+                return bad(
+                    "bad_transfer_encoding",
+                    "Transfer-Encoding is not allowed in an HTTP/1.0 request".into(),
+                );
+            }
+            if !coding.eq_ignore_ascii_case(b"chunked") {
+                return Err(ApiError::new(
+                    StatusCode::NOT_IMPLEMENTED,
+                    "unsupported_transfer_encoding",
+                    "the request's Transfer-Encoding does not end in `chunked`, the only one supported",
+                ));
+            }
+            if h.length.is_some() {
+                return bad(
+                    "bad_content_length",
+                    "a request may not have both Content-Length and Transfer-Encoding".into(),
+                );
+            }
+            h.chunked = true;
+        }
+        Ok(h)
     }
-    Parsed::Done(Next::Once {
-        len: head as u64 + body,
-    })
+}
+
+/// A Content-Length value: decimal digits only, at most `i64::MAX` (what hyper accepts).
+fn parse_length(v: &[u8]) -> Option<u64> {
+    let v = v.trim_ascii();
+    if v.is_empty() || v.len() > 19 || !v.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    let n: u64 = std::str::from_utf8(v).ok()?.parse().ok()?;
+    (n <= i64::MAX as u64).then_some(n)
+}
+
+/// The routes whose bodies are small and read whole, with their limits: a declared body
+/// over the limit is refused at once (no `100 Continue`, no wait for the body).
+fn body_limit(method: &str, target: &str) -> Option<(&'static str, usize)> {
+    let path = target.split_once('?').map_or(target, |(p, _)| p);
+    let rest = path.strip_prefix("/v1/nodes/")?;
+    let (node, tail) = rest.split_once('/')?;
+    if node.is_empty() || node.contains('/') {
+        return None;
+    }
+    match (method, tail) {
+        ("PUT", "manifest") => Some((MANIFEST_ROUTE, envelope::MAX_ENVELOPE_BYTES)),
+        ("POST", "reports") => Some((REPORTS_ROUTE, MAX_REPORT_BYTES)),
+        _ => None,
+    }
 }
 
 /// The first step of a manifest poll of a known node, if `req` is one.
-fn poll_step(app: &App, req: &httparse::Request<'_, '_>, bodiless: bool) -> Option<Step> {
-    if req.method != Some("GET") || !bodiless {
-        return None;
-    }
-    let (node, wait) = manifest_target(req.path?)?;
+fn poll_step(app: &App, target: &str, headers: &[httparse::Header<'_>]) -> Option<Step> {
+    let (node, wait) = manifest_target(target)?;
     let node = node.parse().ok()?;
-    let inm = req
-        .headers
+    let inm = headers
         .iter()
         .filter(|h| h.name.eq_ignore_ascii_case(header::IF_NONE_MATCH.as_str()))
         .map(|h| h.value);
@@ -346,24 +563,39 @@ fn manifest_target(target: &str) -> Option<(&str, Option<u64>)> {
 /// The answer as HTTP/1.1 bytes: the same status, headers and body as axum's handler gives,
 /// plus `content-length` and `date` as hyper adds them.
 fn encode(answer: &Answer, close: bool) -> Vec<u8> {
-    use std::io::Write;
     let status = answer.status();
     let body = answer.body();
     let mut out = Vec::with_capacity(256 + body.len());
+    let length = (status != StatusCode::NOT_MODIFIED).then_some(body.len() as u64);
+    response_head(&mut out, status, &answer.headers(), length, close);
+    out.extend_from_slice(&body);
+    out
+}
+
+/// A response head as hyper writes it: status line, `headers`, `content-length` (when
+/// given), `connection: close` (when closing) and `date`.
+fn response_head(
+    out: &mut Vec<u8>,
+    status: StatusCode,
+    headers: &[(HeaderName, HeaderValue)],
+    length: Option<u64>,
+    close: bool,
+) {
+    use std::io::Write;
     let _ = write!(
         out,
         "HTTP/1.1 {} {}\r\n",
         status.as_str(),
         status.canonical_reason().unwrap_or("")
     );
-    for (name, value) in answer.headers() {
+    for (name, value) in headers {
         out.extend_from_slice(name.as_str().as_bytes());
         out.extend_from_slice(b": ");
         out.extend_from_slice(value.as_bytes());
         out.extend_from_slice(b"\r\n");
     }
-    if status != axum::http::StatusCode::NOT_MODIFIED {
-        let _ = write!(out, "content-length: {}\r\n", body.len());
+    if let Some(n) = length {
+        let _ = write!(out, "content-length: {n}\r\n");
     }
     if close {
         out.extend_from_slice(b"connection: close\r\n");
@@ -373,8 +605,15 @@ fn encode(answer: &Answer, close: bool) -> Vec<u8> {
         "date: {}\r\n\r\n",
         httpdate::fmt_http_date(std::time::SystemTime::now())
     );
-    out.extend_from_slice(&body);
-    out
+}
+
+/// Drops a request head that was answered from `buf`; frees the buffer when nothing of the
+/// client's is left in it (a held poll then keeps no buffer).
+fn consume(buf: &mut Vec<u8>, len: usize) {
+    buf.drain(..len);
+    if buf.is_empty() {
+        *buf = Vec::new();
+    }
 }
 
 /// Resolves when the client closes the connection (or it fails) while a poll is held. Bytes

@@ -8,9 +8,9 @@ use std::sync::{Arc, RwLock};
 
 use axum::body::Bytes;
 use axum::http::HeaderValue;
-use base64::Engine;
+use roost_common::envelope::{self, Context};
 use roost_common::wire::v1::Manifest;
-use roost_common::{Envelope, NodeName, verify};
+use roost_common::{NodeName, TrustedKeys, verify};
 use tokio::sync::watch;
 
 /// A node's current manifest as served.
@@ -24,17 +24,30 @@ pub(super) struct Current {
 }
 
 impl Current {
-    /// Reads a stored envelope. Stored manifests were verified on upload; a key rotation may
-    /// make old ones unverifiable, so they are parsed, not verified again.
-    pub fn from_stored(bytes: Vec<u8>) -> Result<Self, String> {
-        let env: Envelope = serde_json::from_slice(&bytes).map_err(|e| e.to_string())?;
-        let payload = base64::engine::general_purpose::STANDARD
-            .decode(&env.payload)
-            .map_err(|e| e.to_string())?;
-        let manifest = verify::parse_manifest_payload(&payload).map_err(|e| e.to_string())?;
+    /// Reads a stored envelope and checks it as an upload is checked: signed by the
+    /// publisher keys configured now, and for the node whose folder holds it. So a manifest
+    /// signed by a key no longer trusted, or a file copied into another node's folder, is
+    /// not served, and its version blocks no valid publisher. Expiry is not checked: the
+    /// newest signed manifest stays the floor for the next upload, and agents refuse it
+    /// once it has expired.
+    pub fn from_stored(
+        bytes: Vec<u8>,
+        publishers: &TrustedKeys,
+        node: &NodeName,
+    ) -> Result<Self, String> {
+        let opened =
+            envelope::open(&bytes, Context::Manifest, publishers).map_err(|e| e.to_string())?;
+        let manifest =
+            verify::parse_manifest_payload(&opened.payload).map_err(|e| e.to_string())?;
+        if manifest.node != *node {
+            return Err(format!(
+                "it is node `{}`'s manifest, in node `{node}`'s folder",
+                manifest.node
+            ));
+        }
         Ok(Self {
             etag: etag_for(manifest.version.0),
-            digest: verify::digest(&payload),
+            digest: verify::digest(&opened.payload),
             manifest,
             bytes: Bytes::from(bytes),
         })

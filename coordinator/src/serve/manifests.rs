@@ -21,7 +21,7 @@ use tokio::sync::watch;
 
 use super::error::{ApiError, ApiResult};
 use super::live::{Current, etag_for};
-use super::state::{App, parse_node, read_body};
+use super::state::{App, blocking, parse_node, read_body};
 
 /// Tells agents this server holds `?wait=S` polls open, and for how long at most (static
 /// hosts do not send it).
@@ -273,16 +273,16 @@ pub(super) async fn put_manifest(
         }
         Err(r) => return Err(with_node(rejection_to_error(r), &node)),
     };
-    // A copy of exactly the envelope: the body may be a slice of hyper's 8 KiB read buffer,
-    // which a stored slice would keep alive (7.8 KiB per node measured in memory).
-    let bytes = Bytes::copy_from_slice(&bytes);
+    // `read_body` copied the envelope out of hyper's read buffer, which a stored slice
+    // would keep alive (7.8 KiB per node measured in memory).
     let store_bytes = bytes.clone();
     let app2 = app.clone();
     let node2 = node.clone();
-    tokio::task::spawn_blocking(move || app2.store.save_manifest(&node2, &store_bytes))
-        .await
-        .map_err(ApiError::internal)?
-        .map_err(ApiError::internal)?;
+    blocking("storing the manifest", move || {
+        app2.store.save_manifest(&node2, &store_bytes)
+    })
+    .await
+    .map_err(|e| with_node(e, &node))?;
     let version = verified.manifest.version.0;
     let cur = Current {
         etag: etag_for(version),

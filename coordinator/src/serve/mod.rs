@@ -18,12 +18,14 @@
 //! `cache`; `front` (the connection front, which answers polls through `manifests`); and
 //! `server` (router, accept loop, TLS, shutdown).
 
+mod auth;
 mod cache;
 mod error;
 mod fleet;
 mod front;
 mod live;
 mod manifests;
+mod pins;
 mod reports;
 mod server;
 mod state;
@@ -52,6 +54,9 @@ Endpoints:
   PUT  /v1/nodes/NODE/manifest           upload, verified against the publisher keys
   POST /v1/nodes/NODE/reports            a report signed by the node key
   GET  /v1/nodes/NODE/reports?limit=N    report history, newest first
+  PUT|DELETE /v1/nodes/NODE/key          pin or clear the key NODE's reports are checked with
+                                         when its manifest names none (admin token; see
+                                         `roost-coordinator node-key --help`)
   GET  /v1/fleet                         the fleet as JSON (what `status` shows)
   GET  /metrics                          Prometheus text
   GET|PUT /cache/...                     a Nix binary cache: substituter URL and the target
@@ -88,6 +93,11 @@ pub struct ServeArgs {
     /// signature is their authority, and reports are signed by their node.
     #[arg(long, value_name = "FILE", env = "ROOST_UPLOAD_TOKEN_FILE")]
     pub upload_token_file: Option<PathBuf>,
+    /// File holding the token that authorises pinning and clearing node keys
+    /// (`roost-coordinator node-key`). Without it the upload token does; with neither,
+    /// node keys cannot be pinned over HTTP.
+    #[arg(long, value_name = "FILE", env = "ROOST_ADMIN_TOKEN_FILE")]
+    pub admin_token_file: Option<PathBuf>,
     /// TLS certificate chain (PEM): serve HTTPS instead of HTTP. Needs --tls-key.
     #[arg(long, requires = "tls_key", value_name = "PEM")]
     pub tls_cert: Option<PathBuf>,
@@ -123,20 +133,29 @@ pub fn load_config(args: &ServeArgs) -> anyhow::Result<ServerConfig> {
     );
     let mut cfg = ServerConfig::new(&args.state_dir, TrustedKeys::new(keys, args.threshold));
     if let Some(f) = &args.upload_token_file {
-        let t = std::fs::read_to_string(f)
-            .with_context(|| format!("upload token file {}", f.display()))?;
-        let t = t.trim();
-        anyhow::ensure!(
-            t.len() >= 16,
-            "upload token in {} is shorter than 16 characters",
-            f.display()
-        );
-        cfg = cfg.with_upload_token(t);
+        cfg = cfg.with_upload_token(read_token(f, "upload")?);
+    }
+    if let Some(f) = &args.admin_token_file {
+        cfg.admin_token = Some(read_token(f, "admin")?);
     }
     cfg.max_nar_bytes = args.max_nar_bytes;
     cfg.header_timeout = args.header_timeout;
     cfg.body_timeout = args.body_timeout;
     Ok(cfg)
+}
+
+/// A token from its file: trimmed, at least 16 characters.
+fn read_token(f: &std::path::Path, which: &str) -> anyhow::Result<String> {
+    use anyhow::Context as _;
+    let t = std::fs::read_to_string(f)
+        .with_context(|| format!("{which} token file {}", f.display()))?;
+    let t = t.trim();
+    anyhow::ensure!(
+        t.len() >= 16,
+        "{which} token in {} is shorter than 16 characters",
+        f.display()
+    );
+    Ok(t.to_owned())
 }
 
 /// Runs `serve` until SIGTERM or SIGINT. Exit 0 after a clean shutdown, 1 when the server

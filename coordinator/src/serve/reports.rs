@@ -1,8 +1,10 @@
 //! `POST /v1/nodes/{node}/reports` (signed by the node key) and `GET …/reports` (history).
 //!
 //! The key is the `node_key` of the node's current manifest. When the manifest names none,
-//! the first report that names its own key and verifies with it pins that key (trust on
-//! first use, flagged in `/v1/fleet`); later reports must use the pinned key.
+//! the key an operator pinned (`roost-coordinator node-key`), or else the first report that
+//! names its own key and verifies with it pins that key (trust on first use, flagged `tofu`
+//! in `/v1/fleet`); later reports must use the pinned key. `seq` must rise per node and
+//! key, and a key's floor is kept when the node moves to another key and back.
 
 use std::sync::Arc;
 
@@ -17,11 +19,14 @@ use roost_common::{Envelope, EnvelopeError, PublicKey, Timestamp, TrustedKeys};
 use serde::Deserialize;
 
 use super::error::{ApiError, ApiResult};
-use super::state::{App, parse_node, read_body};
-use super::store::{NewReport, SeqRefused};
+use super::state::{App, blocking, parse_node, read_body};
+use super::store::{NewReport, Refused, Signer};
 
 /// Largest report envelope accepted.
 pub const MAX_REPORT_BYTES: usize = 64 * 1024;
+
+/// The route of a node's reports.
+pub(super) const REPORTS_ROUTE: &str = "/v1/nodes/{node}/reports";
 
 /// The key a report claims for itself, read without verifying (only for trust on first use).
 fn claimed_key(bytes: &[u8]) -> Option<PublicKey> {
@@ -32,6 +37,17 @@ fn claimed_key(bytes: &[u8]) -> Option<PublicKey> {
     let report: Report = serde_json::from_slice(&payload).ok()?;
     report.node_key
 }
+
+/// Which key a report must be signed with, and why.
+#[derive(Clone, Copy)]
+enum KeyFrom {
+    Manifest,
+    Pinned,
+    FirstUse,
+}
+
+/// Largest `seq` stored (SQLite's integers are signed 64-bit).
+const MAX_SEQ: u64 = i64::MAX as u64;
 
 /// `POST /v1/nodes/{node}/reports`.
 pub(super) async fn post_report(
@@ -50,18 +66,15 @@ pub(super) async fn post_report(
     let record = {
         let app = app.clone();
         let n = node.to_string();
-        tokio::task::spawn_blocking(move || app.store.node(&n))
-            .await
-            .map_err(ApiError::internal)?
-            .map_err(ApiError::internal)?
+        blocking("reading the node's record", move || app.store.node(&n)).await?
     };
     let pinned = record
         .as_ref()
         .and_then(|r| r.pinned_key.as_deref())
         .and_then(|k| k.parse::<PublicKey>().ok());
-    let (key, pin) = match (&cur.manifest.node_key, pinned) {
-        (Some(k), _) => (k.clone(), None),
-        (None, Some(k)) => (k, None),
+    let (key, from) = match (&cur.manifest.node_key, pinned) {
+        (Some(k), _) => (k.clone(), KeyFrom::Manifest),
+        (None, Some(k)) => (k, KeyFrom::Pinned),
         (None, None) => {
             let claimed = claimed_key(&bytes).ok_or_else(|| {
                 ApiError::new(
@@ -72,7 +85,7 @@ pub(super) async fn post_report(
                     ),
                 )
             })?;
-            (claimed.clone(), Some(claimed))
+            (claimed, KeyFrom::FirstUse)
         }
     };
     let opened = envelope::open(&bytes, Context::Report, &TrustedKeys::new([key.clone()], 1))
@@ -114,15 +127,21 @@ pub(super) async fn post_report(
             ),
         ));
     }
-    let payload = String::from_utf8_lossy(&opened.payload).into_owned();
     let seq = report.seq;
+    if seq > MAX_SEQ {
+        return Err(ApiError::bad_request(
+            "invalid_report",
+            format!("report seq {seq} from `{node}` is above {MAX_SEQ}, the largest stored"),
+        ));
+    }
+    let payload = String::from_utf8_lossy(&opened.payload).into_owned();
     let res = {
         let app = app.clone();
         let n = node.to_string();
         let state = report.state.as_str();
         let mv = report.manifest_version.map(|v| v.0);
-        let signer = key.to_string();
-        tokio::task::spawn_blocking(move || {
+        let key = key.to_string();
+        blocking("storing the report", move || {
             app.store.add_report(&NewReport {
                 node: &n,
                 seq,
@@ -130,20 +149,38 @@ pub(super) async fn post_report(
                 manifest_version: mv,
                 payload: &payload,
                 received_at: Timestamp::now().unix(),
-                pin: pin.as_ref(),
-                signer: &signer,
+                signer: match from {
+                    KeyFrom::Manifest => Signer::Manifest(&key),
+                    KeyFrom::Pinned => Signer::Pinned(&key),
+                    KeyFrom::FirstUse => Signer::FirstUse(&key),
+                },
             })
         })
-        .await
-        .map_err(ApiError::internal)?
-        .map_err(ApiError::internal)?
+        .await?
     };
-    if let Err(SeqRefused { last }) = res {
-        return Err(ApiError::new(
-            StatusCode::CONFLICT,
-            "seq_not_increasing",
-            format!("report seq {seq} from `{node}` is not above {last}, already received"),
-        ));
+    match res {
+        Ok(()) => {}
+        Err(Refused::Seq { last }) => {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "seq_not_increasing",
+                format!(
+                    "report seq {seq} from `{node}` is not above {last}, already received with key `{}`",
+                    key.name()
+                ),
+            ));
+        }
+        // Not 4xx: the agent keeps the report and sends it again, and it is then checked
+        // against the key pinned now.
+        Err(Refused::PinChanged) => {
+            return Err(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "pin_changed",
+                format!(
+                    "node `{node}`'s pinned key changed while this report was checked; send it again"
+                ),
+            ));
+        }
     }
     tracing::info!(%node, seq, state = report.state.as_str(), "report received");
     Ok((
@@ -175,10 +212,10 @@ pub(super) async fn get_reports(
     }
     let limit = q.limit.unwrap_or(100).min(10_000);
     let n = node.to_string();
-    let rows = tokio::task::spawn_blocking(move || app.store.history(&n, limit))
-        .await
-        .map_err(ApiError::internal)?
-        .map_err(ApiError::internal)?;
+    let rows = blocking("reading the report history", move || {
+        app.store.history(&n, limit)
+    })
+    .await?;
     let reports: Vec<serde_json::Value> = rows
         .iter()
         .filter_map(|r| serde_json::from_str(r).ok())

@@ -19,7 +19,7 @@ use super::front::Front;
 use super::manifests::MANIFEST_ROUTE;
 use super::state::{App, ServerConfig};
 use super::store::StoreError;
-use super::{cache, fleet, manifests, reports};
+use super::{cache, fleet, manifests, pins, reports};
 
 /// Why the server could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -51,15 +51,19 @@ fn router(app: Arc<App>) -> Router {
                 .layer(DefaultBodyLimit::max(envelope::MAX_ENVELOPE_BYTES)),
         )
         .route(
-            "/v1/nodes/{node}/reports",
+            reports::REPORTS_ROUTE,
             get(reports::get_reports)
                 .post(reports::post_report)
                 .layer(DefaultBodyLimit::max(reports::MAX_REPORT_BYTES)),
         )
+        .route(
+            pins::KEY_ROUTE,
+            axum::routing::put(pins::put_key).delete(pins::delete_key),
+        )
         .route("/v1/fleet", get(fleet::get_fleet))
         .route("/metrics", get(fleet::get_metrics))
         .route(
-            "/cache/{*path}",
+            cache::CACHE_ROUTE,
             get(cache::get_cache)
                 .put(cache::put_cache)
                 .layer(DefaultBodyLimit::disable()),

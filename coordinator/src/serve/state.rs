@@ -27,6 +27,8 @@ pub struct ServerConfig {
     pub publishers: TrustedKeys,
     /// The cache upload token; `None` makes the cache read-only.
     pub upload_token: Option<String>,
+    /// The token for pinning node keys; `None`: the upload token does.
+    pub admin_token: Option<String>,
     /// Largest NAR (or build log) accepted into the cache.
     pub max_nar_bytes: u64,
     /// A request head must arrive within this; also how long an idle connection stays open.
@@ -45,6 +47,7 @@ impl ServerConfig {
             state_dir: state_dir.into(),
             publishers,
             upload_token: None,
+            admin_token: None,
             max_nar_bytes: 8 << 30,
             header_timeout: Duration::from_secs(30),
             body_timeout: Duration::from_secs(60),
@@ -77,9 +80,14 @@ impl App {
         let store = Store::open(&cfg.state_dir)?;
         let live = Live::default();
         for (node, bytes) in store.load_manifests()? {
-            match Current::from_stored(bytes) {
+            match Current::from_stored(bytes, &cfg.publishers, &node) {
                 Ok(cur) => live.set(&node, cur),
-                Err(e) => tracing::warn!(%node, "ignoring unreadable stored manifest: {e}"),
+                Err(e) => tracing::error!(
+                    %node,
+                    "not serving the stored manifest {}: {e}; the publisher's next upload \
+                     replaces it",
+                    store.manifest_path(&node).display()
+                ),
             }
         }
         tracing::info!(nodes = live.len(), state_dir = %cfg.state_dir.display(), "state loaded");
@@ -108,6 +116,18 @@ impl App {
     }
 }
 
+/// Runs a blocking state-folder call (SQLite, file writes) off the async threads; its
+/// failure is answered as [`ApiError::store`] says, naming `what` was being done.
+pub(super) async fn blocking<T: Send + 'static>(
+    what: &'static str,
+    f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, ApiError> {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(r) => r.map_err(|e| ApiError::store(what, e)),
+        Err(e) => Err(ApiError::internal(what, e)),
+    }
+}
+
 /// Parses the `{node}` of a URL.
 pub(super) fn parse_node(raw: &str) -> Result<NodeName, ApiError> {
     raw.parse()
@@ -115,30 +135,43 @@ pub(super) fn parse_node(raw: &str) -> Result<NodeName, ApiError> {
 }
 
 /// Reads a whole small body: at most `limit` bytes, and no pause longer than the body timeout.
+/// A declared length over the limit is refused before anything is read (so no
+/// `100 Continue` is sent and nothing is waited for).
 pub(super) async fn read_body(app: &App, body: Body, limit: usize) -> Result<Bytes, ApiError> {
-    let body = tower_http::timeout::TimeoutBody::new(app.cfg.body_timeout, body);
-    match axum::body::to_bytes(Body::new(body), limit).await {
-        Ok(b) => Ok(b),
-        Err(e) => {
-            let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&e);
-            while let Some(s) = source {
-                if s.is::<tower_http::timeout::TimeoutError>() {
-                    return Err(ApiError::new(
-                        StatusCode::REQUEST_TIMEOUT,
-                        "timeout",
-                        format!(
-                            "the request body stalled for more than {} s",
-                            app.cfg.body_timeout.as_secs()
-                        ),
-                    ));
-                }
-                source = s.source();
+    use axum::body::HttpBody as _;
+    use futures_util::StreamExt as _;
+    let too_large = || ApiError::too_large(limit);
+    let declared = body.size_hint().lower();
+    if declared > limit as u64 {
+        return Err(too_large());
+    }
+    let mut out = Vec::with_capacity(declared as usize);
+    let mut stream = body.into_data_stream();
+    loop {
+        match tokio::time::timeout(app.cfg.body_timeout, stream.next()).await {
+            Err(_) => {
+                return Err(ApiError::new(
+                    StatusCode::REQUEST_TIMEOUT,
+                    "timeout",
+                    format!(
+                        "the request body stalled for more than {} s",
+                        app.cfg.body_timeout.as_secs()
+                    ),
+                ));
             }
-            Err(ApiError::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "too_large",
-                format!("the request body is over the {limit}-byte limit or was cut short"),
-            ))
+            Ok(None) => return Ok(Bytes::from(out.into_boxed_slice())),
+            Ok(Some(Err(e))) => {
+                return Err(ApiError::bad_request(
+                    "bad_body",
+                    format!("the request body was cut short or malformed: {e}"),
+                ));
+            }
+            Ok(Some(Ok(chunk))) => {
+                if out.len() + chunk.len() > limit {
+                    return Err(too_large());
+                }
+                out.extend_from_slice(&chunk);
+            }
         }
     }
 }

@@ -1,6 +1,7 @@
 //! The coordinator's state folder: manifests as files in the static layout
 //! (`manifests/v1/nodes/{node}/manifest`, written temp + fsync + rename) and an embedded
-//! SQLite database for reports, report history, pinned node keys and last-seen times.
+//! SQLite database (`coordinator.sqlite`) for reports, report history, pinned node keys,
+//! per-key report sequence floors and last-seen times.
 
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -25,6 +26,31 @@ pub enum StoreError {
     /// SQLite trouble.
     #[error("report database: {0}")]
     Db(#[from] rusqlite::Error),
+    /// The report database could not be opened at start (damaged, say): the coordinator
+    /// serves manifests and the cache without it.
+    #[error("the report database is unavailable: {0}")]
+    ReportsUnavailable(String),
+}
+
+impl StoreError {
+    /// Whether the write failed because the disk (or the quota) is full.
+    pub fn is_disk_full(&self) -> bool {
+        match self {
+            StoreError::Io { source: e, .. } | StoreError::Write(e) => is_disk_full(e),
+            StoreError::Db(rusqlite::Error::SqliteFailure(e, _)) => {
+                e.code == rusqlite::ErrorCode::DiskFull
+            }
+            _ => false,
+        }
+    }
+}
+
+/// Whether an I/O error says the disk or the quota is full.
+pub fn is_disk_full(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded
+    )
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
@@ -39,14 +65,35 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
     roost_common::fs::write_atomic(path, bytes).map_err(StoreError::Write)
 }
 
+/// Who pinned a node's key: its first report (trust on first use) or an operator.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PinSource {
+    /// The first report that named its own key.
+    FirstUse,
+    /// `roost-coordinator node-key` (or the API behind it).
+    Operator,
+}
+
+impl PinSource {
+    /// The name stored and shown in `/v1/fleet` (`key_source`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PinSource::FirstUse => "tofu",
+            PinSource::Operator => "pinned",
+        }
+    }
+}
+
 /// A node's stored report summary.
 #[derive(Debug, Clone)]
 pub struct NodeRecord {
     /// The node.
     pub node: String,
-    /// Key pinned on first use, when the manifest names none.
+    /// Key pinned on first use or by an operator, for when the manifest names none.
     pub pinned_key: Option<String>,
-    /// Highest report `seq` received.
+    /// Who pinned it.
+    pub pin_source: Option<PinSource>,
+    /// `seq` of the last report received.
     pub last_seq: Option<u64>,
     /// Unix seconds of the last report.
     pub last_seen: Option<u64>,
@@ -54,12 +101,33 @@ pub struct NodeRecord {
     pub last_report: Option<String>,
 }
 
+/// The key a report was verified with, and what that says about the node's pin.
+#[derive(Debug, Clone, Copy)]
+pub enum Signer<'a> {
+    /// The manifest's `node_key`: the pin plays no part.
+    Manifest(&'a str),
+    /// The key pinned for the node when the report was checked; refused if the pin has
+    /// changed since.
+    Pinned(&'a str),
+    /// No key was pinned: this one, named by the report itself, is pinned now, unless
+    /// another was pinned in the meantime.
+    FirstUse(&'a str),
+}
+
+impl Signer<'_> {
+    fn key(&self) -> &str {
+        match *self {
+            Signer::Manifest(k) | Signer::Pinned(k) | Signer::FirstUse(k) => k,
+        }
+    }
+}
+
 /// A verified report to record.
 #[derive(Debug, Clone, Copy)]
 pub struct NewReport<'a> {
     /// The node.
     pub node: &'a str,
-    /// Its sequence number.
+    /// Its sequence number (at most `i64::MAX`, what SQLite stores).
     pub seq: u64,
     /// Its state (wire name).
     pub state: &'a str,
@@ -69,54 +137,113 @@ pub struct NewReport<'a> {
     pub payload: &'a str,
     /// Unix seconds of receipt.
     pub received_at: u64,
-    /// A key to pin on first use.
-    pub pin: Option<&'a PublicKey>,
-    /// The key the report verified with (`NAME:BASE64`).
-    pub signer: &'a str,
+    /// The key (`NAME:BASE64`) it verified with.
+    pub signer: Signer<'a>,
 }
 
-/// A report whose `seq` is not above the last one received from the same key.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct SeqRefused {
-    /// The highest seq received.
-    pub last: u64,
+/// Why a verified report was not recorded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refused {
+    /// Its `seq` is not above the highest one received with the same key.
+    Seq {
+        /// That highest seq.
+        last: u64,
+    },
+    /// The node's pinned key changed while the report was being checked (another first
+    /// report won the pin, or an operator replaced it).
+    PinChanged,
 }
 
 /// The state folder.
 #[derive(Debug)]
 pub struct Store {
     root: PathBuf,
-    db: Mutex<Connection>,
+    /// `None` when the report database could not be opened at start: why.
+    db: Result<Mutex<Connection>, String>,
+}
+
+/// The report database's schema; `node_keys` keeps each key's highest `seq` for good, so a
+/// key that signs again after a rotation (A, B, A) cannot replay its old reports.
+const SCHEMA: &str = "
+    CREATE TABLE IF NOT EXISTS nodes (
+        node TEXT PRIMARY KEY, pinned_key TEXT, last_seq INTEGER, last_seen INTEGER,
+        last_report TEXT, last_signer TEXT);
+    CREATE TABLE IF NOT EXISTS reports (
+        id INTEGER PRIMARY KEY, node TEXT NOT NULL, seq INTEGER NOT NULL,
+        received_at INTEGER NOT NULL, state TEXT NOT NULL, manifest_version INTEGER,
+        payload TEXT NOT NULL);
+    CREATE INDEX IF NOT EXISTS reports_by_node ON reports (node, id);
+    CREATE TABLE IF NOT EXISTS node_keys (
+        node TEXT NOT NULL, key TEXT NOT NULL, last_seq INTEGER NOT NULL,
+        PRIMARY KEY (node, key)) WITHOUT ROWID;";
+
+/// Opens the report database.
+fn open_db(path: &Path) -> Result<Connection, rusqlite::Error> {
+    let db = Connection::open(path)?;
+    db.busy_timeout(std::time::Duration::from_secs(10))?;
+    db.execute_batch("PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL;")?;
+    db.execute_batch(SCHEMA)?;
+    let has_pin_source = db.prepare("SELECT pin_source FROM nodes LIMIT 0").is_ok();
+    if !has_pin_source {
+        db.execute_batch(
+            "ALTER TABLE nodes ADD COLUMN pin_source TEXT;
+             UPDATE nodes SET pin_source = 'tofu' WHERE pinned_key IS NOT NULL;",
+        )?;
+    }
+    // Databases from before `node_keys`: each node's last signer keeps its floor.
+    db.execute(
+        "INSERT OR IGNORE INTO node_keys (node, key, last_seq)
+         SELECT node, last_signer, last_seq FROM nodes
+         WHERE last_signer IS NOT NULL AND last_seq IS NOT NULL",
+        [],
+    )?;
+    // Reads a page of each table: a file that is not a database fails here, at start.
+    db.query_row(
+        "SELECT count(*) FROM (SELECT 1 FROM nodes LIMIT 1)",
+        [],
+        |_| Ok(()),
+    )?;
+    db.query_row(
+        "SELECT count(*) FROM (SELECT 1 FROM reports LIMIT 1)",
+        [],
+        |_| Ok(()),
+    )?;
+    Ok(db)
 }
 
 impl Store {
-    /// Opens (creating when needed) the state folder.
+    /// Opens (creating when needed) the state folder. A report database that cannot be
+    /// opened does not stop it: that is logged, and report calls answer
+    /// [`StoreError::ReportsUnavailable`] until it is repaired or moved aside.
     pub fn open(root: &Path) -> Result<Self, StoreError> {
         std::fs::create_dir_all(root.join("manifests/v1/nodes")).map_err(io(root))?;
         std::fs::create_dir_all(root.join("cache/nar")).map_err(io(root))?;
-        let db = Connection::open(root.join("coordinator.sqlite"))?;
-        db.execute_batch(
-            "PRAGMA journal_mode = WAL;
-             PRAGMA synchronous = NORMAL;
-             CREATE TABLE IF NOT EXISTS nodes (
-                node TEXT PRIMARY KEY, pinned_key TEXT, last_seq INTEGER, last_seen INTEGER, last_report TEXT,
-                last_signer TEXT);
-             CREATE TABLE IF NOT EXISTS reports (
-                id INTEGER PRIMARY KEY, node TEXT NOT NULL, seq INTEGER NOT NULL,
-                received_at INTEGER NOT NULL, state TEXT NOT NULL, manifest_version INTEGER,
-                payload TEXT NOT NULL);
-             CREATE INDEX IF NOT EXISTS reports_by_node ON reports (node, id);",
-        )?;
-        db.busy_timeout(std::time::Duration::from_secs(10))?;
+        let path = root.join("coordinator.sqlite");
+        let db = open_db(&path).map(Mutex::new).map_err(|e| {
+            tracing::error!(
+                "the report database {} cannot be used ({e}): serving manifests and the \
+                 cache without it; reports are refused with 503 (agents keep them queued) \
+                 until it is repaired, or moved aside with its -wal and -shm files and the \
+                 coordinator restarted (which starts an empty one: report history, pinned \
+                 node keys and report sequence floors start over)",
+                path.display()
+            );
+            e.to_string()
+        });
         Ok(Self {
             root: root.to_owned(),
-            db: Mutex::new(db),
+            db,
         })
     }
 
     /// The state folder.
     pub fn root(&self) -> &Path {
         &self.root
+    }
+
+    /// Whether the report database is in use (it could be opened at start).
+    pub fn reports_available(&self) -> bool {
+        self.db.is_ok()
     }
 
     /// The binary cache folder.
@@ -132,51 +259,73 @@ impl Store {
             .join("manifest")
     }
 
-    /// Every stored manifest: (node, envelope bytes).
+    /// Every stored manifest that can be read: (node, envelope bytes). A folder that is not
+    /// a node name or a manifest that cannot be read is logged and skipped; only an
+    /// unreadable manifests folder is an error.
     pub fn load_manifests(&self) -> Result<Vec<(NodeName, Vec<u8>)>, StoreError> {
         let dir = self.root.join("manifests/v1/nodes");
         let mut out = Vec::new();
         for e in std::fs::read_dir(&dir).map_err(io(&dir))? {
             let e = e.map_err(io(&dir))?;
-            let Some(node) = e
-                .file_name()
-                .to_str()
-                .and_then(|n| n.parse::<NodeName>().ok())
-            else {
+            let name = e.file_name();
+            let Some(node) = name.to_str().and_then(|n| n.parse::<NodeName>().ok()) else {
+                tracing::warn!("ignoring {}: not a node name", e.path().display());
                 continue;
             };
             let path = e.path().join("manifest");
             match std::fs::read(&path) {
                 Ok(bytes) => out.push((node, bytes)),
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(io(&path)(e)),
+                Err(e) => tracing::error!(
+                    %node,
+                    "cannot read the stored manifest {}: {e}; serving none for the node until \
+                     the publisher uploads one",
+                    path.display()
+                ),
             }
         }
         Ok(out)
     }
 
-    /// Stores `node`'s manifest atomically.
+    /// Stores `node`'s manifest atomically. On failure nothing is left behind: no temp
+    /// file, and no empty folder for a node that had none.
     pub fn save_manifest(&self, node: &NodeName, bytes: &[u8]) -> Result<(), StoreError> {
-        write_atomic(&self.manifest_path(node), bytes)
+        let path = self.manifest_path(node);
+        let dir = path.parent().expect("a manifest has a folder");
+        let new_dir = !dir.exists();
+        let r = write_atomic(&path, bytes);
+        if r.is_err() && new_dir {
+            let _ = std::fs::remove_dir(dir);
+        }
+        r
     }
 
-    fn db(&self) -> std::sync::MutexGuard<'_, Connection> {
-        self.db.lock().unwrap_or_else(|p| p.into_inner())
+    fn db(&self) -> Result<std::sync::MutexGuard<'_, Connection>, StoreError> {
+        match &self.db {
+            Ok(db) => Ok(db.lock().unwrap_or_else(|p| p.into_inner())),
+            Err(why) => Err(StoreError::ReportsUnavailable(why.clone())),
+        }
     }
 
     /// The node's report record.
     pub fn node(&self, node: &str) -> Result<Option<NodeRecord>, StoreError> {
         Ok(self
-            .db()
-            .query_row("SELECT node, pinned_key, last_seq, last_seen, last_report FROM nodes WHERE node = ?1", [node], row_to_record)
+            .db()?
+            .query_row(
+                "SELECT node, pinned_key, pin_source, last_seq, last_seen, last_report
+                 FROM nodes WHERE node = ?1",
+                [node],
+                row_to_record,
+            )
             .optional()?)
     }
 
     /// Every node's report record.
     pub fn nodes(&self) -> Result<Vec<NodeRecord>, StoreError> {
-        let db = self.db();
+        let db = self.db()?;
         let mut st = db.prepare(
-            "SELECT node, pinned_key, last_seq, last_seen, last_report FROM nodes ORDER BY node",
+            "SELECT node, pinned_key, pin_source, last_seq, last_seen, last_report
+             FROM nodes ORDER BY node",
         )?;
         let rows = st
             .query_map([], row_to_record)?
@@ -184,10 +333,10 @@ impl Store {
         Ok(rows)
     }
 
-    /// Records a verified report in one transaction, unless its `seq` is not above the last
-    /// one from the same key. A new key (the manifest's `node_key` changed, e.g. a
-    /// reinstalled node) starts a new sequence. Pins `r.pin` as the node's key when given.
-    pub fn add_report(&self, r: &NewReport<'_>) -> Result<Result<(), SeqRefused>, StoreError> {
+    /// Records a verified report in one transaction, unless its `seq` is not above the
+    /// highest one ever received with the same key, or the pin it relied on changed. A key
+    /// never seen for the node (a reinstalled node's) starts its own sequence.
+    pub fn add_report(&self, r: &NewReport<'_>) -> Result<Result<(), Refused>, StoreError> {
         let NewReport {
             node,
             seq,
@@ -195,42 +344,79 @@ impl Store {
             manifest_version,
             payload,
             received_at: now,
-            pin,
             signer,
         } = *r;
-        let mut db = self.db();
+        let key = signer.key();
+        let mut db = self.db()?;
         let tx = db.transaction()?;
-        let last: Option<(Option<u64>, Option<String>)> = tx
+        let pinned = pinned_key(&tx, node)?;
+        let pin_holds = match signer {
+            Signer::Manifest(_) => true,
+            Signer::Pinned(k) => pinned.as_deref() == Some(k),
+            Signer::FirstUse(k) => pinned.as_deref().is_none_or(|p| p == k),
+        };
+        if !pin_holds {
+            return Ok(Err(Refused::PinChanged));
+        }
+        let floor: Option<u64> = tx
             .query_row(
-                "SELECT last_seq, last_signer FROM nodes WHERE node = ?1",
-                [node],
-                |r| Ok((r.get(0)?, r.get(1)?)),
+                "SELECT last_seq FROM node_keys WHERE node = ?1 AND key = ?2",
+                [node, key],
+                |r| r.get(0),
             )
             .optional()?;
-        if let Some((Some(last), last_signer)) = last {
-            let same_key = last_signer.as_deref().is_none_or(|k| k == signer);
-            if same_key && seq <= last {
-                return Ok(Err(SeqRefused { last }));
-            }
+        if let Some(last) = floor.filter(|&last| seq <= last) {
+            return Ok(Err(Refused::Seq { last }));
         }
         tx.execute(
-            "INSERT INTO reports (node, seq, received_at, state, manifest_version, payload) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            "INSERT INTO reports (node, seq, received_at, state, manifest_version, payload)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
             params![node, seq, now, state, manifest_version, payload],
         )?;
         tx.execute(
-            "INSERT INTO nodes (node, pinned_key, last_seq, last_seen, last_report, last_signer) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
-             ON CONFLICT(node) DO UPDATE SET pinned_key = COALESCE(nodes.pinned_key, excluded.pinned_key),
-               last_seq = excluded.last_seq, last_seen = excluded.last_seen, last_report = excluded.last_report,
-               last_signer = excluded.last_signer",
-            params![node, pin.map(|k| k.to_string()), seq, now, payload, signer],
+            "INSERT INTO node_keys (node, key, last_seq) VALUES (?1, ?2, ?3)
+             ON CONFLICT(node, key) DO UPDATE SET last_seq = excluded.last_seq",
+            params![node, key, seq],
+        )?;
+        let pin = matches!(signer, Signer::FirstUse(_)).then_some(key);
+        tx.execute(
+            "INSERT INTO nodes (node, pinned_key, pin_source, last_seq, last_seen, last_report, last_signer)
+             VALUES (?1, ?2, CASE WHEN ?2 IS NULL THEN NULL ELSE 'tofu' END, ?3, ?4, ?5, ?6)
+             ON CONFLICT(node) DO UPDATE SET
+               pin_source = CASE WHEN nodes.pinned_key IS NULL THEN excluded.pin_source ELSE nodes.pin_source END,
+               pinned_key = COALESCE(nodes.pinned_key, excluded.pinned_key),
+               last_seq = excluded.last_seq, last_seen = excluded.last_seen,
+               last_report = excluded.last_report, last_signer = excluded.last_signer",
+            params![node, pin, seq, now, payload, key],
         )?;
         tx.commit()?;
         Ok(Ok(()))
     }
 
+    /// Pins `key` as the node's key (an operator's choice; `None` clears the pin, so the
+    /// next report pins its own key again). Every key's `seq` floor is kept. Returns the key
+    /// pinned before.
+    pub fn set_pin(
+        &self,
+        node: &str,
+        key: Option<&PublicKey>,
+    ) -> Result<Option<String>, StoreError> {
+        let mut db = self.db()?;
+        let tx = db.transaction()?;
+        let before = pinned_key(&tx, node)?;
+        let key = key.map(ToString::to_string);
+        tx.execute(
+            "INSERT INTO nodes (node, pinned_key, pin_source) VALUES (?1, ?2, CASE WHEN ?2 IS NULL THEN NULL ELSE 'pinned' END)
+             ON CONFLICT(node) DO UPDATE SET pinned_key = excluded.pinned_key, pin_source = excluded.pin_source",
+            params![node, key],
+        )?;
+        tx.commit()?;
+        Ok(before)
+    }
+
     /// The node's report history, newest first.
     pub fn history(&self, node: &str, limit: u32) -> Result<Vec<String>, StoreError> {
-        let db = self.db();
+        let db = self.db()?;
         let mut st =
             db.prepare("SELECT payload FROM reports WHERE node = ?1 ORDER BY id DESC LIMIT ?2")?;
         let rows = st
@@ -240,12 +426,28 @@ impl Store {
     }
 }
 
+fn pinned_key(tx: &rusqlite::Transaction<'_>, node: &str) -> rusqlite::Result<Option<String>> {
+    Ok(tx
+        .query_row(
+            "SELECT pinned_key FROM nodes WHERE node = ?1",
+            [node],
+            |r| r.get(0),
+        )
+        .optional()?
+        .flatten())
+}
+
 fn row_to_record(r: &rusqlite::Row<'_>) -> rusqlite::Result<NodeRecord> {
+    let source: Option<String> = r.get(2)?;
     Ok(NodeRecord {
         node: r.get(0)?,
         pinned_key: r.get(1)?,
-        last_seq: r.get(2)?,
-        last_seen: r.get(3)?,
-        last_report: r.get(4)?,
+        pin_source: source.map(|s| match s.as_str() {
+            "pinned" => PinSource::Operator,
+            _ => PinSource::FirstUse,
+        }),
+        last_seq: r.get(3)?,
+        last_seen: r.get(4)?,
+        last_report: r.get(5)?,
     })
 }

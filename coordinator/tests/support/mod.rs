@@ -1,12 +1,15 @@
-//! Signed documents the coordinator's integration tests send it (each test crate uses a part).
+//! What the coordinator's integration tests share: an in-process server, the signed
+//! documents they send it, and a raw HTTP/1.1 reader (each test crate uses a part).
 #![allow(dead_code)]
 
+use std::path::Path;
 use std::time::Duration;
 
 use roost_common::envelope::{Context, Envelope};
 use roost_common::wire::v1::{self, Manifest, Report, ReportState};
-use roost_common::{SecretKey, Timestamp, Version};
-use serde_json::json;
+use roost_common::{SecretKey, Timestamp, TrustedKeys, Version};
+use roost_coordinator::serve::{Running, ServerConfig, start};
+use serde_json::{Value, json};
 
 /// A manifest payload for `node`: one tiny system profile, valid for an hour, naming
 /// `node_key` if given.
@@ -64,4 +67,133 @@ pub fn report(node: &str, seq: u64, key: &SecretKey, include_key: bool) -> Vec<u
     let mut r = report_payload(node, seq, ReportState::Success);
     r.node_key = include_key.then(|| key.public());
     seal_report(&r, key)
+}
+
+/// A coordinator running in this process on a free port.
+pub struct Server {
+    pub url: String,
+    pub addr: std::net::SocketAddr,
+    running: Running,
+}
+
+impl Server {
+    pub async fn start(state: &Path, publisher: &SecretKey, token: Option<&str>) -> Self {
+        Self::start_on(state, publisher, token, "127.0.0.1:0".parse().unwrap()).await
+    }
+
+    pub async fn start_on(
+        state: &Path,
+        publisher: &SecretKey,
+        token: Option<&str>,
+        addr: std::net::SocketAddr,
+    ) -> Self {
+        let mut cfg = ServerConfig::new(state, TrustedKeys::new([publisher.public()], 1));
+        cfg.upload_token = token.map(str::to_owned);
+        Self::with_config(cfg, addr).await
+    }
+
+    /// A server on `state` trusting `publisher`, with `adjust` applied to its configuration.
+    pub async fn configured(
+        state: &Path,
+        publisher: &SecretKey,
+        adjust: impl FnOnce(&mut ServerConfig),
+    ) -> Self {
+        let mut cfg = ServerConfig::new(state, TrustedKeys::new([publisher.public()], 1));
+        adjust(&mut cfg);
+        Self::with_config(cfg, "127.0.0.1:0".parse().unwrap()).await
+    }
+
+    pub async fn with_config(cfg: ServerConfig, addr: std::net::SocketAddr) -> Self {
+        let running = start(addr, cfg).await.unwrap();
+        Self {
+            url: running.url(),
+            addr: running.addr(),
+            running,
+        }
+    }
+
+    pub async fn stop(self) {
+        self.running.stop().await.unwrap();
+    }
+}
+
+/// PUTs a manifest envelope: the status and the JSON answer.
+pub async fn put(url: &str, node: &str, body: Vec<u8>) -> (u16, Value) {
+    let c = reqwest::Client::new();
+    send(c.put(format!("{url}/v1/nodes/{node}/manifest")).body(body)).await
+}
+
+/// POSTs a report envelope: the status and the JSON answer.
+pub async fn post_report(url: &str, node: &str, body: Vec<u8>) -> (u16, Value) {
+    let c = reqwest::Client::new();
+    send(c.post(format!("{url}/v1/nodes/{node}/reports")).body(body)).await
+}
+
+/// Sends a request: the status and the JSON answer (`null` when it is not JSON).
+pub async fn send(req: reqwest::RequestBuilder) -> (u16, Value) {
+    let r = req.send().await.unwrap();
+    let s = r.status().as_u16();
+    (s, r.json().await.unwrap_or(Value::Null))
+}
+
+/// One HTTP/1.1 response read off a raw connection: the head's lines (status first, header
+/// names lower-cased) and the body (by `content-length`); `None` at end of stream.
+pub async fn read_response(s: &mut tokio::net::TcpStream) -> Option<(Vec<String>, Vec<u8>)> {
+    use tokio::io::AsyncReadExt;
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        if s.read(&mut byte).await.ok()? == 0 {
+            return None;
+        }
+        head.push(byte[0]);
+    }
+    let lines: Vec<String> = String::from_utf8_lossy(&head)
+        .split("\r\n")
+        .filter(|l| !l.is_empty())
+        .enumerate()
+        .map(|(i, l)| match (i, l.split_once(':')) {
+            (0, _) | (_, None) => l.to_owned(),
+            (_, Some((k, v))) => format!("{}:{}", k.to_ascii_lowercase(), v),
+        })
+        .collect();
+    let len = lines
+        .iter()
+        .find_map(|l| l.strip_prefix("content-length: "))
+        .map_or(0, |v| v.parse().unwrap());
+    let mut body = vec![0u8; len];
+    s.read_exact(&mut body).await.ok()?;
+    Some((lines, body))
+}
+
+/// A header's value in the lines [`read_response`] gives.
+pub fn header<'a>(lines: &'a [String], name: &str) -> Option<&'a str> {
+    lines
+        .iter()
+        .find_map(|l| l.strip_prefix(&format!("{name}: ")))
+}
+
+/// Whether a test's prerequisite holds; when it does not, the test fails under CI
+/// (`CI=true`) with `why`, and elsewhere is skipped loudly.
+pub fn prerequisite(holds: bool, why: &str) -> bool {
+    if holds {
+        return true;
+    }
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        panic!("prerequisite missing under CI: {why}");
+    }
+    eprintln!("SKIP: {why}");
+    false
+}
+
+/// Whether this process runs as root (from /proc, no libc call).
+pub fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .and_then(|l| l.split_whitespace().nth(2).map(|u| u == "0"))
+        })
+        .unwrap_or(false)
 }
