@@ -165,8 +165,9 @@ pub(super) async fn get_cache(State(app): State<Arc<App>>, req: Request) -> ApiR
 /// instead of one per network read.
 const WRITE_CHUNK: usize = 1 << 20;
 
-/// `PUT /cache/…`: stores an upload from `nix copy --to http://…/cache`, written to a temp
-/// name, fsynced and renamed; on failure no temp file is left.
+/// `PUT /cache/…`: stores an upload from `nix copy --to http://…/cache`. The file is on disk
+/// (written to a temp name, fsynced, renamed, its folder fsynced) before the answer, so an
+/// acknowledged NAR or narinfo survives a power loss; on failure no temp file is left.
 pub(super) async fn put_cache(State(app): State<Arc<App>>, req: Request) -> ApiResult {
     use futures_util::StreamExt;
     check_token(&app, req.headers())?;
@@ -231,6 +232,7 @@ pub(super) async fn put_cache(State(app): State<Arc<App>>, req: Request) -> ApiR
 
 /// An upload being written to its temp file.
 struct Upload {
+    dir: PathBuf,
     tmp: PathBuf,
     file: std::fs::File,
     buf: Vec<u8>,
@@ -242,6 +244,7 @@ impl Upload {
             std::fs::create_dir_all(&dir).map_err(store_io(&dir))?;
             let file = std::fs::File::create(&tmp).map_err(store_io(&tmp))?;
             Ok(Self {
+                dir,
                 tmp,
                 file,
                 buf: Vec::with_capacity(WRITE_CHUNK + 64 * 1024),
@@ -264,7 +267,7 @@ impl Upload {
         .await
     }
 
-    /// Writes the rest, fsyncs and renames to `path`.
+    /// Writes the rest, fsyncs, renames to `path` and fsyncs the folder.
     async fn finish(self, path: PathBuf) -> Result<(), StoreError> {
         blocking_io(move || {
             let mut me = self;
@@ -278,7 +281,9 @@ impl Upload {
                 let _ = std::fs::remove_file(&me.tmp);
                 return Err(e);
             }
-            Ok(())
+            std::fs::File::open(&me.dir)
+                .and_then(|d| d.sync_all())
+                .map_err(store_io(&me.dir))
         })
         .await
     }

@@ -1,7 +1,8 @@
 //! The coordinator's state folder: manifests as files in the static layout
-//! (`manifests/v1/nodes/{node}/manifest`, written temp + fsync + rename) and an embedded
-//! SQLite database (`coordinator.sqlite`) for reports, report history, pinned node keys,
-//! per-key report sequence floors and last-seen times.
+//! (`manifests/v1/nodes/{node}/manifest`, written temp + fsync + rename + fsync of the
+//! folder, all before the upload is acknowledged) and an embedded SQLite database
+//! (`coordinator.sqlite`) for reports, report history, pinned node keys, per-key report
+//! sequence floors and last-seen times, committed durably before a report is acknowledged.
 
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -177,11 +178,13 @@ const SCHEMA: &str = "
         node TEXT NOT NULL, key TEXT NOT NULL, last_seq INTEGER NOT NULL,
         PRIMARY KEY (node, key)) WITHOUT ROWID;";
 
-/// Opens the report database.
+/// Opens the report database: WAL, and `synchronous = FULL` so a commit is on disk (the WAL
+/// fsynced) before the report is acknowledged; `NORMAL` could lose the last commits on
+/// power loss.
 fn open_db(path: &Path) -> Result<Connection, rusqlite::Error> {
     let db = Connection::open(path)?;
     db.busy_timeout(std::time::Duration::from_secs(10))?;
-    db.execute_batch("PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL;")?;
+    db.execute_batch("PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL;")?;
     db.execute_batch(SCHEMA)?;
     let has_pin_source = db.prepare("SELECT pin_source FROM nodes LIMIT 0").is_ok();
     if !has_pin_source {

@@ -1,0 +1,206 @@
+//! What `serve` asks of the kernel, seen with strace: acknowledged reports, manifests and cache
+//! uploads are fsynced (file and folder) before the answer, so a power loss cannot take back
+//! what was acknowledged.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
+use roost_common::SecretKey;
+
+mod support;
+use support::{manifest, post_report, put, report, sealed};
+
+const BIN: &str = env!("CARGO_BIN_EXE_roost-coordinator");
+
+/// A fresh folder and publisher key, and `serve` on them under strace (`None`: no strace,
+/// and the test is skipped, or fails under CI).
+fn traced(trace: &str) -> Option<(tempfile::TempDir, SecretKey, Traced)> {
+    let have = Command::new("strace")
+        .arg("-V")
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !support::prerequisite(have, "strace is not installed (apt-get install strace)") {
+        return None;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let key = SecretKey::generate("pub").unwrap();
+    let t = Traced::start(dir.path(), trace, &key);
+    Some((dir, key, t))
+}
+
+/// `serve` running under `strace -f -y`, logging the syscalls in `trace`.
+struct Traced {
+    strace: Child,
+    url: String,
+    log: PathBuf,
+}
+
+impl Traced {
+    fn start(dir: &Path, trace: &str, publisher: &SecretKey) -> Self {
+        let public = dir.join("publisher.pub");
+        std::fs::write(&public, publisher.public().to_string()).unwrap();
+        let token = dir.join("token");
+        std::fs::write(&token, "upload-token-0123456789").unwrap();
+        let log = dir.join("strace.log");
+        let mut strace = Command::new("strace")
+            .args(["-f", "-qq", "-y", "-e"])
+            .arg(format!("trace={trace}"))
+            .arg("-o")
+            .arg(&log)
+            .arg(BIN)
+            .args(["serve", "--listen", "127.0.0.1:0", "--state-dir"])
+            .arg(dir.join("state"))
+            .arg("--publisher-key")
+            .arg(&public)
+            .arg("--upload-token-file")
+            .arg(&token)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(strace.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let addr = line.trim().rsplit("http://").next().unwrap().to_owned();
+        Self {
+            strace,
+            url: format!("http://{addr}"),
+            log,
+        }
+    }
+
+    /// Stops the coordinator (SIGTERM to the traced process) and returns the log.
+    fn stop(mut self) -> String {
+        let pid = self.strace.id();
+        let children =
+            std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
+        for child in children.split_whitespace() {
+            let _ = Command::new("kill").args(["-TERM", child]).status();
+        }
+        let _ = self.strace.wait();
+        std::fs::read_to_string(&self.log).unwrap()
+    }
+}
+
+impl Drop for Traced {
+    fn drop(&mut self) {
+        let _ = self.strace.kill();
+        let _ = self.strace.wait();
+    }
+}
+
+/// Completed calls of `syscall` with a descriptor argument of a path for which `path` holds
+/// (strace -y prints descriptors as `3</the/path>`).
+fn calls(log: &str, syscall: &str, path: impl Fn(&str) -> bool) -> usize {
+    let prefix = format!("{syscall}(");
+    log.lines()
+        .filter(|l| !l.contains("<unfinished"))
+        .filter_map(|l| {
+            // `PID name(…` with -f.
+            let call = l.split_once(' ').map_or(l, |(_, rest)| rest.trim_start());
+            call.strip_prefix(&prefix)
+        })
+        .filter(|args| {
+            args.split('<')
+                .skip(1)
+                .filter_map(|a| a.split_once('>'))
+                .any(|(p, _)| path(p))
+        })
+        .count()
+}
+
+fn syncs(log: &str, path: impl Fn(&str) -> bool + Copy) -> usize {
+    calls(log, "fsync", path) + calls(log, "fdatasync", path)
+}
+
+#[tokio::test]
+async fn an_acknowledged_report_is_on_disk_before_the_answer() {
+    let node_key = SecretKey::generate("n1").unwrap();
+    let Some((_dir, key, t)) = traced("fsync,fdatasync") else {
+        return;
+    };
+    put(
+        &t.url,
+        "n1",
+        sealed(&key, &manifest("n1", 1, Some(&node_key))),
+    )
+    .await;
+    let reports = 10;
+    for seq in 1..=reports {
+        assert_eq!(
+            post_report(&t.url, "n1", report("n1", seq, &node_key, false))
+                .await
+                .0,
+            200
+        );
+    }
+    let log = t.stop();
+    let wal = syncs(&log, |p| p.ends_with("coordinator.sqlite-wal"));
+    assert!(
+        wal >= reports as usize,
+        "{reports} reports acknowledged, the report database's log synced {wal} times:\n{log}"
+    );
+}
+
+#[tokio::test]
+async fn an_acknowledged_manifest_is_on_disk_file_and_folder_before_the_answer() {
+    let Some((dir, key, t)) = traced("fsync,fdatasync") else {
+        return;
+    };
+    let uploads = 5;
+    for v in 1..=uploads {
+        assert_eq!(
+            put(&t.url, "n1", sealed(&key, &manifest("n1", v, None)))
+                .await
+                .0,
+            200
+        );
+    }
+    let log = t.stop();
+    let folder = dir.path().join("state/manifests/v1/nodes/n1");
+    let folder = folder.to_str().unwrap();
+    let files = syncs(&log, |p| {
+        p.strip_prefix(folder)
+            .is_some_and(|f| f.starts_with("/.manifest.tmp"))
+    });
+    let folders = syncs(&log, |p| p == folder);
+    assert!(
+        files >= uploads as usize && folders >= uploads as usize,
+        "{uploads} uploads acknowledged: {files} file and {folders} folder syncs:\n{log}"
+    );
+}
+
+#[tokio::test]
+async fn an_acknowledged_cache_upload_is_on_disk_file_and_folder_before_the_answer() {
+    let Some((dir, _key, t)) = traced("fsync,fdatasync") else {
+        return;
+    };
+    let c = reqwest::Client::new();
+    for (file, size) in [
+        ("nar/a.nar", 3 << 20),
+        ("nar/b.nar", 1000),
+        ("a.narinfo", 300),
+    ] {
+        let r = c
+            .put(format!("{}/cache/{file}", t.url))
+            .bearer_auth("upload-token-0123456789")
+            .body(vec![7u8; size])
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{file}");
+    }
+    let log = t.stop();
+    let cache = dir.path().join("state/cache");
+    let cache = cache.to_str().unwrap();
+    let temps = syncs(&log, |p| p.contains("/.upload-") && p.starts_with(cache));
+    let nar_dir = syncs(&log, |p| p == format!("{cache}/nar"));
+    let top = syncs(&log, |p| p == cache);
+    assert!(
+        temps >= 3 && nar_dir >= 2 && top >= 1,
+        "3 uploads acknowledged: {temps} file syncs, {nar_dir} of cache/nar, {top} of cache:\n{log}"
+    );
+}
