@@ -832,6 +832,36 @@ async fn the_front_answers_polls_exactly_as_the_router_does() {
 }
 
 #[tokio::test]
+async fn the_front_sends_cache_files_exactly_as_the_router_does() {
+    let (dir, _key, s) = serving_n1(1, None).await;
+    let nar: Vec<u8> = (0..3_000_000u32).map(|i| (i % 253) as u8).collect();
+    std::fs::write(dir.path().join("cache/nar/x.nar"), &nar).unwrap();
+    std::fs::write(dir.path().join("cache/abc.narinfo"), "StorePath: x\n").unwrap();
+    let mut c = tokio::net::TcpStream::connect(s.addr).await.unwrap();
+    // The absolute form of the same target is left to the router.
+    for file in [
+        "nar/x.nar",
+        "abc.narinfo",
+        "nar/missing.nar",
+        "nix-cache-info",
+    ] {
+        raw_get(&mut c, &format!("/cache/{file}"), "").await;
+        let front = read_response(&mut c).await.unwrap();
+        raw_get(&mut c, &format!("http://x/cache/{file}"), "").await;
+        let router = read_response(&mut c).await.unwrap();
+        assert!(header(&front.0, "date").is_some(), "{:?}", front.0);
+        assert_eq!(without_date(front.0), without_date(router.0), "{file}");
+        assert!(front.1 == router.1, "{file}: the bodies differ");
+    }
+    raw_get(&mut c, "/cache/nar/x.nar", "").await;
+    assert!(
+        read_response(&mut c).await.unwrap().1 == nar,
+        "kept alive, and the whole file"
+    );
+    s.stop().await;
+}
+
+#[tokio::test]
 async fn a_poll_connection_is_kept_alive_through_other_requests_and_pipelining() {
     use tokio::io::AsyncWriteExt;
     let (_dir, key, s) = serving_n1(1, None).await;

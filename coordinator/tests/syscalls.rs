@@ -1,6 +1,7 @@
 //! What `serve` asks of the kernel, seen with strace: acknowledged reports, manifests and cache
 //! uploads are fsynced (file and folder) before the answer, so a power loss cannot take back
-//! what was acknowledged.
+//! what was acknowledged; and a cache download over plain HTTP goes out with sendfile(2),
+//! never read through the process.
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -203,4 +204,33 @@ async fn an_acknowledged_cache_upload_is_on_disk_file_and_folder_before_the_answ
         temps >= 3 && nar_dir >= 2 && top >= 1,
         "3 uploads acknowledged: {temps} file syncs, {nar_dir} of cache/nar, {top} of cache:\n{log}"
     );
+}
+
+#[tokio::test]
+async fn a_plain_http_download_is_sent_with_sendfile_and_never_read_by_the_process() {
+    let trace = "read,readv,pread64,preadv,preadv2,sendfile,sendfile64,copy_file_range,splice";
+    let Some((dir, _key, t)) = traced(trace) else {
+        return;
+    };
+    let content: Vec<u8> = (0..(24u32 << 20)).map(|i| (i % 251) as u8).collect();
+    std::fs::write(dir.path().join("state/cache/nar/big.nar"), &content).unwrap();
+    let r = reqwest::get(format!("{}/cache/nar/big.nar", t.url))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["content-type"], "application/x-nix-nar");
+    let body = r.bytes().await.unwrap();
+    assert!(body == content, "the download differs from the file");
+    let log = t.stop();
+    let is_nar = |p: &str| p.ends_with("/cache/nar/big.nar");
+    let reads: usize = ["read", "readv", "pread64", "preadv", "preadv2"]
+        .iter()
+        .map(|s| calls(&log, s, is_nar))
+        .sum();
+    let sent = calls(&log, "sendfile", is_nar) + calls(&log, "sendfile64", is_nar);
+    assert_eq!(
+        reads, 0,
+        "the coordinator read the file itself ({reads} reads)"
+    );
+    assert!(sent > 0, "no sendfile call on the file");
 }

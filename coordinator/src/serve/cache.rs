@@ -133,6 +133,10 @@ pub(super) async fn open(app: &App, raw: &str) -> Result<Option<CacheFile>, ApiE
     }
 }
 
+/// Read size when hyper streams a file (TLS connections, HTTP/1.0): large reads, few
+/// wake-ups. Plain HTTP/1.1 downloads go through the connection front's sendfile instead.
+const STREAM_CHUNK: usize = 256 * 1024;
+
 /// `GET /cache/…` (and `HEAD`): a file of the cache, streamed.
 pub(super) async fn get_cache(State(app): State<Arc<App>>, req: Request) -> ApiResult {
     let raw = raw_cache_path(req.uri().path()).to_owned();
@@ -150,7 +154,10 @@ pub(super) async fn get_cache(State(app): State<Arc<App>>, req: Request) -> ApiR
         ));
     };
     let file = tokio::fs::File::from_std(f.file);
-    let body = Body::from_stream(tokio_util::io::ReaderStream::new(file));
+    let body = Body::from_stream(tokio_util::io::ReaderStream::with_capacity(
+        file,
+        STREAM_CHUNK,
+    ));
     Ok((
         [
             (header::CONTENT_TYPE, f.content_type.to_owned()),

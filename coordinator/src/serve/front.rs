@@ -10,10 +10,12 @@
 //!
 //! What the front answers itself: `GET /v1/nodes/{node}/manifest[?wait=S]` over HTTP/1.1
 //! without a body, for a node that has a manifest — through the same [`begin_get`] and
-//! [`hold`] as axum's handler, with the same headers and request counters. Any other HTTP/1.1
-//! request with a known length (reports, uploads, `/v1/fleet`, cache files) goes to hyper
-//! for exactly that request: hyper reads the request and then the end of the stream,
-//! answers, and gives the connection back, which stays open for the agent's next poll. hyper's buffers live only while it answers. What
+//! [`hold`] as axum's handler, with the same headers and request counters; and, over plain
+//! TCP, `GET /cache/…` of a file the cache holds, sent with sendfile(2) (the same headers as
+//! the router's answer). Any other HTTP/1.1 request with a known length (reports, uploads,
+//! `/v1/fleet`, cache misses) goes to hyper for exactly that request: hyper reads the
+//! request and then the end of the stream, answers, and gives the connection back, which
+//! stays open for the agent's next poll. hyper's buffers live only while it answers. What
 //! the front cannot delimit (HTTP/1.0, chunked bodies, upgrades, `connection: close`,
 //! HTTP/2) goes to hyper for the rest of the connection: one request for HTTP/1.
 //!
@@ -41,9 +43,11 @@ use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::Watcher;
 use hyper_util::service::TowerToHyperService;
 use roost_common::envelope;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, Interest, ReadBuf};
+use tokio::net::TcpStream;
 use tokio::time::Instant;
 
+use super::cache::{self, CACHE_ROUTE, CacheFile};
 use super::error::ApiError;
 use super::manifests::{self, Answer, MANIFEST_ROUTE, Step};
 use super::reports::{MAX_REPORT_BYTES, REPORTS_ROUTE};
@@ -59,15 +63,32 @@ const MAX_TARGET: usize = 16 * 1024;
 const MAX_PIPELINED: usize = 16 * 1024;
 /// What starts an HTTP/2 connection without TLS ("prior knowledge"): hyper's.
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+/// Most bytes one sendfile(2) call sends, so one fast download cannot hold a worker thread
+/// for long (nginx's `sendfile_max_chunk` default).
+const SENDFILE_CHUNK: usize = 2 << 20;
 /// After refusing a request whose body may still be coming, how long and how much of it is
 /// read and dropped before closing, so the client reads the answer instead of a reset.
 const LINGER: Duration = Duration::from_secs(2);
 const LINGER_BYTES: usize = 1 << 20;
 
-/// A client connection.
-pub(super) trait Conn: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
+/// A client connection. Plain TCP can send a file with sendfile(2), straight from the page
+/// cache to the socket; TLS has to encrypt, so its files go through hyper.
+pub(super) trait Conn: AsyncRead + AsyncWrite + Unpin + Send + 'static {
+    /// The TCP socket, when what is written to it reaches the client unchanged.
+    fn plain(&self) -> Option<&TcpStream>;
+}
 
-impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn for T {}
+impl Conn for TcpStream {
+    fn plain(&self) -> Option<&TcpStream> {
+        Some(self)
+    }
+}
+
+impl<IO: Conn> Conn for tokio_rustls::server::TlsStream<IO> {
+    fn plain(&self) -> Option<&TcpStream> {
+        None
+    }
+}
 
 /// What every connection shares.
 pub(super) struct Front {
@@ -113,9 +134,31 @@ impl Front {
     pub async fn serve<IO: Conn>(&self, mut io: IO, watcher: Watcher) {
         let mut buf: Vec<u8> = Vec::new();
         loop {
-            let next = match self.read_head(&mut io, &mut buf).await {
+            let sendfile = io.plain().is_some();
+            let next = match self.read_head(&mut io, &mut buf, sendfile).await {
                 Some(n) => n,
                 None => return,
+            };
+            let next = match next {
+                Next::CacheFile { raw, len, close } => match cache::open(&self.app, &raw).await {
+                    Ok(Some(file)) => {
+                        consume(&mut buf, len);
+                        if !self.send_file(&mut io, file, close).await {
+                            return;
+                        }
+                        self.app.count_request(format!("GET {CACHE_ROUTE}"), 200);
+                        if close {
+                            let _ = io.shutdown().await;
+                            return;
+                        }
+                        continue;
+                    }
+                    // No such file, or a name the cache refuses: the router answers, as
+                    // it does on every other connection.
+                    _ if close => Next::Other,
+                    _ => Next::Once { len: len as u64 },
+                },
+                n => n,
             };
             let (step, head_len, close) = match next {
                 Next::Manifest { step, len, close } => (step, len, close),
@@ -139,6 +182,7 @@ impl Front {
                     self.app.count_request(route, error.status().as_u16());
                     return Box::pin(self.refuse(io, &error)).await;
                 }
+                Next::CacheFile { .. } => unreachable!("answered above"),
             };
             consume(&mut buf, head_len);
             let answer = match step {
@@ -175,6 +219,34 @@ impl Front {
         )
     }
 
+    /// Sends a cache file as the router would answer it (same headers), its body with
+    /// sendfile(2): no copy through this process, no buffer, however many download at once.
+    /// False: the connection is done (the client left or stopped reading).
+    async fn send_file<IO: Conn>(&self, io: &mut IO, f: CacheFile, close: bool) -> bool {
+        let mut head = Vec::with_capacity(256);
+        let content_type = HeaderValue::from_static(f.content_type);
+        response_head(
+            &mut head,
+            StatusCode::OK,
+            &[(header::CONTENT_TYPE, content_type)],
+            Some(f.len),
+            close,
+        );
+        if !self.write(io, &head).await {
+            return false;
+        }
+        let Some(tcp) = io.plain() else {
+            return false;
+        };
+        match sendfile(tcp, &f.file, f.len, self.app.cfg.body_timeout).await {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::debug!("cache download ended: {e}");
+                false
+            }
+        }
+    }
+
     /// Answers a request refused before it was read, then closes the connection.
     async fn refuse<IO: Conn>(&self, mut io: IO, error: &ApiError) {
         let body = error.body();
@@ -209,14 +281,14 @@ impl Front {
     /// Reads until `buf` holds a whole request head and says what it is; `None`: the
     /// connection is to be closed (the client left, the head timed out, or the server is
     /// shutting down between requests).
-    async fn read_head<IO>(&self, io: &mut IO, buf: &mut Vec<u8>) -> Option<Next>
+    async fn read_head<IO>(&self, io: &mut IO, buf: &mut Vec<u8>, sendfile: bool) -> Option<Next>
     where
         IO: AsyncRead + Unpin,
     {
         let deadline = Instant::now() + self.header_timeout();
         loop {
             if !buf.is_empty() {
-                match classify(&self.app, buf) {
+                match classify(&self.app, buf, sendfile) {
                     Parsed::Partial => {}
                     Parsed::Done(next) => return Some(next),
                 }
@@ -288,6 +360,13 @@ enum Next {
     /// A manifest poll the front answers: its first step, the head's length, and whether the
     /// client asked to close the connection after it.
     Manifest { step: Step, len: usize, close: bool },
+    /// A cache download over plain TCP, which the front sends with sendfile(2) when the file
+    /// exists: the path after `/cache/`, the head's length, and `connection: close`.
+    CacheFile {
+        raw: String,
+        len: usize,
+        close: bool,
+    },
     /// An HTTP/1.1 request of `len` bytes (head and body): hyper answers it, the front
     /// takes the connection back.
     Once { len: u64 },
@@ -315,7 +394,7 @@ fn refuse(status: StatusCode, code: &'static str, message: String) -> Parsed {
 /// error is JSON) or what is over its route's body limit, and, for a manifest poll of a
 /// known node, takes its first step (while the head is still borrowed). Every request it
 /// passes on is one hyper parses without error.
-fn classify(app: &App, buf: &[u8]) -> Parsed {
+fn classify(app: &App, buf: &[u8], sendfile: bool) -> Parsed {
     if H2_PREFACE.starts_with(&buf[..buf.len().min(H2_PREFACE.len())]) {
         return if buf.len() >= H2_PREFACE.len() {
             Parsed::Done(Next::Other)
@@ -402,6 +481,14 @@ fn classify(app: &App, buf: &[u8]) -> Parsed {
         if let Some(step) = poll_step(app, target, req.headers) {
             return Parsed::Done(Next::Manifest {
                 step,
+                len: head,
+                close: h.close,
+            });
+        }
+        if let Some(raw) = target.strip_prefix("/cache/").filter(|_| sendfile) {
+            let raw = raw.split_once('?').map_or(raw, |(p, _)| p);
+            return Parsed::Done(Next::CacheFile {
+                raw: raw.to_owned(),
                 len: head,
                 close: h.close,
             });
@@ -614,6 +701,45 @@ fn consume(buf: &mut Vec<u8>, len: usize) {
     if buf.is_empty() {
         *buf = Vec::new();
     }
+}
+
+/// Sends `len` bytes of `file` to `tcp` with sendfile(2). The kernel copies from the page
+/// cache to the socket; this only waits for the socket to take more. Fails when the client
+/// takes nothing for `stall`.
+async fn sendfile(
+    tcp: &TcpStream,
+    file: &std::fs::File,
+    len: u64,
+    stall: Duration,
+) -> io::Result<()> {
+    let mut offset = 0u64;
+    while offset < len {
+        let count = usize::try_from(len - offset)
+            .unwrap_or(usize::MAX)
+            .min(SENDFILE_CHUNK);
+        let send = tcp.async_io(Interest::WRITABLE, || {
+            rustix::fs::sendfile(tcp, file, Some(&mut offset), count).map_err(io::Error::from)
+        });
+        match tokio::time::timeout(stall, send).await {
+            Ok(Ok(0)) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "the file got shorter while it was sent",
+                ));
+            }
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => return Err(e),
+            Err(_) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("the client read nothing for {stall:?}"),
+                ));
+            }
+        }
+        // A client as fast as loopback never makes the socket wait: let others run.
+        tokio::task::yield_now().await;
+    }
+    Ok(())
 }
 
 /// Resolves when the client closes the connection (or it fails) while a poll is held. Bytes
