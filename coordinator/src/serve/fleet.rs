@@ -284,7 +284,11 @@ pub(super) async fn get_metrics(State(app): State<Arc<App>>) -> Result<Response,
     let requests: BTreeMap<(String, u16), u64> = app
         .requests
         .lock()
-        .map(|m| m.iter().map(|(k, v)| (k.clone(), *v)).collect())
+        .map(|m| {
+            m.iter()
+                .flat_map(|(route, by)| by.iter().map(|(s, n)| ((route.clone(), *s), *n)))
+                .collect()
+        })
         .unwrap_or_default();
     for ((route, status), n) in requests {
         let _ = writeln!(

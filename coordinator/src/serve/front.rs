@@ -47,7 +47,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, Interest, Re
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
-use super::cache::{self, CACHE_ROUTE, CacheFile};
+use super::cache::{self, CacheFile};
 use super::error::ApiError;
 use super::manifests::{self, Answer, MANIFEST_ROUTE, Step};
 use super::reports::{MAX_REPORT_BYTES, REPORTS_ROUTE};
@@ -66,6 +66,10 @@ const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 /// Most bytes one sendfile(2) call sends, so one fast download cannot hold a worker thread
 /// for long (nginx's `sendfile_max_chunk` default).
 const SENDFILE_CHUNK: usize = 2 << 20;
+/// What the front's answers are counted as in `/metrics`: what the router counts them as.
+const MANIFEST_GET: &str = "GET /v1/nodes/{node}/manifest";
+const CACHE_GET: &str = "GET /cache/{*path}";
+
 /// After refusing a request whose body may still be coming, how long and how much of it is
 /// read and dropped before closing, so the client reads the answer instead of a reset.
 const LINGER: Duration = Duration::from_secs(2);
@@ -146,7 +150,7 @@ impl Front {
                         if !self.send_file(&mut io, file, close).await {
                             return;
                         }
-                        self.app.count_request(format!("GET {CACHE_ROUTE}"), 200);
+                        self.app.count_request(CACHE_GET, 200);
                         if close {
                             let _ = io.shutdown().await;
                             return;
@@ -179,7 +183,7 @@ impl Front {
                     return Box::pin(self.hand_off(io, buf, watcher)).await;
                 }
                 Next::Refuse { error, route } => {
-                    self.app.count_request(route, error.status().as_u16());
+                    self.app.count_request(&route, error.status().as_u16());
                     return Box::pin(self.refuse(io, &error)).await;
                 }
                 Next::CacheFile { .. } => unreachable!("answered above"),
@@ -195,7 +199,7 @@ impl Front {
                 }
             };
             self.app
-                .count_request(format!("GET {MANIFEST_ROUTE}"), answer.status().as_u16());
+                .count_request(MANIFEST_GET, answer.status().as_u16());
             let bytes = encode(&answer, close);
             if !self.write(&mut io, &bytes).await {
                 return;
@@ -900,6 +904,13 @@ mod tests {
         ] {
             assert_eq!(manifest_target(other), None, "{other}");
         }
+    }
+
+    #[test]
+    fn the_fronts_counters_are_the_routers() {
+        use super::super::cache::CACHE_ROUTE;
+        assert_eq!(MANIFEST_GET, format!("GET {MANIFEST_ROUTE}"));
+        assert_eq!(CACHE_GET, format!("GET {CACHE_ROUTE}"));
     }
 
     #[tokio::test]

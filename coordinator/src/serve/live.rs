@@ -82,10 +82,17 @@ pub(super) struct Live {
 }
 
 impl Live {
-    /// The node's current manifest and a receiver that sees its next version.
-    pub fn get(&self, node: &NodeName) -> Option<(Arc<Current>, watch::Receiver<u64>)> {
+    /// The node's current manifest.
+    pub fn get(&self, node: &NodeName) -> Option<Arc<Current>> {
         let map = self.nodes.read().unwrap_or_else(|p| p.into_inner());
-        map.get(node).map(|s| (s.current.clone(), s.tx.subscribe()))
+        map.get(node).map(|s| s.current.clone())
+    }
+
+    /// A receiver that sees the node's versions from now on (for a long-poll; an answered
+    /// poll does not pay for one).
+    pub fn watch(&self, node: &NodeName) -> Option<watch::Receiver<u64>> {
+        let map = self.nodes.read().unwrap_or_else(|p| p.into_inner());
+        map.get(node).map(|s| s.tx.subscribe())
     }
 
     /// Every node's current manifest.

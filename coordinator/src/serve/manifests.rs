@@ -118,7 +118,7 @@ pub(super) fn begin_get<'a>(
     if_none_match: impl IntoIterator<Item = &'a [u8]>,
     wait: Option<u64>,
 ) -> Option<Step> {
-    let (cur, rx) = app.live.get(node)?;
+    let cur = app.live.get(node)?;
     if !matches_etag(if_none_match, &cur.etag) {
         return Some(Step::Answer(Answer::Full(cur)));
     }
@@ -126,6 +126,9 @@ pub(super) fn begin_get<'a>(
     if wait == 0 {
         return Some(Step::Answer(Answer::NotModified(cur)));
     }
+    // Subscribed after reading the version: a newer one stored in between is still seen,
+    // since the receiver waits for any value above `cur`'s.
+    let rx = app.live.watch(node)?;
     Some(Step::Hold(Hold {
         node: node.clone(),
         cur,
@@ -149,7 +152,7 @@ pub(super) async fn hold(app: &App, h: Hold) -> Answer {
     tokio::select! {
         changed = tokio::time::timeout(Duration::from_secs(wait), rx.wait_for(|v| *v > version)) => {
             if matches!(changed, Ok(Ok(_))) {
-                if let Some((newer, _)) = app.live.get(&node) {
+                if let Some(newer) = app.live.get(&node) {
                     return Answer::Full(newer);
                 }
             }
@@ -244,7 +247,7 @@ pub(super) async fn put_manifest(
         .system;
     let lock = app.write_lock(&node);
     let _guard = lock.lock().await;
-    let floor = app.live.get(&node).map(|(c, _)| Floor {
+    let floor = app.live.get(&node).map(|c| Floor {
         version: c.manifest.version,
         digest: c.digest,
     });

@@ -77,7 +77,7 @@ async fn set(app: Arc<App>, node: NodeName, key: Option<PublicKey>) -> ApiResult
     let manifest_node_key = app
         .live
         .get(&node)
-        .and_then(|(cur, _)| cur.manifest.node_key.clone());
+        .and_then(|cur| cur.manifest.node_key.clone());
     match &key {
         Some(k) => {
             tracing::warn!(%node, key = %k, previous = ?previous, "node key pinned by an operator")

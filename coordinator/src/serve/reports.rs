@@ -57,7 +57,7 @@ pub(super) async fn post_report(
 ) -> ApiResult {
     let node = parse_node(&node)?;
     let bytes = read_body(&app, body, MAX_REPORT_BYTES).await?;
-    let Some((cur, _)) = app.live.get(&node) else {
+    let Some(cur) = app.live.get(&node) else {
         return Err(ApiError::not_found(
             "unknown_node",
             format!("node `{node}` has no manifest here; publish one first"),

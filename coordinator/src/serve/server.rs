@@ -87,7 +87,7 @@ async fn count_requests(State(app): State<Arc<App>>, req: Request, next: Next) -
         .unwrap_or_else(|| "other".into());
     let key = format!("{} {route}", req.method());
     let resp = next.run(req).await;
-    app.count_request(key, resp.status().as_u16());
+    app.count_request(&key, resp.status().as_u16());
     resp
 }
 

@@ -69,7 +69,9 @@ pub(super) struct App {
     /// Every node's current manifest, in memory.
     pub live: Live,
     write_locks: Mutex<HashMap<NodeName, Arc<tokio::sync::Mutex<()>>>>,
-    pub requests: Mutex<HashMap<(String, u16), u64>>,
+    /// Answered requests by `METHOD ROUTE`, then status. Keyed by the route first so that
+    /// counting one (every poll does) is a lookup by `&str`, without an allocation.
+    pub requests: Mutex<HashMap<String, HashMap<u16, u64>>>,
     /// Long-polls being held right now.
     pub waiting: AtomicU64,
     pub shutdown: CancellationToken,
@@ -102,11 +104,15 @@ impl App {
         })
     }
 
-    /// Counts an answered request by method, route and status (for `/metrics`).
-    pub fn count_request(&self, key: String, status: u16) {
-        if let Ok(mut m) = self.requests.lock() {
-            *m.entry((key, status)).or_default() += 1;
-        }
+    /// Counts an answered request by method and route (`GET /v1/fleet`) and status (for
+    /// `/metrics`).
+    pub fn count_request(&self, key: &str, status: u16) {
+        let mut m = self.requests.lock().unwrap_or_else(|p| p.into_inner());
+        let by_status = match m.get_mut(key) {
+            Some(s) => s,
+            None => m.entry(key.to_owned()).or_default(),
+        };
+        *by_status.entry(status).or_default() += 1;
     }
 
     /// The lock that serialises uploads for one node.
