@@ -27,6 +27,14 @@ pub enum StoreError {
     /// SQLite trouble.
     #[error("report database: {0}")]
     Db(#[from] rusqlite::Error),
+    /// A group commit of reports failed (the message is for the log).
+    #[error("report database: {message}")]
+    Commit {
+        /// Whether the disk is full.
+        disk_full: bool,
+        /// What failed.
+        message: String,
+    },
     /// The report database could not be opened at start (damaged, say): the coordinator
     /// serves manifests and the cache without it.
     #[error("the report database is unavailable: {0}")]
@@ -41,6 +49,7 @@ impl StoreError {
             StoreError::Db(rusqlite::Error::SqliteFailure(e, _)) => {
                 e.code == rusqlite::ErrorCode::DiskFull
             }
+            StoreError::Commit { disk_full, .. } => *disk_full,
             _ => false,
         }
     }
@@ -159,8 +168,10 @@ pub enum Refused {
 #[derive(Debug)]
 pub struct Store {
     root: PathBuf,
-    /// `None` when the report database could not be opened at start: why.
+    /// The report database, or why it could not be opened at start.
     db: Result<Mutex<Connection>, String>,
+    /// Reports waiting for the next group commit.
+    pending: Mutex<Vec<Job>>,
 }
 
 /// The report database's schema; `node_keys` keeps each key's highest `seq` for good, so a
@@ -236,6 +247,7 @@ impl Store {
         Ok(Self {
             root: root.to_owned(),
             db,
+            pending: Mutex::new(Vec::new()),
         })
     }
 
@@ -336,64 +348,39 @@ impl Store {
         Ok(rows)
     }
 
-    /// Records a verified report in one transaction, unless its `seq` is not above the
-    /// highest one ever received with the same key, or the pin it relied on changed. A key
-    /// never seen for the node (a reinstalled node's) starts its own sequence.
+    /// Records a verified report durably, unless its `seq` is not above the highest one ever
+    /// received with the same key, or the pin it relied on changed. A key never seen for the
+    /// node (a reinstalled node's) starts its own sequence.
+    ///
+    /// Group commit: the report is queued, and whichever caller holds the database next
+    /// commits every queued report in one transaction, so one sync of the log serves all the
+    /// reports that arrived meanwhile. Each returns once the commit holding it is on disk.
     pub fn add_report(&self, r: &NewReport<'_>) -> Result<Result<(), Refused>, StoreError> {
-        let NewReport {
-            node,
-            seq,
-            state,
-            manifest_version,
-            payload,
-            received_at: now,
-            signer,
-        } = *r;
-        let key = signer.key();
-        let mut db = self.db()?;
-        let tx = db.transaction()?;
-        let pinned = pinned_key(&tx, node)?;
-        let pin_holds = match signer {
-            Signer::Manifest(_) => true,
-            Signer::Pinned(k) => pinned.as_deref() == Some(k),
-            Signer::FirstUse(k) => pinned.as_deref().is_none_or(|p| p == k),
-        };
-        if !pin_holds {
-            return Ok(Err(Refused::PinChanged));
+        if let Err(why) = &self.db {
+            return Err(StoreError::ReportsUnavailable(why.clone()));
         }
-        let floor: Option<u64> = tx
-            .query_row(
-                "SELECT last_seq FROM node_keys WHERE node = ?1 AND key = ?2",
-                [node, key],
-                |r| r.get(0),
-            )
-            .optional()?;
-        if let Some(last) = floor.filter(|&last| seq <= last) {
-            return Ok(Err(Refused::Seq { last }));
+        let (done, result) = std::sync::mpsc::sync_channel(1);
+        self.queue().push(Job {
+            report: OwnedReport::from(r),
+            done,
+        });
+        {
+            let mut db = self.db()?;
+            let jobs = std::mem::take(&mut *self.queue());
+            if !jobs.is_empty() {
+                commit_reports(&mut db, jobs);
+            }
         }
-        tx.execute(
-            "INSERT INTO reports (node, seq, received_at, state, manifest_version, payload)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-            params![node, seq, now, state, manifest_version, payload],
-        )?;
-        tx.execute(
-            "INSERT INTO node_keys (node, key, last_seq) VALUES (?1, ?2, ?3)
-             ON CONFLICT(node, key) DO UPDATE SET last_seq = excluded.last_seq",
-            params![node, key, seq],
-        )?;
-        let pin = matches!(signer, Signer::FirstUse(_)).then_some(key);
-        tx.execute(
-            "INSERT INTO nodes (node, pinned_key, pin_source, last_seq, last_seen, last_report, last_signer)
-             VALUES (?1, ?2, CASE WHEN ?2 IS NULL THEN NULL ELSE 'tofu' END, ?3, ?4, ?5, ?6)
-             ON CONFLICT(node) DO UPDATE SET
-               pin_source = CASE WHEN nodes.pinned_key IS NULL THEN excluded.pin_source ELSE nodes.pin_source END,
-               pinned_key = COALESCE(nodes.pinned_key, excluded.pinned_key),
-               last_seq = excluded.last_seq, last_seen = excluded.last_seen,
-               last_report = excluded.last_report, last_signer = excluded.last_signer",
-            params![node, pin, seq, now, payload, key],
-        )?;
-        tx.commit()?;
-        Ok(Ok(()))
+        result.recv().unwrap_or_else(|_| {
+            Err(StoreError::Commit {
+                disk_full: false,
+                message: "the thread committing the report stopped".into(),
+            })
+        })
+    }
+
+    fn queue(&self) -> std::sync::MutexGuard<'_, Vec<Job>> {
+        self.pending.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Pins `key` as the node's key (an operator's choice; `None` clears the pin, so the
@@ -429,7 +416,156 @@ impl Store {
     }
 }
 
-fn pinned_key(tx: &rusqlite::Transaction<'_>, node: &str) -> rusqlite::Result<Option<String>> {
+/// What a report's answer waits for.
+type Outcome = Result<Result<(), Refused>, StoreError>;
+
+/// A report waiting for the next group commit.
+struct Job {
+    report: OwnedReport,
+    done: std::sync::mpsc::SyncSender<Outcome>,
+}
+
+impl std::fmt::Debug for Job {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Job({} #{})", self.report.node, self.report.seq)
+    }
+}
+
+/// A [`NewReport`] that can wait in the queue for another thread to commit it.
+#[derive(Debug)]
+struct OwnedReport {
+    node: String,
+    seq: u64,
+    state: String,
+    manifest_version: Option<u64>,
+    payload: String,
+    received_at: u64,
+    key: String,
+    /// `Pinned` or `FirstUse` (see [`Signer`]); `None` for the manifest's key.
+    pin: Option<PinCheck>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PinCheck {
+    Pinned,
+    FirstUse,
+}
+
+impl From<&NewReport<'_>> for OwnedReport {
+    fn from(r: &NewReport<'_>) -> Self {
+        let pin = match r.signer {
+            Signer::Manifest(_) => None,
+            Signer::Pinned(_) => Some(PinCheck::Pinned),
+            Signer::FirstUse(_) => Some(PinCheck::FirstUse),
+        };
+        Self {
+            node: r.node.to_owned(),
+            seq: r.seq,
+            state: r.state.to_owned(),
+            manifest_version: r.manifest_version,
+            payload: r.payload.to_owned(),
+            received_at: r.received_at,
+            key: r.signer.key().to_owned(),
+            pin,
+        }
+    }
+}
+
+/// Commits `jobs` in one transaction, each in a savepoint of its own (a refused or failed
+/// report leaves the others alone), and tells each caller its outcome.
+fn commit_reports(db: &mut Connection, jobs: Vec<Job>) {
+    let outcomes = (|| -> rusqlite::Result<Vec<Outcome>> {
+        let mut tx = db.transaction()?;
+        let mut out = Vec::with_capacity(jobs.len());
+        for j in &jobs {
+            let sp = tx.savepoint()?;
+            match insert_report(&sp, &j.report) {
+                Ok(Ok(())) => {
+                    sp.commit()?;
+                    out.push(Ok(Ok(())));
+                }
+                // Dropping the savepoint rolls it back.
+                Ok(Err(refused)) => out.push(Ok(Err(refused))),
+                Err(e) => out.push(Err(StoreError::Db(e))),
+            }
+        }
+        tx.commit()?;
+        Ok(out)
+    })();
+    match outcomes {
+        Ok(out) => {
+            for (j, o) in jobs.into_iter().zip(out) {
+                let _ = j.done.send(o);
+            }
+        }
+        Err(e) => {
+            let message = format!("committing {} report(s) failed: {e}", jobs.len());
+            let disk_full = StoreError::Db(e).is_disk_full();
+            tracing::error!(disk_full, "report database: {message}");
+            for j in jobs {
+                let _ = j.done.send(Err(StoreError::Commit {
+                    disk_full,
+                    message: message.clone(),
+                }));
+            }
+        }
+    }
+}
+
+/// One report's checks and rows, inside the caller's transaction.
+fn insert_report(db: &Connection, r: &OwnedReport) -> rusqlite::Result<Result<(), Refused>> {
+    let (node, key) = (r.node.as_str(), r.key.as_str());
+    let pinned = pinned_key(db, node)?;
+    let pin_holds = match r.pin {
+        None => true,
+        Some(PinCheck::Pinned) => pinned.as_deref() == Some(key),
+        Some(PinCheck::FirstUse) => pinned.as_deref().is_none_or(|p| p == key),
+    };
+    if !pin_holds {
+        return Ok(Err(Refused::PinChanged));
+    }
+    let floor: Option<u64> = db
+        .query_row(
+            "SELECT last_seq FROM node_keys WHERE node = ?1 AND key = ?2",
+            [node, key],
+            |row| row.get(0),
+        )
+        .optional()?;
+    if let Some(last) = floor.filter(|&last| r.seq <= last) {
+        return Ok(Err(Refused::Seq { last }));
+    }
+    db.execute(
+        "INSERT INTO reports (node, seq, received_at, state, manifest_version, payload)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        params![
+            node,
+            r.seq,
+            r.received_at,
+            r.state,
+            r.manifest_version,
+            r.payload
+        ],
+    )?;
+    db.execute(
+        "INSERT INTO node_keys (node, key, last_seq) VALUES (?1, ?2, ?3)
+         ON CONFLICT(node, key) DO UPDATE SET last_seq = excluded.last_seq",
+        params![node, key, r.seq],
+    )?;
+    let pin = (r.pin == Some(PinCheck::FirstUse)).then_some(key);
+    db.execute(
+        "INSERT INTO nodes (node, pinned_key, pin_source, last_seq, last_seen, last_report, last_signer)
+         VALUES (?1, ?2, CASE WHEN ?2 IS NULL THEN NULL ELSE 'tofu' END, ?3, ?4, ?5, ?6)
+         ON CONFLICT(node) DO UPDATE SET
+           pin_source = CASE WHEN nodes.pinned_key IS NULL THEN excluded.pin_source ELSE nodes.pin_source END,
+           pinned_key = COALESCE(nodes.pinned_key, excluded.pinned_key),
+           last_seq = excluded.last_seq, last_seen = excluded.last_seen,
+           last_report = excluded.last_report, last_signer = excluded.last_signer",
+        params![node, pin, r.seq, r.received_at, r.payload, key],
+    )?;
+    Ok(Ok(()))
+}
+
+fn pinned_key(tx: &Connection, node: &str) -> rusqlite::Result<Option<String>> {
     Ok(tx
         .query_row(
             "SELECT pinned_key FROM nodes WHERE node = ?1",
@@ -453,4 +589,57 @@ fn row_to_record(r: &rusqlite::Row<'_>) -> rusqlite::Result<NodeRecord> {
         last_seen: r.get(4)?,
         last_report: r.get(5)?,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn new_report<'a>(node: &'a str, seq: u64, key: &'a str) -> NewReport<'a> {
+        NewReport {
+            node,
+            seq,
+            state: "success",
+            manifest_version: Some(1),
+            payload: "{}",
+            received_at: 1,
+            signer: Signer::Manifest(key),
+        }
+    }
+
+    #[test]
+    fn reports_committed_together_keep_their_own_outcomes() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = std::sync::Arc::new(Store::open(dir.path()).unwrap());
+        let threads: Vec<_> = (0..8)
+            .map(|t| {
+                let store = store.clone();
+                std::thread::spawn(move || {
+                    let node = format!("n{t}");
+                    (1..=40u64)
+                        .map(|seq| {
+                            // Every fifth report repeats the seq before it: refused.
+                            let seq = if seq % 5 == 0 { seq - 1 } else { seq };
+                            store.add_report(&new_report(&node, seq, "k:A")).unwrap()
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        for (t, h) in threads.into_iter().enumerate() {
+            let outcomes = h.join().unwrap();
+            for (i, o) in outcomes.iter().enumerate() {
+                let seq = i as u64 + 1;
+                let want = if seq % 5 == 0 {
+                    Err(Refused::Seq { last: seq - 1 })
+                } else {
+                    Ok(())
+                };
+                assert_eq!(*o, want, "node n{t}, report {seq}");
+            }
+            let rec = store.node(&format!("n{t}")).unwrap().unwrap();
+            assert_eq!(rec.last_seq, Some(39));
+            assert_eq!(store.history(&format!("n{t}"), 100).unwrap().len(), 32);
+        }
+    }
 }
