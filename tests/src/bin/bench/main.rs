@@ -22,6 +22,7 @@ use tokio::sync::Mutex;
 
 mod held_tls;
 mod sim;
+mod storage;
 mod vs_nginx;
 
 fn main() -> anyhow::Result<()> {
@@ -69,6 +70,16 @@ fn main() -> anyhow::Result<()> {
             poll_conns: opt("--conns", 64) as usize,
             nodes: opt("--nodes", 1000) as usize,
         })),
+        "reports" => rt.block_on(storage::reports(
+            opt("--nodes", 1000) as usize,
+            opt("--conns", 16) as usize,
+            opt("--seconds", 10),
+        )),
+        "nix-copy" => storage::nix_copy(
+            opt("--paths", 50) as usize,
+            opt("--kib", 512) as usize,
+            opt("--rounds", 3) as usize,
+        ),
         "publish-scaling" => {
             let sizes = args
                 .iter()
@@ -83,6 +94,12 @@ fn main() -> anyhow::Result<()> {
             eprintln!("       bench held-tls [--nodes N]   (held long-polls over HTTPS: memory)");
             eprintln!(
                 "       bench vs-nginx [--nar-mib 300] [--clients 1,20] [--seconds 8] [--rounds 3] [--conns 64] [--nodes 1000]"
+            );
+            eprintln!(
+                "       bench reports [--nodes 1000] [--conns 16] [--seconds 10]   (durable reports/s)"
+            );
+            eprintln!(
+                "       bench nix-copy [--paths 50] [--kib 512] [--rounds 3]   (real Nix: to the cache vs file://)"
             );
             eprintln!("       bench publish-scaling [--sizes 10,100,1000] [--baseline-max 100]");
             eprintln!(
