@@ -169,9 +169,18 @@ pub enum Refused {
 pub struct Store {
     root: PathBuf,
     /// The report database, or why it could not be opened at start.
-    db: Result<Mutex<Connection>, String>,
+    db: Result<Db, String>,
     /// Reports waiting for the next group commit.
     pending: Mutex<Vec<Job>>,
+}
+
+/// Two connections to the report database: one writes, one reads, so a reader (every report
+/// first reads its node's record) does not wait behind a commit's sync (WAL lets a reader
+/// see the last commit while the next is written).
+#[derive(Debug)]
+struct Db {
+    write: Mutex<Connection>,
+    read: Mutex<Connection>,
 }
 
 /// The report database's schema; `node_keys` keeps each key's highest `seq` for good, so a
@@ -233,17 +242,26 @@ impl Store {
         std::fs::create_dir_all(root.join("manifests/v1/nodes")).map_err(io(root))?;
         std::fs::create_dir_all(root.join("cache/nar")).map_err(io(root))?;
         let path = root.join("coordinator.sqlite");
-        let db = open_db(&path).map(Mutex::new).map_err(|e| {
-            tracing::error!(
-                "the report database {} cannot be used ({e}): serving manifests and the \
+        let db = open_db(&path)
+            .and_then(|write| {
+                let read = Connection::open(&path)?;
+                read.busy_timeout(std::time::Duration::from_secs(10))?;
+                Ok(Db {
+                    write: Mutex::new(write),
+                    read: Mutex::new(read),
+                })
+            })
+            .map_err(|e| {
+                tracing::error!(
+                    "the report database {} cannot be used ({e}): serving manifests and the \
                  cache without it; reports are refused with 503 (agents keep them queued) \
                  until it is repaired, or moved aside with its -wal and -shm files and the \
                  coordinator restarted (which starts an empty one: report history, pinned \
                  node keys and report sequence floors start over)",
-                path.display()
-            );
-            e.to_string()
-        });
+                    path.display()
+                );
+                e.to_string()
+            });
         Ok(Self {
             root: root.to_owned(),
             db,
@@ -315,9 +333,22 @@ impl Store {
         r
     }
 
+    /// The connection that writes.
     fn db(&self) -> Result<std::sync::MutexGuard<'_, Connection>, StoreError> {
+        self.connection(|db| &db.write)
+    }
+
+    /// The connection that reads.
+    fn reader(&self) -> Result<std::sync::MutexGuard<'_, Connection>, StoreError> {
+        self.connection(|db| &db.read)
+    }
+
+    fn connection(
+        &self,
+        which: impl FnOnce(&Db) -> &Mutex<Connection>,
+    ) -> Result<std::sync::MutexGuard<'_, Connection>, StoreError> {
         match &self.db {
-            Ok(db) => Ok(db.lock().unwrap_or_else(|p| p.into_inner())),
+            Ok(db) => Ok(which(db).lock().unwrap_or_else(|p| p.into_inner())),
             Err(why) => Err(StoreError::ReportsUnavailable(why.clone())),
         }
     }
@@ -325,7 +356,7 @@ impl Store {
     /// The node's report record.
     pub fn node(&self, node: &str) -> Result<Option<NodeRecord>, StoreError> {
         Ok(self
-            .db()?
+            .reader()?
             .query_row(
                 "SELECT node, pinned_key, pin_source, last_seq, last_seen, last_report
                  FROM nodes WHERE node = ?1",
@@ -337,7 +368,7 @@ impl Store {
 
     /// Every node's report record.
     pub fn nodes(&self) -> Result<Vec<NodeRecord>, StoreError> {
-        let db = self.db()?;
+        let db = self.reader()?;
         let mut st = db.prepare(
             "SELECT node, pinned_key, pin_source, last_seq, last_seen, last_report
              FROM nodes ORDER BY node",
@@ -406,7 +437,7 @@ impl Store {
 
     /// The node's report history, newest first.
     pub fn history(&self, node: &str, limit: u32) -> Result<Vec<String>, StoreError> {
-        let db = self.db()?;
+        let db = self.reader()?;
         let mut st =
             db.prepare("SELECT payload FROM reports WHERE node = ?1 ORDER BY id DESC LIMIT ?2")?;
         let rows = st

@@ -61,7 +61,11 @@ pub async fn reports(nodes: usize, conns: usize, seconds: u64) -> anyhow::Result
                 if r.status != 200 {
                     bail!("report {}: {}", node_name(i), r.status);
                 }
-                i = (i + conns) % fleet.node_keys.len();
+                i = if i + conns < fleet.node_keys.len() {
+                    i + conns
+                } else {
+                    k
+                };
             }
             all.lock().await.0.extend(lat.0);
             anyhow::Ok(())
