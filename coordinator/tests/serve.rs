@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use roost_common::envelope::{Context, Envelope};
 use roost_common::{SecretKey, TrustedKeys};
 use roost_coordinator::serve::{Running, ServerConfig, start};
+use roost_preflight::{require, tools};
 
 mod support;
 use serde_json::{Value, json};
@@ -397,17 +398,6 @@ async fn cache_traversal_attempts_are_refused() {
     s.stop().await;
 }
 
-fn have_nix() -> bool {
-    let ok = Command::new("nix")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !ok {
-        eprintln!("SKIP: nix is not installed; this test needs real Nix (CI installs it)");
-    }
-    ok
-}
-
 fn sh(cmd: &mut Command) -> std::process::Output {
     let out = cmd.output().unwrap();
     assert!(
@@ -441,9 +431,7 @@ fn netrc(dir: &Path, token: &str) -> PathBuf {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn nix_copy_to_the_cache_needs_the_token_and_substitutes_into_an_empty_store() {
-    if !have_nix() {
-        return;
-    }
+    require!(tools(&["nix", "nix-store"]));
     let dir = tempfile::tempdir().unwrap();
     let key = SecretKey::generate("pub").unwrap();
     let token = "nix-copy-token-0123456789";
@@ -782,8 +770,8 @@ async fn shutdown_answers_held_long_polls_and_stops() {
 }
 
 /// A test CA and a certificate for 127.0.0.1 signed by it, made with the openssl command:
-/// (CA file, certificate, key), or `None` without a working openssl.
-fn test_certificate(dir: &Path) -> Option<(PathBuf, PathBuf, PathBuf)> {
+/// (CA file, certificate, key).
+fn test_certificate(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
     let script = r#"set -e
 ec="-newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes"
 openssl req -x509 $ec -days 2 -subj /CN=roost-test-ca -keyout ca.key -out ca.pem
@@ -791,27 +779,19 @@ openssl req $ec -subj /CN=127.0.0.1 -keyout key.pem -out leaf.csr
 printf 'subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n' > ext
 openssl x509 -req -in leaf.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 2 -out cert.pem -extfile ext
 "#;
-    let ok = Command::new("sh")
-        .args(["-c", script])
-        .current_dir(dir)
-        .output()
-        .is_ok_and(|o| o.status.success());
-    ok.then(|| {
-        (
-            dir.join("ca.pem"),
-            dir.join("cert.pem"),
-            dir.join("key.pem"),
-        )
-    })
+    sh(Command::new("sh").args(["-c", script]).current_dir(dir));
+    (
+        dir.join("ca.pem"),
+        dir.join("cert.pem"),
+        dir.join("key.pem"),
+    )
 }
 
 #[tokio::test]
 async fn tls_serves_the_api_over_https() {
     let dir = tempfile::tempdir().unwrap();
-    let Some((ca, cert, tls_key)) = test_certificate(dir.path()) else {
-        eprintln!("SKIP: no working `openssl` command to make a test certificate");
-        return;
-    };
+    require!(tools(&["openssl"]));
+    let (ca, cert, tls_key) = test_certificate(dir.path());
     let key = SecretKey::generate("pub").unwrap();
     let cfg = ServerConfig::new(
         dir.path().join("state"),
