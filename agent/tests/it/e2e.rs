@@ -7,6 +7,7 @@ use std::os::unix::process::ExitStatusExt;
 use std::time::Duration;
 
 use roost_common::wire::v1::Report;
+use roost_common::wire::v1::http::WAIT_PARAM;
 use roost_preflight::require;
 use serde_json::{Value, json};
 
@@ -512,7 +513,9 @@ fn the_daemon_follows_new_versions_through_long_polls_and_stops_on_sigterm() {
     );
     assert_eq!(node.system(), Some((2, f.get("v2").path.clone())));
     assert!(
-        c.requests().iter().any(|r| r.target.contains("?wait=")),
+        c.requests()
+            .iter()
+            .any(|r| r.target.contains(&format!("?{WAIT_PARAM}="))),
         "the daemon never long-polled"
     );
     let st = node.status();

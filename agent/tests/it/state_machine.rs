@@ -687,7 +687,8 @@ async fn a_long_poll_returns_as_soon_as_a_new_manifest_is_published() {
         "the long-poll was not woken"
     );
     assert_eq!(w.current().unwrap().1, fake_store_path("b"));
-    assert!(c.requests().iter().any(|r| r.target.ends_with("?wait=60")));
+    let long_poll = roost_common::wire::v1::http::long_poll_url("", support::NODE, 60);
+    assert!(c.requests().iter().any(|r| r.target == long_poll));
 }
 
 #[tokio::test]
