@@ -872,9 +872,11 @@ async fn the_daemon_serves_its_live_view_and_stops_on_shutdown() {
             .await
             .unwrap()
             .unwrap();
+        // The outcome is recorded before its report is sent: wait for both.
         if doc["daemon_running"] == true
             && doc["last_deploy"]["state"] == "success"
             && doc["next_poll"].is_string()
+            && !c.reports().is_empty()
         {
             break doc;
         }
