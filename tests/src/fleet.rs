@@ -193,8 +193,25 @@ impl Fleet {
 
     /// The agent's arguments for `node` (`run`, plus `--once` when asked).
     pub fn agent_args(&self, node: &Node, once: bool) -> Vec<String> {
-        let mut a = vec![
-            "run".to_owned(),
+        let mut a = vec!["run".to_owned()];
+        a.extend(self.config_args(node));
+        a.extend(["--interval".into(), self.interval.clone()]);
+        if once {
+            a.push("--once".into());
+        }
+        a
+    }
+
+    /// `roost-agent apply FILE` for `node` (`apply` takes no polling flags).
+    pub fn apply_args(&self, node: &Node, file: &Path) -> Vec<String> {
+        let mut a = vec!["apply".to_owned(), file.display().to_string()];
+        a.extend(self.config_args(node));
+        a
+    }
+
+    /// What every configured command of `node`'s agent is given.
+    fn config_args(&self, node: &Node) -> [String; 8] {
+        [
             "--coordinator".into(),
             node.coordinator_url(&self.coordinator),
             "--node".into(),
@@ -203,13 +220,7 @@ impl Fleet {
             self.keys.publisher_pub.display().to_string(),
             "--state-dir".into(),
             node.state_dir().display().to_string(),
-            "--interval".into(),
-            self.interval.clone(),
-        ];
-        if once {
-            a.push("--once".into());
-        }
-        a
+        ]
     }
 
     /// Starts every node's agent daemon.

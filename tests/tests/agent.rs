@@ -400,9 +400,7 @@ fn refused_manifests_change_nothing_but_the_report_queue() {
     for (name, bytes, why) in cases {
         let file = dir.path().join("m.json");
         std::fs::write(&file, &bytes).unwrap();
-        let mut args = f.agent_args(f.node(NODE), false);
-        args[0] = "apply".into();
-        args.insert(1, file.display().to_string());
+        let args = f.apply_args(f.node(NODE), &file);
         let o = f.node(NODE).run_agent(&args, &[]).unwrap();
         assert_eq!(o.status.code(), Some(1), "{name}");
         assert_eq!(

@@ -259,9 +259,7 @@ fn a_coordinator_outage_loses_no_report_and_keeps_systems_running() {
             .coordinator
             .state_dir
             .join(format!("manifests/v1/nodes/{n}/manifest"));
-        let mut args = f.agent_args(f.node(n), false);
-        args[0] = "apply".into();
-        args.insert(1, file.display().to_string());
+        let args = f.apply_args(f.node(n), &file);
         let out = f.node(n).run_agent(&args, &[]).unwrap();
         assert_eq!(
             out.status.code(),

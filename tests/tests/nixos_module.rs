@@ -460,3 +460,24 @@ fn coordinator_command_line_is_one_roost_coordinator_serve_accepts() {
     });
     assert!(line.contains("serving on http://127.0.0.1:"), "{line}");
 }
+
+#[test]
+fn an_apply_only_agent_without_coordinators_starts_no_daemon_and_no_timer() {
+    let e = setup(require!(prerequisites()));
+    let no_coordinator = |extra: &str| {
+        format!(
+            r#"{{ networking.hostName = "pi-kitchen";
+                 services.roost.agent = {{ enable = true; trustedKeys = [ "{}" ]; {extra} }}; }}"#,
+            e.key
+        )
+    };
+    let daemon = no_coordinator("");
+    let unit = service(&e, &daemon, "roost-agent");
+    assert!(strings(&unit["wantedBy"]).is_empty(), "{unit:#}");
+    let timer = no_coordinator(r#"mode = "timer";"#);
+    let timers = e.eval(&timer, "config.systemd.timers").unwrap();
+    assert!(timers.as_object().unwrap().is_empty(), "{timers:#}");
+    // The config is still valid for `apply`, and the agent is installed for it.
+    e.build(&daemon, "config.services.roost.agent.configFile")
+        .unwrap_or_else(|err| panic!("{err}"));
+}

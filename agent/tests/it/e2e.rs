@@ -569,3 +569,55 @@ fn sigterm_during_a_deploy_lets_it_finish_before_the_daemon_exits() {
     assert!(node.status()["pending"].is_null());
     assert_eq!(last(&c).state.as_str(), "success");
 }
+
+#[test]
+fn rollback_needs_no_publisher_key_and_an_unknown_profile_exits_2_changing_nothing() {
+    let f = require!(real_world());
+    let (c, node) = setup(f);
+    deploy_v1(&c, &node, f);
+    publish(&c, &node, f, 2, f.profile("v2", json!({})));
+    assert_eq!(node.once(&[]).status.code(), Some(0));
+    let dir = node.state_dir().display().to_string();
+    let before = support::snapshot_without_reports(&node.state_dir());
+    let out = node.run(
+        &[
+            "rollback",
+            "sytsem",
+            "--node",
+            support::NODE,
+            "--state-dir",
+            &dir,
+        ],
+        &[],
+    );
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{said}");
+    assert!(
+        said.contains("`sytsem`") && said.contains("system"),
+        "{said}"
+    );
+    assert_eq!(support::snapshot_without_reports(&node.state_dir()), before);
+    assert_eq!(node.system(), Some((2, f.get("v2").path.clone())));
+    // The real thing, with only the node and its state folder: back to generation 1.
+    let out = node.run(
+        &[
+            "rollback",
+            "system",
+            "--node",
+            support::NODE,
+            "--state-dir",
+            &dir,
+        ],
+        &[],
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        node.system().map(|(_, p)| p),
+        Some(f.get("v1").path.clone())
+    );
+}
