@@ -204,3 +204,25 @@ async fn a_bad_stale_duration_is_bad_usage() {
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
 }
+
+#[tokio::test]
+async fn a_bad_ca_certificate_or_coordinator_url_is_bad_usage_exit_2() {
+    let f = Fleet::new().await;
+    let dir = tempfile::tempdir().unwrap();
+    let not_pem = dir.path().join("ca.pem");
+    std::fs::write(&not_pem, "not a certificate").unwrap();
+    let missing = dir.path().join("missing.pem");
+    for ca in [&not_pem, &missing] {
+        let (code, _, err) = f.status(&["--ca-cert", &ca.display().to_string()]).await;
+        assert_eq!(code, Some(2), "{err}");
+        assert!(err.contains(&ca.display().to_string()), "{err}");
+    }
+    let out = tokio::process::Command::new(BIN)
+        .args(["status", "--coordinator", "roost.example.org:8080"])
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("roost.example.org:8080"));
+    f.server.stop().await.unwrap();
+}
