@@ -11,6 +11,7 @@ use std::process::{Command, Output};
 use std::time::Duration;
 
 use roost_common::nix::Nix;
+use roost_common::wire::v1::http as v1;
 use roost_common::wire::v1::{Activation, HealthCheck, Manifest};
 use roost_common::{Accepted, Identity, SecretKey, Timestamp, TrustedKeys, verify_manifest};
 use roost_coordinator::publish::{
@@ -247,12 +248,12 @@ impl Fleet {
 }
 
 fn manifest_file(out: &Path, node: &str) -> PathBuf {
-    out.join("v1/nodes").join(node).join("manifest")
+    out.join(v1::manifest_file(node))
 }
 
 /// Every manifest under `out`, by node.
 fn layout(out: &Path) -> BTreeMap<String, Vec<u8>> {
-    let Ok(dir) = std::fs::read_dir(out.join("v1/nodes")) else {
+    let Ok(dir) = std::fs::read_dir(out.join(v1::nodes_dir())) else {
         return BTreeMap::new();
     };
     dir.filter_map(|e| {
@@ -547,7 +548,7 @@ async fn all_or_nothing_publishes_nothing_when_one_node_fails() {
         assert_eq!(result_of(&report, n), "skipped");
     }
     assert_eq!(layout(&out), before, "every previous manifest is intact");
-    let leftovers: Vec<_> = std::fs::read_dir(out.join("v1/nodes/db"))
+    let leftovers: Vec<_> = std::fs::read_dir(out.join(v1::nodes_dir()).join("db"))
         .unwrap()
         .map(|e| e.unwrap().file_name())
         .collect();
@@ -668,7 +669,7 @@ async fn out_and_to_produce_byte_identical_envelope_layouts() {
     let files = layout(&out);
     assert_eq!(files.len(), 3);
     for (node, bytes) in &files {
-        let served = reqwest::get(format!("{}/v1/nodes/{node}/manifest", server.url()))
+        let served = reqwest::get(v1::manifest_url(&server.url(), node))
             .await
             .unwrap()
             .bytes()
@@ -910,7 +911,7 @@ async fn an_upload_token_from_the_environment_lets_nix_copy_into_the_coordinator
     .await
     .unwrap();
     let url = server.url();
-    let cache = format!("{url}/cache");
+    let cache = v1::cache_url(&url);
     let cache_key = fleet.cache_key_file.clone();
     let run_with = |token: Option<&'static str>| {
         let (flake, key, url, cache, cache_key) = (
@@ -1031,7 +1032,7 @@ async fn a_node_whose_closure_the_cache_refuses_is_reported_and_the_others_publi
         netrc.display().to_string(),
     ]);
     let mut opts = fleet.options(&[], Destination::Coordinator(server.url()));
-    opts.cache = Some(format!("{}/cache", server.url()));
+    opts.cache = Some(v1::cache_url(&server.url()));
     let report = publish(&opts, &nix).await.unwrap();
     let big = report.node("big").unwrap();
     assert_eq!(big.result, "failed", "{report:#?}");
@@ -1043,7 +1044,7 @@ async fn a_node_whose_closure_the_cache_refuses_is_reported_and_the_others_publi
     for n in ["db", "kiosk", "web.prod"] {
         assert_eq!(result_of(&report, n), "published");
     }
-    let big_manifest = reqwest::get(format!("{}/v1/nodes/big/manifest", server.url()))
+    let big_manifest = reqwest::get(v1::manifest_url(&server.url(), "big"))
         .await
         .unwrap();
     assert_eq!(

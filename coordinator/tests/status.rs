@@ -2,6 +2,7 @@
 
 use std::time::Duration;
 
+use roost_common::wire::v1::http as v1;
 use roost_common::wire::v1::{HealthResult, ReportState};
 use roost_common::{SecretKey, TrustedKeys};
 use roost_coordinator::serve::{Running, ServerConfig, start};
@@ -36,7 +37,7 @@ impl Fleet {
         let node_key = SecretKey::generate(node).unwrap();
         let env = sealed(&self.publisher, &manifest(node, 1, Some(&node_key)));
         let r = reqwest::Client::new()
-            .put(format!("{}/v1/nodes/{node}/manifest", self.server.url()))
+            .put(v1::manifest_url(&self.server.url(), node))
             .body(env)
             .send()
             .await
@@ -54,7 +55,7 @@ impl Fleet {
         }];
         let env = seal_report(&r, key);
         let resp = reqwest::Client::new()
-            .post(format!("{}/v1/nodes/{node}/reports", self.server.url()))
+            .post(v1::reports_url(&self.server.url(), node))
             .body(env)
             .send()
             .await

@@ -7,6 +7,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
+use roost_common::wire::v1::http as v1;
 use serde_json::Value;
 
 use crate::{Bridge, Coordinator, Keys, Node, TempDir, bin, repo_root, run, wait_for};
@@ -182,8 +183,8 @@ impl Fleet {
         cmd.args(["--key"])
             .arg(&self.keys.publisher_sec)
             .args(["--to", &self.coordinator.url()])
-            .args(["--cache", &format!("{}/cache", self.coordinator.url())])
-            .args(["--substituter", &format!("{}/cache", self.node_url())])
+            .args(["--cache", &v1::cache_url(&self.coordinator.url())])
+            .args(["--substituter", &v1::cache_url(&self.node_url())])
             .arg("--cache-key")
             .arg(&self.keys.cache_sec)
             .arg("--json")

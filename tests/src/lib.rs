@@ -13,6 +13,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
+use roost_common::wire::v1::http as v1;
 use serde_json::Value;
 
 pub use tempfile::TempDir;
@@ -215,7 +216,7 @@ impl Coordinator {
             .spawn()
             .context("starting roost-coordinator serve")?;
         self.child = Some(child);
-        let url = format!("{}/v1/fleet", self.url());
+        let url = v1::fleet_url(&self.url());
         let port = self.port;
         let tls = self.tls;
         wait_for("the coordinator to answer", Duration::from_secs(20), || {
@@ -277,9 +278,8 @@ impl Coordinator {
 
     /// `GET /v1/fleet`.
     pub fn fleet(&self) -> anyhow::Result<Value> {
-        Ok(serde_json::from_slice(&http_get(&format!(
-            "{}/v1/fleet",
-            self.url()
+        Ok(serde_json::from_slice(&http_get(&v1::fleet_url(
+            &self.url(),
         ))?)?)
     }
 

@@ -10,6 +10,7 @@ use std::time::Duration;
 use base64::Engine;
 use roost_common::SecretKey;
 use roost_common::envelope::{Context, Envelope};
+use roost_common::wire::v1::http as v1;
 use roost_tests::fleet::{Settings, tail};
 use roost_tests::{Fleet, http_get, preflight, require, wait_for};
 use serde_json::{Value, json};
@@ -311,7 +312,7 @@ fn snapshot(dir: &Path) -> BTreeMap<String, Vec<u8>> {
 fn refused_manifests_change_nothing_but_the_report_queue() {
     require!(preflight());
     let (f, v1, path) = converged(Settings::default());
-    let current = http_get(&format!("{}/v1/nodes/{NODE}/manifest", f.coordinator.url())).unwrap();
+    let current = http_get(&v1::manifest_url(&f.coordinator.url(), NODE)).unwrap();
     let env: Envelope = serde_json::from_slice(&current).unwrap();
     let payload: Value = serde_json::from_slice(
         &base64::engine::general_purpose::STANDARD

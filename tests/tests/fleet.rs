@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
+use roost_common::wire::v1::http as v1;
 use roost_tests::fleet::{Settings, tail};
 use roost_tests::{Fleet, http_get, preflight, require, wait_for};
 use serde_json::Value;
@@ -53,11 +54,7 @@ fn at(f: &Fleet, node: &str) -> Option<String> {
 }
 
 fn history(f: &Fleet, node: &str) -> Vec<Value> {
-    let body = http_get(&format!(
-        "{}/v1/nodes/{node}/reports?limit=10000",
-        f.coordinator.url()
-    ))
-    .unwrap();
+    let body = http_get(&v1::report_history_url(&f.coordinator.url(), node, 10_000)).unwrap();
     let v: Value = serde_json::from_slice(&body).unwrap();
     v["reports"].as_array().cloned().unwrap_or_default()
 }
@@ -258,7 +255,8 @@ fn a_coordinator_outage_loses_no_report_and_keeps_systems_running() {
         let file = f
             .coordinator
             .state_dir
-            .join(format!("manifests/v1/nodes/{n}/manifest"));
+            .join("manifests")
+            .join(v1::manifest_file(n));
         let args = f.apply_args(f.node(n), &file);
         let out = f.node(n).run_agent(&args, &[]).unwrap();
         assert_eq!(

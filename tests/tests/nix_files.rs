@@ -232,7 +232,7 @@ fn the_offline_example_evaluates_and_publishes_verifiable_manifests() {
 
     let trusted = TrustedKeys::new([PublicKey::read_file(&public).unwrap()], 1);
     for node in ["laptop", "pi-kitchen", "pi-garage"] {
-        let file = dest.join(format!("v1/nodes/{node}/manifest"));
+        let file = dest.join(roost_common::wire::v1::http::manifest_file(node));
         let bytes = std::fs::read(&file)
             .unwrap_or_else(|e| panic!("{}: {e}\npublish said: {summary:#}", file.display()));
         let name: NodeName = node.parse().unwrap();

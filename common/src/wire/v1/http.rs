@@ -69,6 +69,14 @@ pub fn reports_url(base: &str, node: impl Display) -> String {
     format!("{base}{}", reports_path(node))
 }
 
+/// The query parameter of a report-history GET: `?limit=N`, newest first.
+pub const LIMIT_PARAM: &str = "limit";
+
+/// `BASE/v1/nodes/NODE/reports?limit=N`: the newest `limit` reports.
+pub fn report_history_url(base: &str, node: impl Display, limit: u64) -> String {
+    format!("{}?{LIMIT_PARAM}={limit}", reports_url(base, node))
+}
+
 /// `BASE/v1/fleet`.
 pub fn fleet_url(base: &str) -> String {
     format!("{base}{}", route::FLEET)
@@ -142,6 +150,10 @@ mod tests {
         assert_eq!(
             reports_url(base, "pi"),
             "https://roost.example.org/v1/nodes/pi/reports"
+        );
+        assert_eq!(
+            report_history_url(base, "pi", 10),
+            "https://roost.example.org/v1/nodes/pi/reports?limit=10"
         );
         assert_eq!(fleet_url(base), "https://roost.example.org/v1/fleet");
         assert_eq!(cache_url(base), "https://roost.example.org/cache");

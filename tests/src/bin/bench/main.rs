@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use roost_common::envelope::{Context as Ctx, Envelope};
+use roost_common::wire::v1::http as api;
 use roost_common::wire::v1::{self, Manifest, Profile, Report, ReportState};
 use roost_common::{SecretKey, Timestamp, Version};
 use roost_tests::http::{Conn, Latencies};
@@ -255,7 +256,7 @@ async fn upload(
                 let r = c
                     .request(
                         "PUT",
-                        &format!("/v1/nodes/{node}/manifest"),
+                        &api::manifest_path(&node),
                         &[("Content-Type", "application/json")],
                         &env,
                     )
@@ -280,12 +281,7 @@ async fn learn_etags(fleet: &Arc<Fleet>) -> anyhow::Result<()> {
     let mut c = Conn::connect(&fleet.addr).await?;
     for i in 0..fleet.node_keys.len() {
         let r = c
-            .request(
-                "GET",
-                &format!("/v1/nodes/{}/manifest", node_name(i)),
-                &[],
-                &[],
-            )
+            .request("GET", &api::manifest_path(node_name(i)), &[], &[])
             .await?;
         let etag = r
             .etag
@@ -375,7 +371,7 @@ async fn capacity(nodes: usize, conns: usize, seconds: u64) -> anyhow::Result<()
                     let r = c
                         .request(
                             "POST",
-                            &format!("/v1/nodes/{}/reports", node_name(i)),
+                            &api::reports_path(node_name(i)),
                             &[("Content-Type", "application/json")],
                             &body,
                         )
@@ -395,7 +391,7 @@ async fn capacity(nodes: usize, conns: usize, seconds: u64) -> anyhow::Result<()
                     let r = c
                         .request(
                             "GET",
-                            &format!("/v1/nodes/{}/manifest", node_name(i)),
+                            &api::manifest_path(node_name(i)),
                             &[("If-None-Match", &etag)],
                             &[],
                         )
@@ -435,7 +431,7 @@ async fn capacity(nodes: usize, conns: usize, seconds: u64) -> anyhow::Result<()
 
     // The fleet views over every node (what a dashboard or Prometheus scrape costs).
     let mut c = Conn::connect(&fleet.addr).await?;
-    for path in ["/v1/fleet", "/metrics"] {
+    for path in [api::route::FLEET, api::route::METRICS] {
         let rss0 = rss_kib(pid);
         let cpu0 = cpu_ms(pid);
         let t = Instant::now();
@@ -459,7 +455,7 @@ async fn capacity(nodes: usize, conns: usize, seconds: u64) -> anyhow::Result<()
         let mut c = Conn::connect(&fleet.addr).await?;
         let etag = fleet.etags[i].lock().unwrap().clone();
         c.send_only(
-            &format!("/v1/nodes/{}/manifest?wait=300", node_name(i)),
+            &api::long_poll_url("", node_name(i), api::MAX_WAIT_S),
             &[("If-None-Match", &etag)],
         )
         .await?;
@@ -571,7 +567,7 @@ fn publish_scaling(sizes: &str, baseline_max: usize) -> anyhow::Result<()> {
                 .arg("--json"),
         )?;
         let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
-        let published = std::fs::read_dir(out_dir.join("v1/nodes"))
+        let published = std::fs::read_dir(out_dir.join(api::nodes_dir()))
             .map(|d| d.count())
             .unwrap_or(0);
         // Baseline: one `nix eval` per node, as per-host tools do; capped, then extrapolated.
@@ -606,12 +602,16 @@ fn metric(text: &str, prefix: &str) -> u64 {
 
 fn conditional_gets_304(coordinator: &roost_tests::Coordinator) -> u64 {
     let text = String::from_utf8(
-        roost_tests::http_get(&format!("{}/metrics", coordinator.url())).unwrap_or_default(),
+        roost_tests::http_get(&format!("{}{}", coordinator.url(), api::route::METRICS))
+            .unwrap_or_default(),
     )
     .unwrap_or_default();
     metric(
         &text,
-        "roost_http_requests_total{route=\"GET /v1/nodes/{node}/manifest\",status=\"304\"}",
+        &format!(
+            "roost_http_requests_total{{route=\"GET {}\",status=\"304\"}}",
+            api::route::MANIFEST
+        ),
     )
 }
 
