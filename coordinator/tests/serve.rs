@@ -66,7 +66,7 @@ async fn serving_n1(
 
 async fn put(url: &str, node: &str, body: Vec<u8>) -> (u16, Value) {
     let r = reqwest::Client::new()
-        .put(v1::manifest_url(&url, node))
+        .put(v1::manifest_url(url, node))
         .body(body)
         .send()
         .await
@@ -77,7 +77,7 @@ async fn put(url: &str, node: &str, body: Vec<u8>) -> (u16, Value) {
 
 async fn post_report(url: &str, node: &str, body: Vec<u8>) -> (u16, Value) {
     let r = reqwest::Client::new()
-        .post(v1::reports_url(&url, node))
+        .post(v1::reports_url(url, node))
         .body(body)
         .send()
         .await
