@@ -185,7 +185,7 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
 /// A value in `[d·0.8, d·1.2]`, so a fleet does not poll in lockstep.
 pub fn jitter(d: Duration) -> Duration {
     let mut b = [0u8; 8];
-    if getrandom(&mut b).is_err() {
+    if getrandom::fill(&mut b).is_err() {
         // No randomness: fall back on the clock's nanoseconds, still spread across nodes.
         let n = SystemTime::now()
             .duration_since(SystemTime::UNIX_EPOCH)
@@ -195,11 +195,6 @@ pub fn jitter(d: Duration) -> Duration {
     }
     let r = (u64::from_le_bytes(b) % 4001) as f64 / 10_000.0; // 0.0 ..= 0.4
     d.mul_f64(0.8 + r)
-}
-
-fn getrandom(b: &mut [u8]) -> std::io::Result<()> {
-    use std::io::Read;
-    std::fs::File::open("/dev/urandom")?.read_exact(b)
 }
 
 /// Delay after `failures` consecutive failed polls: 5 s, 10 s, 20 s … capped at 1 h.
