@@ -12,6 +12,7 @@ use axum::extract::{Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::IntoResponse;
 use base64::Engine;
+use roost_common::wire::v1::http::{MAX_CACHE_FILE_BYTES, route};
 
 use super::error::{ApiError, ApiResult};
 use super::server::App;
@@ -69,9 +70,6 @@ pub fn content_type(path: &Path) -> &'static str {
     }
 }
 
-/// Largest upload for anything but a NAR or a build log.
-const MAX_SMALL_FILE: u64 = 1 << 20;
-
 /// The token from `Authorization: Bearer T` or the password of `Authorization: Basic`
 /// (any user name), which is what Nix sends from a netrc file.
 fn given_token(headers: &HeaderMap) -> Option<String> {
@@ -115,7 +113,9 @@ fn check_token(app: &App, headers: &HeaderMap) -> Result<(), ApiError> {
 
 /// The raw, still percent-encoded part of the request path after `/cache/`.
 fn raw_cache_path(req_path: &str) -> &str {
-    req_path.strip_prefix("/cache/").unwrap_or("")
+    req_path
+        .strip_prefix(route::CACHE.trim_end_matches("{*path}"))
+        .unwrap_or("")
 }
 
 fn resolve_request(app: &App, raw: &str) -> Result<PathBuf, ApiError> {
@@ -172,7 +172,7 @@ pub(super) async fn put_cache(State(app): State<Arc<App>>, req: Request) -> ApiR
     let limit = if raw.starts_with("nar/") || raw.starts_with("log/") {
         app.cfg.max_nar_bytes
     } else {
-        MAX_SMALL_FILE
+        MAX_CACHE_FILE_BYTES
     };
     let declared = req
         .headers()

@@ -32,6 +32,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::Watcher;
 use hyper_util::service::TowerToHyperService;
+use roost_common::wire::v1::http as v1;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::time::Instant;
 
@@ -323,8 +324,8 @@ fn poll_step(app: &App, req: &httparse::Request<'_, '_>, bodiless: bool) -> Opti
 /// repeated `wait`): axum decides those.
 fn manifest_target(target: &str) -> Option<(&str, Option<u64>)> {
     let (path, query) = target.split_once('?').unwrap_or((target, ""));
-    let node = path.strip_prefix("/v1/nodes/")?.strip_suffix("/manifest")?;
-    if node.is_empty() || node.contains(['/', '%']) {
+    let node = v1::manifest_node(path)?;
+    if node.contains('%') {
         return None;
     }
     let mut wait = None;
@@ -333,7 +334,7 @@ fn manifest_target(target: &str) -> Option<(&str, Option<u64>)> {
             return None;
         }
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        if k == "wait" {
+        if k == v1::WAIT_PARAM {
             if wait.is_some() {
                 return None;
             }

@@ -17,6 +17,7 @@ use base64::Engine;
 use roost_common::envelope::{self, Context};
 use roost_common::verify::{self, Accepted, Floor, Identity, Rejection};
 use roost_common::wire::v1::Manifest;
+use roost_common::wire::v1::http as v1;
 use roost_common::{Envelope, EnvelopeError, NodeName, Timestamp};
 use serde::Deserialize;
 use tokio::sync::watch;
@@ -70,7 +71,7 @@ impl Slot {
 
 /// The ETag of a manifest version: the version, quoted.
 fn etag_for(version: u64) -> HeaderValue {
-    HeaderValue::from_str(&format!("\"{version}\"")).expect("digits are a valid header")
+    HeaderValue::from_str(&v1::manifest_etag(version)).expect("digits are a valid header")
 }
 
 /// Whether any `If-None-Match` value names `etag` (or `*`).
@@ -78,12 +79,9 @@ pub(super) fn matches_etag<'a>(
     values: impl IntoIterator<Item = &'a [u8]>,
     etag: &HeaderValue,
 ) -> bool {
-    let want = etag.as_bytes();
-    values.into_iter().any(|v| {
-        v.split(|&b| b == b',')
-            .map(|t| t.trim_ascii())
-            .any(|t| t == b"*" || t == want || t.strip_prefix(b"W/") == Some(want))
-    })
+    values
+        .into_iter()
+        .any(|v| v1::etag_matches(v, etag.as_bytes()))
 }
 
 /// What a manifest GET answers: the envelope, or "not modified".

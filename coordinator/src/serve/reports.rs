@@ -20,8 +20,7 @@ use super::error::{ApiError, ApiResult};
 use super::server::{App, parse_node, read_body};
 use super::store::{NewReport, SeqRefused};
 
-/// Largest report envelope accepted.
-pub const MAX_REPORT_BYTES: usize = 64 * 1024;
+pub use roost_common::wire::v1::http::MAX_REPORT_BYTES;
 
 /// The key a report claims for itself, read without verifying (only for trust on first use).
 fn claimed_key(bytes: &[u8]) -> Option<PublicKey> {

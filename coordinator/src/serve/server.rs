@@ -17,7 +17,8 @@ use axum::http::{StatusCode, header::HeaderName};
 use axum::middleware::Next;
 use axum::response::Response;
 use axum::routing::get;
-use roost_common::{NodeName, TrustedKeys, envelope};
+use roost_common::wire::v1::http as v1;
+use roost_common::{NodeName, TrustedKeys};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
@@ -29,13 +30,12 @@ use super::{cache, fleet, manifests, reports};
 
 /// Tells agents this server holds `?wait=S` polls open, and for how long at most (static
 /// hosts do not send it).
-pub const LONG_POLL: HeaderName = HeaderName::from_static("roost-long-poll");
+pub const LONG_POLL: HeaderName = HeaderName::from_static(v1::LONG_POLL_HEADER);
 
-/// Longest long-poll a client may ask for, in seconds.
-pub const MAX_WAIT_S: u64 = 300;
+pub use v1::MAX_WAIT_S;
 
 /// The route of a node's manifest (the connection front answers most requests to it).
-pub(super) const MANIFEST_ROUTE: &str = "/v1/nodes/{node}/manifest";
+pub(super) const MANIFEST_ROUTE: &str = v1::route::MANIFEST;
 
 /// What the server needs, loaded and validated.
 #[derive(Debug, Clone)]
@@ -64,7 +64,7 @@ impl ServerConfig {
             state_dir: state_dir.into(),
             publishers,
             upload_token: None,
-            max_nar_bytes: 8 << 30,
+            max_nar_bytes: v1::DEFAULT_MAX_NAR_BYTES,
             header_timeout: Duration::from_secs(30),
             body_timeout: Duration::from_secs(60),
             shutdown_grace: Duration::from_secs(30),
@@ -219,24 +219,24 @@ fn router(app: Arc<App>) -> Router {
             MANIFEST_ROUTE,
             get(manifests::get_manifest)
                 .put(manifests::put_manifest)
-                .layer(DefaultBodyLimit::max(envelope::MAX_ENVELOPE_BYTES)),
+                .layer(DefaultBodyLimit::max(v1::MAX_MANIFEST_BYTES)),
         )
         .route(
-            "/v1/nodes/{node}/reports",
+            v1::route::REPORTS,
             get(reports::get_reports)
                 .post(reports::post_report)
                 .layer(DefaultBodyLimit::max(reports::MAX_REPORT_BYTES)),
         )
-        .route("/v1/fleet", get(fleet::get_fleet))
-        .route("/metrics", get(fleet::get_metrics))
+        .route(v1::route::FLEET, get(fleet::get_fleet))
+        .route(v1::route::METRICS, get(fleet::get_metrics))
         .route(
-            "/cache/{*path}",
+            v1::route::CACHE,
             get(cache::get_cache)
                 .put(cache::put_cache)
                 .layer(DefaultBodyLimit::disable()),
         )
         .fallback(|| async {
-            ApiError::not_found("not_found", "no such endpoint; see DESIGN.md §5")
+            ApiError::not_found("not_found", "no such endpoint; see docs/protocol.md §6")
         })
         .layer(axum::middleware::from_fn(json_errors))
         .layer(axum::middleware::from_fn_with_state(

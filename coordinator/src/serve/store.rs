@@ -5,8 +5,12 @@
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
+use roost_common::wire::v1::http as v1;
 use roost_common::{NodeName, PublicKey};
 use rusqlite::{Connection, OptionalExtension, params};
+
+/// The manifests' folder in the state folder; below it, the static layout of `publish --out`.
+const MANIFESTS: &str = "manifests";
 
 /// What can go wrong with the state folder.
 #[derive(Debug, thiserror::Error)]
@@ -92,7 +96,7 @@ pub struct Store {
 impl Store {
     /// Opens (creating when needed) the state folder.
     pub fn open(root: &Path) -> Result<Self, StoreError> {
-        std::fs::create_dir_all(root.join("manifests/v1/nodes")).map_err(io(root))?;
+        std::fs::create_dir_all(root.join(MANIFESTS).join(v1::nodes_dir())).map_err(io(root))?;
         std::fs::create_dir_all(root.join("cache/nar")).map_err(io(root))?;
         let db = Connection::open(root.join("coordinator.sqlite"))?;
         db.execute_batch(
@@ -126,15 +130,12 @@ impl Store {
 
     /// Where `node`'s manifest lives.
     pub fn manifest_path(&self, node: &NodeName) -> PathBuf {
-        self.root
-            .join("manifests/v1/nodes")
-            .join(node.as_str())
-            .join("manifest")
+        self.root.join(MANIFESTS).join(v1::manifest_file(node))
     }
 
     /// Every stored manifest: (node, envelope bytes).
     pub fn load_manifests(&self) -> Result<Vec<(NodeName, Vec<u8>)>, StoreError> {
-        let dir = self.root.join("manifests/v1/nodes");
+        let dir = self.root.join(MANIFESTS).join(v1::nodes_dir());
         let mut out = Vec::new();
         for e in std::fs::read_dir(&dir).map_err(io(&dir))? {
             let e = e.map_err(io(&dir))?;
