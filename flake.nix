@@ -101,6 +101,8 @@
           tests = pkgs.callPackage ./nix/package.nix {
             crate = "roost-agent";
             withTests = true;
+            # The module and example-fleet evaluations, as `.ci/run` runs them.
+            nixpkgsLib = "${nixpkgs}/lib";
           };
 
           clippy = packages.roost-agent.overrideAttrs (old: {

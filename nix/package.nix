@@ -7,8 +7,11 @@
   rustPlatform,
   crate,
   # Run the workspace's tests in the build (the flake's `checks.tests`); tests that need Nix,
-  # root or namespaces skip themselves in the sandbox.
+  # root or namespaces skip themselves, loudly, in the sandbox (where `CI` is not set).
   withTests ? false,
+  # nixpkgs' `lib` folder for the NixOS-module and example-fleet evaluations
+  # (`ROOST_NIXPKGS_LIB`, as `.ci/run` sets it); the flake passes `${nixpkgs}/lib`.
+  nixpkgsLib ? null,
 }:
 
 let
@@ -22,7 +25,14 @@ let
       ../agent
       ../coordinator
       ../tests
+      ../preflight
       ../examples/offline
+    ]
+    # What the tests read besides the crates: the modules, the Nix helpers, the examples.
+    ++ lib.optionals withTests [
+      ../nixos-module
+      ../nix
+      ../examples
     ];
   };
 in
@@ -38,6 +48,7 @@ rustPlatform.buildRustPackage {
   ];
   doCheck = withTests;
   cargoTestFlags = [ "--workspace" ];
+  env = lib.optionalAttrs (nixpkgsLib != null) { ROOST_NIXPKGS_LIB = nixpkgsLib; };
 
   meta = {
     description =

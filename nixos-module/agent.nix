@@ -42,6 +42,9 @@ let
   canRunAgent = (pkgs.stdenv.buildPlatform.canExecute or (_: true)) pkgs.stdenv.hostPlatform;
 
   daemon = cfg.mode == "daemon";
+  # Without a coordinator there is nothing to poll (`roost-agent run` refuses with exit 2):
+  # the node only applies manifests given to `roost-agent apply`, so nothing starts the unit.
+  polls = (generated.coordinators or [ ]) != [ ];
 in
 {
   options.services.roost.agent = {
@@ -61,7 +64,8 @@ in
       description = ''
         Coordinator base URLs, tried in order. Also a static folder written by
         `roost-coordinator publish --out` behind any web server (no long-poll, no reports there).
-        Empty: the node only applies manifests given to `roost-agent apply`.
+        Empty: the node only applies manifests given to `roost-agent apply`, and neither the
+        daemon nor the timer is started.
       '';
     };
 
@@ -201,7 +205,7 @@ in
       description = "roost agent: pull-based deployments";
       wants = [ "network-online.target" ];
       after = [ "network-online.target" ];
-      wantedBy = lib.mkIf daemon [ "multi-user.target" ];
+      wantedBy = lib.mkIf (daemon && polls) [ "multi-user.target" ];
       # nix-store and nix-env for realising and switching; systemd-run is on the default path.
       path = [ config.nix.package ];
       # A switch must not stop or restart the agent that is performing it: the new unit
@@ -241,7 +245,7 @@ in
         );
     };
 
-    systemd.timers.roost-agent = lib.mkIf (!daemon) {
+    systemd.timers.roost-agent = lib.mkIf (!daemon && polls) {
       description = "roost agent: poll and deploy";
       wantedBy = [ "timers.target" ];
       timerConfig = {

@@ -579,14 +579,13 @@ mod tests {
 
     #[tokio::test]
     async fn a_command_runs_as_the_named_user() {
-        if !running_as_root() {
-            eprintln!("SKIP a_command_runs_as_the_named_user: needs root to switch users");
-            return;
-        }
-        let Ok(Some(nobody)) = ::nix::unistd::User::from_name("nobody") else {
-            eprintln!("SKIP a_command_runs_as_the_named_user: no user `nobody`");
-            return;
-        };
+        roost_preflight::require!(roost_preflight::root("switching users"));
+        let nobody = roost_preflight::require!(
+            ::nix::unistd::User::from_name("nobody")
+                .ok()
+                .flatten()
+                .ok_or("there is no user `nobody` to switch to")
+        );
         let dir = tempfile::tempdir().unwrap();
         std::fs::set_permissions(
             dir.path(),

@@ -40,10 +40,22 @@ pub enum Cmd {
     ///
     /// The daemon recovers an interrupted deploy first, then tells systemd it is ready,
     /// polls (long-polls where the coordinator offers it) and applies, rolling back on
-    /// failure. Set `ROOST_FAULT=<phase>[:pause]` in debug builds to inject crashes.
+    /// failure. Needs at least one coordinator (exit 2 without).
+    // The fault-injection variable exists in debug builds only, so only they mention it.
+    #[cfg_attr(
+        debug_assertions,
+        command(
+            after_help = "Debug build: ROOST_FAULT=<phase>[:pause] kills (or pauses) the agent \
+                              at that phase, for crash tests."
+        )
+    )]
     Run {
         #[command(flatten)]
         cfg: ConfigArgs,
+        #[command(flatten)]
+        trust: TrustArgs,
+        #[command(flatten)]
+        poll: PollArgs,
         /// Poll and apply once, then exit: 0 when converged or there is nothing to do,
         /// 1 when the manifest was rejected, the deploy failed, was rolled back or deferred,
         /// or no coordinator answered.
@@ -68,10 +80,12 @@ pub enum Cmd {
         file: PathBuf,
         #[command(flatten)]
         cfg: ConfigArgs,
+        #[command(flatten)]
+        trust: TrustArgs,
     },
     /// Put a profile back at its previous generation (every profile of the manifest when
     /// none is named), re-run that generation's activation, quarantine the version so it is
-    /// not re-applied, and report it. Stop the daemon first.
+    /// not re-applied, and report it. Stop the daemon first. An unknown profile exits 2.
     Rollback {
         /// The profile's name in the manifest, e.g. `system`.
         profile: Option<String>,
@@ -91,6 +105,10 @@ pub enum Cmd {
     CheckConfig {
         #[command(flatten)]
         cfg: ConfigArgs,
+        #[command(flatten)]
+        trust: TrustArgs,
+        #[command(flatten)]
+        poll: PollArgs,
     },
 }
 
@@ -131,21 +149,35 @@ impl StateArgs {
     }
 }
 
-/// Every configuration key as a flag; flags override the `--config` file.
+/// The configuration keys every configured command uses, as flags; flags override the
+/// `--config` file. [`TrustArgs`] and [`PollArgs`] hold the keys only some commands use.
 #[derive(Debug, Args)]
 pub struct ConfigArgs {
-    /// A JSON config file with the same keys as these flags: coordinators, node, system,
+    /// The agent's JSON config file; flags override its keys (coordinators, node, system,
     /// trusted_keys, threshold, state_dir, interval, build_policy, long_poll,
-    /// realise_timeout, extra_substituters, extra_trusted_public_keys
-    /// [default: /etc/roost/agent.json when it exists].
+    /// realise_timeout, extra_substituters, extra_trusted_public_keys, ca_certs; a command
+    /// uses those it needs) [default: /etc/roost/agent.json when it exists].
     #[arg(long, env = "ROOST_CONFIG")]
     config: Option<PathBuf>,
-    /// Coordinator base URL (http:// or https://); repeat for fallbacks, tried in order.
+    /// Coordinator base URL (http:// or https://) to poll and send reports to; repeat for
+    /// fallbacks, tried in order.
     #[arg(long = "coordinator", value_name = "URL")]
     coordinators: Vec<String>,
     /// This node's name, as in the flake's `deploy.nodes` [default: hostname].
     #[arg(long)]
     node: Option<String>,
+    /// The state folder [default: /var/lib/roost].
+    #[arg(long, value_name = "DIR")]
+    state_dir: Option<PathBuf>,
+    /// A CA certificate (PEM) to trust for HTTPS coordinators behind a private CA, besides
+    /// the web PKI roots; repeat for several.
+    #[arg(long = "ca-cert", value_name = "PEM")]
+    ca_certs: Vec<PathBuf>,
+}
+
+/// What commands that verify and apply manifests (`run`, `apply`) also use.
+#[derive(Debug, Args)]
+pub struct TrustArgs {
     /// This node's Nix system; manifests for another are refused [default: the agent's own,
     /// e.g. x86_64-linux].
     #[arg(long)]
@@ -157,49 +189,67 @@ pub struct ConfigArgs {
     /// How many distinct trusted keys must sign a manifest [default: 1].
     #[arg(long, value_name = "N")]
     threshold: Option<usize>,
-    /// The state folder [default: /var/lib/roost].
-    #[arg(long, value_name = "DIR")]
-    state_dir: Option<PathBuf>,
-    /// Time between polls when the coordinator does not hold them open, ± 20 %, e.g. 30s,
-    /// 5min [default: 5min].
-    #[arg(long, value_name = "DURATION")]
-    interval: Option<String>,
     /// Whether the node may build: only substitute, build from drv_path when substitution
     /// fails, or always build [default: fallback].
     #[arg(long, value_enum)]
     build_policy: Option<BuildPolicy>,
+}
+
+/// What only the polling command (`run`) also uses.
+#[derive(Debug, Args)]
+pub struct PollArgs {
+    /// Time between polls when the coordinator does not hold them open, ± 20 %, e.g. 30s,
+    /// 5min [default: 5min].
+    #[arg(long, value_name = "DURATION")]
+    interval: Option<String>,
     /// Never hold polls open, even where the coordinator offers it.
     #[arg(long)]
     no_long_poll: bool,
-    /// A CA certificate (PEM) to trust for HTTPS coordinators behind a private CA, besides
-    /// the web PKI roots; repeat for several.
-    #[arg(long = "ca-cert", value_name = "PEM")]
-    ca_certs: Vec<PathBuf>,
 }
 
 impl ConfigArgs {
-    /// Merges the file and the flags and validates them.
-    pub fn resolve(self) -> Result<Config, String> {
+    /// Merges the file and the flags; `trust` and `poll` are the command's other flags, when
+    /// it takes them.
+    fn merge(self, trust: Option<TrustArgs>, poll: Option<PollArgs>) -> Result<ConfigFile, String> {
         let mut f = config_file(&self.config)?;
         if !self.coordinators.is_empty() {
             f.coordinators = self.coordinators;
         }
-        if !self.trusted_keys.is_empty() {
-            f.trusted_keys = self.trusted_keys;
-        }
         f.node = self.node.or(f.node);
-        f.system = self.system.or(f.system);
-        f.threshold = self.threshold.or(f.threshold);
         f.state_dir = self.state_dir.or(f.state_dir);
-        f.interval = self.interval.or(f.interval);
-        f.build_policy = self.build_policy.or(f.build_policy);
-        if self.no_long_poll {
-            f.long_poll = Some(false);
-        }
         if !self.ca_certs.is_empty() {
             f.ca_certs = self.ca_certs;
         }
-        f.resolve().map_err(|e| e.to_string())
+        if let Some(t) = trust {
+            if !t.trusted_keys.is_empty() {
+                f.trusted_keys = t.trusted_keys;
+            }
+            f.system = t.system.or(f.system);
+            f.threshold = t.threshold.or(f.threshold);
+            f.build_policy = t.build_policy.or(f.build_policy);
+        }
+        if let Some(p) = poll {
+            f.interval = p.interval.or(f.interval);
+            if p.no_long_poll {
+                f.long_poll = Some(false);
+            }
+        }
+        Ok(f)
+    }
+
+    /// The validated configuration of a command that verifies manifests.
+    pub fn resolve(self, trust: TrustArgs, poll: Option<PollArgs>) -> Result<Config, String> {
+        self.merge(Some(trust), poll)?
+            .resolve()
+            .map_err(|e| e.to_string())
+    }
+
+    /// The validated configuration of `rollback`, which verifies nothing: publisher keys
+    /// are not needed.
+    fn resolve_without_trust(self) -> Result<Config, String> {
+        self.merge(None, None)?
+            .resolve_without_trust()
+            .map_err(|e| e.to_string())
     }
 }
 
@@ -214,8 +264,8 @@ fn failed(e: anyhow::Error) -> u8 {
 }
 
 /// A configured agent holding the state folder's lock.
-fn open(cfg: ConfigArgs) -> Result<(Agent, StateLock), u8> {
-    let cfg = cfg.resolve().map_err(usage)?;
+fn open(cfg: Result<Config, String>) -> Result<(Agent, StateLock), u8> {
+    let cfg = cfg.map_err(usage)?;
     let lock = StateDir::new(&cfg.state_dir).lock().map_err(|e| {
         eprintln!("error: {e}");
         FAILED
@@ -229,7 +279,21 @@ fn open(cfg: ConfigArgs) -> Result<(Agent, StateLock), u8> {
 /// Runs a command; returns the exit code.
 pub async fn dispatch(cmd: Cmd) -> u8 {
     match cmd {
-        Cmd::Run { cfg, once } => {
+        Cmd::Run {
+            cfg,
+            trust,
+            poll,
+            once,
+        } => {
+            let cfg = cfg.resolve(trust, Some(poll)).and_then(|c| {
+                if c.coordinators.is_empty() {
+                    Err("no coordinator to poll: pass --coordinator URL or set `coordinators` in the \
+                         config file (`roost-agent apply FILE` works without one)"
+                        .into())
+                } else {
+                    Ok(c)
+                }
+            });
             let (mut agent, _lock) = match open(cfg) {
                 Ok(a) => a,
                 Err(c) => return c,
@@ -263,6 +327,14 @@ pub async fn dispatch(cmd: Cmd) -> u8 {
                 Ok(x) => x,
                 Err(e) => return usage(e),
             };
+            // A mistyped --state-dir must not read as a node with nothing deployed.
+            if !dir.is_dir() {
+                return usage(format!(
+                    "no agent state at {}: the agent has not run with this state folder (check \
+                     --state-dir or the config's state_dir)",
+                    dir.display()
+                ));
+            }
             match status::collect(&dir) {
                 Ok(doc) => {
                     if json {
@@ -278,12 +350,12 @@ pub async fn dispatch(cmd: Cmd) -> u8 {
                 Err(e) => failed(e.context(format!("cannot read the state in {}", dir.display()))),
             }
         }
-        Cmd::Apply { file, cfg } => {
+        Cmd::Apply { file, cfg, trust } => {
             let bytes = match std::fs::read(&file) {
                 Ok(b) => b,
                 Err(e) => return usage(format!("{}: {e}", file.display())),
             };
-            let (mut agent, _lock) = match open(cfg) {
+            let (mut agent, _lock) = match open(cfg.resolve(trust, None)) {
                 Ok(a) => a,
                 Err(c) => return c,
             };
@@ -294,10 +366,13 @@ pub async fn dispatch(cmd: Cmd) -> u8 {
             exit_code(v)
         }
         Cmd::Rollback { profile, cfg } => {
-            let (mut agent, _lock) = match open(cfg) {
+            let (mut agent, _lock) = match open(cfg.resolve_without_trust()) {
                 Ok(a) => a,
                 Err(c) => return c,
             };
+            if let Some(e) = unknown_profile(&agent, profile.as_deref()) {
+                return usage(e);
+            }
             let r = agent.manual_rollback(profile.as_deref()).await;
             agent.flush_reports().await;
             match r {
@@ -330,7 +405,7 @@ pub async fn dispatch(cmd: Cmd) -> u8 {
                 ))),
             }
         }
-        Cmd::CheckConfig { cfg } => match cfg.resolve() {
+        Cmd::CheckConfig { cfg, trust, poll } => match cfg.resolve(trust, Some(poll)) {
             Ok(c) => {
                 print!("{}", describe_config(&c));
                 println!("configuration OK");
@@ -339,6 +414,21 @@ pub async fn dispatch(cmd: Cmd) -> u8 {
             Err(e) => usage(e),
         },
     }
+}
+
+/// Why `rollback PROFILE` names no profile of the applied manifest (bad usage), if it does
+/// not. With no manifest applied there is nothing to roll back: that is the rollback's own
+/// failure (exit 1), reported by it.
+fn unknown_profile(agent: &Agent, profile: Option<&str>) -> Option<String> {
+    let (name, m) = (profile?, agent.state().desired.as_ref()?);
+    let names: Vec<&str> = m.profiles.iter().map(|p| p.name.as_str()).collect();
+    (!names.contains(&name)).then(|| {
+        format!(
+            "no profile `{name}` in the applied manifest (version {}); it has: {}",
+            m.version,
+            names.join(", ")
+        )
+    })
 }
 
 /// `run --once`: recover, one poll and apply, deliver reports, exit code from the verdict.

@@ -115,8 +115,17 @@ impl ConfigFile {
             .map_err(|e| ConfigError(format!("config file {}: {e}", path.display())))
     }
 
-    /// Validates into a [`Config`], loading the trusted keys.
+    /// Validates into a [`Config`], loading the trusted keys (at least one).
     pub fn resolve(self) -> Result<Config, ConfigError> {
+        if self.trusted_keys.is_empty() {
+            return Err(ConfigError("no trusted publisher key: pass --trusted-key FILE (the public half of the key `publish --key` uses)".into()));
+        }
+        self.resolve_without_trust()
+    }
+
+    /// As [`ConfigFile::resolve`], for commands that verify no manifest (`rollback`): the
+    /// trusted keys may be absent (those given are still checked).
+    pub fn resolve_without_trust(self) -> Result<Config, ConfigError> {
         let node_raw = self
             .node
             .or_else(hostname)
@@ -131,16 +140,13 @@ impl ConfigFile {
                 )));
             }
         }
-        if self.trusted_keys.is_empty() {
-            return Err(ConfigError("no trusted publisher key: pass --trusted-key FILE (the public half of the key `publish --key` uses)".into()));
-        }
         let keys = self
             .trusted_keys
             .iter()
             .map(|p| PublicKey::read_file(p).map_err(|e| ConfigError(format!("trusted key: {e}"))))
             .collect::<Result<Vec<_>, _>>()?;
         let threshold = self.threshold.unwrap_or(1);
-        if threshold == 0 || threshold > keys.len() {
+        if threshold == 0 || (threshold > keys.len() && !keys.is_empty()) {
             return Err(ConfigError(format!(
                 "threshold {threshold} needs between 1 and {} trusted keys",
                 keys.len()

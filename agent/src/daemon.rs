@@ -108,7 +108,11 @@ pub async fn run(
     ]);
     tracing::info!(node = %agent.config().node, coordinators = ?agent.config().coordinators, "roost-agent running");
     let mut failures: u32 = 0;
-    let long_wait = agent.config().interval.as_secs().clamp(1, poll::MAX_WAIT_S);
+    let long_wait = agent
+        .config()
+        .interval
+        .as_secs()
+        .clamp(1, roost_common::wire::v1::http::MAX_WAIT_S);
     tokio::pin!(shutdown);
     loop {
         let wait = agent.long_poll_offered().then_some(long_wait);

@@ -1,22 +1,19 @@
-//! Polling (DESIGN §7.1): conditional GETs with the stored ETag against the coordinators in
+//! Polling (docs/protocol.md §7.3): conditional GETs with the stored ETag against the coordinators in
 //! order, long-polls where the coordinator offers them, ±20 % jitter, exponential backoff to
 //! an hour, and waking early when the wall clock jumps (resume from suspend).
 
 use std::fmt;
 use std::time::{Duration, SystemTime};
 
-use roost_common::{MAX_ENVELOPE_BYTES, NodeName};
+use reqwest::header::{ETAG, IF_NONE_MATCH};
+use roost_common::NodeName;
+use roost_common::wire::v1::http::{self as v1, LONG_POLL_HEADER, MAX_MANIFEST_BYTES, MAX_WAIT_S};
 use tokio::time::Instant;
 
-/// The header a coordinator sends when it holds `?wait=S` polls open.
-pub const LONG_POLL_HEADER: &str = "roost-long-poll";
 /// Backoff never grows past this.
 pub const MAX_BACKOFF: Duration = Duration::from_secs(3600);
 /// A wall clock running this much ahead of the monotonic one means the machine slept.
 pub const CLOCK_JUMP: Duration = Duration::from_secs(30);
-/// The longest long-poll the agent asks for (DESIGN §5 caps `wait` at 300 s).
-pub const MAX_WAIT_S: u64 = 300;
-
 /// The wall clock, a parameter so tests can jump it.
 pub trait WallClock: Send + Sync + fmt::Debug {
     /// Now.
@@ -90,10 +87,6 @@ impl Poller {
         self.long_poll && self.offered
     }
 
-    fn manifest_url(&self, base: &str) -> String {
-        format!("{base}/v1/nodes/{}/manifest", self.node)
-    }
-
     /// One conditional GET, trying each coordinator in order until one answers.
     /// `wait` (seconds) asks for a long-poll; it is only sent with an ETag to wait on.
     pub async fn poll(&mut self, etag: Option<&str>, wait: Option<u64>) -> Poll {
@@ -105,16 +98,16 @@ impl Poller {
             .map(|w| w.clamp(1, MAX_WAIT_S));
         let mut errors = Vec::new();
         for base in self.coordinators.clone() {
-            let mut url = self.manifest_url(&base);
-            if let Some(w) = wait {
-                url.push_str(&format!("?wait={w}"));
-            }
+            let url = match wait {
+                Some(w) => v1::long_poll_url(&base, &self.node, w),
+                None => v1::manifest_url(&base, &self.node),
+            };
             let mut req = self
                 .http
                 .get(&url)
                 .timeout(Duration::from_secs(wait.unwrap_or(0) + 10));
             if let Some(e) = etag {
-                req = req.header("If-None-Match", e);
+                req = req.header(IF_NONE_MATCH, e);
             }
             let r = match req.send().await {
                 Ok(r) => r,
@@ -130,17 +123,17 @@ impl Poller {
                 200 => {
                     let etag = r
                         .headers()
-                        .get("etag")
+                        .get(ETAG)
                         .and_then(|v| v.to_str().ok())
                         .map(str::to_owned);
                     if r.content_length()
-                        .is_some_and(|n| n as usize > MAX_ENVELOPE_BYTES)
+                        .is_some_and(|n| n as usize > MAX_MANIFEST_BYTES)
                     {
                         errors.push(format!("{base}: manifest is over the size limit"));
                         continue;
                     }
                     match r.bytes().await {
-                        Ok(b) if b.len() <= MAX_ENVELOPE_BYTES => {
+                        Ok(b) if b.len() <= MAX_MANIFEST_BYTES => {
                             return Poll::New(b.to_vec(), etag);
                         }
                         Ok(b) => errors.push(format!(
@@ -161,10 +154,10 @@ impl Poller {
         for base in &self.coordinators {
             let mut req = self
                 .http
-                .get(self.manifest_url(base))
+                .get(v1::manifest_url(base, &self.node))
                 .timeout(Duration::from_secs(10));
             if let Some(e) = etag {
-                req = req.header("If-None-Match", e);
+                req = req.header(IF_NONE_MATCH, e);
             }
             if req.send().await.is_ok() {
                 return true;
@@ -192,7 +185,7 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
 /// A value in `[d·0.8, d·1.2]`, so a fleet does not poll in lockstep.
 pub fn jitter(d: Duration) -> Duration {
     let mut b = [0u8; 8];
-    if getrandom(&mut b).is_err() {
+    if getrandom::fill(&mut b).is_err() {
         // No randomness: fall back on the clock's nanoseconds, still spread across nodes.
         let n = SystemTime::now()
             .duration_since(SystemTime::UNIX_EPOCH)
@@ -202,11 +195,6 @@ pub fn jitter(d: Duration) -> Duration {
     }
     let r = (u64::from_le_bytes(b) % 4001) as f64 / 10_000.0; // 0.0 ..= 0.4
     d.mul_f64(0.8 + r)
-}
-
-fn getrandom(b: &mut [u8]) -> std::io::Result<()> {
-    use std::io::Read;
-    std::fs::File::open("/dev/urandom")?.read_exact(b)
 }
 
 /// Delay after `failures` consecutive failed polls: 5 s, 10 s, 20 s … capped at 1 h.

@@ -110,7 +110,7 @@ impl Reporter {
                 }
             };
             for base in &self.coordinators {
-                let url = format!("{base}/v1/nodes/{}/reports", self.node);
+                let url = roost_common::wire::v1::http::reports_url(base, &self.node);
                 let sent = self
                     .http
                     .post(&url)

@@ -6,17 +6,7 @@ use std::process::Command;
 
 use roost_common::envelope::{self, Context, Envelope};
 use roost_common::{PublicKey, SecretKey, TrustedKeys};
-
-fn have_nix() -> bool {
-    let ok = Command::new("nix-store")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !ok {
-        eprintln!("SKIP: nix-store is not installed; this test needs real Nix (CI installs it)");
-    }
-    ok
-}
+use roost_preflight::{require, tools};
 
 fn run(cmd: &mut Command) -> String {
     let out = cmd.output().expect("spawn");
@@ -30,9 +20,7 @@ fn run(cmd: &mut Command) -> String {
 
 #[test]
 fn a_key_pair_from_nix_signs_an_envelope_that_verifies() {
-    if !have_nix() {
-        return;
-    }
+    require!(tools(&["nix", "nix-store"]));
     let dir = tempfile::tempdir().unwrap();
     let (sk, pk) = (dir.path().join("sk"), dir.path().join("pk"));
     run(Command::new("nix-store")
@@ -75,9 +63,7 @@ fn build_fixture(tag: &str) -> String {
 
 #[test]
 fn a_key_pair_from_roost_is_accepted_by_nix_store_sign_and_verify() {
-    if !have_nix() {
-        return;
-    }
+    require!(tools(&["nix", "nix-store"]));
     let dir = tempfile::tempdir().unwrap();
     let (sk, pk) = (dir.path().join("sk"), dir.path().join("pk"));
     let key = SecretKey::generate("roost-made-1").unwrap();

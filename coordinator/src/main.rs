@@ -35,8 +35,8 @@ fn main() -> ExitCode {
         Cmd::Keygen(a) => match keygen::run(&a) {
             Ok(()) => exit::OK,
             Err(e) => {
-                eprintln!("error: {e:#}");
-                exit::FAILED
+                eprintln!("error: {e}");
+                e.exit_code()
             }
         },
         Cmd::Publish(a) => block_on(publish::run(a)),

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use anyhow::Context as _;
 use clap::Args;
 use roost_common::PublicKey;
+use roost_common::wire::v1::http as v1;
 use serde_json::Value;
 
 /// Arguments of `node-key`.
@@ -74,23 +75,22 @@ fn wanted(args: &NodeKeyArgs) -> anyhow::Result<Option<PublicKey>> {
 
 /// Runs `node-key`.
 pub async fn run(args: NodeKeyArgs) -> u8 {
-    let (key, token) = match wanted(&args).and_then(|k| {
+    let setup = wanted(&args).and_then(|key| {
         let t = std::fs::read_to_string(&args.token_file)
             .with_context(|| format!("token file {}", args.token_file.display()))?;
-        Ok((k, t.trim().to_owned()))
-    }) {
-        Ok(kt) => kt,
+        let (client, base) =
+            crate::status::coordinator_client(&args.coordinator, args.ca_cert.as_deref())?;
+        Ok((key, t.trim().to_owned(), client, base))
+    });
+    let (key, token, client, base) = match setup {
+        Ok(s) => s,
         Err(e) => {
             eprintln!("error: {e:#}");
             return crate::exit::USAGE;
         }
     };
-    let url = format!(
-        "{}/v1/nodes/{}/key",
-        args.coordinator.trim_end_matches('/'),
-        args.node
-    );
-    match call(&url, &token, key.as_ref(), args.ca_cert.as_deref()).await {
+    let url = v1::node_key_url(&base, &args.node);
+    match call(&client, &url, &token, key.as_ref()).await {
         Ok(answer) => {
             if args.json {
                 println!(
@@ -110,12 +110,11 @@ pub async fn run(args: NodeKeyArgs) -> u8 {
 }
 
 async fn call(
+    client: &reqwest::Client,
     url: &str,
     token: &str,
     key: Option<&PublicKey>,
-    ca_cert: Option<&std::path::Path>,
 ) -> anyhow::Result<Value> {
-    let client = crate::status::http_client(ca_cert)?;
     let req = match key {
         Some(k) => client.put(url).json(&serde_json::json!({ "node_key": k })),
         None => client.delete(url),

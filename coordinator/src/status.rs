@@ -23,7 +23,8 @@ arrived; FLAGS:
           pin it with `roost-coordinator node-key`
 
 Exit status: 0 when no node is stale or failed, 1 when some are or the coordinator cannot be
-read, 2 for bad usage. BEHIND and TOFU alone do not fail.")]
+read, 2 for bad usage (a --coordinator that is not an http(s) URL, an unreadable --ca-cert).
+BEHIND and TOFU alone do not fail.")]
 pub struct StatusArgs {
     /// The coordinator's URL.
     #[arg(
@@ -154,8 +155,14 @@ pub fn assess(doc: &Value, stale: Duration) -> Vec<Row> {
 
 /// Runs `status`.
 pub async fn run(args: StatusArgs) -> u8 {
-    let url = format!("{}/v1/fleet", args.coordinator.trim_end_matches('/'));
-    let mut doc = match fetch(&url, args.ca_cert.as_deref()).await {
+    let (client, url) = match client(&args) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return crate::exit::USAGE;
+        }
+    };
+    let mut doc = match fetch(&client, &url).await {
         Ok(d) => d,
         Err(e) => {
             eprintln!("error: cannot read the fleet from {url}: {e:#}");
@@ -194,24 +201,48 @@ pub async fn run(args: StatusArgs) -> u8 {
     }
 }
 
-async fn fetch(url: &str, ca_cert: Option<&std::path::Path>) -> anyhow::Result<Value> {
-    let resp = http_client(ca_cert)?.get(url).send().await?;
+/// The HTTP client and the fleet document's URL; every error is bad usage (exit 2).
+fn client(args: &StatusArgs) -> anyhow::Result<(reqwest::Client, String)> {
+    let (client, base) = coordinator_client(&args.coordinator, args.ca_cert.as_deref())?;
+    Ok((client, roost_common::wire::v1::http::fleet_url(&base)))
+}
+
+/// An HTTP client for a coordinator at `coordinator` (an http(s) URL; returned without a
+/// trailing `/`), trusting `ca_cert` too when given. Every error is bad usage (exit 2).
+pub(crate) fn coordinator_client(
+    coordinator: &str,
+    ca_cert: Option<&std::path::Path>,
+) -> anyhow::Result<(reqwest::Client, String)> {
+    let base = coordinator.trim_end_matches('/');
+    anyhow::ensure!(
+        base.starts_with("http://") || base.starts_with("https://"),
+        "--coordinator {base}: expected an http:// or https:// URL"
+    );
+    let mut client = reqwest::Client::builder().timeout(Duration::from_secs(15));
+    if let Some(ca) = ca_cert {
+        let context = || format!("--ca-cert {}", ca.display());
+        let pem = std::fs::read(ca).with_context(context)?;
+        // reqwest parses lazily; refuse what is plainly not a PEM certificate now.
+        anyhow::ensure!(
+            String::from_utf8_lossy(&pem).contains("-----BEGIN CERTIFICATE-----"),
+            "--ca-cert {}: not a PEM certificate (no BEGIN CERTIFICATE block)",
+            ca.display()
+        );
+        let cert = reqwest::Certificate::from_pem(&pem).with_context(context)?;
+        client = client.add_root_certificate(cert);
+    }
+    Ok((
+        client.build().context("cannot set up the HTTP client")?,
+        base.to_owned(),
+    ))
+}
+
+async fn fetch(client: &reqwest::Client, url: &str) -> anyhow::Result<Value> {
+    let resp = client.get(url).send().await?;
     let status = resp.status();
     let body = resp.text().await?;
     anyhow::ensure!(status.is_success(), "{status}: {body}");
     serde_json::from_str(&body).context("the answer is not a fleet document")
-}
-
-/// An HTTP client for talking to a coordinator, trusting `ca_cert` too when given.
-pub(crate) fn http_client(ca_cert: Option<&std::path::Path>) -> anyhow::Result<reqwest::Client> {
-    let mut client = reqwest::Client::builder().timeout(Duration::from_secs(15));
-    if let Some(ca) = ca_cert {
-        let pem = std::fs::read(ca).with_context(|| format!("CA certificate {}", ca.display()))?;
-        let cert = reqwest::Certificate::from_pem(&pem)
-            .with_context(|| format!("CA certificate {}", ca.display()))?;
-        client = client.add_root_certificate(cert);
-    }
-    Ok(client.build()?)
 }
 
 /// Prints rows under headers with columns padded to fit (also used by `publish`).

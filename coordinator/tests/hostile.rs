@@ -656,12 +656,10 @@ fn tree(dir: &Path) -> Vec<String> {
 
 #[tokio::test]
 async fn a_full_disk_leaves_no_temp_files_and_answers_507_naming_no_server_path() {
-    if !support::prerequisite(
-        support::is_root(),
-        "a full disk is a small tmpfs: mounting one needs root",
-    ) {
-        return;
-    }
+    roost_preflight::require!(
+        roost_preflight::root("a full disk is a small tmpfs: mounting one needs root")
+            .and(roost_preflight::tools(&["mount", "umount"]))
+    );
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");
     let disk = SmallDisk::mount(&state, "2m");

@@ -45,17 +45,43 @@ fn keygen_refuses_to_overwrite_and_leaves_files_untouched() {
     let (sk, pk) = (d.path().join("p.sec"), d.path().join("p.pub"));
     std::fs::write(&pk, "precious\n").unwrap();
     let out = keygen("acme-1", &sk, &pk);
-    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(out.status.code(), Some(2), "an existing file is bad usage");
     assert!(String::from_utf8_lossy(&out.stderr).contains("already exists"));
     assert_eq!(std::fs::read_to_string(&pk).unwrap(), "precious\n");
     assert!(!sk.exists(), "no secret may be left behind");
 }
 
 #[test]
-fn keygen_refuses_a_name_nix_cannot_use() {
+fn keygen_refuses_a_name_nix_cannot_use_with_exit_2() {
     let d = tempfile::tempdir().unwrap();
     let (sk, pk) = (d.path().join("p.sec"), d.path().join("p.pub"));
-    let out = keygen("bad:name", &sk, &pk);
-    assert_eq!(out.status.code(), Some(1));
-    assert!(!sk.exists() && !pk.exists());
+    for bad in ["bad:name", "two words", ""] {
+        let out = keygen(bad, &sk, &pk);
+        assert_eq!(out.status.code(), Some(2), "{bad:?}");
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains(&format!("`{bad}`")),
+            "{bad:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(!sk.exists() && !pk.exists());
+    }
+}
+
+#[test]
+fn keygen_into_a_folder_it_cannot_write_exits_1_leaving_nothing() {
+    let d = tempfile::tempdir().unwrap();
+    let sk = d.path().join("p.sec");
+    let pk = d.path().join("missing-folder/p.pub");
+    let out = keygen("acme-1", &sk, &pk);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("missing-folder"));
+    assert!(
+        !sk.exists(),
+        "the secret of a pair never finished was left behind"
+    );
 }

@@ -3,7 +3,7 @@
 //! per-node failures, versions, identical `--out`/`--to` layouts, closures in a file://
 //! cache, clear errors that change nothing, and kills that never expose a half-written file.
 //!
-//! Tests that need Nix print `SKIP:` and return when `nix` is missing or we are not root.
+//! They need `nix` and root: without them they fail under `CI=true` and skip loudly elsewhere.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -11,29 +11,22 @@ use std::process::{Command, Output};
 use std::time::Duration;
 
 use roost_common::nix::Nix;
+use roost_common::wire::v1::http as v1;
 use roost_common::wire::v1::{Activation, HealthCheck, Manifest};
 use roost_common::{Accepted, Identity, SecretKey, Timestamp, TrustedKeys, verify_manifest};
 use roost_coordinator::publish::{
     Destination, PublishError, PublishOptions, PublishReport, publish, target,
 };
 use roost_coordinator::serve::{ServerConfig, start};
+use roost_preflight::require;
 use serde_json::Value;
 
 const BIN: &str = env!("CARGO_BIN_EXE_roost-coordinator");
 
-/// Whether real Nix can be used here; says so loudly when not.
-fn nix_ready() -> bool {
-    let nix = Command::new("nix").arg("--version").output();
-    if !nix.is_ok_and(|o| o.status.success()) {
-        eprintln!("SKIP: nix is not installed; this test needs real Nix (CI installs it)");
-        return false;
-    }
-    let uid = Command::new("id").arg("-u").output().ok();
-    if uid.is_none_or(|o| String::from_utf8_lossy(&o.stdout).trim() != "0") {
-        eprintln!("SKIP: not root; this test writes to the Nix store without a daemon");
-        return false;
-    }
-    true
+/// Real Nix, and root: these tests write to the Nix store without a daemon.
+fn nix_ready() -> Result<(), String> {
+    roost_preflight::tools(&["nix"])?;
+    roost_preflight::root("these tests write to the Nix store without a daemon")
 }
 
 fn system() -> String {
@@ -255,12 +248,12 @@ impl Fleet {
 }
 
 fn manifest_file(out: &Path, node: &str) -> PathBuf {
-    out.join("v1/nodes").join(node).join("manifest")
+    out.join(v1::manifest_file(node))
 }
 
 /// Every manifest under `out`, by node.
 fn layout(out: &Path) -> BTreeMap<String, Vec<u8>> {
-    let Ok(dir) = std::fs::read_dir(out.join("v1/nodes")) else {
+    let Ok(dir) = std::fs::read_dir(out.join(v1::nodes_dir())) else {
         return BTreeMap::new();
     };
     dir.filter_map(|e| {
@@ -308,9 +301,7 @@ fn nix_json(args: &[&str]) -> Value {
 
 #[tokio::test]
 async fn a_deploy_rs_fleet_publishes_manifests_exactly_as_design_section_3() {
-    if !nix_ready() {
-        return;
-    }
+    require!(nix_ready());
     let fleet = Fleet::new("");
     let out = fleet.path("out");
     let opts = fleet.with_cache(fleet.options(&[], Destination::Folder(out.clone())));
@@ -460,9 +451,7 @@ async fn a_deploy_rs_fleet_publishes_manifests_exactly_as_design_section_3() {
 
 #[tokio::test]
 async fn selecting_a_node_or_a_node_profile_publishes_only_that() {
-    if !nix_ready() {
-        return;
-    }
+    require!(nix_ready());
     let fleet = Fleet::new("");
     let out = fleet.path("node");
     let report = publish(
@@ -492,9 +481,7 @@ async fn selecting_a_node_or_a_node_profile_publishes_only_that() {
 
 #[tokio::test]
 async fn publishing_many_nodes_evaluates_once_and_builds_once() {
-    if !nix_ready() {
-        return;
-    }
+    require!(nix_ready());
     let fleet = Fleet::new(
         r#"builtins.listToAttrs (map (i: { name = "n${toString i}"; value.profiles.system.path = sys "n${toString i}"; }) (builtins.genList (i: i) 12))"#,
     );
@@ -513,9 +500,7 @@ async fn publishing_many_nodes_evaluates_once_and_builds_once() {
 
 #[tokio::test]
 async fn a_node_whose_build_fails_is_reported_and_the_others_publish() {
-    if !nix_ready() {
-        return;
-    }
+    require!(nix_ready());
     let fleet = Fleet::new("{ broken.profiles.system.path = broken; }");
     fleet.fresh_generation();
     let out = fleet.path("out");
@@ -546,9 +531,7 @@ async fn a_node_whose_build_fails_is_reported_and_the_others_publish() {
 
 #[test]
 fn nodes_without_a_node_key_are_named_in_a_warning() {
-    if !nix_ready() {
-        return;
-    }
+    require!(nix_ready());
     let fleet = Fleet::new("{ }");
     fleet.fresh_generation();
     let out = fleet.path("out");
@@ -572,9 +555,7 @@ fn nodes_without_a_node_key_are_named_in_a_warning() {
 
 #[tokio::test]
 async fn all_or_nothing_publishes_nothing_when_one_node_fails() {
-    if !nix_ready() {
-        return;
-    }
+    require!(nix_ready());
     let fleet = Fleet::new("");
     let out = fleet.path("out");
     let first = fleet.publish_all_to(&out).await;
@@ -591,7 +572,7 @@ async fn all_or_nothing_publishes_nothing_when_one_node_fails() {
         assert_eq!(result_of(&report, n), "skipped");
     }
     assert_eq!(layout(&out), before, "every previous manifest is intact");
-    let leftovers: Vec<_> = std::fs::read_dir(out.join("v1/nodes/db"))
+    let leftovers: Vec<_> = std::fs::read_dir(out.join(v1::nodes_dir()).join("db"))
         .unwrap()
         .map(|e| e.unwrap().file_name())
         .collect();
@@ -600,9 +581,7 @@ async fn all_or_nothing_publishes_nothing_when_one_node_fails() {
 
 #[tokio::test]
 async fn a_node_that_throws_is_reported_with_nix_message_and_the_others_publish() {
-    if !nix_ready() {
-        return;
-    }
+    require!(nix_ready());
     let fleet =
         Fleet::new(r#"{ thrower.profiles.system.path = throw "roost-test: this node throws"; }"#);
     let nix = Nix::new();
@@ -623,9 +602,7 @@ async fn a_node_that_throws_is_reported_with_nix_message_and_the_others_publish(
 
 #[tokio::test]
 async fn a_node_with_an_error_try_eval_cannot_catch_is_isolated() {
-    if !nix_ready() {
-        return;
-    }
+    require!(nix_ready());
     let fleet = Fleet::new("{ missing.profiles.system.path = self.no-such-output; }");
     let out = fleet.path("out");
     let report = fleet.publish_all_to(&out).await;
@@ -640,9 +617,7 @@ async fn a_node_with_an_error_try_eval_cannot_catch_is_isolated() {
 
 #[tokio::test]
 async fn a_profile_without_path_fails_its_node_by_name_and_writes_nothing_for_it() {
-    if !nix_ready() {
-        return;
-    }
+    require!(nix_ready());
     let fleet = Fleet::new("{ pathless.profiles.system.user = \"root\"; }");
     let out = fleet.path("out");
     let report = fleet.publish_all_to(&out).await;
@@ -661,9 +636,7 @@ async fn a_profile_without_path_fails_its_node_by_name_and_writes_nothing_for_it
 
 #[tokio::test]
 async fn publishing_twice_gives_strictly_higher_versions() {
-    if !nix_ready() {
-        return;
-    }
+    require!(nix_ready());
     let fleet = Fleet::new("");
     let out = fleet.path("out");
     let versions = |r: &PublishReport| -> BTreeMap<String, u64> {
@@ -688,9 +661,7 @@ async fn publishing_twice_gives_strictly_higher_versions() {
 
 #[tokio::test]
 async fn out_and_to_produce_byte_identical_envelope_layouts() {
-    if !nix_ready() {
-        return;
-    }
+    require!(nix_ready());
     let fleet = Fleet::new("");
     let state = fleet.path("coordinator");
     let server = start(
@@ -722,7 +693,7 @@ async fn out_and_to_produce_byte_identical_envelope_layouts() {
     let files = layout(&out);
     assert_eq!(files.len(), 3);
     for (node, bytes) in &files {
-        let served = reqwest::get(format!("{}/v1/nodes/{node}/manifest", server.url()))
+        let served = reqwest::get(v1::manifest_url(&server.url(), node))
             .await
             .unwrap()
             .bytes()
@@ -735,9 +706,7 @@ async fn out_and_to_produce_byte_identical_envelope_layouts() {
 
 #[tokio::test]
 async fn the_closure_in_a_file_cache_substitutes_into_an_empty_store_trusting_only_the_cache_key() {
-    if !nix_ready() {
-        return;
-    }
+    require!(nix_ready());
     let fleet = Fleet::new("");
     let out = fleet.path("out");
     let opts = fleet.with_cache(fleet.options(&["#db"], Destination::Folder(out.clone())));
@@ -804,9 +773,7 @@ async fn the_closure_in_a_file_cache_substitutes_into_an_empty_store_trusting_on
 
 #[tokio::test]
 async fn an_unknown_node_or_profile_is_a_usage_error_listing_what_exists_and_changes_nothing() {
-    if !nix_ready() {
-        return;
-    }
+    require!(nix_ready());
     let fleet = Fleet::new("");
     let out = fleet.path("out");
     let first = fleet.publish_all_to(&out).await;
@@ -889,9 +856,7 @@ async fn an_unreachable_coordinator_fails_before_any_nix_call() {
 
 #[tokio::test]
 async fn a_coordinator_refusing_the_upload_fails_each_node_with_its_message() {
-    if !nix_ready() {
-        return;
-    }
+    require!(nix_ready());
     let fleet = Fleet::new("");
     let stranger = SecretKey::generate("someone-else").unwrap();
     let server = start(
@@ -935,9 +900,7 @@ async fn a_coordinator_refusing_the_upload_fails_each_node_with_its_message() {
 
 #[tokio::test]
 async fn no_build_stops_naming_the_paths_that_are_nowhere() {
-    if !nix_ready() {
-        return;
-    }
+    require!(nix_ready());
     let fleet = Fleet::new("");
     fleet.fresh_generation();
     let out = fleet.path("out");
@@ -958,9 +921,7 @@ async fn no_build_stops_naming_the_paths_that_are_nowhere() {
 
 #[tokio::test]
 async fn an_upload_token_from_the_environment_lets_nix_copy_into_the_coordinator_cache() {
-    if !nix_ready() {
-        return;
-    }
+    require!(nix_ready());
     let fleet = Fleet::new("");
     let token = "a-long-enough-upload-token-1234";
     let server = start(
@@ -974,7 +935,7 @@ async fn an_upload_token_from_the_environment_lets_nix_copy_into_the_coordinator
     .await
     .unwrap();
     let url = server.url();
-    let cache = format!("{url}/cache");
+    let cache = v1::cache_url(&url);
     let cache_key = fleet.cache_key_file.clone();
     let run_with = |token: Option<&'static str>| {
         let (flake, key, url, cache, cache_key) = (
@@ -1024,9 +985,7 @@ async fn an_upload_token_from_the_environment_lets_nix_copy_into_the_coordinator
 
 #[test]
 fn a_publish_killed_at_any_moment_leaves_every_previous_manifest_intact() {
-    if !nix_ready() {
-        return;
-    }
+    require!(nix_ready());
     let fleet = Fleet::new("");
     let out = fleet.path("out");
     let out_arg = out.to_str().unwrap().to_owned();
@@ -1076,9 +1035,7 @@ fn a_publish_killed_at_any_moment_leaves_every_previous_manifest_intact() {
 
 #[tokio::test]
 async fn a_node_whose_closure_the_cache_refuses_is_reported_and_the_others_publish() {
-    if !nix_ready() {
-        return;
-    }
+    require!(nix_ready());
     let fleet = Fleet::new(
         "{ big.profiles.system.path = fixtures.fakeSystem { node = \"big\"; inherit generation; blobKiB = 512; }; }",
     );
@@ -1099,7 +1056,7 @@ async fn a_node_whose_closure_the_cache_refuses_is_reported_and_the_others_publi
         netrc.display().to_string(),
     ]);
     let mut opts = fleet.options(&[], Destination::Coordinator(server.url()));
-    opts.cache = Some(format!("{}/cache", server.url()));
+    opts.cache = Some(v1::cache_url(&server.url()));
     let report = publish(&opts, &nix).await.unwrap();
     let big = report.node("big").unwrap();
     assert_eq!(big.result, "failed", "{report:#?}");
@@ -1111,7 +1068,7 @@ async fn a_node_whose_closure_the_cache_refuses_is_reported_and_the_others_publi
     for n in ["db", "kiosk", "web.prod"] {
         assert_eq!(result_of(&report, n), "published");
     }
-    let big_manifest = reqwest::get(format!("{}/v1/nodes/big/manifest", server.url()))
+    let big_manifest = reqwest::get(v1::manifest_url(&server.url(), "big"))
         .await
         .unwrap();
     assert_eq!(
@@ -1151,9 +1108,7 @@ fn a_target_path_without_a_flake_is_bad_usage() {
 
 #[tokio::test]
 async fn source_records_the_git_revision_and_whether_the_tree_was_dirty() {
-    if !nix_ready() {
-        return;
-    }
+    require!(nix_ready());
     let fleet = Fleet::new("");
     let git = |args: &[&str]| {
         let out = Command::new("git")

@@ -6,8 +6,10 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use roost_common::envelope::{Context, Envelope};
+use roost_common::wire::v1::http as v1;
 use roost_common::{SecretKey, TrustedKeys};
 use roost_coordinator::serve::ServerConfig;
+use roost_preflight::{require, tools};
 
 mod support;
 use serde_json::{Value, json};
@@ -32,11 +34,7 @@ async fn etag_round_trip_gives_200_then_304() {
     let key = SecretKey::generate("pub").unwrap();
     let s = Server::start(dir.path(), &key, None).await;
     let c = reqwest::Client::new();
-    let missing = c
-        .get(format!("{}/v1/nodes/n1/manifest", s.url))
-        .send()
-        .await
-        .unwrap();
+    let missing = c.get(v1::manifest_url(&s.url, "n1")).send().await.unwrap();
     assert_eq!(missing.status(), 404);
     assert_eq!(
         missing.json::<Value>().await.unwrap()["error"],
@@ -44,11 +42,7 @@ async fn etag_round_trip_gives_200_then_304() {
     );
     let body = sealed(&key, &manifest("n1", 5, None));
     assert_eq!(put(&s.url, "n1", body.clone()).await.0, 200);
-    let r = c
-        .get(format!("{}/v1/nodes/n1/manifest", s.url))
-        .send()
-        .await
-        .unwrap();
+    let r = c.get(v1::manifest_url(&s.url, "n1")).send().await.unwrap();
     assert_eq!(r.status(), 200);
     let etag = r.headers()["etag"].to_str().unwrap().to_owned();
     assert_eq!(
@@ -57,7 +51,7 @@ async fn etag_round_trip_gives_200_then_304() {
         "the exact uploaded bytes are served"
     );
     let r = c
-        .get(format!("{}/v1/nodes/n1/manifest", s.url))
+        .get(v1::manifest_url(&s.url, "n1"))
         .header("If-None-Match", &etag)
         .send()
         .await
@@ -72,7 +66,7 @@ async fn long_poll_is_answered_by_a_put_long_before_wait_expires() {
     let etag = "\"1\"";
     let mut waiters = Vec::new();
     for _ in 0..50 {
-        let url = format!("{}/v1/nodes/n1/manifest?wait=60", s.url);
+        let url = v1::long_poll_url(&s.url, "n1", 60);
         waiters.push(tokio::spawn(async move {
             let r = reqwest::Client::new()
                 .get(url)
@@ -111,7 +105,7 @@ async fn long_poll_is_answered_by_a_put_long_before_wait_expires() {
 async fn long_poll_without_change_ends_in_304_after_wait() {
     let (_dir, _key, s) = serving_n1(1, None).await;
     let r = reqwest::Client::new()
-        .get(format!("{}/v1/nodes/n1/manifest?wait=1", s.url))
+        .get(v1::long_poll_url(&s.url, "n1", 1))
         .header("If-None-Match", "\"1\"")
         .send()
         .await
@@ -155,9 +149,7 @@ async fn uploads_are_refused_for_bad_signature_unknown_key_node_mismatch_and_old
         assert!(msg.contains(&v.to_string()) && msg.contains("10"), "{msg}");
     }
     // Nothing of the refused uploads is served.
-    let r = reqwest::get(format!("{}/v1/nodes/n1/manifest", s.url))
-        .await
-        .unwrap();
+    let r = reqwest::get(v1::manifest_url(&s.url, "n1")).await.unwrap();
     assert_eq!(r.headers()["etag"], "\"10\"");
     s.stop().await;
 }
@@ -213,7 +205,7 @@ async fn reports_are_refused_for_wrong_key_replayed_seq_and_unknown_node() {
     let (st, e) = post_report(&s.url, "ghost", report("ghost", 1, &node_key, false)).await;
     assert_eq!((st, e["error"].as_str()), (404, Some("unknown_node")));
 
-    let fleet: Value = reqwest::get(format!("{}/v1/fleet", s.url))
+    let fleet: Value = reqwest::get(v1::fleet_url(&s.url))
         .await
         .unwrap()
         .json()
@@ -239,7 +231,7 @@ async fn without_node_key_the_first_report_pins_its_key() {
     let intruder = SecretKey::generate("n1").unwrap();
     let (st, _) = post_report(&s.url, "n1", report("n1", 2, &intruder, true)).await;
     assert_eq!(st, 403, "a later report with another key is refused");
-    let fleet: Value = reqwest::get(format!("{}/v1/fleet", s.url))
+    let fleet: Value = reqwest::get(v1::fleet_url(&s.url))
         .await
         .unwrap()
         .json()
@@ -271,7 +263,7 @@ async fn errors_are_json_and_bodies_are_capped() {
     assert_eq!(r.status(), 400);
     assert_eq!(r.json::<Value>().await.unwrap()["error"], "bad_request");
     let r = reqwest::Client::new()
-        .delete(format!("{}/v1/nodes/n1/manifest", s.url))
+        .delete(v1::manifest_url(&s.url, "n1"))
         .send()
         .await
         .unwrap();
@@ -307,8 +299,11 @@ async fn cache_traversal_attempts_are_refused() {
         // Raw request line: no client-side normalisation of the path.
         stream
             .write_all(
-                format!("GET /cache/{raw} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-                    .as_bytes(),
+                format!(
+                    "GET {}/{raw} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+                    v1::cache_url("")
+                )
+                .as_bytes(),
             )
             .await
             .unwrap();
@@ -320,7 +315,7 @@ async fn cache_traversal_attempts_are_refused() {
         );
         assert!(!resp.contains("do not serve"));
         let r = reqwest::Client::new()
-            .put(format!("{}/cache/{raw}", s.url))
+            .put(format!("{}/{raw}", v1::cache_url(&s.url)))
             .basic_auth("roost", Some(token))
             .body("overwritten")
             .send()
@@ -337,17 +332,6 @@ async fn cache_traversal_attempts_are_refused() {
         "do not serve"
     );
     s.stop().await;
-}
-
-fn have_nix() -> bool {
-    let ok = Command::new("nix")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !ok {
-        eprintln!("SKIP: nix is not installed; this test needs real Nix (CI installs it)");
-    }
-    ok
 }
 
 fn sh(cmd: &mut Command) -> std::process::Output {
@@ -383,9 +367,7 @@ fn netrc(dir: &Path, token: &str) -> PathBuf {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn nix_copy_to_the_cache_needs_the_token_and_substitutes_into_an_empty_store() {
-    if !have_nix() {
-        return;
-    }
+    require!(tools(&["nix", "nix-store"]));
     let dir = tempfile::tempdir().unwrap();
     let key = SecretKey::generate("pub").unwrap();
     let token = "nix-copy-token-0123456789";
@@ -398,7 +380,7 @@ async fn nix_copy_to_the_cache_needs_the_token_and_substitutes_into_an_empty_sto
         .args(["store", "sign", "--key-file"])
         .arg(&cache_sk)
         .arg(&path));
-    let cache_url = format!("{}/cache", s.url);
+    let cache_url = v1::cache_url(&s.url);
 
     let without = tokio::task::spawn_blocking({
         let (cache_url, path) = (cache_url.clone(), path.clone());
@@ -522,7 +504,7 @@ async fn a_restart_on_the_same_state_serves_the_same_manifests_reports_and_cache
     put(&s.url, "n1", body.clone()).await;
     post_report(&s.url, "n1", report("n1", 4, &node_key, false)).await;
     let r = reqwest::Client::new()
-        .put(format!("{}/cache/abc.narinfo", s.url))
+        .put(format!("{}/abc.narinfo", v1::cache_url(&s.url)))
         .bearer_auth(token)
         .body("StorePath: x\n")
         .send()
@@ -534,7 +516,7 @@ async fn a_restart_on_the_same_state_serves_the_same_manifests_reports_and_cache
 
     let s = Server::start_on(dir.path(), &key, Some(token), addr).await;
     assert_eq!(sealed_bytes_of(&s, "n1").await, body);
-    let fleet: Value = reqwest::get(format!("{}/v1/fleet", s.url))
+    let fleet: Value = reqwest::get(v1::fleet_url(&s.url))
         .await
         .unwrap()
         .json()
@@ -542,7 +524,7 @@ async fn a_restart_on_the_same_state_serves_the_same_manifests_reports_and_cache
         .unwrap();
     assert_eq!(fleet["nodes"][0]["last_seq"], 4);
     assert_eq!(
-        reqwest::get(format!("{}/cache/abc.narinfo", s.url))
+        reqwest::get(format!("{}/abc.narinfo", v1::cache_url(&s.url)))
             .await
             .unwrap()
             .text()
@@ -579,9 +561,10 @@ async fn metrics_expose_versions_states_and_request_counters() {
         "{text}"
     );
     assert!(
-        text.contains(
-            "roost_http_requests_total{route=\"PUT /v1/nodes/{node}/manifest\",status=\"200\"} 1"
-        ),
+        text.contains(&format!(
+            "roost_http_requests_total{{route=\"PUT {}\",status=\"200\"}} 1",
+            v1::route::MANIFEST
+        )),
         "{text}"
     );
     s.stop().await;
@@ -599,7 +582,7 @@ async fn report_history_lists_a_nodes_reports_newest_first() {
             200
         );
     }
-    let h: Value = reqwest::get(format!("{}/v1/nodes/n1/reports?limit=2", s.url))
+    let h: Value = reqwest::get(v1::report_history_url(&s.url, "n1", 2))
         .await
         .unwrap()
         .json()
@@ -656,7 +639,7 @@ async fn a_client_that_stalls_in_its_request_head_is_disconnected() {
     let s = Server::with_config(cfg, "127.0.0.1:0".parse().unwrap()).await;
     let mut stream = tokio::net::TcpStream::connect(s.addr).await.unwrap();
     stream
-        .write_all(b"GET /v1/fleet HTTP/1.1\r\n")
+        .write_all(format!("GET {} HTTP/1.1\r\n", v1::route::FLEET).as_bytes())
         .await
         .unwrap();
     let mut buf = Vec::new();
@@ -679,7 +662,8 @@ async fn an_upload_whose_body_stalls_gets_408_and_stores_nothing() {
     stream
         .write_all(
             format!(
-                "PUT /v1/nodes/n1/manifest HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n",
+                "PUT {} HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n",
+                v1::manifest_path("n1"),
                 body.len()
             )
             .as_bytes(),
@@ -695,9 +679,7 @@ async fn an_upload_whose_body_stalls_gets_408_and_stores_nothing() {
     let resp = String::from_utf8_lossy(&buf[..n]);
     assert!(resp.starts_with("HTTP/1.1 408"), "{resp}");
     assert!(resp.contains("\"error\":\"timeout\""), "{resp}");
-    let r = reqwest::get(format!("{}/v1/nodes/n1/manifest", s.url))
-        .await
-        .unwrap();
+    let r = reqwest::get(v1::manifest_url(&s.url, "n1")).await.unwrap();
     assert_eq!(r.status(), 404);
     s.stop().await;
 }
@@ -705,7 +687,7 @@ async fn an_upload_whose_body_stalls_gets_408_and_stores_nothing() {
 #[tokio::test]
 async fn shutdown_answers_held_long_polls_and_stops() {
     let (_dir, _key, s) = serving_n1(1, None).await;
-    let url = format!("{}/v1/nodes/n1/manifest?wait=300", s.url);
+    let url = v1::long_poll_url(&s.url, "n1", 300);
     let poll = tokio::spawn(async move {
         reqwest::Client::new()
             .get(url)
@@ -724,8 +706,8 @@ async fn shutdown_answers_held_long_polls_and_stops() {
 }
 
 /// A test CA and a certificate for 127.0.0.1 signed by it, made with the openssl command:
-/// (CA file, certificate, key), or `None` without a working openssl.
-fn test_certificate(dir: &Path) -> Option<(PathBuf, PathBuf, PathBuf)> {
+/// (CA file, certificate, key).
+fn test_certificate(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
     let script = r#"set -e
 ec="-newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes"
 openssl req -x509 $ec -days 2 -subj /CN=roost-test-ca -keyout ca.key -out ca.pem
@@ -733,27 +715,19 @@ openssl req $ec -subj /CN=127.0.0.1 -keyout key.pem -out leaf.csr
 printf 'subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n' > ext
 openssl x509 -req -in leaf.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 2 -out cert.pem -extfile ext
 "#;
-    let ok = Command::new("sh")
-        .args(["-c", script])
-        .current_dir(dir)
-        .output()
-        .is_ok_and(|o| o.status.success());
-    ok.then(|| {
-        (
-            dir.join("ca.pem"),
-            dir.join("cert.pem"),
-            dir.join("key.pem"),
-        )
-    })
+    sh(Command::new("sh").args(["-c", script]).current_dir(dir));
+    (
+        dir.join("ca.pem"),
+        dir.join("cert.pem"),
+        dir.join("key.pem"),
+    )
 }
 
 #[tokio::test]
 async fn tls_serves_the_api_over_https() {
     let dir = tempfile::tempdir().unwrap();
-    let Some((ca, cert, tls_key)) = test_certificate(dir.path()) else {
-        eprintln!("SKIP: no working `openssl` command to make a test certificate");
-        return;
-    };
+    require!(tools(&["openssl"]));
+    let (ca, cert, tls_key) = test_certificate(dir.path());
     let key = SecretKey::generate("pub").unwrap();
     let cfg = ServerConfig::new(
         dir.path().join("state"),
@@ -819,7 +793,7 @@ async fn the_front_answers_polls_exactly_as_the_router_does() {
     // `n%31` is `n1` to axum; the front leaves anything percent-encoded to it.
     for extra in ["", "If-None-Match: \"3\"\r\n"] {
         let mut c = tokio::net::TcpStream::connect(s.addr).await.unwrap();
-        raw_get(&mut c, "/v1/nodes/n1/manifest", extra).await;
+        raw_get(&mut c, &v1::manifest_path("n1"), extra).await;
         let front = read_response(&mut c).await.unwrap();
         let mut c = tokio::net::TcpStream::connect(s.addr).await.unwrap();
         raw_get(&mut c, "/v1/nodes/n%31/manifest", extra).await;
@@ -866,12 +840,15 @@ async fn a_poll_connection_is_kept_alive_through_other_requests_and_pipelining()
     use tokio::io::AsyncWriteExt;
     let (_dir, key, s) = serving_n1(1, None).await;
     let mut c = tokio::net::TcpStream::connect(s.addr).await.unwrap();
-    raw_get(&mut c, "/v1/nodes/n1/manifest", "").await;
+    raw_get(&mut c, &v1::manifest_path("n1"), "").await;
     let (head, body) = read_response(&mut c).await.unwrap();
     assert_eq!(head[0], "HTTP/1.1 200 OK");
     assert_eq!(body, sealed_bytes_of(&s, "n1").await);
     // Two polls in one write: two answers, in order.
-    let poll = "GET /v1/nodes/n1/manifest HTTP/1.1\r\nHost: x\r\nIf-None-Match: \"1\"\r\n\r\n";
+    let poll = format!(
+        "GET {} HTTP/1.1\r\nHost: x\r\nIf-None-Match: \"1\"\r\n\r\n",
+        v1::manifest_path("n1")
+    );
     c.write_all(format!("{poll}{poll}").as_bytes())
         .await
         .unwrap();
@@ -879,10 +856,13 @@ async fn a_poll_connection_is_kept_alive_through_other_requests_and_pipelining()
         let (head, _) = read_response(&mut c).await.unwrap();
         assert_eq!(head[0], "HTTP/1.1 304 Not Modified");
         assert_eq!(header(&head, "etag"), Some("\"1\""));
-        assert_eq!(header(&head, "roost-long-poll"), Some("300"));
+        assert_eq!(
+            header(&head, v1::LONG_POLL_HEADER),
+            Some(v1::MAX_WAIT_S.to_string().as_str())
+        );
     }
     // Another route on the same connection (the router answers), pipelined with a poll.
-    let fleet = "GET /v1/fleet HTTP/1.1\r\nHost: x\r\n\r\n";
+    let fleet = format!("GET {} HTTP/1.1\r\nHost: x\r\n\r\n", v1::route::FLEET);
     c.write_all(format!("{fleet}{poll}").as_bytes())
         .await
         .unwrap();
@@ -895,7 +875,8 @@ async fn a_poll_connection_is_kept_alive_through_other_requests_and_pipelining()
     // A request with a body on it, then a poll that sees what it stored.
     let newer = sealed(&key, &manifest("n1", 2, None));
     let put = format!(
-        "PUT /v1/nodes/n1/manifest HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n",
+        "PUT {} HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n",
+        v1::manifest_path("n1"),
         newer.len()
     );
     c.write_all(put.as_bytes()).await.unwrap();
@@ -908,10 +889,10 @@ async fn a_poll_connection_is_kept_alive_through_other_requests_and_pipelining()
     // A connection that starts with another route is kept alive too.
     let mut c = tokio::net::TcpStream::connect(s.addr).await.unwrap();
     for target in [
-        "/v1/fleet",
-        "/metrics",
-        "/v1/nodes/n1/manifest",
-        "/v1/fleet",
+        v1::route::FLEET,
+        v1::route::METRICS,
+        &v1::manifest_path("n1"),
+        v1::route::FLEET,
     ] {
         raw_get(&mut c, target, "").await;
         let (head, _) = read_response(&mut c).await.unwrap();
@@ -920,7 +901,7 @@ async fn a_poll_connection_is_kept_alive_through_other_requests_and_pipelining()
     }
     // `Connection: close` on a poll is honoured.
     let mut c = tokio::net::TcpStream::connect(s.addr).await.unwrap();
-    raw_get(&mut c, "/v1/nodes/n1/manifest", "Connection: close\r\n").await;
+    raw_get(&mut c, &v1::manifest_path("n1"), "Connection: close\r\n").await;
     let (head, _) = read_response(&mut c).await.unwrap();
     assert_eq!(header(&head, "connection"), Some("close"));
     assert!(read_response(&mut c).await.is_none(), "still open");
@@ -928,8 +909,10 @@ async fn a_poll_connection_is_kept_alive_through_other_requests_and_pipelining()
     // (where the next request would start is unknown).
     let mut c = tokio::net::TcpStream::connect(s.addr).await.unwrap();
     let big = 1 << 20;
-    let put =
-        format!("PUT /v1/nodes/n1/manifest HTTP/1.1\r\nHost: x\r\nContent-Length: {big}\r\n\r\n");
+    let put = format!(
+        "PUT {} HTTP/1.1\r\nHost: x\r\nContent-Length: {big}\r\n\r\n",
+        v1::manifest_path("n1")
+    );
     c.write_all(put.as_bytes()).await.unwrap();
     c.write_all(&vec![b'x'; 512 << 10]).await.unwrap();
     let (head, _) = tokio::time::timeout(Duration::from_secs(20), read_response(&mut c))
@@ -943,7 +926,7 @@ async fn a_poll_connection_is_kept_alive_through_other_requests_and_pipelining()
 }
 
 async fn sealed_bytes_of(s: &Server, node: &str) -> Vec<u8> {
-    reqwest::get(format!("{}/v1/nodes/{node}/manifest", s.url))
+    reqwest::get(v1::manifest_url(&s.url, node))
         .await
         .unwrap()
         .bytes()
@@ -971,7 +954,7 @@ async fn metric(s: &Server, line_prefix: &str) -> Option<u64> {
 /// A raw connection with `n1`'s version 1 poll (`wait` seconds) sent on it.
 async fn poll_n1(s: &Server, wait: u64) -> tokio::net::TcpStream {
     let mut c = tokio::net::TcpStream::connect(s.addr).await.unwrap();
-    let target = format!("/v1/nodes/n1/manifest?wait={wait}");
+    let target = v1::long_poll_url("", "n1", wait);
     raw_get(&mut c, &target, "If-None-Match: \"1\"\r\n").await;
     c
 }
@@ -997,9 +980,11 @@ async fn a_client_leaving_a_held_poll_frees_it_and_answered_polls_are_counted() 
     let mut c = poll_n1(&s, 1).await;
     let (head, _) = read_response(&mut c).await.unwrap();
     assert_eq!(head[0], "HTTP/1.1 304 Not Modified");
-    let route =
-        "roost_http_requests_total{route=\"GET /v1/nodes/{node}/manifest\",status=\"304\"} ";
-    assert_eq!(metric(&s, route).await, Some(1));
+    let route = format!(
+        "roost_http_requests_total{{route=\"GET {}\",status=\"304\"}} ",
+        v1::route::MANIFEST
+    );
+    assert_eq!(metric(&s, &route).await, Some(1));
     s.stop().await;
 }
 
@@ -1017,9 +1002,15 @@ async fn a_client_that_stops_reading_a_download_is_cut_off() {
     std::fs::create_dir_all(&nar_dir).unwrap();
     std::fs::write(nar_dir.join("big.nar"), vec![7u8; size]).unwrap();
     let mut c = tokio::net::TcpStream::connect(s.addr).await.unwrap();
-    c.write_all(b"GET /cache/nar/big.nar HTTP/1.1\r\nHost: x\r\n\r\n")
-        .await
-        .unwrap();
+    c.write_all(
+        format!(
+            "GET {} HTTP/1.1\r\nHost: x\r\n\r\n",
+            v1::cache_url("") + "/nar/big.nar"
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
     // Read nothing for a while: the server's writes stall.
     tokio::time::sleep(Duration::from_secs(4)).await;
     let mut got = Vec::new();
@@ -1032,10 +1023,7 @@ async fn a_client_that_stops_reading_a_download_is_cut_off() {
     );
     // The server itself is fine.
     assert_eq!(
-        reqwest::get(format!("{}/v1/fleet", s.url))
-            .await
-            .unwrap()
-            .status(),
+        reqwest::get(v1::fleet_url(&s.url)).await.unwrap().status(),
         200
     );
     s.stop().await;

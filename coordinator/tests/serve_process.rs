@@ -6,6 +6,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use roost_common::SecretKey;
+use roost_common::wire::v1::http as v1;
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -106,7 +107,8 @@ async fn sigterm_lets_an_upload_in_flight_finish_then_exits_0() {
     stream
         .write_all(
             format!(
-                "PUT /v1/nodes/n1/manifest HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n",
+                "PUT {} HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n",
+                v1::manifest_path("n1"),
                 body.len()
             )
             .as_bytes(),
@@ -122,7 +124,12 @@ async fn sigterm_lets_an_upload_in_flight_finish_then_exits_0() {
     stream.read_to_string(&mut resp).await.unwrap();
     assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
     assert_eq!(p.wait(Duration::from_secs(60)), Some(0));
-    let stored = std::fs::read(dir.path().join("state/manifests/v1/nodes/n1/manifest")).unwrap();
+    let stored = std::fs::read(
+        dir.path()
+            .join("state/manifests")
+            .join(v1::manifest_file("n1")),
+    )
+    .unwrap();
     assert_eq!(stored, body);
 }
 
@@ -134,13 +141,13 @@ async fn sigterm_answers_held_long_polls_and_exits_0() {
     let node_key = SecretKey::generate("n1").unwrap();
     let c = reqwest::Client::new();
     let r = c
-        .put(format!("{}/v1/nodes/n1/manifest", p.url()))
+        .put(v1::manifest_url(&p.url(), "n1"))
         .body(manifest_envelope(&key, "n1", 1, &node_key))
         .send()
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
-    let url = format!("{}/v1/nodes/n1/manifest?wait=300", p.url());
+    let url = v1::long_poll_url(&p.url(), "n1", 300);
     let poll = tokio::spawn(async move {
         c.get(url)
             .header("If-None-Match", "\"1\"")
@@ -168,21 +175,21 @@ async fn after_sigkill_a_restart_serves_the_same_manifests_reports_and_cache() {
 
     let p = Proc::start(&state, &public, Some(&token_file));
     let put = c
-        .put(format!("{}/v1/nodes/n1/manifest", p.url()))
+        .put(v1::manifest_url(&p.url(), "n1"))
         .body(body.clone())
         .send()
         .await
         .unwrap();
     assert_eq!(put.status(), 200);
     let post = c
-        .post(format!("{}/v1/nodes/n1/reports", p.url()))
+        .post(v1::reports_url(&p.url(), "n1"))
         .body(report_envelope("n1", 3, &node_key))
         .send()
         .await
         .unwrap();
     assert_eq!(post.status(), 200);
     let cache = c
-        .put(format!("{}/cache/nar/abc.nar", p.url()))
+        .put(format!("{}/nar/abc.nar", v1::cache_url(&p.url())))
         .basic_auth("roost", Some(token))
         .body("nar bytes")
         .send()
@@ -194,14 +201,14 @@ async fn after_sigkill_a_restart_serves_the_same_manifests_reports_and_cache() {
 
     let p = Proc::start(&state, &public, Some(&token_file));
     let got = c
-        .get(format!("{}/v1/nodes/n1/manifest", p.url()))
+        .get(v1::manifest_url(&p.url(), "n1"))
         .send()
         .await
         .unwrap();
     assert_eq!(got.headers()["etag"], "\"7\"");
     assert_eq!(got.bytes().await.unwrap().to_vec(), body);
     let fleet: Value = c
-        .get(format!("{}/v1/fleet", p.url()))
+        .get(v1::fleet_url(&p.url()))
         .send()
         .await
         .unwrap()
@@ -211,7 +218,7 @@ async fn after_sigkill_a_restart_serves_the_same_manifests_reports_and_cache() {
     assert_eq!(fleet["nodes"][0]["last_seq"], 3);
     assert_eq!(fleet["nodes"][0]["state"], "success");
     let nar = c
-        .get(format!("{}/cache/nar/abc.nar", p.url()))
+        .get(format!("{}/nar/abc.nar", v1::cache_url(&p.url())))
         .send()
         .await
         .unwrap()

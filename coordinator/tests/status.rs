@@ -2,6 +2,7 @@
 
 use std::time::Duration;
 
+use roost_common::wire::v1::http as v1;
 use roost_common::wire::v1::{HealthResult, ReportState};
 use roost_common::{SecretKey, TrustedKeys};
 use roost_coordinator::serve::{Running, ServerConfig, start};
@@ -36,7 +37,7 @@ impl Fleet {
         let node_key = SecretKey::generate(node).unwrap();
         let env = sealed(&self.publisher, &manifest(node, 1, Some(&node_key)));
         let r = reqwest::Client::new()
-            .put(format!("{}/v1/nodes/{node}/manifest", self.server.url()))
+            .put(v1::manifest_url(&self.server.url(), node))
             .body(env)
             .send()
             .await
@@ -54,7 +55,7 @@ impl Fleet {
         }];
         let env = seal_report(&r, key);
         let resp = reqwest::Client::new()
-            .post(format!("{}/v1/nodes/{node}/reports", self.server.url()))
+            .post(v1::reports_url(&self.server.url(), node))
             .body(env)
             .send()
             .await
@@ -203,4 +204,26 @@ async fn a_bad_stale_duration_is_bad_usage() {
         .await
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
+}
+
+#[tokio::test]
+async fn a_bad_ca_certificate_or_coordinator_url_is_bad_usage_exit_2() {
+    let f = Fleet::new().await;
+    let dir = tempfile::tempdir().unwrap();
+    let not_pem = dir.path().join("ca.pem");
+    std::fs::write(&not_pem, "not a certificate").unwrap();
+    let missing = dir.path().join("missing.pem");
+    for ca in [&not_pem, &missing] {
+        let (code, _, err) = f.status(&["--ca-cert", &ca.display().to_string()]).await;
+        assert_eq!(code, Some(2), "{err}");
+        assert!(err.contains(&ca.display().to_string()), "{err}");
+    }
+    let out = tokio::process::Command::new(BIN)
+        .args(["status", "--coordinator", "roost.example.org:8080"])
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("roost.example.org:8080"));
+    f.server.stop().await.unwrap();
 }

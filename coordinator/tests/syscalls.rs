@@ -17,12 +17,8 @@ const BIN: &str = env!("CARGO_BIN_EXE_roost-coordinator");
 /// A fresh folder and publisher key, and `serve` on them under strace (`None`: no strace,
 /// and the test is skipped, or fails under CI).
 fn traced(trace: &str) -> Option<(tempfile::TempDir, SecretKey, Traced)> {
-    let have = Command::new("strace")
-        .arg("-V")
-        .stdout(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if !support::prerequisite(have, "strace is not installed (apt-get install strace)") {
+    if let Err(why) = roost_preflight::tools(&["strace"]) {
+        roost_preflight::skip(&why);
         return None;
     }
     let dir = tempfile::tempdir().unwrap();

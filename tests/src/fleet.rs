@@ -7,6 +7,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
+use roost_common::wire::v1::http as v1;
 use serde_json::Value;
 
 use crate::{Bridge, Coordinator, Keys, Node, TempDir, bin, repo_root, run, wait_for};
@@ -182,8 +183,8 @@ impl Fleet {
         cmd.args(["--key"])
             .arg(&self.keys.publisher_sec)
             .args(["--to", &self.coordinator.url()])
-            .args(["--cache", &format!("{}/cache", self.coordinator.url())])
-            .args(["--substituter", &format!("{}/cache", self.node_url())])
+            .args(["--cache", &v1::cache_url(&self.coordinator.url())])
+            .args(["--substituter", &v1::cache_url(&self.node_url())])
             .arg("--cache-key")
             .arg(&self.keys.cache_sec)
             .arg("--json")
@@ -193,8 +194,25 @@ impl Fleet {
 
     /// The agent's arguments for `node` (`run`, plus `--once` when asked).
     pub fn agent_args(&self, node: &Node, once: bool) -> Vec<String> {
-        let mut a = vec![
-            "run".to_owned(),
+        let mut a = vec!["run".to_owned()];
+        a.extend(self.config_args(node));
+        a.extend(["--interval".into(), self.interval.clone()]);
+        if once {
+            a.push("--once".into());
+        }
+        a
+    }
+
+    /// `roost-agent apply FILE` for `node` (`apply` takes no polling flags).
+    pub fn apply_args(&self, node: &Node, file: &Path) -> Vec<String> {
+        let mut a = vec!["apply".to_owned(), file.display().to_string()];
+        a.extend(self.config_args(node));
+        a
+    }
+
+    /// What every configured command of `node`'s agent is given.
+    fn config_args(&self, node: &Node) -> [String; 8] {
+        [
             "--coordinator".into(),
             node.coordinator_url(&self.coordinator),
             "--node".into(),
@@ -203,13 +221,7 @@ impl Fleet {
             self.keys.publisher_pub.display().to_string(),
             "--state-dir".into(),
             node.state_dir().display().to_string(),
-            "--interval".into(),
-            self.interval.clone(),
-        ];
-        if once {
-            a.push("--once".into());
-        }
-        a
+        ]
     }
 
     /// Starts every node's agent daemon.

@@ -13,6 +13,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
+use roost_common::wire::v1::http as v1;
 use serde_json::Value;
 
 pub use tempfile::TempDir;
@@ -23,65 +24,29 @@ pub mod proxy;
 
 pub use fleet::Fleet;
 
-/// Whether this process runs as root (its effective uid, from /proc: no unsafe libc call).
-pub fn is_root() -> bool {
-    fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("Uid:"))
-                .and_then(|l| l.split_whitespace().nth(2).map(|u| u == "0"))
-        })
-        .unwrap_or(false)
-}
+pub use roost_preflight::require;
 
-/// Whether `tool` is on `PATH`.
-pub fn on_path(tool: &str) -> bool {
-    std::env::var_os("PATH")
-        .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
-}
-
-/// Why the fleet tests cannot run here, if they cannot (not root, no Nix, no namespaces).
+/// Why the fleet cannot run here, if it cannot (not root, no Nix, no namespaces, binaries not
+/// built). Tests take it through [`require!`]: under `CI=true` a reason fails the test.
 pub fn preflight() -> Result<(), String> {
-    if !is_root() {
-        return Err("fleet tests need root (namespaces, mounts, veth)".into());
-    }
-    for tool in ["nix", "nix-store", "unshare", "ip", "mount"] {
-        if which(tool).is_none() {
-            return Err(format!(
-                "`{tool}` is not installed (scripts/test installs it)"
-            ));
-        }
-    }
+    roost_preflight::root("nodes are network and mount namespaces with /nix bind-mounted")?;
+    roost_preflight::tools(&["nix", "nix-store", "unshare", "ip", "mount"])?;
     for b in ["roost-agent", "roost-coordinator"] {
-        if !bin(b).exists() {
-            return Err(format!(
-                "{} is not built: run `cargo build --workspace` first",
-                bin(b).display()
-            ));
-        }
+        roost_preflight::exists(&bin(b), "run `cargo build --workspace` first")?;
     }
     Ok(())
 }
 
-/// Skips the calling test, loudly, when the fleet cannot run here.
-#[macro_export]
-macro_rules! require_fleet {
-    () => {
-        if let Err(why) = $crate::preflight() {
-            eprintln!("SKIP: {why}");
-            return;
-        }
-    };
-}
-
-fn which(tool: &str) -> Option<PathBuf> {
-    std::env::var_os("PATH")?
-        .to_str()?
-        .split(':')
-        .chain(["/usr/sbin", "/sbin"])
-        .map(|d| Path::new(d).join(tool))
-        .find(|p| p.exists())
+/// The nixpkgs `lib` folder the module and example evaluations use: `ROOST_NIXPKGS_LIB`
+/// (`.ci/run` points it at `../shared/nixpkgs-lib/lib`; the flake's checks pass
+/// `${nixpkgs}/lib`). Test data, never part of the repository.
+pub fn nixpkgs_lib() -> Result<PathBuf, String> {
+    let lib = roost_preflight::env_dir("ROOST_NIXPKGS_LIB", "a nixpkgs `lib` folder")?;
+    roost_preflight::exists(
+        &lib.join("default.nix"),
+        "ROOST_NIXPKGS_LIB must be nixpkgs' `lib` folder",
+    )?;
+    Ok(lib)
 }
 
 /// A binary of this workspace, built next to the running test or program.
@@ -251,7 +216,7 @@ impl Coordinator {
             .spawn()
             .context("starting roost-coordinator serve")?;
         self.child = Some(child);
-        let url = format!("{}/v1/fleet", self.url());
+        let url = v1::fleet_url(&self.url());
         let port = self.port;
         let tls = self.tls;
         wait_for("the coordinator to answer", Duration::from_secs(20), || {
@@ -313,9 +278,8 @@ impl Coordinator {
 
     /// `GET /v1/fleet`.
     pub fn fleet(&self) -> anyhow::Result<Value> {
-        Ok(serde_json::from_slice(&http_get(&format!(
-            "{}/v1/fleet",
-            self.url()
+        Ok(serde_json::from_slice(&http_get(&v1::fleet_url(
+            &self.url(),
         ))?)?)
     }
 

@@ -10,8 +10,9 @@ use std::time::Duration;
 use base64::Engine;
 use roost_common::SecretKey;
 use roost_common::envelope::{Context, Envelope};
+use roost_common::wire::v1::http as v1;
 use roost_tests::fleet::{Settings, tail};
-use roost_tests::{Fleet, http_get, require_fleet, wait_for};
+use roost_tests::{Fleet, http_get, preflight, require, wait_for};
 use serde_json::{Value, json};
 
 const NODE: &str = "pi-garage";
@@ -65,7 +66,7 @@ fn converged(s: Settings) -> (Fleet, u64, String) {
 
 #[test]
 fn once_substitutes_into_an_empty_store_activates_once_reports_and_then_idles() {
-    require_fleet!();
+    require!(preflight());
     let f = Fleet::new(&[NODE]).unwrap();
     assert!(
         !f.node(NODE).nix_dir().join("store").exists(),
@@ -166,21 +167,21 @@ fn report_arrives(f: &Fleet, phase: &str) {
 
 #[test]
 fn activation_exit_1_rolls_back() {
-    require_fleet!();
+    require!(preflight());
     let f = rolls_back("fail", "activate", "exited with status 1");
     report_arrives(&f, "activate");
 }
 
 #[test]
 fn switch_to_configuration_exit_4_counts_as_failure() {
-    require_fleet!();
+    require!(preflight());
     let f = rolls_back("units-failed", "activate", "status 4");
     report_arrives(&f, "activate");
 }
 
 #[test]
 fn a_hanging_activation_is_killed_with_its_children_and_rolled_back() {
-    require_fleet!();
+    require!(preflight());
     let f = rolls_back("hang", "activate", "timed out");
     let left: Vec<String> = f
         .node(NODE)
@@ -197,7 +198,7 @@ fn a_hanging_activation_is_killed_with_its_children_and_rolled_back() {
 
 #[test]
 fn a_failing_command_health_check_rolls_back() {
-    require_fleet!();
+    require!(preflight());
     let f = rolls_back(
         "unhealthy",
         "confirm",
@@ -208,7 +209,7 @@ fn a_failing_command_health_check_rolls_back() {
 
 #[test]
 fn a_failing_http_health_check_rolls_back() {
-    require_fleet!();
+    require!(preflight());
     // A port on the host that answers 503, reachable from the node.
     let listener = std::net::TcpListener::bind("0.0.0.0:0").unwrap();
     let port = listener.local_addr().unwrap().port();
@@ -246,7 +247,7 @@ fn a_failing_http_health_check_rolls_back() {
 
 #[test]
 fn losing_the_coordinator_after_the_switch_rolls_back_with_magic_rollback() {
-    require_fleet!();
+    require!(preflight());
     let f = rolls_back("isolate", "confirm", "magic rollback");
     // The report waits on disk until the node is back online.
     assert_ne!(last_report(&f)["state"], "rolled_back");
@@ -258,7 +259,7 @@ fn losing_the_coordinator_after_the_switch_rolls_back_with_magic_rollback() {
 
 #[test]
 fn a_quarantined_version_is_not_retried_and_a_newer_one_deploys() {
-    require_fleet!();
+    require!(preflight());
     let f = rolls_back("fail", "activate", "exited with status 1");
     let n = f.node(NODE).activations().len();
     for _ in 0..2 {
@@ -309,9 +310,9 @@ fn snapshot(dir: &Path) -> BTreeMap<String, Vec<u8>> {
 
 #[test]
 fn refused_manifests_change_nothing_but_the_report_queue() {
-    require_fleet!();
+    require!(preflight());
     let (f, v1, path) = converged(Settings::default());
-    let current = http_get(&format!("{}/v1/nodes/{NODE}/manifest", f.coordinator.url())).unwrap();
+    let current = http_get(&v1::manifest_url(&f.coordinator.url(), NODE)).unwrap();
     let env: Envelope = serde_json::from_slice(&current).unwrap();
     let payload: Value = serde_json::from_slice(
         &base64::engine::general_purpose::STANDARD
@@ -400,9 +401,7 @@ fn refused_manifests_change_nothing_but_the_report_queue() {
     for (name, bytes, why) in cases {
         let file = dir.path().join("m.json");
         std::fs::write(&file, &bytes).unwrap();
-        let mut args = f.agent_args(f.node(NODE), false);
-        args[0] = "apply".into();
-        args.insert(1, file.display().to_string());
+        let args = f.apply_args(f.node(NODE), &file);
         let o = f.node(NODE).run_agent(&args, &[]).unwrap();
         assert_eq!(o.status.code(), Some(1), "{name}");
         assert_eq!(
@@ -425,7 +424,7 @@ fn refused_manifests_change_nothing_but_the_report_queue() {
 
 #[test]
 fn status_json_has_every_field_while_the_daemon_runs() {
-    require_fleet!();
+    require!(preflight());
     let (mut f, v, path) = converged(Settings::default());
     let args = f.agent_args(f.node(NODE), false);
     f.node_mut(NODE).start_agent(&args, &[]).unwrap();
@@ -477,7 +476,7 @@ fn status_json_has_every_field_while_the_daemon_runs() {
 
 #[test]
 fn bad_configuration_is_a_usage_error() {
-    require_fleet!();
+    require!(preflight());
     let f = Fleet::new(&[NODE]).unwrap();
     let mut args = f.agent_args(f.node(NODE), true);
     let k = args.iter().position(|a| a == "--trusted-key").unwrap();

@@ -4,8 +4,9 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
+use roost_common::wire::v1::http as v1;
 use roost_tests::fleet::{Settings, tail};
-use roost_tests::{Fleet, http_get, require_fleet, wait_for};
+use roost_tests::{Fleet, http_get, preflight, require, wait_for};
 use serde_json::Value;
 
 const NODES: [&str; 3] = ["laptop", "pi-kitchen", "pi-garage"];
@@ -53,11 +54,7 @@ fn at(f: &Fleet, node: &str) -> Option<String> {
 }
 
 fn history(f: &Fleet, node: &str) -> Vec<Value> {
-    let body = http_get(&format!(
-        "{}/v1/nodes/{node}/reports?limit=10000",
-        f.coordinator.url()
-    ))
-    .unwrap();
+    let body = http_get(&v1::report_history_url(&f.coordinator.url(), node, 10_000)).unwrap();
     let v: Value = serde_json::from_slice(&body).unwrap();
     v["reports"].as_array().cloned().unwrap_or_default()
 }
@@ -95,7 +92,7 @@ fn generation(n: u32) -> Settings {
 
 #[test]
 fn converge_every_node_reaches_the_published_paths() {
-    require_fleet!();
+    require!(preflight());
     let mut f = Fleet::new(&NODES).unwrap();
     let p = publish(&f, &generation(1));
     f.start_agents().unwrap();
@@ -156,7 +153,7 @@ fn converge_every_node_reaches_the_published_paths() {
 
 #[test]
 fn an_offline_node_catches_up_straight_to_the_newest_version() {
-    require_fleet!();
+    require!(preflight());
     let mut f = Fleet::new(&["laptop", "pi-garage"]).unwrap();
     let first = publish(&f, &generation(1));
     f.start_agents().unwrap();
@@ -190,7 +187,7 @@ fn an_offline_node_catches_up_straight_to_the_newest_version() {
 
 #[test]
 fn a_network_cut_mid_download_leaves_nothing_half_activated() {
-    require_fleet!();
+    require!(preflight());
     let mut f = Fleet::new(&["pi-kitchen"]).unwrap();
     let first = publish(&f, &generation(1));
     f.start_agents().unwrap();
@@ -240,7 +237,7 @@ fn a_network_cut_mid_download_leaves_nothing_half_activated() {
 
 #[test]
 fn a_coordinator_outage_loses_no_report_and_keeps_systems_running() {
-    require_fleet!();
+    require!(preflight());
     let mut f = Fleet::new(&["laptop", "pi-kitchen"]).unwrap();
     let first = publish(&f, &generation(1));
     f.start_agents().unwrap();
@@ -258,10 +255,9 @@ fn a_coordinator_outage_loses_no_report_and_keeps_systems_running() {
         let file = f
             .coordinator
             .state_dir
-            .join(format!("manifests/v1/nodes/{n}/manifest"));
-        let mut args = f.agent_args(f.node(n), false);
-        args[0] = "apply".into();
-        args.insert(1, file.display().to_string());
+            .join("manifests")
+            .join(v1::manifest_file(n));
+        let args = f.apply_args(f.node(n), &file);
         let out = f.node(n).run_agent(&args, &[]).unwrap();
         assert_eq!(
             out.status.code(),
@@ -299,7 +295,7 @@ fn a_coordinator_outage_loses_no_report_and_keeps_systems_running() {
 
 #[test]
 fn a_bad_deploy_on_one_node_rolls_back_there_only_and_is_not_retried() {
-    require_fleet!();
+    require!(preflight());
     let mut f = Fleet::new(&NODES).unwrap();
     let first = publish(&f, &generation(1));
     f.start_agents().unwrap();
@@ -430,49 +426,49 @@ fn crash_in(phase: &str, behaviour: Option<&'static str>) {
 
 #[test]
 fn crash_in_fetch() {
-    require_fleet!();
+    require!(preflight());
     crash_in("fetch", None);
 }
 
 #[test]
 fn crash_in_realise() {
-    require_fleet!();
+    require!(preflight());
     crash_in("realise", None);
 }
 
 #[test]
 fn crash_in_set_profile() {
-    require_fleet!();
+    require!(preflight());
     crash_in("set-profile", None);
 }
 
 #[test]
 fn crash_in_activate() {
-    require_fleet!();
+    require!(preflight());
     crash_in("activate", None);
 }
 
 #[test]
 fn crash_in_confirm() {
-    require_fleet!();
+    require!(preflight());
     crash_in("confirm", None);
 }
 
 #[test]
 fn crash_in_rollback() {
-    require_fleet!();
+    require!(preflight());
     crash_in("rollback", Some("fail"));
 }
 
 #[test]
 fn crash_in_report() {
-    require_fleet!();
+    require!(preflight());
     crash_in("report", None);
 }
 
 #[test]
 fn kills_at_random_moments_of_activation_end_at_the_old_or_new_path() {
-    require_fleet!();
+    require!(preflight());
     let mut f = Fleet::new(&["pi-kitchen"]).unwrap();
     let slow = |g| Settings {
         generation: g,
@@ -539,7 +535,7 @@ fn cache_file_for(f: &Fleet, store_path: &str, ext: &str) -> std::path::PathBuf 
 
 #[test]
 fn a_corrupted_nar_is_refused_and_the_system_kept() {
-    require_fleet!();
+    require!(preflight());
     let (mut f, first, second) = one_node_with_next(&generation(2));
     let narinfo = std::fs::read_to_string(cache_file_for(
         &f,
@@ -567,7 +563,7 @@ fn a_corrupted_nar_is_refused_and_the_system_kept() {
 
 #[test]
 fn a_narinfo_signed_by_an_untrusted_key_is_refused() {
-    require_fleet!();
+    require!(preflight());
     let (mut f, first, second) = one_node_with_next(&generation(2));
     let path = system_of(&second, "pi-kitchen");
     let file = cache_file_for(&f, &path, "narinfo");
@@ -610,7 +606,7 @@ fn a_narinfo_signed_by_an_untrusted_key_is_refused() {
 
 #[test]
 fn a_manifest_published_before_its_closure_converges_soon_after_the_closure_arrives() {
-    require_fleet!();
+    require!(preflight());
     let (mut f, _first, second) = one_node_with_next(&generation(2));
     // Hide the new closure: the manifest is visible, the cache does not have it yet.
     let narinfo = cache_file_for(&f, &system_of(&second, "pi-kitchen"), "narinfo");
@@ -634,7 +630,7 @@ fn a_manifest_published_before_its_closure_converges_soon_after_the_closure_arri
 
 #[test]
 fn a_cache_replaced_at_the_same_url_receives_the_closures_again() {
-    require_fleet!();
+    require!(preflight());
     let mut f = Fleet::new(&["pi-kitchen"]).unwrap();
     publish(&f, &generation(1));
     // The coordinator loses its state and comes back at the same URL, empty.

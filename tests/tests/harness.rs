@@ -5,11 +5,11 @@ use std::net::TcpListener;
 use std::path::Path;
 use std::time::Duration;
 
-use roost_tests::{Bridge, Node, require_fleet};
+use roost_tests::{Bridge, Node, preflight, require};
 
 #[test]
 fn a_node_has_its_own_empty_nix_and_a_cuttable_link() {
-    require_fleet!();
+    require!(preflight());
     let tmp = tempfile::tempdir().unwrap();
     let bridge = Bridge::create().unwrap();
     let node = Node::create(tmp.path(), "probe", &bridge).unwrap();

@@ -7,17 +7,13 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use roost_common::{Identity, NodeName, PublicKey, Timestamp, TrustedKeys, verify_manifest};
-use roost_tests::{bin, is_root, on_path, repo_root};
+use roost_preflight::{root, tools};
+use roost_tests::{bin, nixpkgs_lib, repo_root, require};
 use serde_json::Value;
 
-/// Skips the calling test, loudly, when Nix's tools are missing.
-macro_rules! require_nix {
-    () => {
-        if !on_path("nix-instantiate") || !on_path("nix") {
-            eprintln!("SKIP: Nix is not installed (scripts/test installs it)");
-            return;
-        }
-    };
+/// Nix's evaluator and CLI.
+fn nix() -> Result<(), String> {
+    tools(&["nix-instantiate", "nix"])
 }
 
 /// Every `.nix` file under `dir`, skipping build output and hidden folders.
@@ -39,7 +35,7 @@ fn nix_files(dir: &Path, out: &mut Vec<PathBuf>) {
 
 #[test]
 fn every_nix_file_in_the_repository_parses() {
-    require_nix!();
+    require!(nix());
     let root = repo_root();
     let mut files = Vec::new();
     nix_files(&root, &mut files);
@@ -102,7 +98,7 @@ fn check_deploy(deploy: &str) -> Vec<String> {
 
 #[test]
 fn check_deploy_accepts_the_offline_fleet() {
-    require_nix!();
+    require!(nix());
     let flake = repo_root().join("examples/offline/flake.nix");
     let problems = check_deploy(&format!(
         "((import {}).outputs {{ self = {{ }}; }}).deploy",
@@ -113,7 +109,7 @@ fn check_deploy_accepts_the_offline_fleet() {
 
 #[test]
 fn check_deploy_names_each_problem_with_its_node_and_profile() {
-    require_nix!();
+    require!(nix());
     let problems = check_deploy(
         r#"{
           nodes.pi = {
@@ -167,11 +163,9 @@ fn copy_dir(from: &Path, to: &Path) {
 
 #[test]
 fn the_offline_example_evaluates_and_publishes_verifiable_manifests() {
-    require_nix!();
-    if !is_root() {
-        eprintln!("SKIP: publishing builds into the Nix store, which needs root without a daemon");
-        return;
-    }
+    require!(nix().and(root(
+        "publishing builds into the Nix store without a daemon"
+    )));
     let coordinator = bin("roost-coordinator");
     assert!(
         coordinator.exists(),
@@ -238,7 +232,7 @@ fn the_offline_example_evaluates_and_publishes_verifiable_manifests() {
 
     let trusted = TrustedKeys::new([PublicKey::read_file(&public).unwrap()], 1);
     for node in ["laptop", "pi-kitchen", "pi-garage"] {
-        let file = dest.join(format!("v1/nodes/{node}/manifest"));
+        let file = dest.join(roost_common::wire::v1::http::manifest_file(node));
         let bytes = std::fs::read(&file)
             .unwrap_or_else(|e| panic!("{}: {e}\npublish said: {summary:#}", file.display()));
         let name: NodeName = node.parse().unwrap();
@@ -269,18 +263,13 @@ fn the_offline_example_evaluates_and_publishes_verifiable_manifests() {
 
 #[test]
 fn the_fleet_example_deploy_output_passes_check_deploy() {
-    require_nix!();
-    let Some(lib) = std::env::var_os("ROOST_NIXPKGS_LIB").filter(|v| !v.is_empty()) else {
-        eprintln!(
-            "SKIP: ROOST_NIXPKGS_LIB is not set (point it at a nixpkgs `lib` folder to evaluate examples/fleet)"
-        );
-        return;
-    };
+    require!(nix());
+    let lib = require!(nixpkgs_lib());
     let out = Command::new("nix-instantiate")
         .args(["--eval", "--strict", "--json"])
         .arg(repo_root().join("nix/example-eval.nix"))
         .args(["--arg", "lib"])
-        .arg(format!("import {}", PathBuf::from(lib).display()))
+        .arg(format!("import {}", lib.display()))
         .output()
         .unwrap();
     assert!(

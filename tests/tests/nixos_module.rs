@@ -3,9 +3,10 @@
 //! the agent's generated config passes `roost-agent check-config` (at build time too), and bad
 //! settings are refused with an error naming the option.
 //!
-//! There is no nixpkgs here: set `ROOST_NIXPKGS_LIB` to a nixpkgs `lib` folder (e.g. a checkout
-//! of github:nix-community/nixpkgs.lib, its `lib/`) to run these; they skip, loudly, without it.
-//! They build tiny derivations, so they need Nix and a writable store (root without a daemon).
+//! `ROOST_NIXPKGS_LIB` names a nixpkgs `lib` folder (`.ci/run` sets it; a checkout of
+//! github:nix-community/nixpkgs.lib, its `lib/`, does too). They build tiny derivations, so they
+//! need Nix and a writable store (root without a daemon). Without them they fail under
+//! `CI=true` and skip loudly elsewhere.
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -13,7 +14,8 @@ use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
-use roost_tests::{bin, is_root, on_path, repo_root};
+use roost_preflight::{root, tools};
+use roost_tests::{bin, nixpkgs_lib, repo_root, require};
 use serde_json::Value;
 
 /// Where the modules are evaluated: nixpkgs' lib, keys, scratch files.
@@ -26,40 +28,26 @@ struct Eval {
     key_file: PathBuf,
 }
 
-/// Sets up an evaluation, or says why these tests cannot run here.
-fn setup() -> Option<Eval> {
-    let Some(lib) = std::env::var_os("ROOST_NIXPKGS_LIB").filter(|v| !v.is_empty()) else {
-        eprintln!(
-            "SKIP: ROOST_NIXPKGS_LIB is not set (point it at a nixpkgs `lib` folder to evaluate the NixOS modules)"
-        );
-        return None;
-    };
-    let lib = PathBuf::from(lib);
-    assert!(
-        lib.join("default.nix").is_file(),
-        "ROOST_NIXPKGS_LIB={} has no default.nix: it must be nixpkgs' `lib` folder",
-        lib.display()
-    );
-    for tool in ["nix-instantiate", "nix-build", "nix-store"] {
-        if !on_path(tool) {
-            eprintln!("SKIP: `{tool}` is not installed");
-            return None;
-        }
-    }
-    if !is_root() {
-        eprintln!("SKIP: building the modules' files needs a writable Nix store (root)");
-        return None;
-    }
+/// What these tests need: nixpkgs' lib, Nix's tools, a writable store.
+fn prerequisites() -> Result<PathBuf, String> {
+    let lib = nixpkgs_lib()?;
+    tools(&["nix-instantiate", "nix-build", "nix-store"])?;
+    root("building the modules' files needs a writable Nix store without a daemon")?;
+    Ok(lib)
+}
+
+/// Sets up an evaluation with nixpkgs' lib at `lib`.
+fn setup(lib: PathBuf) -> Eval {
     let dir = tempfile::tempdir().unwrap();
     let first = keypair(dir.path(), "fleet-publisher-1");
     let key_file = keypair(dir.path(), "fleet-publisher-2");
     let key = std::fs::read_to_string(first).unwrap().trim().to_owned();
-    Some(Eval {
+    Eval {
         lib,
         dir,
         key,
         key_file,
-    })
+    }
 }
 
 /// Makes a Nix binary-cache key pair named `name` in `dir`; returns the public file.
@@ -186,7 +174,7 @@ fn strings(v: &Value) -> Vec<&str> {
 
 #[test]
 fn agent_daemon_unit_notifies_is_watched_and_survives_the_switches_it_performs() {
-    let Some(e) = setup() else { return };
+    let e = setup(require!(prerequisites()));
     let cfg = e.agent("");
     let unit = service(&e, &cfg, "roost-agent");
     let sc = &unit["serviceConfig"];
@@ -228,7 +216,7 @@ fn agent_daemon_unit_notifies_is_watched_and_survives_the_switches_it_performs()
 
 #[test]
 fn agent_timer_mode_runs_once_on_a_persistent_timer() {
-    let Some(e) = setup() else { return };
+    let e = setup(require!(prerequisites()));
     let cfg = e.agent(r#"mode = "timer"; dates = "hourly";"#);
     let timer = e
         .eval(&cfg, "config.systemd.timers.roost-agent")
@@ -251,7 +239,7 @@ fn agent_timer_mode_runs_once_on_a_persistent_timer() {
 
 #[test]
 fn agent_generated_config_has_every_option_and_passes_check_config() {
-    let Some(e) = setup() else { return };
+    let e = setup(require!(prerequisites()));
     let cfg = e.agent(
         r#"checkConfig = false;
            threshold = 2;
@@ -299,7 +287,7 @@ fn agent_generated_config_has_every_option_and_passes_check_config() {
 
 #[test]
 fn agent_config_is_checked_at_build_time_and_an_unknown_key_fails_the_build() {
-    let Some(e) = setup() else { return };
+    let e = setup(require!(prerequisites()));
     built("roost-agent");
     e.build(&e.agent(""), "config.services.roost.agent.configFile")
         .unwrap_or_else(|err| panic!("a valid config failed the build-time check:\n{err}"));
@@ -314,7 +302,7 @@ fn agent_config_is_checked_at_build_time_and_an_unknown_key_fails_the_build() {
 
 #[test]
 fn agent_refuses_a_malformed_inline_key_naming_the_option() {
-    let Some(e) = setup() else { return };
+    let e = setup(require!(prerequisites()));
     let cfg = r#"{ services.roost.agent = { enable = true; trustedKeys = [ "not a key" ]; }; }"#;
     let err = e
         .eval(cfg, "config.services.roost.agent.configFile.outPath")
@@ -324,7 +312,7 @@ fn agent_refuses_a_malformed_inline_key_naming_the_option() {
 
 #[test]
 fn coordinator_unit_is_hardened_and_gets_its_secrets_as_credentials() {
-    let Some(e) = setup() else { return };
+    let e = setup(require!(prerequisites()));
     let cfg = e.coordinator(
         r#"uploadTokenFile = "/run/secrets/roost-upload-token";
            tlsCertFile = "/var/lib/acme/roost/fullchain.pem";
@@ -380,7 +368,7 @@ fn coordinator_unit_is_hardened_and_gets_its_secrets_as_credentials() {
 
 #[test]
 fn coordinator_refuses_an_upload_token_in_the_nix_store() {
-    let Some(e) = setup() else { return };
+    let e = setup(require!(prerequisites()));
     let cfg =
         e.coordinator(r#"uploadTokenFile = "${builtins.toFile "token" "0123456789abcdef"}";"#);
     let failed = e.eval(&cfg, "failedAssertions").unwrap();
@@ -425,7 +413,7 @@ fn split_command_line(s: &str) -> Vec<String> {
 
 #[test]
 fn coordinator_command_line_is_one_roost_coordinator_serve_accepts() {
-    let Some(e) = setup() else { return };
+    let e = setup(require!(prerequisites()));
     let binary = built("roost-coordinator");
     let cfg = e.coordinator(
         r#"uploadTokenFile = "/run/secrets/roost-upload-token"; listen = "127.0.0.1:0";"#,
@@ -471,4 +459,25 @@ fn coordinator_command_line_is_one_roost_coordinator_serve_accepts() {
         )
     });
     assert!(line.contains("serving on http://127.0.0.1:"), "{line}");
+}
+
+#[test]
+fn an_apply_only_agent_without_coordinators_starts_no_daemon_and_no_timer() {
+    let e = setup(require!(prerequisites()));
+    let no_coordinator = |extra: &str| {
+        format!(
+            r#"{{ networking.hostName = "pi-kitchen";
+                 services.roost.agent = {{ enable = true; trustedKeys = [ "{}" ]; {extra} }}; }}"#,
+            e.key
+        )
+    };
+    let daemon = no_coordinator("");
+    let unit = service(&e, &daemon, "roost-agent");
+    assert!(strings(&unit["wantedBy"]).is_empty(), "{unit:#}");
+    let timer = no_coordinator(r#"mode = "timer";"#);
+    let timers = e.eval(&timer, "config.systemd.timers").unwrap();
+    assert!(timers.as_object().unwrap().is_empty(), "{timers:#}");
+    // The config is still valid for `apply`, and the agent is installed for it.
+    e.build(&daemon, "config.services.roost.agent.configFile")
+        .unwrap_or_else(|err| panic!("{err}"));
 }

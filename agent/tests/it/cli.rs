@@ -106,7 +106,9 @@ fn help_teaches_every_config_flag() {
         "--threshold",
         "--state-dir",
         "--interval",
+        "--no-long-poll",
         "--build-policy",
+        "--ca-cert",
         "--once",
         "substitute-only",
     ] {
@@ -209,4 +211,96 @@ fn a_second_agent_on_the_same_state_folder_is_refused() {
     daemon.wait().unwrap();
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
     assert!(text(&out).contains("another roost-agent"), "{}", text(&out));
+}
+
+#[test]
+fn run_without_a_coordinator_is_bad_configuration_exit_2() {
+    let d = tempfile::tempdir().unwrap();
+    let p = Publisher::new("publisher-1");
+    let key = p.public_file.display().to_string();
+    let dir = d.path().display().to_string();
+    for once in [false, true] {
+        let mut args = vec![
+            "run",
+            "--node",
+            NODE,
+            "--trusted-key",
+            &key,
+            "--state-dir",
+            &dir,
+        ];
+        if once {
+            args.push("--once");
+        }
+        let out = agent(&args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {}", text(&out));
+        assert!(text(&out).contains("--coordinator"), "{}", text(&out));
+    }
+}
+
+#[test]
+fn status_of_a_state_folder_that_does_not_exist_exits_2_naming_it() {
+    let d = tempfile::tempdir().unwrap();
+    let typo = d.path().join("roots").display().to_string();
+    for json in [false, true] {
+        let mut args = vec!["status", "--state-dir", &typo];
+        if json {
+            args.push("--json");
+        }
+        let out = agent(&args);
+        assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+        assert!(text(&out).contains(&typo), "{}", text(&out));
+        assert!(
+            out.stdout.is_empty(),
+            "printed a status anyway: {}",
+            text(&out)
+        );
+    }
+}
+
+#[test]
+fn each_subcommand_offers_only_the_flags_it_uses() {
+    let offered = |cmd: &str| {
+        let out = agent(&[cmd, "--help"]);
+        assert!(out.status.success(), "{cmd} --help: {}", text(&out));
+        text(&out)
+    };
+    let flag = |help: &str, f: &str| help.lines().any(|l| l.trim_start().starts_with(f));
+    let polling = ["--interval", "--no-long-poll", "--once"];
+    let trust = ["--trusted-key", "--threshold", "--system", "--build-policy"];
+    let apply = offered("apply");
+    for f in polling {
+        assert!(!flag(&apply, f), "apply offers {f}");
+    }
+    for f in trust {
+        assert!(flag(&apply, f), "apply lacks {f}");
+    }
+    let rollback = offered("rollback");
+    for f in polling.iter().chain(&trust) {
+        assert!(!flag(&rollback, f), "rollback offers {f}");
+    }
+    for f in ["--node", "--state-dir", "--coordinator", "--config"] {
+        assert!(flag(&rollback, f), "rollback lacks {f}");
+    }
+    for cmd in ["status", "key"] {
+        let help = offered(cmd);
+        for f in polling.iter().chain(&trust).chain(&["--coordinator"]) {
+            assert!(!flag(&help, f), "{cmd} offers {f}");
+        }
+    }
+    // Not offered means refused, as bad usage.
+    let out = agent(&["apply", "m.json", "--interval", "5s"]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+}
+
+#[test]
+fn the_fault_injection_variable_is_mentioned_only_in_debug_builds() {
+    let help = text(&agent(&["run", "--help"]));
+    // The test and the binary are built with the same profile.
+    assert_eq!(
+        help.contains("ROOST_FAULT"),
+        cfg!(debug_assertions),
+        "run --help:\n{help}"
+    );
+    assert!(!text(&agent(&["--help"])).contains("ROOST_FAULT"));
 }

@@ -12,6 +12,7 @@ use std::time::Duration;
 use base64::Engine;
 use roost_common::envelope::{self, Context};
 use roost_common::wire::v1::Report;
+use roost_common::wire::v1::http::{self as v1, LONG_POLL_HEADER, MAX_WAIT_S, WAIT_PARAM};
 use roost_common::{PublicKey, TrustedKeys};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
@@ -225,7 +226,7 @@ async fn route(
     let lp = s.long_poll.load(Ordering::SeqCst);
     let lp_header = || {
         if lp {
-            vec![("roost-long-poll".to_owned(), "300".to_owned())]
+            vec![(LONG_POLL_HEADER.to_owned(), MAX_WAIT_S.to_string())]
         } else {
             vec![]
         }
@@ -237,9 +238,10 @@ async fn route(
             b"{}".to_vec(),
         );
     }
-    if method == "GET" && path.ends_with("/manifest") {
+    if method == "GET" && v1::manifest_node(path).is_some() {
         let wait: u64 = query
-            .strip_prefix("wait=")
+            .strip_prefix(WAIT_PARAM)
+            .and_then(|q| q.strip_prefix('='))
             .and_then(|w| w.parse().ok())
             .filter(|_| lp)
             .unwrap_or(0);
@@ -267,7 +269,7 @@ async fn route(
         h.push(("etag".into(), etag));
         return (200, h, bytes);
     }
-    if method == "POST" && path.ends_with("/reports") {
+    if method == "POST" && v1::reports_node(path).is_some() {
         return match check_report(body) {
             Ok(report) => {
                 let mut all = s.reports.lock().unwrap();

@@ -1,25 +1,19 @@
 //! End to end with real Nix: the built `roost-agent` in a node with its own empty `/nix`,
 //! closures substituted from a signed `file://` cache, the test coordinator serving
-//! manifests and receiving reports. Skips loudly without root, `nix` or `unshare`.
+//! manifests and receiving reports. Needs root, `nix` and `unshare`: fails without them under
+//! `CI=true`, skips loudly elsewhere.
 
 use std::os::unix::process::ExitStatusExt;
 use std::time::Duration;
 
 use roost_common::wire::v1::Report;
+use roost_common::wire::v1::http::WAIT_PARAM;
+use roost_preflight::require;
 use serde_json::{Value, json};
 
 use crate::coordinator::TestCoordinator;
 use crate::fixtures::{Fixtures, Node, alive, real_world};
 use crate::support::{self, Publisher};
-
-macro_rules! world {
-    ($name:literal) => {
-        match real_world($name) {
-            Some(f) => f,
-            None => return,
-        }
-    };
-}
 
 fn setup(f: &Fixtures) -> (TestCoordinator, Node) {
     let c = TestCoordinator::start();
@@ -46,7 +40,7 @@ fn deploy_v1(c: &TestCoordinator, node: &Node, f: &Fixtures) {
 
 #[test]
 fn happy_path_substitutes_into_an_empty_store_switches_activates_once_and_reports() {
-    let f = world!("happy_path");
+    let f = require!(real_world());
     let (c, node) = setup(f);
     let v1 = &f.get("v1").path;
     assert!(!node.has_in_store(v1), "the node's store is not empty");
@@ -117,7 +111,7 @@ fn assert_rolls_back(
 
 #[test]
 fn an_activation_exiting_nonzero_rolls_back_to_the_exact_previous_generation() {
-    let f = world!("activation_fails");
+    let f = require!(real_world());
     let (c, node) = setup(f);
     assert_rolls_back(
         &c,
@@ -131,7 +125,7 @@ fn an_activation_exiting_nonzero_rolls_back_to_the_exact_previous_generation() {
 
 #[test]
 fn switch_to_configuration_exit_4_counts_as_failure() {
-    let f = world!("exit_4");
+    let f = require!(real_world());
     let (c, node) = setup(f);
     assert_rolls_back(
         &c,
@@ -145,7 +139,7 @@ fn switch_to_configuration_exit_4_counts_as_failure() {
 
 #[test]
 fn a_hanging_activation_is_killed_with_its_children_and_rolled_back() {
-    let f = world!("activation_hangs");
+    let f = require!(real_world());
     let (c, node) = setup(f);
     assert_rolls_back(
         &c,
@@ -164,7 +158,7 @@ fn a_hanging_activation_is_killed_with_its_children_and_rolled_back() {
 
 #[test]
 fn a_failing_command_health_check_rolls_back() {
-    let f = world!("command_health_check");
+    let f = require!(real_world());
     let (c, node) = setup(f);
     let r = assert_rolls_back(
         &c,
@@ -183,7 +177,7 @@ fn a_failing_command_health_check_rolls_back() {
 
 #[test]
 fn a_failing_http_health_check_rolls_back() {
-    let f = world!("http_health_check");
+    let f = require!(real_world());
     let (c, node) = setup(f);
     c.set_health(500);
     let r = assert_rolls_back(
@@ -202,7 +196,7 @@ fn a_failing_http_health_check_rolls_back() {
 
 #[test]
 fn magic_rollback_when_the_switch_cuts_the_coordinator_off() {
-    let f = world!("magic_rollback");
+    let f = require!(real_world());
     let (c, node) = setup(f);
     c.down_while_exists(node.down_marker());
     // `cut` makes the coordinator unreachable; v1's activation (re-run by the rollback)
@@ -219,7 +213,7 @@ fn magic_rollback_when_the_switch_cuts_the_coordinator_off() {
 
 #[test]
 fn a_quarantined_version_is_not_retried_and_a_newer_version_deploys() {
-    let f = world!("quarantine");
+    let f = require!(real_world());
     let (c, node) = setup(f);
     assert_rolls_back(
         &c,
@@ -253,7 +247,7 @@ fn a_quarantined_version_is_not_retried_and_a_newer_version_deploys() {
 
 #[test]
 fn killed_by_a_fault_after_the_switch_the_agent_recovers_to_the_old_path() {
-    let f = world!("crash_at_activate");
+    let f = require!(real_world());
     let (c, node) = setup(f);
     deploy_v1(&c, &node, f);
     publish(&c, &node, f, 2, f.profile("v2", json!({})));
@@ -277,7 +271,7 @@ fn killed_by_a_fault_after_the_switch_the_agent_recovers_to_the_old_path() {
 
 #[test]
 fn sigkill_during_activation_ends_at_the_old_path_with_the_leftover_killed() {
-    let f = world!("sigkill_during_activation");
+    let f = require!(real_world());
     let (c, node) = setup(f);
     deploy_v1(&c, &node, f);
     publish(
@@ -324,7 +318,7 @@ fn sigkill_during_activation_ends_at_the_old_path_with_the_leftover_killed() {
 
 #[test]
 fn reports_queue_while_the_coordinator_is_down_and_arrive_in_order_later() {
-    let f = world!("report_queue");
+    let f = require!(real_world());
     let (c, node) = setup(f);
     c.set_down(true);
     let p = &node.publisher;
@@ -355,7 +349,7 @@ fn reports_queue_while_the_coordinator_is_down_and_arrive_in_order_later() {
 
 #[test]
 fn refused_manifests_leave_the_state_folder_byte_for_byte_unchanged() {
-    let f = world!("refused_manifests");
+    let f = require!(real_world());
     let (c, node) = setup(f);
     deploy_v1(&c, &node, f);
     let good = f.profile("v2", json!({}));
@@ -420,7 +414,7 @@ fn refused_manifests_leave_the_state_folder_byte_for_byte_unchanged() {
 
 #[test]
 fn not_enough_free_space_defers_without_fetching() {
-    let f = world!("free_space");
+    let f = require!(real_world());
     let (c, node) = setup(f);
     publish(
         &c,
@@ -440,7 +434,7 @@ fn not_enough_free_space_defers_without_fetching() {
 
 #[test]
 fn fallback_builds_from_drv_path_and_substitute_only_does_not() {
-    let f = world!("build_policy");
+    let f = require!(real_world());
     let (c, node) = setup(f);
     // `local`'s output is not in the cache; its derivation is.
     publish(&c, &node, f, 1, f.profile("local", json!({})));
@@ -458,7 +452,7 @@ fn fallback_builds_from_drv_path_and_substitute_only_does_not() {
 
 #[test]
 fn status_json_has_every_field_and_once_exit_codes_follow_the_outcome() {
-    let f = world!("status_and_exit_codes");
+    let f = require!(real_world());
     let (c, node) = setup(f);
     // No manifest published yet: nothing to do.
     assert_eq!(node.once(&[]).status.code(), Some(0));
@@ -498,7 +492,7 @@ fn status_json_has_every_field_and_once_exit_codes_follow_the_outcome() {
 
 #[test]
 fn the_daemon_follows_new_versions_through_long_polls_and_stops_on_sigterm() {
-    let f = world!("daemon");
+    let f = require!(real_world());
     let (c, node) = setup(f);
     publish(&c, &node, f, 1, f.profile("v1", json!({})));
     let mut args = vec!["run".to_owned(), "--interval".into(), "2s".into()];
@@ -519,7 +513,9 @@ fn the_daemon_follows_new_versions_through_long_polls_and_stops_on_sigterm() {
     );
     assert_eq!(node.system(), Some((2, f.get("v2").path.clone())));
     assert!(
-        c.requests().iter().any(|r| r.target.contains("?wait=")),
+        c.requests()
+            .iter()
+            .any(|r| r.target.contains(&format!("?{WAIT_PARAM}="))),
         "the daemon never long-polled"
     );
     let st = node.status();
@@ -546,7 +542,7 @@ fn the_daemon_follows_new_versions_through_long_polls_and_stops_on_sigterm() {
 
 #[test]
 fn sigterm_during_a_deploy_lets_it_finish_before_the_daemon_exits() {
-    let f = world!("sigterm_mid_deploy");
+    let f = require!(real_world());
     let (c, node) = setup(f);
     deploy_v1(&c, &node, f);
     let mut args = vec!["run".to_owned(), "--interval".into(), "2s".into()];
@@ -572,4 +568,56 @@ fn sigterm_during_a_deploy_lets_it_finish_before_the_daemon_exits() {
     assert_eq!(node.system(), Some((2, slow)));
     assert!(node.status()["pending"].is_null());
     assert_eq!(last(&c).state.as_str(), "success");
+}
+
+#[test]
+fn rollback_needs_no_publisher_key_and_an_unknown_profile_exits_2_changing_nothing() {
+    let f = require!(real_world());
+    let (c, node) = setup(f);
+    deploy_v1(&c, &node, f);
+    publish(&c, &node, f, 2, f.profile("v2", json!({})));
+    assert_eq!(node.once(&[]).status.code(), Some(0));
+    let dir = node.state_dir().display().to_string();
+    let before = support::snapshot_without_reports(&node.state_dir());
+    let out = node.run(
+        &[
+            "rollback",
+            "sytsem",
+            "--node",
+            support::NODE,
+            "--state-dir",
+            &dir,
+        ],
+        &[],
+    );
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{said}");
+    assert!(
+        said.contains("`sytsem`") && said.contains("system"),
+        "{said}"
+    );
+    assert_eq!(support::snapshot_without_reports(&node.state_dir()), before);
+    assert_eq!(node.system(), Some((2, f.get("v2").path.clone())));
+    // The real thing, with only the node and its state folder: back to generation 1.
+    let out = node.run(
+        &[
+            "rollback",
+            "system",
+            "--node",
+            support::NODE,
+            "--state-dir",
+            &dir,
+        ],
+        &[],
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        node.system().map(|(_, p)| p),
+        Some(f.get("v1").path.clone())
+    );
 }

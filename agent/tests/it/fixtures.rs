@@ -108,29 +108,12 @@ impl Fixtures {
 
 static FIXTURES: OnceLock<Result<Fixtures, String>> = OnceLock::new();
 
-fn have(program: &str) -> bool {
-    Command::new(program)
-        .arg("--version")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok()
-}
-
-/// The fixtures, or `None` after a loud SKIP when this machine cannot run nodes.
-pub fn real_world(test: &str) -> Option<&'static Fixtures> {
-    if !::nix::unistd::geteuid().is_root() {
-        eprintln!("SKIP {test}: needs root (private mount namespaces over /nix)");
-        return None;
-    }
-    for p in ["nix", "nix-store", "unshare"] {
-        if !have(p) {
-            eprintln!("SKIP {test}: `{p}` is not installed");
-            return None;
-        }
-    }
+/// The fixtures, or why this machine cannot run nodes (for `require!`).
+pub fn real_world() -> Result<&'static Fixtures, String> {
+    roost_preflight::root("nodes are private mount namespaces over /nix")?;
+    roost_preflight::tools(&["nix", "nix-store", "unshare"])?;
     match FIXTURES.get_or_init(build) {
-        Ok(f) => Some(f),
+        Ok(f) => Ok(f),
         Err(e) => panic!("building the fixtures failed: {e}"),
     }
 }

@@ -687,7 +687,8 @@ async fn a_long_poll_returns_as_soon_as_a_new_manifest_is_published() {
         "the long-poll was not woken"
     );
     assert_eq!(w.current().unwrap().1, fake_store_path("b"));
-    assert!(c.requests().iter().any(|r| r.target.ends_with("?wait=60")));
+    let long_poll = roost_common::wire::v1::http::long_poll_url("", support::NODE, 60);
+    assert!(c.requests().iter().any(|r| r.target == long_poll));
 }
 
 #[tokio::test]
@@ -871,9 +872,11 @@ async fn the_daemon_serves_its_live_view_and_stops_on_shutdown() {
             .await
             .unwrap()
             .unwrap();
+        // The outcome is recorded before its report is sent: wait for both.
         if doc["daemon_running"] == true
             && doc["last_deploy"]["state"] == "success"
             && doc["next_poll"].is_string()
+            && !c.reports().is_empty()
         {
             break doc;
         }

@@ -486,7 +486,8 @@ pub fn stderr_is_terminal() -> bool {
 
 fn kill_group(pid: u32) {
     // Nix spawns helpers (substituters, builders); the whole group must go.
-    if let Some(pid) = rustix::process::Pid::from_raw(pid as i32) {
-        let _ = rustix::process::kill_process_group(pid, rustix::process::Signal::KILL);
-    }
+    let _ = ::nix::sys::signal::killpg(
+        ::nix::unistd::Pid::from_raw(pid as i32),
+        ::nix::sys::signal::Signal::SIGKILL,
+    );
 }

@@ -1,4 +1,5 @@
-//! Version 1 of the manifest and report payloads (DESIGN §3 and §6).
+//! Version 1 of the manifest and report payloads (docs/protocol.md §4 and §5), and in
+//! [`http`] the HTTP contract that carries them.
 //!
 //! Optional fields default to deploy-rs's values; unknown fields are ignored so that newer
 //! publishers stay readable; unknown activation or health-check kinds are refused.
@@ -8,6 +9,8 @@ use serde::{Deserialize, Serialize};
 use crate::keys::PublicKey;
 use crate::names::{NodeName, ProfileName, ProfilePath, StorePath, Version};
 use crate::time::Timestamp;
+
+pub mod http;
 
 /// The only manifest and report format this module reads and writes.
 pub const FORMAT: u64 = 1;

@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use base64::Engine as _;
+use roost_common::wire::v1::http as v1;
 use roost_common::{Envelope, NodeName};
 
 use super::PublishError;
@@ -35,7 +36,7 @@ impl std::fmt::Display for Destination {
 
 /// The file of `node`'s manifest in the static layout under `dir`.
 pub fn manifest_file(dir: &Path, node: &NodeName) -> PathBuf {
-    dir.join("v1/nodes").join(node.as_str()).join("manifest")
+    dir.join(v1::manifest_file(node))
 }
 
 /// A manifest ready to be made visible.
@@ -78,7 +79,7 @@ impl Delivery {
     pub async fn preflight(&self) -> Result<(), PublishError> {
         match &self.dest {
             Destination::Folder(dir) => {
-                let nodes = dir.join("v1/nodes");
+                let nodes = dir.join(v1::nodes_dir());
                 std::fs::create_dir_all(&nodes).map_err(|e| {
                     PublishError::Destination(format!("cannot create {}: {e}", nodes.display()))
                 })?;
@@ -90,7 +91,7 @@ impl Delivery {
             Destination::Coordinator(url) => {
                 // Any HTTP answer will do: this only proves the coordinator is there.
                 self.client
-                    .get(format!("{url}/v1/fleet"))
+                    .get(v1::fleet_url(url))
                     .send()
                     .await
                     .map(drop)
@@ -108,7 +109,7 @@ impl Delivery {
     pub fn location(&self, node: &NodeName) -> String {
         match &self.dest {
             Destination::Folder(dir) => manifest_file(dir, node).display().to_string(),
-            Destination::Coordinator(url) => format!("{url}/v1/nodes/{node}/manifest"),
+            Destination::Coordinator(url) => v1::manifest_url(url, node),
         }
     }
 

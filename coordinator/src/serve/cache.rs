@@ -12,6 +12,7 @@ use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::IntoResponse;
+use roost_common::wire::v1::http::{MAX_CACHE_FILE_BYTES, route};
 
 use super::auth;
 use super::error::{ApiError, ApiResult};
@@ -22,7 +23,10 @@ use super::store::StoreError;
 pub const DEFAULT_CACHE_INFO: &str = "StoreDir: /nix/store\nWantMassQuery: 1\nPriority: 30\n";
 
 /// The route of the cache's files.
-pub(super) const CACHE_ROUTE: &str = "/cache/{*path}";
+pub(super) const CACHE_ROUTE: &str = route::CACHE;
+
+/// What a cache file's URL path starts with: `/cache/`.
+pub(super) use roost_common::wire::v1::http::CACHE_PREFIX;
 
 /// Folders Nix writes inside a binary cache.
 const FOLDERS: &[&str] = &["nar", "log", "realisations", "debuginfo"];
@@ -74,9 +78,6 @@ pub fn content_type(path: &Path) -> &'static str {
     }
 }
 
-/// Largest upload for anything but a NAR or a build log.
-const MAX_SMALL_FILE: u64 = 1 << 20;
-
 fn check_token(app: &App, headers: &HeaderMap) -> Result<(), ApiError> {
     let Some(want) = &app.cfg.upload_token else {
         return Err(ApiError::new(
@@ -94,7 +95,7 @@ fn check_token(app: &App, headers: &HeaderMap) -> Result<(), ApiError> {
 
 /// The raw, still percent-encoded part of the request path after `/cache/`.
 fn raw_cache_path(req_path: &str) -> &str {
-    req_path.strip_prefix("/cache/").unwrap_or("")
+    req_path.strip_prefix(CACHE_PREFIX).unwrap_or("")
 }
 
 fn resolve_request(app: &App, raw: &str) -> Result<PathBuf, ApiError> {
@@ -183,7 +184,7 @@ pub(super) async fn put_cache(State(app): State<Arc<App>>, req: Request) -> ApiR
     let limit = if raw.starts_with("nar/") || raw.starts_with("log/") {
         app.cfg.max_nar_bytes
     } else {
-        MAX_SMALL_FILE
+        MAX_CACHE_FILE_BYTES
     };
     let declared = req
         .headers()

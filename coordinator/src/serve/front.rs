@@ -42,12 +42,12 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::Watcher;
 use hyper_util::service::TowerToHyperService;
-use roost_common::envelope;
+use roost_common::wire::v1::http as v1;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, Interest, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
-use super::cache::{self, CacheFile};
+use super::cache::{self, CACHE_PREFIX, CacheFile};
 use super::error::ApiError;
 use super::manifests::{self, Answer, MANIFEST_ROUTE, Step};
 use super::reports::{MAX_REPORT_BYTES, REPORTS_ROUTE};
@@ -489,7 +489,7 @@ fn classify(app: &App, buf: &[u8], sendfile: bool) -> Parsed {
                 close: h.close,
             });
         }
-        if let Some(raw) = target.strip_prefix("/cache/").filter(|_| sendfile) {
+        if let Some(raw) = target.strip_prefix(CACHE_PREFIX).filter(|_| sendfile) {
             let raw = raw.split_once('?').map_or(raw, |(p, _)| p);
             return Parsed::Done(Next::CacheFile {
                 raw: raw.to_owned(),
@@ -603,14 +603,11 @@ fn parse_length(v: &[u8]) -> Option<u64> {
 /// over the limit is refused at once (no `100 Continue`, no wait for the body).
 fn body_limit(method: &str, target: &str) -> Option<(&'static str, usize)> {
     let path = target.split_once('?').map_or(target, |(p, _)| p);
-    let rest = path.strip_prefix("/v1/nodes/")?;
-    let (node, tail) = rest.split_once('/')?;
-    if node.is_empty() || node.contains('/') {
-        return None;
-    }
-    match (method, tail) {
-        ("PUT", "manifest") => Some((MANIFEST_ROUTE, envelope::MAX_ENVELOPE_BYTES)),
-        ("POST", "reports") => Some((REPORTS_ROUTE, MAX_REPORT_BYTES)),
+    match method {
+        "PUT" if v1::manifest_node(path).is_some() => {
+            Some((MANIFEST_ROUTE, v1::MAX_MANIFEST_BYTES))
+        }
+        "POST" if v1::reports_node(path).is_some() => Some((REPORTS_ROUTE, MAX_REPORT_BYTES)),
         _ => None,
     }
 }
@@ -631,8 +628,8 @@ fn poll_step(app: &App, target: &str, headers: &[httparse::Header<'_>]) -> Optio
 /// repeated `wait`): axum decides those.
 fn manifest_target(target: &str) -> Option<(&str, Option<u64>)> {
     let (path, query) = target.split_once('?').unwrap_or((target, ""));
-    let node = path.strip_prefix("/v1/nodes/")?.strip_suffix("/manifest")?;
-    if node.is_empty() || node.contains(['/', '%']) {
+    let node = v1::manifest_node(path)?;
+    if node.contains('%') {
         return None;
     }
     let mut wait = None;
@@ -641,7 +638,7 @@ fn manifest_target(target: &str) -> Option<(&str, Option<u64>)> {
             return None;
         }
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        if k == "wait" {
+        if k == v1::WAIT_PARAM {
             if wait.is_some() {
                 return None;
             }
@@ -716,13 +713,15 @@ async fn sendfile(
     len: u64,
     stall: Duration,
 ) -> io::Result<()> {
-    let mut offset = 0u64;
+    let len = i64::try_from(len).map_err(|_| io::Error::other("the file is too large"))?;
+    let mut offset: i64 = 0;
     while offset < len {
         let count = usize::try_from(len - offset)
             .unwrap_or(usize::MAX)
             .min(SENDFILE_CHUNK);
         let send = tcp.async_io(Interest::WRITABLE, || {
-            rustix::fs::sendfile(tcp, file, Some(&mut offset), count).map_err(io::Error::from)
+            nix::sys::sendfile::sendfile(tcp, file, Some(&mut offset), count)
+                .map_err(io::Error::from)
         });
         match tokio::time::timeout(stall, send).await {
             Ok(Ok(0)) => {

@@ -72,7 +72,8 @@ impl Slot {
 
 /// The ETag of a manifest version: the version, quoted.
 pub(super) fn etag_for(version: u64) -> HeaderValue {
-    HeaderValue::from_str(&format!("\"{version}\"")).expect("digits are a valid header")
+    HeaderValue::from_str(&roost_common::wire::v1::http::manifest_etag(version))
+        .expect("digits are a valid header")
 }
 
 /// Every node's current manifest.

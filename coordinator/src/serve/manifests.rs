@@ -15,6 +15,7 @@ use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use roost_common::envelope::{self, Context};
 use roost_common::verify::{self, Accepted, Floor, Identity, Rejection};
+use roost_common::wire::v1::http as v1;
 use roost_common::{EnvelopeError, NodeName, Timestamp};
 use serde::Deserialize;
 use tokio::sync::watch;
@@ -25,25 +26,21 @@ use super::state::{App, blocking, parse_node, read_body};
 
 /// Tells agents this server holds `?wait=S` polls open, and for how long at most (static
 /// hosts do not send it).
-pub const LONG_POLL: HeaderName = HeaderName::from_static("roost-long-poll");
+pub const LONG_POLL: HeaderName = HeaderName::from_static(v1::LONG_POLL_HEADER);
 
-/// Longest long-poll a client may ask for, in seconds.
-pub const MAX_WAIT_S: u64 = 300;
+pub use v1::MAX_WAIT_S;
 
 /// The route of a node's manifest (the connection front answers most requests to it).
-pub(super) const MANIFEST_ROUTE: &str = "/v1/nodes/{node}/manifest";
+pub(super) const MANIFEST_ROUTE: &str = v1::route::MANIFEST;
 
 /// Whether any `If-None-Match` value names `etag` (or `*`).
 pub(super) fn matches_etag<'a>(
     values: impl IntoIterator<Item = &'a [u8]>,
     etag: &HeaderValue,
 ) -> bool {
-    let want = etag.as_bytes();
-    values.into_iter().any(|v| {
-        v.split(|&b| b == b',')
-            .map(|t| t.trim_ascii())
-            .any(|t| t == b"*" || t == want || t.strip_prefix(b"W/") == Some(want))
-    })
+    values
+        .into_iter()
+        .any(|v| v1::etag_matches(v, etag.as_bytes()))
 }
 
 /// What a manifest GET answers: the envelope, or "not modified".

@@ -105,7 +105,7 @@ pub struct ServeArgs {
     #[arg(long, requires = "tls_cert", value_name = "PEM")]
     pub tls_key: Option<PathBuf>,
     /// Largest NAR (or build log) accepted into the cache, in bytes.
-    #[arg(long, default_value_t = 8 << 30, value_name = "BYTES")]
+    #[arg(long, default_value_t = roost_common::wire::v1::http::DEFAULT_MAX_NAR_BYTES, value_name = "BYTES")]
     pub max_nar_bytes: u64,
     /// Close a connection whose request head does not arrive within this (slow or idle
     /// clients).

@@ -19,7 +19,7 @@ use super::error::{ApiError, ApiResult};
 use super::state::{App, blocking, parse_node, read_body};
 
 /// The route of a node's pinned key.
-pub(super) const KEY_ROUTE: &str = "/v1/nodes/{node}/key";
+pub(super) const KEY_ROUTE: &str = roost_common::wire::v1::http::route::NODE_KEY;
 
 /// What `PUT` takes.
 #[derive(Debug, Deserialize)]

@@ -22,11 +22,10 @@ use super::error::{ApiError, ApiResult};
 use super::state::{App, blocking, parse_node, read_body};
 use super::store::{NewReport, Refused, Signer};
 
-/// Largest report envelope accepted.
-pub const MAX_REPORT_BYTES: usize = 64 * 1024;
+pub use roost_common::wire::v1::http::MAX_REPORT_BYTES;
 
 /// The route of a node's reports.
-pub(super) const REPORTS_ROUTE: &str = "/v1/nodes/{node}/reports";
+pub(super) const REPORTS_ROUTE: &str = roost_common::wire::v1::http::route::REPORTS;
 
 /// The key a report claims for itself, read without verifying (only for trust on first use).
 fn claimed_key(bytes: &[u8]) -> Option<PublicKey> {

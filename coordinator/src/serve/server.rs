@@ -12,7 +12,7 @@ use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
 use axum::middleware::Next;
 use axum::response::Response;
 use axum::routing::get;
-use roost_common::envelope;
+use roost_common::wire::v1::http as v1;
 
 use super::error::{ApiError, json_errors};
 use super::front::Front;
@@ -48,7 +48,7 @@ fn router(app: Arc<App>) -> Router {
             MANIFEST_ROUTE,
             get(manifests::get_manifest)
                 .put(manifests::put_manifest)
-                .layer(DefaultBodyLimit::max(envelope::MAX_ENVELOPE_BYTES)),
+                .layer(DefaultBodyLimit::max(v1::MAX_MANIFEST_BYTES)),
         )
         .route(
             reports::REPORTS_ROUTE,
@@ -60,8 +60,8 @@ fn router(app: Arc<App>) -> Router {
             pins::KEY_ROUTE,
             axum::routing::put(pins::put_key).delete(pins::delete_key),
         )
-        .route("/v1/fleet", get(fleet::get_fleet))
-        .route("/metrics", get(fleet::get_metrics))
+        .route(v1::route::FLEET, get(fleet::get_fleet))
+        .route(v1::route::METRICS, get(fleet::get_metrics))
         .route(
             cache::CACHE_ROUTE,
             get(cache::get_cache)
@@ -69,7 +69,7 @@ fn router(app: Arc<App>) -> Router {
                 .layer(DefaultBodyLimit::disable()),
         )
         .fallback(|| async {
-            ApiError::not_found("not_found", "no such endpoint; see DESIGN.md §5")
+            ApiError::not_found("not_found", "no such endpoint; see docs/protocol.md §6")
         })
         .layer(axum::middleware::from_fn(json_errors))
         .layer(axum::middleware::from_fn_with_state(

@@ -48,7 +48,7 @@ impl ServerConfig {
             publishers,
             upload_token: None,
             admin_token: None,
-            max_nar_bytes: 8 << 30,
+            max_nar_bytes: roost_common::wire::v1::http::DEFAULT_MAX_NAR_BYTES,
             header_timeout: Duration::from_secs(30),
             body_timeout: Duration::from_secs(60),
             shutdown_grace: Duration::from_secs(30),

@@ -7,8 +7,12 @@
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
+use roost_common::wire::v1::http as v1;
 use roost_common::{NodeName, PublicKey};
 use rusqlite::{Connection, OptionalExtension, params};
+
+/// The manifests' folder in the state folder; below it, the static layout of `publish --out`.
+const MANIFESTS: &str = "manifests";
 
 /// What can go wrong with the state folder.
 #[derive(Debug, thiserror::Error)]
@@ -239,7 +243,7 @@ impl Store {
     /// opened does not stop it: that is logged, and report calls answer
     /// [`StoreError::ReportsUnavailable`] until it is repaired or moved aside.
     pub fn open(root: &Path) -> Result<Self, StoreError> {
-        std::fs::create_dir_all(root.join("manifests/v1/nodes")).map_err(io(root))?;
+        std::fs::create_dir_all(root.join(MANIFESTS).join(v1::nodes_dir())).map_err(io(root))?;
         std::fs::create_dir_all(root.join("cache/nar")).map_err(io(root))?;
         let path = root.join("coordinator.sqlite");
         let db = open_db(&path)
@@ -286,17 +290,14 @@ impl Store {
 
     /// Where `node`'s manifest lives.
     pub fn manifest_path(&self, node: &NodeName) -> PathBuf {
-        self.root
-            .join("manifests/v1/nodes")
-            .join(node.as_str())
-            .join("manifest")
+        self.root.join(MANIFESTS).join(v1::manifest_file(node))
     }
 
     /// Every stored manifest that can be read: (node, envelope bytes). A folder that is not
     /// a node name or a manifest that cannot be read is logged and skipped; only an
     /// unreadable manifests folder is an error.
     pub fn load_manifests(&self) -> Result<Vec<(NodeName, Vec<u8>)>, StoreError> {
-        let dir = self.root.join("manifests/v1/nodes");
+        let dir = self.root.join(MANIFESTS).join(v1::nodes_dir());
         let mut out = Vec::new();
         for e in std::fs::read_dir(&dir).map_err(io(&dir))? {
             let e = e.map_err(io(&dir))?;

@@ -6,7 +6,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use roost_common::envelope::{Context, Envelope};
-use roost_common::wire::v1::{self, Manifest, Report, ReportState};
+use roost_common::wire::v1::http as v1;
+use roost_common::wire::v1::{Manifest, Report, ReportState};
 use roost_common::{SecretKey, Timestamp, TrustedKeys, Version};
 use roost_coordinator::serve::{Running, ServerConfig, start};
 use serde_json::{Value, json};
@@ -16,7 +17,7 @@ use serde_json::{Value, json};
 pub fn manifest(node: &str, version: u64, node_key: Option<&SecretKey>) -> Vec<u8> {
     let now = Timestamp::now();
     let m = Manifest {
-        format: v1::FORMAT,
+        format: roost_common::wire::v1::FORMAT,
         node: node.parse().unwrap(),
         system: "x86_64-linux".into(),
         version: Version(version),
@@ -120,13 +121,13 @@ impl Server {
 /// PUTs a manifest envelope: the status and the JSON answer.
 pub async fn put(url: &str, node: &str, body: Vec<u8>) -> (u16, Value) {
     let c = reqwest::Client::new();
-    send(c.put(format!("{url}/v1/nodes/{node}/manifest")).body(body)).await
+    send(c.put(v1::manifest_url(url, node)).body(body)).await
 }
 
 /// POSTs a report envelope: the status and the JSON answer.
 pub async fn post_report(url: &str, node: &str, body: Vec<u8>) -> (u16, Value) {
     let c = reqwest::Client::new();
-    send(c.post(format!("{url}/v1/nodes/{node}/reports")).body(body)).await
+    send(c.post(v1::reports_url(url, node)).body(body)).await
 }
 
 /// Sends a request: the status and the JSON answer (`null` when it is not JSON).
@@ -171,29 +172,4 @@ pub fn header<'a>(lines: &'a [String], name: &str) -> Option<&'a str> {
     lines
         .iter()
         .find_map(|l| l.strip_prefix(&format!("{name}: ")))
-}
-
-/// Whether a test's prerequisite holds; when it does not, the test fails under CI
-/// (`CI=true`) with `why`, and elsewhere is skipped loudly.
-pub fn prerequisite(holds: bool, why: &str) -> bool {
-    if holds {
-        return true;
-    }
-    if std::env::var("CI").is_ok_and(|v| v == "true") {
-        panic!("prerequisite missing under CI: {why}");
-    }
-    eprintln!("SKIP: {why}");
-    false
-}
-
-/// Whether this process runs as root (from /proc, no libc call).
-pub fn is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("Uid:"))
-                .and_then(|l| l.split_whitespace().nth(2).map(|u| u == "0"))
-        })
-        .unwrap_or(false)
 }

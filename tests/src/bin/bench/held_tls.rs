@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use roost_common::SecretKey;
+use roost_common::wire::v1::http as api;
 use roost_tests::{Coordinator, Keys};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
@@ -70,8 +71,8 @@ pub async fn run(nodes: usize) -> anyhow::Result<()> {
     for i in 0..nodes {
         let mut s = connect().await?;
         let req = format!(
-            "GET /v1/nodes/{}/manifest?wait=300 HTTP/1.1\r\nHost: x\r\nIf-None-Match: \"1\"\r\n\r\n",
-            node_name(i)
+            "GET {} HTTP/1.1\r\nHost: x\r\nIf-None-Match: \"1\"\r\n\r\n",
+            api::long_poll_url("", node_name(i), api::MAX_WAIT_S)
         );
         s.write_all(req.as_bytes()).await?;
         s.flush().await?;

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use roost_common::envelope::{Context as Ctx, Envelope};
+use roost_common::wire::v1::http as api;
 use roost_common::wire::v1::{self, Manifest, Profile, Report, ReportState};
 use roost_common::{SecretKey, Timestamp, Version};
 use roost_tests::http::{Conn, Latencies};
@@ -117,10 +118,10 @@ fn main() -> anyhow::Result<()> {
 }
 
 fn raise_fd_limit() {
-    use rustix::process::{Resource, getrlimit, setrlimit};
-    let mut lim = getrlimit(Resource::Nofile);
-    lim.current = lim.maximum;
-    let _ = setrlimit(Resource::Nofile, lim);
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    if let Ok((_, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
+    }
 }
 
 fn rss_kib(pid: u32) -> u64 {
@@ -293,7 +294,7 @@ async fn upload(
                 let r = c
                     .request(
                         "PUT",
-                        &format!("/v1/nodes/{node}/manifest"),
+                        &api::manifest_path(&node),
                         &[("Content-Type", "application/json")],
                         &env,
                     )
@@ -318,12 +319,7 @@ async fn learn_etags(fleet: &Arc<Fleet>) -> anyhow::Result<()> {
     let mut c = Conn::connect(&fleet.addr).await?;
     for i in 0..fleet.node_keys.len() {
         let r = c
-            .request(
-                "GET",
-                &format!("/v1/nodes/{}/manifest", node_name(i)),
-                &[],
-                &[],
-            )
+            .request("GET", &api::manifest_path(node_name(i)), &[], &[])
             .await?;
         let etag = r
             .etag
@@ -413,7 +409,7 @@ async fn capacity(nodes: usize, conns: usize, seconds: u64) -> anyhow::Result<()
                     let r = c
                         .request(
                             "POST",
-                            &format!("/v1/nodes/{}/reports", node_name(i)),
+                            &api::reports_path(node_name(i)),
                             &[("Content-Type", "application/json")],
                             &body,
                         )
@@ -433,7 +429,7 @@ async fn capacity(nodes: usize, conns: usize, seconds: u64) -> anyhow::Result<()
                     let r = c
                         .request(
                             "GET",
-                            &format!("/v1/nodes/{}/manifest", node_name(i)),
+                            &api::manifest_path(node_name(i)),
                             &[("If-None-Match", &etag)],
                             &[],
                         )
@@ -473,7 +469,7 @@ async fn capacity(nodes: usize, conns: usize, seconds: u64) -> anyhow::Result<()
 
     // The fleet views over every node (what a dashboard or Prometheus scrape costs).
     let mut c = Conn::connect(&fleet.addr).await?;
-    for path in ["/v1/fleet", "/metrics"] {
+    for path in [api::route::FLEET, api::route::METRICS] {
         let rss0 = rss_kib(pid);
         let cpu0 = cpu_ms(pid);
         let t = Instant::now();
@@ -497,7 +493,7 @@ async fn capacity(nodes: usize, conns: usize, seconds: u64) -> anyhow::Result<()
         let mut c = Conn::connect(&fleet.addr).await?;
         let etag = fleet.etags[i].lock().unwrap().clone();
         c.send_only(
-            &format!("/v1/nodes/{}/manifest?wait=300", node_name(i)),
+            &api::long_poll_url("", node_name(i), api::MAX_WAIT_S),
             &[("If-None-Match", &etag)],
         )
         .await?;
@@ -609,7 +605,7 @@ fn publish_scaling(sizes: &str, baseline_max: usize) -> anyhow::Result<()> {
                 .arg("--json"),
         )?;
         let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
-        let published = std::fs::read_dir(out_dir.join("v1/nodes"))
+        let published = std::fs::read_dir(out_dir.join(api::nodes_dir()))
             .map(|d| d.count())
             .unwrap_or(0);
         // Baseline: one `nix eval` per node, as per-host tools do; capped, then extrapolated.
@@ -644,12 +640,16 @@ fn metric(text: &str, prefix: &str) -> u64 {
 
 fn conditional_gets_304(coordinator: &roost_tests::Coordinator) -> u64 {
     let text = String::from_utf8(
-        roost_tests::http_get(&format!("{}/metrics", coordinator.url())).unwrap_or_default(),
+        roost_tests::http_get(&format!("{}{}", coordinator.url(), api::route::METRICS))
+            .unwrap_or_default(),
     )
     .unwrap_or_default();
     metric(
         &text,
-        "roost_http_requests_total{route=\"GET /v1/nodes/{node}/manifest\",status=\"304\"}",
+        &format!(
+            "roost_http_requests_total{{route=\"GET {}\",status=\"304\"}}",
+            api::route::MANIFEST
+        ),
     )
 }
 

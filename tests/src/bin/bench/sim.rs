@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use roost_agent::{Agent, ConfigFile, FakeNix, NixOps, SystemClock, WallClock};
 use roost_common::nix::{NixError, PathInfo, RealiseOptions};
+use roost_common::wire::v1::http as api;
 use roost_common::wire::v1::{self, Manifest, Profile, Substituter};
 use roost_common::{SecretKey, StorePath, Timestamp, Version};
 use roost_tests::http::Conn;
@@ -218,7 +219,7 @@ pub async fn run(n: usize, interval_s: u64) -> anyhow::Result<()> {
                     activating[i] = node.nix.switched_to(&node.path(2));
                 }
             }
-            let r = fleet.request("GET", "/v1/fleet", &[], &[]).await?;
+            let r = fleet.request("GET", api::route::FLEET, &[], &[]).await?;
             let doc: serde_json::Value = serde_json::from_slice(&r.body)?;
             let now = Instant::now();
             for e in doc["nodes"].as_array().into_iter().flatten() {
