@@ -1,7 +1,10 @@
 //! Running activation scripts and health-check commands: as the profile's user, in a process
 //! group of their own, under a hard timeout that kills the whole group. When PID 1 is
 //! systemd, activation runs in a transient unit (`systemd-run`) so a restart of the agent,
-//! which a switch may cause, cannot kill it halfway.
+//! which a switch may cause, cannot kill it halfway: the unit is not tied to the agent's
+//! process (no `--wait`, no `--pipe`), keeps its result after it ends (`RemainAfterExit`), and
+//! the agent learns how it ended by asking systemd — also a restarted agent, for the unit its
+//! previous run started.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -33,6 +36,9 @@ pub enum Outcome {
     },
     /// Killed after the timeout.
     TimedOut,
+    /// Its transient unit was stopped before it ended (a shutdown, or `systemctl stop`): no
+    /// verdict either way.
+    Interrupted,
     /// Could not be started.
     SpawnFailed(String),
 }
@@ -64,6 +70,7 @@ impl Outcome {
                 format!("{what} was killed by a signal{}", out(output))
             }
             Outcome::TimedOut => format!("{what} timed out and its process group was killed"),
+            Outcome::Interrupted => format!("{what} was stopped before it ended"),
             Outcome::SpawnFailed(e) => format!("{what} could not be started: {e}"),
         }
     }
@@ -99,10 +106,19 @@ pub fn systemd_is_pid1() -> bool {
 /// A started command: wait for it with [`Running::wait`].
 #[derive(Debug)]
 pub struct Running {
-    child: tokio::process::Child,
+    how: How,
     handle: ActivationHandle,
-    output: JoinHandle<Vec<u8>>,
     timeout: Duration,
+}
+
+/// What runs: a child process of the agent, or a transient unit of systemd's.
+#[derive(Debug)]
+enum How {
+    Process {
+        child: tokio::process::Child,
+        output: JoinHandle<Vec<u8>>,
+    },
+    Unit(String),
 }
 
 /// Starts activating `path` as `profile` (its link at `profile_path`); `None` for kind
@@ -119,19 +135,71 @@ pub fn start_activation(
     let timeout = Duration::from_secs(profile.activation_timeout_s.max(1));
     let env = vec![("PROFILE".to_owned(), profile_path.display().to_string())];
     if systemd_is_pid1() {
-        let unit = format!("roost-activate-{}-{tag}", profile.name).replace(['+', '.'], "-");
+        let unit = unit_name(profile.name.as_str(), tag);
         let sd = systemd_run_argv(&unit, &argv, &env, &profile.user, timeout);
-        // The unit enforces the limit; our own timeout is a backstop a little later.
-        let mut r = start(&sd, &[], None, timeout + Duration::from_secs(10))?;
-        r.handle.unit = Some(unit);
-        return Ok(Some(r));
+        return start_unit(&sd, &unit).map(|()| {
+            Some(Running {
+                handle: ActivationHandle {
+                    pgid: 0,
+                    start_ticks: None,
+                    boot_id: boot_id(),
+                    unit: Some(unit.clone()),
+                },
+                how: How::Unit(unit),
+                // The unit enforces the limit; ours is a backstop a little later.
+                timeout: timeout + Duration::from_secs(10),
+            })
+        });
     }
     start(&argv, &env, Some(&profile.user), timeout).map(Some)
 }
 
-/// The `systemd-run` command line that runs `argv` in the transient unit `unit`: waits for
-/// it and pipes its output (so its exit status and output are ours), as `user`, killed by
-/// systemd after `timeout` (`RuntimeMaxSec`), collected even when it fails.
+/// The transient unit that activates profile `profile` for `tag` (a version, `rollback`, …).
+pub fn unit_name(profile: &str, tag: &str) -> String {
+    format!("roost-activate-{profile}-{tag}").replace(['+', '.'], "-")
+}
+
+/// Starts the transient unit: `systemd-run` returns once its process runs. A failed unit
+/// of the same name (an earlier try) is cleared first; one transient failure (systemd busy,
+/// say) is retried once.
+fn start_unit(sd: &[String], unit: &str) -> Result<(), Outcome> {
+    let mut last = String::new();
+    for attempt in 0..2 {
+        if attempt > 0 {
+            tracing::warn!(unit, "systemd-run failed, retrying once: {last}");
+            std::thread::sleep(Duration::from_secs(1));
+        }
+        let _ = std::process::Command::new("systemctl")
+            .args(["reset-failed", unit])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+        match std::process::Command::new(&sd[0])
+            .args(&sd[1..])
+            .stdin(Stdio::null())
+            .env_remove("NOTIFY_SOCKET")
+            .env_remove("WATCHDOG_USEC")
+            .env_remove("WATCHDOG_PID")
+            .output()
+        {
+            Ok(out) if out.status.success() => return Ok(()),
+            Ok(out) => {
+                last = format!(
+                    "{} ({})",
+                    String::from_utf8_lossy(&out.stderr).trim(),
+                    out.status
+                );
+            }
+            Err(e) => return Err(Outcome::SpawnFailed(format!("systemd-run: {e}"))),
+        }
+    }
+    Err(Outcome::SpawnFailed(format!("systemd-run: {last}")))
+}
+
+/// The `systemd-run` command line that starts `argv` in the transient unit `unit` and
+/// returns: as `user`, killed by systemd after `timeout` (`RuntimeMaxSec`), its output in
+/// the journal, its result kept after it ends (`RemainAfterExit`) until the agent has read it.
 pub fn systemd_run_argv(
     unit: &str,
     argv: &[String],
@@ -142,11 +210,9 @@ pub fn systemd_run_argv(
     let mut sd = vec![
         "systemd-run".to_owned(),
         format!("--unit={unit}"),
-        "--wait".into(),
-        "--collect".into(),
-        "--pipe".into(),
         "--quiet".into(),
         "--service-type=exec".into(),
+        "--property=RemainAfterExit=yes".into(),
         format!("--property=RuntimeMaxSec={}", timeout.as_secs()),
         format!("--uid={user}"),
     ];
@@ -244,14 +310,13 @@ pub fn start(
         a
     });
     Ok(Running {
-        child,
+        how: How::Process { child, output },
         handle: ActivationHandle {
             pgid: pid,
             start_ticks: start_ticks(pid),
             boot_id: boot_id(),
             unit: None,
         },
-        output,
         timeout,
     })
 }
@@ -263,24 +328,24 @@ impl Running {
     }
 
     /// Waits for the main process under the timeout, then kills the whole process group, so
-    /// neither a hang nor a child left running in the background outlives activation.
-    pub async fn wait(mut self) -> Outcome {
-        let waited = tokio::time::timeout(self.timeout, self.child.wait()).await;
+    /// neither a hang nor a child left running in the background outlives activation. A
+    /// transient unit is waited for through systemd (see [`wait_unit`]).
+    pub async fn wait(self) -> Outcome {
+        let (mut child, mut output) = match self.how {
+            How::Unit(unit) => return wait_unit(&unit, self.timeout).await,
+            How::Process { child, output } => (child, output),
+        };
+        let waited = tokio::time::timeout(self.timeout, child.wait()).await;
         kill_group(self.handle.pgid);
         let status = match waited {
             Ok(Ok(s)) => Some(s),
             Ok(Err(e)) => return Outcome::SpawnFailed(e.to_string()),
             Err(_) => {
-                let _ = self.child.wait().await;
+                let _ = child.wait().await;
                 None
             }
         };
-        if let Some(unit) = &self.handle.unit {
-            if status.is_none() {
-                stop_unit(unit).await;
-            }
-        }
-        let output = tokio::time::timeout(OUTPUT_GRACE, &mut self.output)
+        let output = tokio::time::timeout(OUTPUT_GRACE, &mut output)
             .await
             .ok()
             .and_then(Result::ok)
@@ -316,6 +381,109 @@ pub async fn stop_leftover(h: &ActivationHandle) {
             kill_group(h.pgid);
         }
     }
+}
+
+/// How often a running transient unit is asked about.
+const UNIT_POLL: Duration = Duration::from_secs(1);
+
+/// Waits for the transient unit `unit` (started by this run of the agent or by an earlier
+/// one) to end, at most `timeout`, and reads its outcome from systemd: its result, exit
+/// status and the end of its output (from the journal). A unit that was stopped before it
+/// ended — a shutdown — is [`Outcome::Interrupted`]; one that systemd no longer knows
+/// (another boot) too. The unit is cleared once read.
+pub async fn wait_unit(unit: &str, timeout: Duration) -> Outcome {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let state = unit_state(unit).await;
+        match state.get("ActiveState").map(String::as_str) {
+            // Ended and kept by RemainAfterExit, or failed: read, then clear it.
+            Some("active") if state.get("SubState").map(String::as_str) == Some("exited") => {
+                stop_unit(unit).await;
+                return Outcome::Ok;
+            }
+            Some("failed") => {
+                let output = unit_output(state.get("InvocationID")).await;
+                let _ = tokio::process::Command::new("systemctl")
+                    .args(["reset-failed", unit])
+                    .stdin(Stdio::null())
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .status()
+                    .await;
+                return match state.get("Result").map(String::as_str) {
+                    Some("timeout") => Outcome::TimedOut,
+                    Some("exit-code") => Outcome::Failed {
+                        code: state.get("ExecMainStatus").and_then(|c| c.parse().ok()),
+                        output,
+                    },
+                    _ => Outcome::Failed { code: None, output },
+                };
+            }
+            Some("active" | "activating" | "reloading" | "deactivating") => {}
+            // Stopped, or gone (unloaded once stopped, or never known in this boot).
+            Some("inactive") => return Outcome::Interrupted,
+            // systemctl did not answer: ask again until the deadline.
+            _ => {}
+        }
+        if tokio::time::Instant::now() >= deadline {
+            stop_unit(unit).await;
+            return Outcome::TimedOut;
+        }
+        tokio::time::sleep(UNIT_POLL).await;
+    }
+}
+
+/// `systemctl show UNIT` of the properties [`wait_unit`] reads (empty when it cannot run).
+async fn unit_state(unit: &str) -> std::collections::HashMap<String, String> {
+    let out = tokio::process::Command::new("systemctl")
+        .args([
+            "show",
+            unit,
+            "--property=LoadState,ActiveState,SubState,Result,ExecMainStatus,InvocationID",
+        ])
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .output()
+        .await;
+    let Ok(out) = out else {
+        return Default::default();
+    };
+    parse_properties(&String::from_utf8_lossy(&out.stdout))
+}
+
+/// `KEY=VALUE` lines, as `systemctl show` prints them.
+fn parse_properties(text: &str) -> std::collections::HashMap<String, String> {
+    text.lines()
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect()
+}
+
+/// The end of a unit invocation's output, from the journal.
+async fn unit_output(invocation: Option<&String>) -> String {
+    let Some(id) = invocation.filter(|i| !i.is_empty()) else {
+        return String::new();
+    };
+    let out = tokio::process::Command::new("journalctl")
+        .arg(format!("_SYSTEMD_INVOCATION_ID={id}"))
+        .args(["--output=cat", "--no-pager", "--lines=50"])
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .output()
+        .await;
+    out.map(|o| tail(&o.stdout)).unwrap_or_default()
+}
+
+/// Whether the machine is shutting down (an activation stopped then is no verdict, and
+/// recovery waits for the next boot).
+pub async fn system_stopping() -> bool {
+    tokio::process::Command::new("systemctl")
+        .arg("is-system-running")
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .output()
+        .await
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "stopping")
 }
 
 async fn stop_unit(unit: &str) {
@@ -517,7 +685,9 @@ mod tests {
         let h = r.handle().clone();
         assert!(h.start_ticks.is_some());
         // Forget the Running (as a crashed agent would) without killing it.
-        let Running { child, output, .. } = r;
+        let How::Process { child, output } = r.how else {
+            panic!("not a process")
+        };
         let pid = h.pgid;
         std::mem::forget(child);
         output.abort();
@@ -543,12 +713,14 @@ mod tests {
             alive(h.pgid),
             "a different process with the same pid was killed"
         );
-        r.child.start_kill().unwrap();
+        if let How::Process { child, .. } = &mut r.how {
+            child.start_kill().unwrap();
+        }
         kill_group(h.pgid);
     }
 
     #[test]
-    fn a_transient_unit_waits_pipes_and_enforces_the_timeout_as_the_user() {
+    fn a_transient_unit_outlives_the_agent_keeps_its_result_and_enforces_the_timeout() {
         let argv = systemd_run_argv(
             "roost-activate-system-7",
             &[
@@ -561,14 +733,16 @@ mod tests {
         );
         for want in [
             "--unit=roost-activate-system-7",
-            "--wait",
-            "--collect",
-            "--pipe",
+            "--property=RemainAfterExit=yes",
             "--property=RuntimeMaxSec=240",
             "--uid=root",
             "--setenv=PROFILE=/nix/var/nix/profiles/system",
         ] {
             assert!(argv.iter().any(|a| a == want), "{want} missing: {argv:?}");
+        }
+        // Tied to the agent's process, the unit would die with it (a restart, a switch).
+        for tied in ["--wait", "--pipe", "--collect", "--scope"] {
+            assert!(!argv.iter().any(|a| a == tied), "{tied} in {argv:?}");
         }
         let sep = argv.iter().position(|a| a == "--").unwrap();
         assert_eq!(

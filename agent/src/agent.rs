@@ -17,6 +17,7 @@ use roost_common::wire::v1::{
 use roost_common::{StorePath, Timestamp, Version};
 use sd_notify::NotifyState;
 use tokio::time::Instant;
+use tracing::Instrument;
 
 use crate::activate::{self, Outcome};
 use crate::config::{BuildPolicy, Config};
@@ -396,7 +397,8 @@ impl Agent {
             }
             return Verdict::NotConverged;
         }
-        self.deploy(&m).await
+        let span = tracing::info_span!("deploy", version = %m.version);
+        self.deploy(&m).instrument(span).await
     }
 
     fn realise_options(&self, m: &Manifest) -> RealiseOptions {
@@ -529,7 +531,7 @@ impl Agent {
             fetch: self.fetch_ms.take(),
             ..Timings::default()
         };
-        tracing::info!(%version, "deploying");
+        tracing::info!(%version, phase = "realise", "deploying");
         self.set_phase("downloading");
         self.progress.within(self.cfg.realise_timeout * 2);
         fault::point("realise");
@@ -645,6 +647,7 @@ impl Agent {
             let already = pp.previous_path.as_deref() == Some(p.path.as_str());
             if !already {
                 fault::point("set-profile");
+                tracing::info!(profile = %p.name, phase = "set-profile", path = %p.path, "switching");
                 if let Some(parent) = link.parent() {
                     let _ = std::fs::create_dir_all(parent);
                 }
@@ -676,6 +679,7 @@ impl Agent {
                         .await;
                 }
                 fault::point("activate");
+                tracing::info!(profile = %p.name, phase = "activate", "activating");
                 self.progress
                     .within(Duration::from_secs(p.activation_timeout_s + 10));
                 let outcome =
@@ -688,6 +692,15 @@ impl Agent {
                         Ok(None) => Outcome::Ok,
                         Err(o) => o,
                     };
+                if outcome == Outcome::Interrupted {
+                    // Its unit was stopped (a shutdown, or by hand): no verdict. The record
+                    // stays for recovery: at the next start, or now if the machine stays up.
+                    if activate::system_stopping().await {
+                        tracing::warn!(profile = %p.name, phase = "activate", "the activation was stopped by a shutdown; recovery at the next start decides");
+                        return Verdict::NotConverged;
+                    }
+                    return self.recover().await;
+                }
                 self.pending_profile_mut(i).activation = None;
                 if outcome != Outcome::Ok {
                     timings.activate = ms(t);
@@ -705,6 +718,7 @@ impl Agent {
         // Step 7: confirm.
         self.set_phase("confirming");
         fault::point("confirm");
+        tracing::info!(phase = "confirm", "running health checks");
         let t = Instant::now();
         let (ok, health, why) = self.confirm(m, reachable_before).await;
         timings.confirm = ms(t);
@@ -906,6 +920,51 @@ impl Agent {
         }
     }
 
+    /// An activation runs in a transient unit that outlives the agent (a restart, `kill -9`):
+    /// waits for those of this boot that still run, or reads how they ended, as the previous
+    /// run would have. A profile whose activation ended well is recorded as activated; the
+    /// first failure is returned. A unit systemd does not know (another boot, or never
+    /// started) changes nothing. Also looks for the unit of a profile that was switched but
+    /// whose activation was not recorded (the agent died between starting and recording it).
+    async fn await_outliving_activations(&mut self, pending: &Pending) -> Result<(), String> {
+        let boot = activate::boot_id();
+        for (i, pp) in pending.profiles.iter().enumerate() {
+            if pp.activated || !pp.switched {
+                continue;
+            }
+            let unit = match &pp.activation {
+                Some(h) if h.boot_id == boot => h.unit.clone(),
+                Some(_) => None,
+                None => Some(activate::unit_name(&pp.name, &pending.version.to_string())),
+            };
+            let Some(unit) = unit else { continue };
+            let now = Timestamp::from(self.clock.now());
+            let left = Duration::from_secs(pending.deadline.unix().saturating_sub(now.unix()))
+                .max(Duration::from_secs(10));
+            self.progress.within(left);
+            let outcome = activate::wait_unit(&unit, left).await;
+            tracing::info!(profile = %pp.name, phase = "activate", unit, ?outcome, "an activation that outlived the previous run of the agent");
+            match outcome {
+                Outcome::Interrupted => {}
+                Outcome::Ok => {
+                    let pp = self.pending_profile_mut(i);
+                    pp.activated = true;
+                    pp.activation = None;
+                    if let Err(e) = self.save() {
+                        tracing::error!("cannot save state: {e}");
+                    }
+                }
+                o => {
+                    return Err(o.describe(&format!(
+                        "activation of profile `{}` ({}), which outlived the agent",
+                        pp.name, pp.new_path
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Step 9, at start: a pending record means the agent died mid-deploy. Leftover
     /// activations are stopped, then the deploy is confirmed if it got that far in time, or
     /// rolled back; either way it is reported. Also queues an outcome recorded but never
@@ -917,6 +976,15 @@ impl Agent {
         };
         tracing::warn!(version = %pending.version, "found an interrupted deploy; recovering");
         self.set_phase("recovering");
+        let outlived = self.await_outliving_activations(&pending).await;
+        let pending = self.state.pending.clone().unwrap_or(pending);
+        if let Err(why) = outlived {
+            if let Some(m) = self.state.desired.clone().filter(|m| m.version == pending.version) {
+                return self
+                    .fail_and_roll_back(&m, "activate", why, vec![], Timings::default())
+                    .await;
+            }
+        }
         for h in pending
             .profiles
             .iter()

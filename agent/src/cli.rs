@@ -8,6 +8,7 @@ use std::sync::Arc;
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
 use roost_common::nix::Nix;
+use tracing::Instrument;
 
 use crate::agent::{Agent, Verdict};
 use crate::config::{BuildPolicy, Config, ConfigFile};
@@ -298,8 +299,10 @@ pub async fn dispatch(cmd: Cmd) -> u8 {
                 Ok(a) => a,
                 Err(c) => return c,
             };
+            // Every event of the run carries the node's name (a journal field, NODE).
+            let span = tracing::info_span!("agent", node = %agent.config().node);
             if once {
-                return run_once(&mut agent).await;
+                return run_once(&mut agent).instrument(span).await;
             }
             let shutdown = async {
                 match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
@@ -315,6 +318,7 @@ pub async fn dispatch(cmd: Cmd) -> u8 {
                 }
             };
             match daemon::run(agent, Arc::new(SystemClock), shutdown)
+                .instrument(span)
                 .await
                 .context("the daemon stopped")
             {

@@ -21,6 +21,7 @@ pub use tempfile::TempDir;
 pub mod fleet;
 pub mod http;
 pub mod proxy;
+pub mod vm;
 
 pub use fleet::Fleet;
 
