@@ -94,6 +94,7 @@ rec {
       {
         outputs = { self }: {
           deploy.nodes.machine = {
+            user = "root";
             roost.system = "${pkgs.stdenv.hostPlatform.system}";
             roost.activation = { kind = "${activation.kind}"; goal = "${activation.goal}"; };
             roost.healthChecks = [
