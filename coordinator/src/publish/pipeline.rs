@@ -30,6 +30,8 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> 
 
 /// Publishes. Per-node failures are in the report; an `Err` means nothing was published.
 pub async fn publish(opts: &PublishOptions, nix: &Nix) -> Result<PublishReport, PublishError> {
+    // Publish evaluates flakes: it asks for them itself, whatever the caller's driver does.
+    let nix = &nix.clone().with_flakes();
     let delivery = Delivery::new(opts.dest.clone())?;
     // Fail in a second, not after a long build, when the destination is unreachable.
     delivery.preflight().await?;
