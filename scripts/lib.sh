@@ -45,6 +45,11 @@ ensure_tools() {
   command -v ip >/dev/null 2>&1 || missing+=(iproute2)
   command -v git >/dev/null 2>&1 || missing+=(git)
   command -v openssl >/dev/null 2>&1 || missing+=(openssl)
+  # The VM tests (tests/tests/vm.rs): a Debian guest made with mmdebstrap, booted by QEMU.
+  command -v mmdebstrap >/dev/null 2>&1 || missing+=(mmdebstrap)
+  command -v qemu-system-x86_64 >/dev/null 2>&1 || missing+=(qemu-system-x86)
+  command -v qemu-img >/dev/null 2>&1 || missing+=(qemu-utils)
+  command -v mkfs.ext4 >/dev/null 2>&1 || missing+=(e2fsprogs)
   if ((${#missing[@]})); then
     apt_install "${missing[@]}"
   fi

@@ -927,6 +927,9 @@ impl Agent {
     /// started) changes nothing. Also looks for the unit of a profile that was switched but
     /// whose activation was not recorded (the agent died between starting and recording it).
     async fn await_outliving_activations(&mut self, pending: &Pending) -> Result<(), String> {
+        if !activate::systemd_is_pid1() {
+            return Ok(());
+        }
         let boot = activate::boot_id();
         for (i, pp) in pending.profiles.iter().enumerate() {
             if pp.activated || !pp.switched {
@@ -979,7 +982,12 @@ impl Agent {
         let outlived = self.await_outliving_activations(&pending).await;
         let pending = self.state.pending.clone().unwrap_or(pending);
         if let Err(why) = outlived {
-            if let Some(m) = self.state.desired.clone().filter(|m| m.version == pending.version) {
+            if let Some(m) = self
+                .state
+                .desired
+                .clone()
+                .filter(|m| m.version == pending.version)
+            {
                 return self
                     .fail_and_roll_back(&m, "activate", why, vec![], Timings::default())
                     .await;

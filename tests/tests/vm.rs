@@ -14,8 +14,7 @@ use serde_json::Value;
 const DEPLOY: Duration = Duration::from_secs(600);
 
 fn fleet(interval: &str) -> VmFleet {
-    let f = VmFleet::new(interval).expect("VM fleet");
-    f
+    VmFleet::new(interval).expect("VM fleet")
 }
 
 #[test]
@@ -33,12 +32,20 @@ fn a_vm_node_converges_tells_systemd_it_is_ready_and_logs_structured_fields_to_t
         .machine
         .sh("systemctl show roost-agent -p ActiveState -p SubState -p WatchdogUSec -p Type")
         .unwrap();
-    for want in ["ActiveState=active", "SubState=running", "Type=notify", "WatchdogUSec=5min"] {
+    for want in [
+        "ActiveState=active",
+        "SubState=running",
+        "Type=notify",
+        "WatchdogUSec=5min",
+    ] {
         assert!(show.contains(want), "{want} not in\n{show}");
     }
     // The activation ran once, in this boot, inside its transient unit.
     let events = f.events().unwrap();
-    let starts: Vec<_> = events.iter().filter(|e| e.starts_with("activate-start")).collect();
+    let starts: Vec<_> = events
+        .iter()
+        .filter(|e| e.starts_with("activate-start"))
+        .collect();
     assert_eq!(starts.len(), 1, "{events:?}");
 
     // The agent's events carry node, version, profile and phase as journal fields.
@@ -52,13 +59,20 @@ fn a_vm_node_converges_tells_systemd_it_is_ready_and_logs_structured_fields_to_t
         .collect();
     let version = v1.version.to_string();
     let deployed = entries.iter().find(|e| {
-        e["NODE"] == vm::NODE && e["VERSION"] == version.as_str() && e["PROFILE"] == "system"
+        e["NODE"] == vm::NODE
+            && e["VERSION"] == version.as_str()
+            && e["PROFILE"] == "system"
             && e.get("PHASE").is_some()
     });
     assert!(
         deployed.is_some(),
         "no journal entry with NODE, VERSION, PROFILE and PHASE among {} entries:\n{}",
         entries.len(),
-        journal.lines().rev().take(15).collect::<Vec<_>>().join("\n")
+        journal
+            .lines()
+            .rev()
+            .take(15)
+            .collect::<Vec<_>>()
+            .join("\n")
     );
 }

@@ -35,10 +35,7 @@ impl Image {
     fn root() -> PathBuf {
         // bin() is target/<profile>/NAME.
         let profile_dir = crate::bin("x").parent().expect("profile dir").to_path_buf();
-        profile_dir
-            .parent()
-            .expect("target dir")
-            .join("vm-image")
+        profile_dir.parent().expect("target dir").join("vm-image")
     }
 
     fn hash() -> String {

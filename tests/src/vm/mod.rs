@@ -253,10 +253,7 @@ impl VmFleet {
             self.reports()
                 .map(|r| r
                     .iter()
-                    .map(|r| format!(
-                        "{} seq {} {}",
-                        r["manifest_version"], r["seq"], r["state"]
-                    ))
+                    .map(|r| format!("{} seq {} {}", r["manifest_version"], r["seq"], r["state"]))
                     .collect::<Vec<_>>())
                 .unwrap_or_default(),
             self.machine.console_tail(20)
