@@ -131,6 +131,7 @@ fn converge_every_node_reaches_the_published_paths() {
     // The coordinator's status agrees, and says so in its exit code.
     let out = std::process::Command::new(roost_tests::bin("roost-coordinator"))
         .args(["status", "--json", "--coordinator", &f.coordinator.url()])
+        .env("ROOST_READ_TOKEN_FILE", &f.keys.token_file)
         .output()
         .unwrap();
     assert!(
