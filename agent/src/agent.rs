@@ -417,6 +417,7 @@ impl Agent {
             substituters: subs,
             trusted_public_keys: keys,
             timeout: Some(self.cfg.realise_timeout),
+            fallback: false,
         }
     }
 
@@ -431,21 +432,30 @@ impl Agent {
             .collect();
         let nix = self.nix.clone();
         let policy = self.cfg.build_policy;
+        // Realising a drv_path is asking to build: a substitute that fails (a NAR gone
+        // missing from the cache) then falls back to building instead of ending it.
+        let build_opts = RealiseOptions {
+            fallback: true,
+            ..opts.clone()
+        };
         tokio::task::spawn_blocking(move || {
             let attempt = |paths: &[StorePath]| nix.realise(paths, &opts).map_err(|e| e.to_string());
+            let build = |drvs: &[StorePath]| {
+                nix.realise(drvs, &build_opts).map_err(|e| e.to_string())
+            };
             match policy {
                 BuildPolicy::SubstituteOnly => attempt(&outputs),
                 BuildPolicy::Build => {
                     if drvs.len() < outputs.len() {
                         return Err("build policy `build` needs a drv_path for every profile; the manifest lacks some".into());
                     }
-                    attempt(&drvs)
+                    build(&drvs)
                 }
                 BuildPolicy::Fallback => match attempt(&outputs) {
                     Ok(()) => Ok(()),
                     Err(e) if !drvs.is_empty() => {
                         tracing::warn!("substitution failed, building from drv_path: {e}");
-                        attempt(&drvs).map_err(|b| {
+                        build(&drvs).map_err(|b| {
                             format!("{e}\nbuilding from drv_path instead also failed: {b}")
                         })
                     }
