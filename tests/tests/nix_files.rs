@@ -219,6 +219,7 @@ fn the_offline_example_evaluates_and_publishes_verifiable_manifests() {
         .arg("--out")
         .arg(&dest)
         .arg("--json")
+        .arg("--nodes-trust-paths")
         .output()
         .unwrap();
     assert!(

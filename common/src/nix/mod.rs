@@ -480,6 +480,25 @@ impl Nix {
         .is_ok()
     }
 
+    /// `nix-store --gc --print-dead`: what a garbage collection would delete now.
+    pub fn dead_paths(&self) -> Result<Vec<StorePath>, NixError> {
+        let args = strings(&["--gc", "--print-dead"]);
+        let out = self.run(Tool::NixStore, &args, None)?;
+        Ok(String::from_utf8_lossy(&out)
+            .lines()
+            .filter_map(|l| l.trim().parse::<StorePath>().ok())
+            .collect())
+    }
+
+    /// `nix-store --gc`: deletes every path no root keeps; returns the bytes Nix says it
+    /// freed.
+    pub fn collect_garbage(&self) -> Result<u64, NixError> {
+        let args = strings(&["--gc"]);
+        let out = self.run(Tool::NixStore, &args, None)?;
+        parse::gc_freed_bytes(&String::from_utf8_lossy(&out))
+            .ok_or_else(|| self.parse_error(Tool::NixStore, &args, "no `… freed` line".into()))
+    }
+
     /// `nix-env -p PROFILE --set PATH`: a new generation pointing at `path`.
     pub fn set_profile(&self, profile: &Path, path: &StorePath) -> Result<(), NixError> {
         let args = vec![
