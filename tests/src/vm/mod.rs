@@ -21,7 +21,7 @@ use serde_json::Value;
 pub use image::Image;
 pub use machine::{Accel, Machine};
 
-use crate::{Coordinator, Keys, TempDir, bin, http_get, repo_root, run, wait_for};
+use crate::{Coordinator, Keys, TempDir, bin, repo_root, run, wait_for};
 
 /// The node's name in the fixture flake.
 pub const NODE: &str = "vm";
@@ -208,7 +208,7 @@ impl VmFleet {
 
     /// Every report the coordinator holds from the node, oldest first.
     pub fn reports(&self) -> anyhow::Result<Vec<Value>> {
-        let body = http_get(&v1::report_history_url(
+        let body = self.coordinator.read(&v1::report_history_url(
             &self.coordinator.url(),
             NODE,
             10_000,
