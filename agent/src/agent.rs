@@ -28,6 +28,8 @@ use crate::poll::{Poll, Poller, WallClock};
 use crate::report::{self, Reporter};
 use crate::state::{DeployRecord, Pending, PendingProfile, Snapshot, State, StateDir};
 
+mod laptop_hooks;
+
 /// How an operation ended, for `--once` and `apply` exit codes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Verdict {
@@ -83,6 +85,8 @@ pub struct Agent {
     seen_etag: Option<String>,
     /// Whether the last poll brought bytes not seen before.
     fresh: bool,
+    /// Windows, power, metered, retention, notifications, metrics.
+    laptop: laptop_hooks::LaptopRuntime,
 }
 
 fn ms(since: Instant) -> Option<u64> {
@@ -143,6 +147,7 @@ impl Agent {
             ..written.clone().unwrap_or_default()
         };
         Ok(Self {
+            laptop: laptop_hooks::LaptopRuntime::new(cfg.laptop.notifications),
             cfg,
             dir,
             state,
@@ -248,6 +253,7 @@ impl Agent {
             l.long_poll = long_poll;
             l.polling_since = None;
         });
+        self.note_poll_for_metrics(!result.starts_with("failed"));
     }
 
     /// Marks the agent idle (after start-up reconciliation).
@@ -489,41 +495,12 @@ impl Agent {
         Ok(())
     }
 
-    /// Free space on the store's file system against the closures not yet present.
-    fn free_space_ok(&self, m: &Manifest) -> Result<(), String> {
-        let need: u64 = m
-            .profiles
-            .iter()
-            .filter(|p| !p.path.as_path().exists())
-            .filter_map(|p| p.closure_size)
-            .sum();
-        if need == 0 {
-            return Ok(());
-        }
-        let store = ["/nix/store", "/nix", "/"]
-            .into_iter()
-            .find(|p| std::path::Path::new(p).exists())
-            .unwrap_or("/");
-        match ::nix::sys::statvfs::statvfs(store) {
-            Ok(s) => {
-                let free = s.blocks_available().saturating_mul(s.fragment_size());
-                if free < need {
-                    return Err(format!(
-                        "{store} has {free} bytes free and the closures need up to {need}; \
-                         free some space (nix-collect-garbage) and the deploy is retried"
-                    ));
-                }
-                Ok(())
-            }
-            Err(e) => {
-                tracing::warn!("cannot check free space on {store}: {e}");
-                Ok(())
-            }
-        }
-    }
-
     /// Steps 4–8 for manifest `m`.
     async fn deploy(&mut self, m: &Manifest) -> Verdict {
+        let m = &self.with_system_goal(m);
+        if let Some(v) = self.wait_before_download(m).await {
+            return v;
+        }
         let version = m.version;
         let mut timings = Timings {
             fetch: self.fetch_ms.take(),
@@ -534,7 +511,7 @@ impl Agent {
         self.progress.within(self.cfg.realise_timeout * 2);
         fault::point("realise");
         let t = Instant::now();
-        let realised = match self.free_space_ok(m) {
+        let realised = match self.make_room(m).await {
             Ok(()) => self.realise(m).await,
             Err(e) => Err(e),
         };
@@ -574,6 +551,9 @@ impl Agent {
             return Verdict::NotConverged;
         }
         self.deferred = 0;
+        if let Some(v) = self.wait_before_apply(m).await {
+            return v;
+        }
 
         // Step 5: the pending record, on disk before any profile changes.
         let reachable_before = self.poller.reachable(self.state.etag.as_deref()).await;
@@ -716,6 +696,7 @@ impl Agent {
         self.state.pending = None;
         self.state.current_version = Some(version);
         self.state.applied = Some(m.clone());
+        self.after_success(m).await;
         self.finish(version, ReportState::Success, None, health, timings);
         self.set_phase("idle");
         tracing::info!(%version, "deployed and confirmed");
@@ -824,6 +805,7 @@ impl Agent {
                 format!("{message} (auto_rollback is off: the node stays on the new version)"),
             )
         };
+        self.after_failure(m, state, &message).await;
         // Never retried automatically; a newer version clears it.
         self.state.quarantined.insert(m.version.0);
         self.finish(m.version, state, Some(err(phase, message)), health, timings);
@@ -948,6 +930,7 @@ impl Agent {
                     self.state.pending = None;
                     self.state.current_version = Some(m.version);
                     self.state.applied = Some(m.clone());
+                    self.after_success(&m).await;
                     self.finish(m.version, ReportState::Success, None, health, timings);
                     Verdict::Converged
                 } else {
@@ -1126,6 +1109,7 @@ impl Agent {
                 tracing::error!("cannot save state: {e}");
             }
         }
+        self.write_metrics();
     }
 
     /// After a crash between recording an outcome and queueing its report: queue it now.
@@ -1192,6 +1176,7 @@ impl Agent {
             timings,
             profiles: self.positions(),
             security_events: std::mem::take(&mut self.security_events),
+            conditions: self.take_conditions(),
         };
         match self.reporter.queue(outcome) {
             Ok(seq) => Some(seq),

@@ -43,6 +43,9 @@ pub struct State {
     pub quarantined: BTreeSet<u64>,
     /// The last deploy attempt's outcome.
     pub last_deploy: Option<DeployRecord>,
+    /// Waiting, healthy generations, the last GC, counters (docs/protocol.md §7.13–§7.15).
+    #[serde(flatten)]
+    pub laptop: crate::laptop::LaptopRecord,
 }
 
 /// A deploy in progress.
