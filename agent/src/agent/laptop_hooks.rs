@@ -10,9 +10,9 @@ use std::time::Duration;
 use jiff::tz::TimeZone;
 use roost_common::Timestamp;
 use roost_common::nix::profiles;
-use roost_common::size::human_bytes;
 use roost_common::wire::v1::{Activation, Goal, Manifest, ReportState, Timings};
 
+use super::error::{RealiseError, Step};
 use super::{Agent, Verdict, err};
 use crate::activate;
 use crate::config::SystemGoal;
@@ -24,6 +24,7 @@ use crate::power::PowerSupplies;
 use crate::report::Conditions;
 use crate::retention::{self, GcRecord, Keep};
 use crate::schedule::Schedule;
+use crate::state::Phase;
 
 /// Where NixOS says which system it booted.
 const BOOTED_SYSTEM: &str = "/run/booted-system";
@@ -52,6 +53,16 @@ impl LaptopRuntime {
             conditions: Conditions::default(),
             last_successful_poll: None,
         }
+    }
+}
+
+/// The step a wait is reported under.
+fn step(w: &Wait) -> Step {
+    match w {
+        Wait::Window { .. } => Step::Window,
+        Wait::Power(_) => Step::Power,
+        Wait::Metered { .. } => Step::Metered,
+        Wait::Deferred { .. } => Step::Defer,
     }
 }
 
@@ -151,7 +162,7 @@ impl Agent {
             .waiting
             .as_ref()
             .is_some_and(|w| w.version == version && w.kind == wait.kind());
-        self.set_phase("idle");
+        self.set_phase(Phase::Idle);
         if same {
             tracing::debug!(%version, "{message}");
             return Verdict::NotConverged;
@@ -167,7 +178,7 @@ impl Agent {
         self.finish(
             m.version,
             ReportState::Deferred,
-            Some(err(wait.kind(), message.clone())),
+            Some(err(step(&wait), message.clone())),
             vec![],
             Timings::default(),
         );
@@ -202,7 +213,7 @@ impl Agent {
     /// Room for the closures before a download: when the free space is short, old
     /// generations go first, and a garbage collection runs when what it could free makes
     /// the closures fit.
-    pub(super) async fn make_room(&mut self, m: &Manifest) -> Result<(), String> {
+    pub(super) async fn make_room(&mut self, m: &Manifest) -> Result<(), RealiseError> {
         let need = missing_bytes(m);
         if need == 0 {
             return Ok(());
@@ -217,17 +228,15 @@ impl Agent {
         let nix = self.nix.clone();
         let reclaimable = tokio::task::spawn_blocking(move || nix.reclaimable())
             .await
-            .map_err(|e| e.to_string())?
-            .map_err(|e| format!("cannot count what a garbage collection would free: {e}"))?;
+            .map_err(|e| RealiseError::Task(e.to_string()))?
+            .map_err(RealiseError::Gc)?;
         if free.saturating_add(reclaimable) < need {
-            return Err(format!(
-                "the store has {free} bytes free ({}) and the closures need up to {need} ({}); \
-                 a garbage collection could free only {reclaimable} ({}) after removing \
-                 {removed} old generation(s): free some space and the deploy is retried",
-                human_bytes(free),
-                human_bytes(need),
-                human_bytes(reclaimable)
-            ));
+            return Err(RealiseError::NoSpace {
+                free,
+                need,
+                reclaimable,
+                removed,
+            });
         }
         tracing::info!(
             free,
@@ -236,14 +245,10 @@ impl Agent {
             "collecting garbage first: it makes the closures fit"
         );
         self.collect_garbage(removed).await?;
+        self.set_phase(Phase::Downloading);
         let free = retention::store_free_bytes().unwrap_or(u64::MAX);
         if free < need {
-            return Err(format!(
-                "after a garbage collection the store has {free} bytes free ({}) and the \
-                 closures need up to {need} ({}): free some space and the deploy is retried",
-                human_bytes(free),
-                human_bytes(need)
-            ));
+            return Err(RealiseError::StillNoSpace { free, need });
         }
         Ok(())
     }
@@ -297,14 +302,14 @@ impl Agent {
         removed
     }
 
-    async fn collect_garbage(&mut self, removed: u64) -> Result<u64, String> {
-        self.set_phase("collecting garbage");
+    async fn collect_garbage(&mut self, removed: u64) -> Result<u64, RealiseError> {
+        self.set_phase(Phase::CollectingGarbage);
         self.progress.within(Duration::from_secs(3600));
         let nix = self.nix.clone();
         let freed = tokio::task::spawn_blocking(move || nix.collect_garbage())
             .await
-            .map_err(|e| e.to_string())?
-            .map_err(|e| format!("garbage collection failed: {e}"))?;
+            .map_err(|e| RealiseError::Task(e.to_string()))?
+            .map_err(RealiseError::Gc)?;
         tracing::info!(freed, "garbage collected");
         self.state.laptop.last_gc = Some(GcRecord {
             at: Timestamp::from(self.clock.now()),
@@ -410,7 +415,11 @@ impl Agent {
             last_successful_poll: self.laptop.last_successful_poll,
             desired_version: self.state.desired.as_ref().map(|m| m.version.0),
             current_version: self.state.current_version.map(|v| v.0),
-            state: self.state.last_deploy.as_ref().map(|d| d.state.clone()),
+            state: self
+                .state
+                .last_deploy
+                .as_ref()
+                .map(|d| d.state.as_str().to_owned()),
             deferred_reason: self
                 .waiting()
                 .map(|w| w.kind.clone())
@@ -418,7 +427,7 @@ impl Agent {
                     self.state
                         .last_deploy
                         .as_ref()
-                        .filter(|d| d.state == ReportState::Deferred.as_str())
+                        .filter(|d| d.state == ReportState::Deferred)
                         .and_then(|d| d.error.as_ref().map(|e| e.phase.clone()))
                 })
                 .filter(|_| self.has_work()),
