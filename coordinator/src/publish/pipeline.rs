@@ -751,33 +751,34 @@ where
     let mut set = tokio::task::JoinSet::new();
     let mut keys = std::collections::HashMap::new();
     let mut out = Vec::new();
-    let mut collect = |r: Result<(tokio::task::Id, T), tokio::task::JoinError>,
-                       keys: &mut std::collections::HashMap<tokio::task::Id, K>| {
-        match r {
-            Ok((id, t)) => {
-                keys.remove(&id);
-                out.push(t);
+    let mut collect =
+        |r: Result<(tokio::task::Id, T), tokio::task::JoinError>,
+         keys: &mut std::collections::HashMap<tokio::task::Id, K>| {
+            match r {
+                Ok((id, t)) => {
+                    keys.remove(&id);
+                    out.push(t);
+                }
+                Err(e) => {
+                    let Some(key) = keys.remove(&e.id()) else {
+                        return;
+                    };
+                    let why = if e.is_panic() {
+                        let p = e.into_panic();
+                        let msg = p
+                            .downcast_ref::<&str>()
+                            .map(|s| (*s).to_owned())
+                            .or_else(|| p.downcast_ref::<String>().cloned())
+                            .unwrap_or_else(|| "(no message)".into());
+                        format!("publishing this node panicked: {msg}")
+                    } else {
+                        "publishing this node was cancelled".to_owned()
+                    };
+                    tracing::error!("{why}");
+                    out.push(failed(key, why));
+                }
             }
-            Err(e) => {
-                let Some(key) = keys.remove(&e.id()) else {
-                    return;
-                };
-                let why = if e.is_panic() {
-                    let p = e.into_panic();
-                    let msg = p
-                        .downcast_ref::<&str>()
-                        .map(|s| (*s).to_owned())
-                        .or_else(|| p.downcast_ref::<String>().cloned())
-                        .unwrap_or_else(|| "(no message)".into());
-                    format!("publishing this node panicked: {msg}")
-                } else {
-                    "publishing this node was cancelled".to_owned()
-                };
-                tracing::error!("{why}");
-                out.push(failed(key, why));
-            }
-        }
-    };
+        };
     for (key, job) in jobs {
         if set.len() >= PARALLEL_DELIVERIES {
             if let Some(r) = set.join_next_with_id().await {
