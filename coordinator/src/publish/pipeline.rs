@@ -508,7 +508,7 @@ async fn copy(
     let (n, c, p) = (nix.clone(), cache.to_owned(), local.to_vec());
     let Err(whole) = blocking(move || n.copy_to(&c, &p)).await else {
         stage.done(format!("copied {} closure(s) to {cache}", local.len()));
-        return Ok(());
+        return copy_derivations(opts, nix, cache, specs, results).await;
     };
     let mut copied_any = false;
     let mut failures = 0;
@@ -539,6 +539,70 @@ async fn copy(
         }
     }
     stage.done(format!("copied to {cache}, {failures} node(s) refused"));
+    let copied: Vec<NodeSpec> = specs
+        .iter()
+        .filter(|s| !results.contains_key(s.node.as_str()))
+        .cloned()
+        .collect();
+    copy_derivations(opts, nix, cache, &copied, results).await
+}
+
+/// Signs and copies the derivations' closures (unless `--no-derivations`), so a node that
+/// may build finds what building needs; when that fails, every node with a derivation
+/// fails with the reason.
+async fn copy_derivations(
+    opts: &PublishOptions,
+    nix: &Nix,
+    cache: &str,
+    specs: &[NodeSpec],
+    results: &mut BTreeMap<String, NodeResult>,
+) -> Result<(), PublishError> {
+    let drvs: Vec<StorePath> = specs
+        .iter()
+        .flat_map(|s| s.profiles.iter().filter_map(|p| p.drv_path.clone()))
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    if !opts.derivations || drvs.is_empty() {
+        return Ok(());
+    }
+    let stage = Stage::start(
+        opts.progress,
+        format!(
+            "copying {} derivation(s) to {cache}, for nodes that may build",
+            drvs.len()
+        ),
+    );
+    let (n, c, key, d) = (
+        nix.clone(),
+        cache.to_owned(),
+        opts.cache_key.clone(),
+        drvs.clone(),
+    );
+    let copied = blocking(move || {
+        if let Some(k) = &key {
+            n.sign_derivations(k, &d)?;
+        }
+        n.copy_derivations_to(&c, &d)
+    })
+    .await;
+    match copied {
+        Ok(()) => stage.done(format!("copied {} derivation(s) to {cache}", drvs.len())),
+        Err(e) => {
+            stage.done(format!("copying the derivations to {cache} failed"));
+            for s in specs
+                .iter()
+                .filter(|s| s.profiles.iter().any(|p| p.drv_path.is_some()))
+            {
+                let node = s.node.to_string();
+                let msg = format!(
+                    "copying the derivations to {cache} (for nodes that may build; \
+                     --no-derivations skips it) failed:\n{e}"
+                );
+                results.insert(node.clone(), NodeResult::failed(&node, msg));
+            }
+        }
+    }
     Ok(())
 }
 
