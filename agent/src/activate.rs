@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use roost_common::StorePath;
 use roost_common::wire::v1::{Activation, Profile};
-use tokio::io::AsyncReadExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::task::JoinHandle;
 
 use crate::state::ActivationHandle;
@@ -116,9 +116,15 @@ pub struct Running {
 enum How {
     Process {
         child: tokio::process::Child,
+        /// The start gate: the command runs only once "go" arrives here (see [`GATE`]).
+        gate: Option<tokio::process::ChildStdin>,
         output: JoinHandle<Vec<u8>>,
     },
-    Unit(String),
+    /// Started when the gate opens, like a process: its name is recorded first.
+    Unit {
+        name: String,
+        systemd_run: Vec<String>,
+    },
 }
 
 /// Starts activating `path` as `profile` (its link at `profile_path`); `None` for kind
@@ -141,19 +147,20 @@ pub fn start_activation(
             systemd_run_argv(&unit, &argv, &env, &profile.user, timeout),
             &cwd,
         );
-        return start_unit(&sd, &unit).map(|()| {
-            Some(Running {
-                handle: ActivationHandle {
-                    pgid: 0,
-                    start_ticks: None,
-                    boot_id: boot_id(),
-                    unit: Some(unit.clone()),
-                },
-                how: How::Unit(unit),
-                // The unit enforces the limit; ours is a backstop a little later.
-                timeout: timeout + Duration::from_secs(10),
-            })
-        });
+        return Ok(Some(Running {
+            handle: ActivationHandle {
+                pgid: 0,
+                start_ticks: None,
+                boot_id: boot_id(),
+                unit: Some(unit.clone()),
+            },
+            how: How::Unit {
+                name: unit,
+                systemd_run: sd,
+            },
+            // The unit enforces the limit; ours is a backstop a little later.
+            timeout: timeout + Duration::from_secs(10),
+        }));
     }
     spawn(&argv, &env, Some(&profile.user), Some(&cwd), timeout).map(Some)
 }
@@ -187,26 +194,28 @@ pub fn unit_name(profile: &str, tag: &str) -> String {
 /// Starts the transient unit: `systemd-run` returns once its process runs. A failed unit
 /// of the same name (an earlier try) is cleared first; one transient failure (systemd busy,
 /// say) is retried once.
-fn start_unit(sd: &[String], unit: &str) -> Result<(), Outcome> {
+async fn start_unit(sd: &[String], unit: &str) -> Result<(), Outcome> {
     let mut last = String::new();
     for attempt in 0..2 {
         if attempt > 0 {
             tracing::warn!(unit, "systemd-run failed, retrying once: {last}");
-            std::thread::sleep(Duration::from_secs(1));
+            tokio::time::sleep(Duration::from_secs(1)).await;
         }
-        let _ = std::process::Command::new("systemctl")
+        let _ = tokio::process::Command::new("systemctl")
             .args(["reset-failed", unit])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
-            .status();
-        match std::process::Command::new(&sd[0])
+            .status()
+            .await;
+        match tokio::process::Command::new(&sd[0])
             .args(&sd[1..])
             .stdin(Stdio::null())
             .env_remove("NOTIFY_SOCKET")
             .env_remove("WATCHDOG_USEC")
             .env_remove("WATCHDOG_PID")
             .output()
+            .await
         {
             Ok(out) if out.status.success() => return Ok(()),
             Ok(out) => {
@@ -294,6 +303,29 @@ pub fn start(
     spawn(argv, env, user, None, timeout)
 }
 
+/// Every command starts behind this gate: a shell that waits for the line `go` on its stdin
+/// and only then becomes the command (stdin `/dev/null`, same pid and process group). The
+/// agent records the process group durably first and opens the gate after, so an agent
+/// killed in between leaves nothing running that recovery could not find: the gate reads
+/// end-of-file and exits without running anything.
+const GATE: &str = r#"read -r go && [ "$go" = go ] || exit 125; exec "$@" </dev/null"#;
+
+/// Where `program` is, as `execvp` would find it: a name with a slash relative to `cwd` (or
+/// the agent's directory), any other through `PATH`; `None` unless it is an executable file.
+fn executable(program: &str, cwd: Option<&Path>) -> Option<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    let is_exe = |p: &Path| {
+        std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+    };
+    if program.contains('/') {
+        let p = cwd.map_or_else(|| PathBuf::from(program), |d| d.join(program));
+        return is_exe(&p).then(|| PathBuf::from(program));
+    }
+    std::env::split_paths(&std::env::var_os("PATH")?)
+        .map(|d| d.join(program))
+        .find(|p| is_exe(p))
+}
+
 /// [`start`], in `cwd` when given (else the agent's own working directory).
 fn spawn(
     argv: &[String],
@@ -305,9 +337,15 @@ fn spawn(
     let Some((program, args)) = argv.split_first() else {
         return Err(Outcome::SpawnFailed("empty command".into()));
     };
-    let mut cmd = tokio::process::Command::new(program);
-    cmd.args(args)
-        .stdin(Stdio::null())
+    // The gate's shell would report a missing program as its own exit 127; find it first so
+    // it stays what it is, a command that could not be started.
+    let program = executable(program, cwd)
+        .ok_or_else(|| Outcome::SpawnFailed(format!("{program}: no such executable")))?;
+    let mut cmd = tokio::process::Command::new("/bin/sh");
+    cmd.args(["-c", GATE, "roost-gate"])
+        .arg(&program)
+        .args(args)
+        .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .process_group(0)
@@ -345,8 +383,9 @@ fn spawn(
     }
     let mut child = cmd
         .spawn()
-        .map_err(|e| Outcome::SpawnFailed(format!("{program}: {e}")))?;
+        .map_err(|e| Outcome::SpawnFailed(format!("{}: {e}", program.display())))?;
     let pid = child.id().unwrap_or(0) as i32;
+    let gate = child.stdin.take();
     let mut stdout = child.stdout.take().expect("stdout is piped");
     let mut stderr = child.stderr.take().expect("stderr is piped");
     let output = tokio::spawn(async move {
@@ -356,7 +395,11 @@ fn spawn(
         a
     });
     Ok(Running {
-        how: How::Process { child, output },
+        how: How::Process {
+            child,
+            gate,
+            output,
+        },
         handle: ActivationHandle {
             pgid: pid,
             start_ticks: start_ticks(pid),
@@ -374,13 +417,28 @@ impl Running {
     }
 
     /// Waits for the main process under the timeout, then kills the whole process group, so
-    /// neither a hang nor a child left running in the background outlives activation. A
-    /// transient unit is waited for through systemd (see [`wait_unit`]).
+    /// neither a hang nor a child left running in the background outlives activation.
+    /// Opens the start gate first: call it only once the [`handle`](Self::handle) is
+    /// recorded where recovery will look. A transient unit is started then (`systemd-run`)
+    /// and waited for through systemd (see [`wait_unit`]).
     pub async fn wait(self) -> Outcome {
-        let (mut child, mut output) = match self.how {
-            How::Unit(unit) => return wait_unit(&unit, self.timeout).await,
-            How::Process { child, output } => (child, output),
+        let (mut child, gate, mut output) = match self.how {
+            How::Unit { name, systemd_run } => {
+                if let Err(o) = start_unit(&systemd_run, &name).await {
+                    return o;
+                }
+                return wait_unit(&name, self.timeout).await;
+            }
+            How::Process {
+                child,
+                gate,
+                output,
+            } => (child, gate, output),
         };
+        if let Some(mut gate) = gate {
+            // A failed write means the gate is gone already; the wait below says how.
+            let _ = gate.write_all(b"go\n").await;
+        }
         let waited = tokio::time::timeout(self.timeout, child.wait()).await;
         kill_group(self.handle.pgid);
         let status = match waited {
@@ -731,7 +789,7 @@ mod tests {
         let h = r.handle().clone();
         assert!(h.start_ticks.is_some());
         // Forget the Running (as a crashed agent would) without killing it.
-        let How::Process { child, output } = r.how else {
+        let How::Process { child, output, .. } = r.how else {
             panic!("not a process")
         };
         let pid = h.pgid;
@@ -817,6 +875,16 @@ mod tests {
         let (t, l) = (target.canonicalize().unwrap(), link.display());
         assert_eq!(seen.trim(), format!("{} {l} 0 0", t.display()));
         assert_eq!(activation_dir(&dir.path().join("gone")), PathBuf::from("/"));
+    }
+
+    #[test]
+    fn systemctl_show_output_reads_as_properties() {
+        let p = parse_properties(
+            "LoadState=loaded\nActiveState=failed\nResult=exit-code\nExecMainStatus=3\nInvocationID=ab=c\n",
+        );
+        assert_eq!(p["ActiveState"], "failed");
+        assert_eq!(p["ExecMainStatus"], "3");
+        assert_eq!(p["InvocationID"], "ab=c", "only the first = splits");
     }
 
     #[test]
