@@ -710,12 +710,15 @@ async fn out_and_to_produce_byte_identical_envelope_layouts() {
     let files = layout(&out);
     assert_eq!(files.len(), 3);
     for (node, bytes) in &files {
-        let served = reqwest::get(v1::manifest_url(&server.url(), node))
-            .await
-            .unwrap()
-            .bytes()
+        let r = reqwest::get(v1::manifest_url(&server.url(), node))
             .await
             .unwrap();
+        // web.prod is in wave 2: the coordinator holds it back (and serves it byte for
+        // byte once its wave is released).
+        let served = match r.status().as_u16() {
+            404 => std::fs::read(state.join("staged").join(v1::manifest_file(node))).unwrap(),
+            _ => r.bytes().await.unwrap().to_vec(),
+        };
         assert_eq!(&served[..], &bytes[..], "{node}");
     }
     server.stop().await.unwrap();
