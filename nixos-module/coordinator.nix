@@ -20,6 +20,7 @@ let
   # only, wherever (and whoever's) the original files are.
   credentials =
     lib.optional (cfg.uploadTokenFile != null) "upload-token:${cfg.uploadTokenFile}"
+    ++ lib.optional (cfg.adminTokenFile != null) "admin-token:${cfg.adminTokenFile}"
     ++ lib.optionals tls [
       "tls-cert:${cfg.tlsCertFile}"
       "tls-key:${cfg.tlsKeyFile}"
@@ -42,6 +43,10 @@ let
     ++ lib.optionals (cfg.uploadTokenFile != null) [
       "--upload-token-file"
       "%d/upload-token"
+    ]
+    ++ lib.optionals (cfg.adminTokenFile != null) [
+      "--admin-token-file"
+      "%d/admin-token"
     ]
     ++ lib.optionals tls [
       "--tls-cert"
@@ -103,6 +108,19 @@ in
       '';
     };
 
+    adminTokenFile = lib.mkOption {
+      type = lib.types.nullOr (lib.types.either lib.types.str lib.types.path);
+      default = null;
+      example = "/run/secrets/roost-admin-token";
+      description = ''
+        A file holding the operator's token (16 characters or more) for
+        `roost-coordinator node-key`, which pins, replaces or clears the key a node signs its
+        reports with. Without it that command takes the {option}`uploadTokenFile` token, so CI
+        can re-pin nodes too; set this to keep the two roles apart. Not in the Nix store;
+        handed to the service with `LoadCredential`.
+      '';
+    };
+
     tlsCertFile = lib.mkOption {
       type = lib.types.nullOr lib.types.str;
       default = null;
@@ -139,6 +157,10 @@ in
       {
         assertion = cfg.uploadTokenFile == null || !(inStore cfg.uploadTokenFile);
         message = "services.roost.coordinator.uploadTokenFile must not be in the Nix store, where every user can read it: give the secret's location on the machine as a string, e.g. \"/run/secrets/roost-upload-token\".";
+      }
+      {
+        assertion = cfg.adminTokenFile == null || !(inStore cfg.adminTokenFile);
+        message = "services.roost.coordinator.adminTokenFile must not be in the Nix store, where every user can read it: give the secret's location on the machine as a string, e.g. \"/run/secrets/roost-admin-token\".";
       }
       {
         assertion = (cfg.tlsCertFile == null) == (cfg.tlsKeyFile == null);

@@ -443,7 +443,8 @@ impl Node {
         self.dir.join("state")
     }
 
-    /// A command that runs `program args` inside the node: its netns and its own `/nix`.
+    /// A command that runs `program args` inside the node: its netns, its own `/nix` and a
+    /// stock Nix configuration.
     pub fn command(&self, program: &Path, args: &[String]) -> Command {
         let mut cmd = Command::new("ip");
         cmd.args([
@@ -463,6 +464,7 @@ impl Node {
         .arg(self.nix_dir())
         .arg(program)
         .args(args);
+        roost_preflight::stock_nix(&mut cmd);
         cmd
     }
 

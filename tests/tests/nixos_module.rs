@@ -315,6 +315,7 @@ fn coordinator_unit_is_hardened_and_gets_its_secrets_as_credentials() {
     let e = setup(require!(prerequisites()));
     let cfg = e.coordinator(
         r#"uploadTokenFile = "/run/secrets/roost-upload-token";
+           adminTokenFile = "/run/secrets/roost-admin-token";
            tlsCertFile = "/var/lib/acme/roost/fullchain.pem";
            tlsKeyFile = "/var/lib/acme/roost/key.pem";
            openFirewall = true;
@@ -339,6 +340,7 @@ fn coordinator_unit_is_hardened_and_gets_its_secrets_as_credentials() {
         strings(&sc["LoadCredential"]),
         [
             "upload-token:/run/secrets/roost-upload-token",
+            "admin-token:/run/secrets/roost-admin-token",
             "tls-cert:/var/lib/acme/roost/fullchain.pem",
             "tls-key:/var/lib/acme/roost/key.pem"
         ]
@@ -346,6 +348,7 @@ fn coordinator_unit_is_hardened_and_gets_its_secrets_as_credentials() {
     let exec = sc["ExecStart"].as_str().unwrap();
     for part in [
         "--upload-token-file %d/upload-token",
+        "--admin-token-file %d/admin-token",
         "--tls-cert %d/tls-cert",
         "--tls-key %d/tls-key",
     ] {
@@ -367,16 +370,19 @@ fn coordinator_unit_is_hardened_and_gets_its_secrets_as_credentials() {
 }
 
 #[test]
-fn coordinator_refuses_an_upload_token_in_the_nix_store() {
+fn coordinator_refuses_a_token_in_the_nix_store() {
     let e = setup(require!(prerequisites()));
-    let cfg =
-        e.coordinator(r#"uploadTokenFile = "${builtins.toFile "token" "0123456789abcdef"}";"#);
-    let failed = e.eval(&cfg, "failedAssertions").unwrap();
-    let failed = strings(&failed);
-    assert!(
-        failed.iter().any(|m| m.contains("uploadTokenFile")),
-        "{failed:?}"
-    );
+    for option in ["uploadTokenFile", "adminTokenFile"] {
+        let cfg = e.coordinator(&format!(
+            r#"{option} = "${{builtins.toFile "token" "0123456789abcdef"}}";"#
+        ));
+        let failed = e.eval(&cfg, "failedAssertions").unwrap();
+        let failed = strings(&failed);
+        assert!(
+            failed.iter().any(|m| m.contains(option)),
+            "{option}: {failed:?}"
+        );
+    }
 }
 
 /// Splits a systemd command line the way `lib.escapeShellArgs` quotes it (bare words and

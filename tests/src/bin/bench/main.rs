@@ -602,7 +602,8 @@ fn publish_scaling(sizes: &str, baseline_max: usize) -> anyhow::Result<()> {
                 .arg(&key_file)
                 .arg("--out")
                 .arg(&out_dir)
-                .arg("--json"),
+                .arg("--json")
+                .arg("--nodes-trust-paths"),
         )?;
         let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
         let published = std::fs::read_dir(out_dir.join(api::nodes_dir()))
