@@ -162,6 +162,7 @@ fn check_deploy_checks_the_rollout_policy_at_deploy_level_only() {
     require!(nix());
     let problems = check_deploy(
         r#"{
+          user = "root";
           roost.rollout = { minHealthy = 1.5; maxFailed = -1; bakeTime = "10min"; maxFailures = 1; };
           nodes.pi = {
             roost.rollout = { };
@@ -178,6 +179,7 @@ fn check_deploy_checks_the_rollout_policy_at_deploy_level_only() {
     assert_problems(&problems, &expected);
     let fine = check_deploy(
         r#"{
+          user = "root";
           roost.rollout = { minHealthy = 0.5; maxFailed = 1; bakeTime = "10min"; };
           nodes.pi.profiles.system.path = "/nix/store/00000000000000000000000000000000-system";
         }"#,
