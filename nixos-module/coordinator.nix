@@ -21,6 +21,7 @@ let
   credentials =
     lib.optional (cfg.uploadTokenFile != null) "upload-token:${cfg.uploadTokenFile}"
     ++ lib.optional (cfg.adminTokenFile != null) "admin-token:${cfg.adminTokenFile}"
+    ++ lib.optional (cfg.readTokenFile != null) "read-token:${cfg.readTokenFile}"
     ++ lib.optionals tls [
       "tls-cert:${cfg.tlsCertFile}"
       "tls-key:${cfg.tlsKeyFile}"
@@ -48,6 +49,11 @@ let
       "--admin-token-file"
       "%d/admin-token"
     ]
+    ++ lib.optionals (cfg.readTokenFile != null) [
+      "--read-token-file"
+      "%d/read-token"
+    ]
+    ++ lib.optional cfg.publicRead "--public-read"
     ++ lib.optionals tls [
       "--tls-cert"
       "%d/tls-cert"
@@ -121,6 +127,28 @@ in
       '';
     };
 
+    readTokenFile = lib.mkOption {
+      type = lib.types.nullOr (lib.types.either lib.types.str lib.types.path);
+      default = null;
+      example = "/run/secrets/roost-read-token";
+      description = ''
+        A file holding the token (16 characters or more) that lets people and monitoring read
+        the fleet's data: `/v1/fleet`, report histories, `/metrics` and the dashboard at `/`
+        (`roost-coordinator status --token-file`, or the password a browser asks for). The
+        admin and upload tokens read too. Not in the Nix store; handed to the service with
+        `LoadCredential`. Agents need no token.
+      '';
+    };
+
+    publicRead = lib.mkOption {
+      type = lib.types.bool;
+      default = false;
+      description = ''
+        Let anyone who reaches the coordinator read the fleet's data (node names, versions,
+        errors) without a token.
+      '';
+    };
+
     tlsCertFile = lib.mkOption {
       type = lib.types.nullOr lib.types.str;
       default = null;
@@ -154,6 +182,10 @@ in
 
   config = lib.mkIf cfg.enable {
     assertions = [
+      {
+        assertion = cfg.readTokenFile == null || !(inStore cfg.readTokenFile);
+        message = "services.roost.coordinator.readTokenFile must not be in the Nix store, where every user can read it.";
+      }
       {
         assertion = cfg.uploadTokenFile == null || !(inStore cfg.uploadTokenFile);
         message = "services.roost.coordinator.uploadTokenFile must not be in the Nix store, where every user can read it: give the secret's location on the machine as a string, e.g. \"/run/secrets/roost-upload-token\".";

@@ -27,6 +27,8 @@ rec {
         enable = true;
         publisherKeys = [ "${keys}/publisher.pub" ];
         openFirewall = true;
+        # The test reads /v1/fleet with plain curl.
+        publicRead = true;
       };
       # publish evaluates a flake and reads path-info: the node's systems must be here.
       nix.settings = {

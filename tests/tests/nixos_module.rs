@@ -422,7 +422,8 @@ fn coordinator_command_line_is_one_roost_coordinator_serve_accepts() {
     let e = setup(require!(prerequisites()));
     let binary = built("roost-coordinator");
     let cfg = e.coordinator(
-        r#"uploadTokenFile = "/run/secrets/roost-upload-token"; listen = "127.0.0.1:0";"#,
+        r#"uploadTokenFile = "/run/secrets/roost-upload-token"; listen = "127.0.0.1:0";
+           readTokenFile = "/run/secrets/roost-read-token"; publicRead = true;"#,
     );
     // Building a file that holds ExecStart realises everything it names (key files).
     let exec = e
@@ -432,6 +433,11 @@ fn coordinator_command_line_is_one_roost_coordinator_serve_accepts() {
     let creds = e.dir.path().join("credentials");
     std::fs::create_dir(&creds).unwrap();
     std::fs::write(creds.join("upload-token"), "0123456789abcdef0123\n").unwrap();
+    std::fs::write(creds.join("read-token"), "read-0123456789abcdef\n").unwrap();
+    assert!(
+        exec.contains("--read-token-file") && exec.contains("--public-read"),
+        "{exec}"
+    );
     let state = e.dir.path().join("state");
     let mut args = split_command_line(&exec);
     args.remove(0);

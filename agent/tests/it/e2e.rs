@@ -308,8 +308,17 @@ fn sigkill_during_activation_ends_at_the_old_path_with_the_leftover_killed() {
     let mut args = vec!["run".to_owned(), "--once".into()];
     args.extend(node.config_args());
     let mut agent = node.spawn(&args, &[]);
+    // Both the activation running and the agent's record of it: killed before that record,
+    // the agent could not know the activation it left behind.
+    let recorded = || {
+        let st: Value = std::fs::read(node.state_dir().join("state.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or(Value::Null);
+        !st["pending"]["profiles"][0]["activation"].is_null()
+    };
     assert!(
-        node.wait_for(60, || node.hang_pid().is_some()),
+        node.wait_for(60, || node.hang_pid().is_some() && recorded()),
         "activation never started: {}",
         node.agent_log()
     );

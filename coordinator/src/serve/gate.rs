@@ -267,7 +267,7 @@ pub(super) async fn release(app: &Arc<App>, nodes: Vec<NodeName>) {
             continue;
         };
         if app.gate.may_serve(&node, &staged.manifest) {
-            app.live.release(&node);
+            app.live.release(&node, Timestamp::now());
             served.push(node);
         }
     }
@@ -328,8 +328,9 @@ pub(super) async fn timer(app: Arc<App>) {
     }
 }
 
-/// `GET /v1/rollout`.
-pub(super) async fn get_rollout(State(app): State<Arc<App>>) -> ApiResult {
+/// `GET /v1/rollout` (read like `/v1/fleet`).
+pub(super) async fn get_rollout(State(app): State<Arc<App>>, headers: HeaderMap) -> ApiResult {
+    auth::check_read(&app, &headers)?;
     let doc = app.gate.doc(Timestamp::now());
     Ok(json(StatusCode::OK, &doc))
 }

@@ -5,13 +5,14 @@
 //! under `manifests/` (see `store.rs`) are its durable copy.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
 use axum::body::Bytes;
 use axum::http::HeaderValue;
 use roost_common::envelope::{self, Context};
 use roost_common::wire::v1::Manifest;
-use roost_common::{NodeName, TrustedKeys, verify};
+use roost_common::{NodeName, Timestamp, TrustedKeys, verify};
 use tokio::sync::watch;
 
 /// A node's current manifest as served.
@@ -22,6 +23,9 @@ pub(super) struct Current {
     pub manifest: Manifest,
     /// SHA-256 of the payload, to tell a re-upload of the same version apart.
     pub digest: [u8; 32],
+    /// When this coordinator stored it (for a stored file, its modification time): since
+    /// then the node has had to converge.
+    pub stored_at: Timestamp,
 }
 
 impl Current {
@@ -35,6 +39,7 @@ impl Current {
         bytes: Vec<u8>,
         publishers: &TrustedKeys,
         node: &NodeName,
+        stored_at: Timestamp,
     ) -> Result<Self, String> {
         let opened =
             envelope::open(&bytes, Context::Manifest, publishers).map_err(|e| e.to_string())?;
@@ -51,6 +56,7 @@ impl Current {
             digest: verify::digest(&opened.payload),
             manifest,
             bytes: Bytes::from(bytes),
+            stored_at,
         })
     }
 }
@@ -61,6 +67,8 @@ struct Slot {
     current: Option<Arc<Current>>,
     staged: Option<Arc<Current>>,
     tx: watch::Sender<u64>,
+    /// Unix seconds of the node's last manifest poll; 0 before the first.
+    polled: AtomicU64,
 }
 
 impl Slot {
@@ -70,6 +78,7 @@ impl Slot {
             current: None,
             staged: None,
             tx,
+            polled: AtomicU64::new(0),
         }
     }
 
@@ -119,6 +128,16 @@ impl Live {
         map.get(node).and_then(|s| s.staged.clone())
     }
 
+    /// The node's current manifest, for a poll: the poll's time is recorded (liveness for
+    /// the fleet views; a relaxed store, no lock beyond the read lock `get` takes).
+    pub fn get_polled(&self, node: &NodeName) -> Option<Arc<Current>> {
+        let map = self.nodes.read().unwrap_or_else(|p| p.into_inner());
+        let slot = map.get(node)?;
+        slot.polled
+            .store(Timestamp::now().unix(), Ordering::Relaxed);
+        slot.current.clone()
+    }
+
     /// A receiver that sees the node's versions from now on (for a long-poll; an answered
     /// poll does not pay for one).
     pub fn watch(&self, node: &NodeName) -> Option<watch::Receiver<u64>> {
@@ -126,11 +145,15 @@ impl Live {
         map.get(node).map(|s| s.tx.subscribe())
     }
 
-    /// Every node's current manifest.
-    pub fn all(&self) -> Vec<(NodeName, Arc<Current>)> {
+    /// Every node's current manifest and last poll.
+    pub fn all_polled(&self) -> Vec<(NodeName, Arc<Current>, Option<Timestamp>)> {
         let map = self.nodes.read().unwrap_or_else(|p| p.into_inner());
         map.iter()
-            .filter_map(|(n, s)| Some((n.clone(), s.current.clone()?)))
+            .filter_map(|(n, s)| {
+                let polled = s.polled.load(Ordering::Relaxed);
+                let polled = (polled != 0).then(|| Timestamp::from_unix(polled));
+                Some((n.clone(), s.current.clone()?, polled))
+            })
             .collect()
     }
 
@@ -164,11 +187,19 @@ impl Live {
     }
 
     /// Serves the manifest held back for the node and wakes its waiters; the manifest now
-    /// served, or `None` when nothing was held back.
-    pub fn release(&self, node: &NodeName) -> Option<Arc<Current>> {
+    /// served (stored, as the fleet views see it, `at` its release), or `None` when nothing
+    /// was held back.
+    pub fn release(&self, node: &NodeName, at: Timestamp) -> Option<Arc<Current>> {
         let mut map = self.nodes.write().unwrap_or_else(|p| p.into_inner());
         let slot = map.get_mut(node)?;
-        let cur = slot.staged.take()?;
+        let held = slot.staged.take()?;
+        let cur = Arc::new(Current {
+            bytes: held.bytes.clone(),
+            etag: held.etag.clone(),
+            manifest: held.manifest.clone(),
+            digest: held.digest,
+            stored_at: at,
+        });
         slot.serve(cur.clone());
         Some(cur)
     }

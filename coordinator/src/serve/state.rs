@@ -17,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 use super::error::ApiError;
 use super::gate::Gate;
 use super::live::{Current, Live};
+use super::observe::Observed;
 use super::store::{Store, StoreError};
 
 /// What the server needs, loaded and validated.
@@ -38,6 +39,14 @@ pub struct ServerConfig {
     pub body_timeout: Duration,
     /// After the shutdown signal, how long requests in flight may take to finish.
     pub shutdown_grace: Duration,
+    /// The token for reading the fleet's data (`/v1/fleet`, report history, `/metrics`,
+    /// the dashboard); the admin and upload tokens read too.
+    pub read_token: Option<String>,
+    /// Anyone may read the fleet's data. [`ServerConfig::new`] sets it (in-process servers
+    /// of tests and benchmarks); `serve` clears it unless given `--public-read`.
+    pub public_read: bool,
+    /// The limits of the fleet views' flags (a `/v1/fleet` query may change them).
+    pub thresholds: crate::flags::Thresholds,
 }
 
 impl ServerConfig {
@@ -53,6 +62,9 @@ impl ServerConfig {
             header_timeout: Duration::from_secs(30),
             body_timeout: Duration::from_secs(60),
             shutdown_grace: Duration::from_secs(30),
+            read_token: None,
+            public_read: true,
+            thresholds: crate::flags::Thresholds::default(),
         }
     }
 
@@ -77,6 +89,8 @@ pub(super) struct App {
     pub requests: Mutex<HashMap<String, HashMap<u16, u64>>>,
     /// Long-polls being held right now.
     pub waiting: AtomicU64,
+    /// Refusals, names without a manifest, and the change counter of the live views.
+    pub observed: Observed,
     pub shutdown: CancellationToken,
 }
 
@@ -85,7 +99,10 @@ impl App {
         let store = Store::open(&cfg.state_dir)?;
         let live = Live::default();
         for (node, bytes) in store.load_manifests()? {
-            match Current::from_stored(bytes, &cfg.publishers, &node) {
+            let stored_at = std::fs::metadata(store.manifest_path(&node))
+                .and_then(|m| m.modified())
+                .map_or_else(|_| roost_common::Timestamp::now(), Into::into);
+            match Current::from_stored(bytes, &cfg.publishers, &node, stored_at) {
                 Ok(cur) => live.set(&node, cur),
                 Err(e) => tracing::error!(
                     %node,
@@ -105,6 +122,7 @@ impl App {
             write_locks: Mutex::new(HashMap::new()),
             requests: Mutex::new(HashMap::new()),
             waiting: AtomicU64::new(0),
+            observed: Observed::default(),
             shutdown: CancellationToken::new(),
         })
     }
@@ -131,7 +149,10 @@ impl App {
 /// wave was released (a crash may have come between saving that and writing them).
 fn load_rollout(cfg: &ServerConfig, store: &Store, live: &Live) -> Result<Gate, StoreError> {
     for (node, bytes) in store.load_staged()? {
-        match Current::from_stored(bytes, &cfg.publishers, &node) {
+        let stored_at = std::fs::metadata(store.staged_path(&node))
+            .and_then(|m| m.modified())
+            .map_or_else(|_| roost_common::Timestamp::now(), Into::into);
+        match Current::from_stored(bytes, &cfg.publishers, &node, stored_at) {
             Ok(cur)
                 if live
                     .get(&node)
@@ -157,8 +178,9 @@ fn load_rollout(cfg: &ServerConfig, store: &Store, live: &Live) -> Result<Gate, 
         r => r?,
     };
     let gate = Gate::default();
-    for node in gate.load(store, &latest, &records, roost_common::Timestamp::now())? {
-        if let Some(cur) = live.release(&node) {
+    let now = roost_common::Timestamp::now();
+    for node in gate.load(store, &latest, &records, now)? {
+        if let Some(cur) = live.release(&node, now) {
             store.save_manifest(&node, &cur.bytes)?;
             store.remove_staged(&node)?;
         }

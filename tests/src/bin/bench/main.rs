@@ -641,7 +641,8 @@ fn metric(text: &str, prefix: &str) -> u64 {
 
 fn conditional_gets_304(coordinator: &roost_tests::Coordinator) -> u64 {
     let text = String::from_utf8(
-        roost_tests::http_get(&format!("{}{}", coordinator.url(), api::route::METRICS))
+        coordinator
+            .read(&format!("{}{}", coordinator.url(), api::route::METRICS))
             .unwrap_or_default(),
     )
     .unwrap_or_default();
