@@ -151,6 +151,7 @@ impl Agent {
             substituters: subs,
             trusted_public_keys: keys,
             timeout: Some(self.cfg.realise_timeout),
+            fallback: false,
         }
     }
 
@@ -165,23 +166,30 @@ impl Agent {
             .collect();
         let nix = self.nix.clone();
         let policy = self.cfg.build_policy;
+        // Realising a drv_path is asking to build: a substitute that fails (a NAR the cache
+        // lists but cannot serve) then falls back to building instead of ending it.
+        let build_opts = RealiseOptions {
+            fallback: true,
+            ..opts.clone()
+        };
         tokio::task::spawn_blocking(move || {
             let attempt = |paths: &[StorePath]| nix.realise(paths, &opts);
+            let build = |drvs: &[StorePath]| nix.realise(drvs, &build_opts);
             match policy {
                 BuildPolicy::SubstituteOnly => attempt(&outputs).map_err(RealiseError::Nix),
                 BuildPolicy::Build => {
                     if drvs.len() < outputs.len() {
                         return Err(RealiseError::NoDrvPath);
                     }
-                    attempt(&drvs).map_err(RealiseError::Nix)
+                    build(&drvs).map_err(RealiseError::Nix)
                 }
                 BuildPolicy::Fallback => match attempt(&outputs) {
                     Ok(()) => Ok(()),
                     Err(e) if !drvs.is_empty() => {
                         tracing::warn!("substitution failed, building from drv_path: {e}");
-                        attempt(&drvs).map_err(|build| RealiseError::BuildToo {
+                        build(&drvs).map_err(|b| RealiseError::BuildToo {
                             substitute: Box::new(e),
-                            build: Box::new(build),
+                            build: Box::new(b),
                         })
                     }
                     Err(e) => Err(RealiseError::Nix(e)),

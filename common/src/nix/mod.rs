@@ -136,6 +136,9 @@ pub struct RealiseOptions {
     pub trusted_public_keys: Vec<String>,
     /// Kill the call after this long.
     pub timeout: Option<Duration>,
+    /// Build a derivation when substituting its outputs fails (Nix's `fallback`), rather
+    /// than stop: for realising `drv_path`s, where building is what was asked for.
+    pub fallback: bool,
 }
 
 /// The experimental feature every `nix` call needs: the new CLI itself.
@@ -386,8 +389,22 @@ impl Nix {
     /// them; a cache that was emptied or replaced at the same URL would then never receive
     /// them again. The TTLs are set to 0 so the destination itself is asked.
     pub fn copy_to(&self, to: &str, paths: &[StorePath]) -> Result<(), NixError> {
-        let mut args = strings(&[
-            "copy",
+        self.copy_with(to, paths, false)
+    }
+
+    /// [`Nix::copy_to`] of the closures of derivations (`.drv` files, their input
+    /// derivations and sources; `--derivation`, so Nix does not take them for their
+    /// outputs), for nodes that may build.
+    pub fn copy_derivations_to(&self, to: &str, drvs: &[StorePath]) -> Result<(), NixError> {
+        self.copy_with(to, drvs, true)
+    }
+
+    fn copy_with(&self, to: &str, paths: &[StorePath], derivation: bool) -> Result<(), NixError> {
+        let mut args = strings(&["copy"]);
+        if derivation {
+            args.push("--derivation".into());
+        }
+        args.extend(strings(&[
             "--to",
             to,
             "--option",
@@ -396,16 +413,33 @@ impl Nix {
             "--option",
             "narinfo-cache-negative-ttl",
             "0",
-        ]);
+        ]));
         args.extend(paths.iter().map(|p| p.to_string()));
         self.run(Tool::Nix, &args, None).map(drop)
     }
 
     /// `nix store sign --key-file K --recursive PATHS…`.
     pub fn sign(&self, key_file: &Path, paths: &[StorePath]) -> Result<(), NixError> {
+        self.sign_with(key_file, paths, false)
+    }
+
+    /// [`Nix::sign`] of the closures of derivations (`--derivation`).
+    pub fn sign_derivations(&self, key_file: &Path, drvs: &[StorePath]) -> Result<(), NixError> {
+        self.sign_with(key_file, drvs, true)
+    }
+
+    fn sign_with(
+        &self,
+        key_file: &Path,
+        paths: &[StorePath],
+        derivation: bool,
+    ) -> Result<(), NixError> {
         let mut args = strings(&["store", "sign", "--key-file"]);
         args.push(key_file.display().to_string());
         args.push("--recursive".into());
+        if derivation {
+            args.push("--derivation".into());
+        }
         args.extend(paths.iter().map(|p| p.to_string()));
         self.run(Tool::Nix, &args, None).map(drop)
     }
@@ -460,6 +494,9 @@ impl Nix {
             ("download-attempts", "2".into()),
         ] {
             args.extend(["--option".to_owned(), k.to_owned(), v]);
+        }
+        if opts.fallback {
+            args.extend(strings(&["--option", "fallback", "true"]));
         }
         let out = self.run(Tool::NixStore, &args, opts.timeout)?;
         String::from_utf8_lossy(&out)
