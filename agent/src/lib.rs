@@ -30,4 +30,4 @@ pub mod status;
 pub use agent::{Agent, AgentError, Verdict};
 pub use config::{BuildPolicy, Config, ConfigFile};
 pub use nixops::{FakeNix, NixOps};
-pub use poll::{SystemClock, WallClock};
+pub use poll::{ShiftedClock, SystemClock, WallClock};

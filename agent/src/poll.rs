@@ -30,6 +30,41 @@ impl WallClock for SystemClock {
     }
 }
 
+/// The system's wall clock shifted by an offset that can change while it runs: tests jump
+/// it forward and back (a manifest refused as expired, accepted again once the clock is
+/// right).
+#[derive(Debug, Default)]
+pub struct ShiftedClock {
+    offset_s: std::sync::atomic::AtomicI64,
+}
+
+impl ShiftedClock {
+    /// The system clock moved by `offset_s` seconds (negative: back).
+    pub fn new(offset_s: i64) -> Self {
+        Self {
+            offset_s: offset_s.into(),
+        }
+    }
+
+    /// Moves it by `by_s` seconds more.
+    pub fn shift(&self, by_s: i64) {
+        self.offset_s
+            .fetch_add(by_s, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl WallClock for ShiftedClock {
+    fn now(&self) -> SystemTime {
+        let off = self.offset_s.load(std::sync::atomic::Ordering::SeqCst);
+        let by = Duration::from_secs(off.unsigned_abs());
+        if off >= 0 {
+            SystemTime::now() + by
+        } else {
+            SystemTime::now() - by
+        }
+    }
+}
+
 /// What a poll brought.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Poll {
