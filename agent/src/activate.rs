@@ -100,6 +100,8 @@ pub fn systemd_is_pid1() -> bool {
 #[derive(Debug)]
 pub struct Running {
     spawned: process::Spawned,
+    /// The start gate: the command runs only once "go" arrives here (see [`GATE`]).
+    gate: Option<std::process::ChildStdin>,
     handle: ActivationHandle,
 }
 
@@ -226,6 +228,29 @@ pub fn start(
     spawn(argv, env, user, None, timeout)
 }
 
+/// Every command starts behind this gate: a shell that waits for the line `go` on its stdin
+/// and only then becomes the command (stdin `/dev/null`, same pid and process group). The
+/// agent records the process group durably first and opens the gate after, so an agent
+/// killed in between leaves nothing running that recovery could not find: the gate reads
+/// end-of-file and exits without running anything.
+const GATE: &str = r#"read -r go && [ "$go" = go ] || exit 125; exec "$@" </dev/null"#;
+
+/// Where `program` is, as `execvp` would find it: a name with a slash relative to `cwd` (or
+/// the agent's directory), any other through `PATH`; `None` unless it is an executable file.
+fn executable(program: &str, cwd: Option<&Path>) -> Option<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    let is_exe = |p: &Path| {
+        std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+    };
+    if program.contains('/') {
+        let p = cwd.map_or_else(|| PathBuf::from(program), |d| d.join(program));
+        return is_exe(&p).then(|| PathBuf::from(program));
+    }
+    std::env::split_paths(&std::env::var_os("PATH")?)
+        .map(|d| d.join(program))
+        .find(|p| is_exe(p))
+}
+
 /// [`start`], in `cwd` when given (else the agent's own working directory).
 fn spawn(
     argv: &[String],
@@ -238,8 +263,14 @@ fn spawn(
     let Some((program, args)) = argv.split_first() else {
         return Err(Outcome::SpawnFailed("empty command".into()));
     };
-    let mut cmd = std::process::Command::new(program);
-    cmd.args(args)
+    // The gate's shell would report a missing program as its own exit 127; find it first so
+    // it stays what it is, a command that could not be started.
+    let program = executable(program, cwd)
+        .ok_or_else(|| Outcome::SpawnFailed(format!("{program}: no such executable")))?;
+    let mut cmd = std::process::Command::new("/bin/sh");
+    cmd.args(["-c", GATE, "roost-gate"])
+        .arg(&program)
+        .args(args)
         .env_remove("NOTIFY_SOCKET")
         .env_remove("WATCHDOG_USEC")
         .env_remove("WATCHDOG_PID");
@@ -276,12 +307,15 @@ fn spawn(
         stderr_lines: TAIL_LINES,
         forward_stderr: false,
         output_grace: OUTPUT_GRACE,
+        stdin_pipe: true,
     };
-    let spawned =
-        process::spawn(cmd, opts).map_err(|e| Outcome::SpawnFailed(format!("{program}: {e}")))?;
+    let mut spawned = process::spawn(cmd, opts)
+        .map_err(|e| Outcome::SpawnFailed(format!("{}: {e}", program.display())))?;
+    let gate = spawned.take_stdin();
     let pid = spawned.pid() as i32;
     Ok(Running {
         spawned,
+        gate,
         handle: ActivationHandle {
             pgid: pid,
             start_ticks: process::start_ticks(pid),
@@ -299,8 +333,20 @@ impl Running {
 
     /// Waits for the main process under the timeout, then kills the whole process group, so
     /// neither a hang nor a child left running in the background outlives activation.
+    /// Opens the start gate first: call it only once the [`handle`](Self::handle) is
+    /// recorded where recovery will look.
     pub async fn wait(self) -> Outcome {
-        let Running { spawned, handle } = self;
+        let Running {
+            spawned,
+            gate,
+            handle,
+        } = self;
+        if let Some(mut gate) = gate {
+            use std::io::Write;
+            // A failed write means the gate is gone already; the wait below says how. Three
+            // bytes into an empty pipe never block.
+            let _ = gate.write_all(b"go\n");
+        }
         let done = match tokio::task::spawn_blocking(move || spawned.wait()).await {
             Ok(Ok(done)) => done,
             Ok(Err(e)) => return Outcome::SpawnFailed(e.to_string()),

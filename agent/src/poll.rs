@@ -30,9 +30,23 @@ impl WallClock for SystemClock {
     }
 }
 
+/// The clock the binary runs with: the system's, or, in debug builds only, one that starts
+/// at `ROOST_TEST_CLOCK` (an RFC 3339 time) and runs at the real rate from there, so tests
+/// can put a node just before an apply window opens.
+pub fn process_clock() -> std::sync::Arc<dyn WallClock> {
+    #[cfg(debug_assertions)]
+    if let Some(start) = std::env::var("ROOST_TEST_CLOCK")
+        .ok()
+        .and_then(|s| s.parse::<roost_common::Timestamp>().ok())
+    {
+        return std::sync::Arc::new(ShiftedClock::starting_at(start.to_system_time()));
+    }
+    std::sync::Arc::new(SystemClock)
+}
+
 /// The system's wall clock shifted by an offset that can change while it runs: tests jump
 /// it forward and back (a manifest refused as expired, accepted again once the clock is
-/// right).
+/// right); debug builds start one at `ROOST_TEST_CLOCK`.
 #[derive(Debug, Default)]
 pub struct ShiftedClock {
     offset_s: std::sync::atomic::AtomicI64,
@@ -44,6 +58,16 @@ impl ShiftedClock {
         Self {
             offset_s: offset_s.into(),
         }
+    }
+
+    /// A clock that reads `start` now and runs on at the real rate.
+    pub fn starting_at(start: SystemTime) -> Self {
+        let now = SystemTime::now();
+        let offset = match start.duration_since(now) {
+            Ok(ahead) => ahead.as_secs() as i64,
+            Err(e) => -(e.duration().as_secs() as i64),
+        };
+        Self::new(offset)
     }
 
     /// Moves it by `by_s` seconds more.

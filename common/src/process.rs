@@ -25,6 +25,8 @@ pub struct Options {
     /// After the leader ended, how long to wait for the pipes to close: a process that left
     /// the group may hold them for ever.
     pub output_grace: Duration,
+    /// Give it a pipe as stdin ([`Spawned::take_stdin`]) instead of `/dev/null`.
+    pub stdin_pipe: bool,
 }
 
 impl Default for Options {
@@ -34,6 +36,7 @@ impl Default for Options {
             stderr_lines: 25,
             forward_stderr: false,
             output_grace: Duration::from_secs(2),
+            stdin_pipe: false,
         }
     }
 }
@@ -61,6 +64,7 @@ impl Finished {
 #[derive(Debug)]
 pub struct Spawned {
     pid: u32,
+    stdin: Option<std::process::ChildStdin>,
     exited: mpsc::Receiver<std::io::Result<ExitStatus>>,
     stdout: Arc<Mutex<Vec<u8>>>,
     stderr: Arc<Mutex<VecDeque<String>>>,
@@ -68,16 +72,21 @@ pub struct Spawned {
     opts: Options,
 }
 
-/// Starts `cmd` (stdin null, stdout and stderr captured) as the leader of a new process
-/// group.
+/// Starts `cmd` (stdin null or a pipe, stdout and stderr captured) as the leader of a new
+/// process group.
 pub fn spawn(mut cmd: Command, opts: Options) -> std::io::Result<Spawned> {
     use std::os::unix::process::CommandExt;
-    cmd.stdin(Stdio::null())
+    cmd.stdin(if opts.stdin_pipe {
+        Stdio::piped()
+    } else {
+        Stdio::null()
+    })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .process_group(0);
     let mut child: Child = cmd.spawn()?;
     let pid = child.id();
+    let stdin = child.stdin.take();
     let mut out = child.stdout.take().expect("stdout is piped");
     let err = child.stderr.take().expect("stderr is piped");
     let stdout = Arc::new(Mutex::new(Vec::new()));
@@ -124,6 +133,7 @@ pub fn spawn(mut cmd: Command, opts: Options) -> std::io::Result<Spawned> {
     });
     Ok(Spawned {
         pid,
+        stdin,
         exited,
         stdout,
         stderr,
@@ -136,6 +146,11 @@ impl Spawned {
     /// The leader's pid, which is also the group's id.
     pub fn pid(&self) -> u32 {
         self.pid
+    }
+
+    /// Its stdin, when [`Options::stdin_pipe`] asked for one (once).
+    pub fn take_stdin(&mut self) -> Option<std::process::ChildStdin> {
+        self.stdin.take()
     }
 
     /// Waits for the leader under the timeout, then kills the whole group and collects the

@@ -259,6 +259,7 @@ impl Nix {
             forward_stderr: self.progress,
             // Nix's helpers die with its group; a pipe still open after that is not Nix's.
             output_grace: Duration::from_secs(10),
+            stdin_pipe: false,
         };
         let err = |status, tail, kind| NixError {
             argv: argv.clone(),
