@@ -76,11 +76,12 @@ pub struct Spawned {
 /// process group.
 pub fn spawn(mut cmd: Command, opts: Options) -> std::io::Result<Spawned> {
     use std::os::unix::process::CommandExt;
-    cmd.stdin(if opts.stdin_pipe {
+    let stdin = if opts.stdin_pipe {
         Stdio::piped()
     } else {
         Stdio::null()
-    })
+    };
+    cmd.stdin(stdin)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .process_group(0);
