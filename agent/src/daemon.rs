@@ -51,6 +51,9 @@ pub async fn apply(agent: &mut Agent, poll: Poll, wait: Option<u64>) -> CycleRes
         Poll::New(..) => agent.last_poll_fresh(),
         _ => false,
     };
+    if !matches!(poll, Poll::Unreachable(_)) {
+        agent.note_manifest_presence(poll == Poll::NoManifest);
+    }
     let (verdict, reachable) = match poll {
         // Idle: no disk write, no Nix call unless a deploy is still due (deferred).
         Poll::NotModified => (agent.deploy_if_needed().await, true),

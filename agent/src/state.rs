@@ -43,6 +43,22 @@ pub struct State {
     pub quarantined: BTreeSet<u64>,
     /// The last deploy attempt's outcome.
     pub last_deploy: Option<DeployRecord>,
+    /// The last manifest this node refused, and why (`roost-agent status` shows it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_refused: Option<RefusedManifest>,
+}
+
+/// A manifest the node refused.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct RefusedManifest {
+    /// When.
+    pub at: Timestamp,
+    /// The refusal's code (`bad_signature`, `expired`, `below_floor`, …).
+    pub code: String,
+    /// Why, in words.
+    pub message: String,
+    /// The version the envelope claims, read without trusting it (it was refused).
+    pub claimed_version: Option<u64>,
 }
 
 /// A deploy in progress.
@@ -172,6 +188,9 @@ pub struct Snapshot {
     /// most of the time.
     #[serde(default)]
     pub polling_since: Option<Timestamp>,
+    /// At the last poll that reached a coordinator, it had no manifest for this node.
+    #[serde(default)]
+    pub no_manifest: bool,
 }
 
 /// The outcome of a deploy attempt.

@@ -30,7 +30,7 @@ use crate::nixops::NixOps;
 use crate::notify::{Progress, notify};
 use crate::poll::{Poll, Poller, WallClock};
 use crate::report::{self, Reporter};
-use crate::state::{DeployRecord, Phase, Snapshot, State, StateDir};
+use crate::state::{DeployRecord, Phase, RefusedManifest, Snapshot, State, StateDir};
 
 /// How an operation ended, for `--once` and `apply` exit codes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -66,6 +66,13 @@ pub struct Agent {
     seen_etag: Option<String>,
     /// Whether the last poll brought bytes not seen before.
     fresh: bool,
+}
+
+/// The version a refused envelope claims, read without trusting it (for `status`).
+fn claimed_version(bytes: &[u8]) -> Option<u64> {
+    let payload = roost_common::Envelope::unverified_payload(bytes)?;
+    let v: serde_json::Value = serde_json::from_slice(&payload).ok()?;
+    v["version"].as_u64()
 }
 
 fn ms(since: Instant) -> Option<u64> {
@@ -206,7 +213,13 @@ impl Agent {
                 .last_poll_result
                 .clone()
                 .filter(|r| r.starts_with("failed"));
-            (s.phase, s.last_poll_result.is_some(), failed, s.long_poll)
+            (
+                s.phase,
+                s.last_poll_result.is_some(),
+                failed,
+                s.long_poll,
+                s.no_manifest,
+            )
         };
         if self.written.as_ref().map(key) != Some(key(&snap)) {
             match self.dir.save_snapshot(&snap) {
@@ -233,6 +246,32 @@ impl Agent {
             l.long_poll = long_poll;
             l.polling_since = None;
         });
+    }
+
+    /// Records whether the coordinator that answered the last poll had a manifest for this
+    /// node; a change is logged once (at warn when it has none: nothing will be deployed).
+    pub fn note_manifest_presence(&mut self, missing: bool) {
+        let was = self.live.lock().map(|l| l.no_manifest).unwrap_or(false);
+        if missing == was {
+            return;
+        }
+        if missing {
+            tracing::warn!(
+                node = %self.cfg.node,
+                "the coordinator has no manifest for node `{}`: nothing will be deployed here \
+                 until one is published for this name (is it in the flake's deploy.nodes, \
+                 spelt as this node's name?)",
+                self.cfg.node
+            );
+        } else {
+            tracing::info!(node = %self.cfg.node, "the coordinator has a manifest for this node again");
+        }
+        self.update_live(|l| l.no_manifest = missing);
+    }
+
+    /// Whether the coordinator had no manifest for this node at the last poll that reached it.
+    pub fn coordinator_has_no_manifest(&self) -> bool {
+        self.live.lock().map(|l| l.no_manifest).unwrap_or(false)
     }
 
     /// Marks the agent idle (after start-up reconciliation).
@@ -321,16 +360,26 @@ impl Agent {
             Err(r) => {
                 if self.rejected != Some(digest) {
                     self.rejected = Some(digest);
-                    self.reject(&r);
+                    self.reject(&r, bytes);
                 }
                 Verdict::NotConverged
             }
         }
     }
 
-    /// A refused manifest changes nothing on the node: only a report is queued.
-    fn reject(&mut self, r: &Rejection) {
+    /// A refused manifest changes nothing on the node: a report is queued, and the refusal is
+    /// recorded for `status`.
+    fn reject(&mut self, r: &Rejection, bytes: &[u8]) {
         tracing::warn!(code = r.code(), "manifest refused: {r}");
+        self.state.last_refused = Some(RefusedManifest {
+            at: Timestamp::from(self.clock.now()),
+            code: r.code().to_owned(),
+            message: r.to_string(),
+            claimed_version: claimed_version(bytes),
+        });
+        if let Err(e) = self.save() {
+            tracing::warn!("cannot record the refused manifest for `status`: {e}");
+        }
         if r.is_security_event() {
             self.security_events.push(format!("{}: {r}", r.code()));
         }
