@@ -43,12 +43,13 @@ pub struct State {
     pub quarantined: BTreeSet<u64>,
     /// The last deploy attempt's outcome.
     pub last_deploy: Option<DeployRecord>,
-    /// The last manifest this node refused, and why (`roost-agent status` shows it).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub last_refused: Option<RefusedManifest>,
 }
 
-/// A manifest the node refused.
+/// The record of the last refused manifest, in the state folder.
+pub const REFUSED_FILE: &str = "refused-manifest.json";
+
+/// A manifest the node refused (`refused-manifest.json`, which `roost-agent status` shows):
+/// kept out of `state.json`, which a refused manifest never changes.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct RefusedManifest {
     /// When.
@@ -264,6 +265,19 @@ impl StateDir {
     pub fn load_snapshot(&self) -> Option<Snapshot> {
         let b = std::fs::read(self.snapshot_file()).ok()?;
         serde_json::from_slice(&b).ok()
+    }
+
+    /// The last manifest refused, if any was.
+    pub fn load_refused(&self) -> Option<RefusedManifest> {
+        let b = std::fs::read(self.root.join(REFUSED_FILE)).ok()?;
+        serde_json::from_slice(&b).ok()
+    }
+
+    /// Records the last manifest refused, atomically.
+    pub fn save_refused(&self, r: &RefusedManifest) -> std::io::Result<()> {
+        let mut bytes = serde_json::to_vec_pretty(r).expect("a refusal serialises");
+        bytes.push(b'\n');
+        write_atomic(&self.root.join(REFUSED_FILE), &bytes)
     }
 
     /// Writes `status.json` atomically.

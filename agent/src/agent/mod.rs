@@ -66,6 +66,8 @@ pub struct Agent {
     seen_etag: Option<String>,
     /// Whether the last poll brought bytes not seen before.
     fresh: bool,
+    /// The code of the refusal of the last manifest handled, if it was refused.
+    refused_code: Option<&'static str>,
 }
 
 /// The version a refused envelope claims, read without trusting it (for `status`).
@@ -142,6 +144,7 @@ impl Agent {
             poller,
             reporter,
             rejected: None,
+            refused_code: None,
             security_events: Vec::new(),
             live: Arc::new(Mutex::new(live)),
             written,
@@ -306,6 +309,11 @@ impl Agent {
         p
     }
 
+    /// The refusal's code when the last manifest handled was refused.
+    pub fn last_manifest_refused(&self) -> Option<&'static str> {
+        self.refused_code
+    }
+
     /// Whether the last poll brought a manifest with an ETag not seen before.
     pub fn last_poll_fresh(&self) -> bool {
         self.fresh
@@ -314,6 +322,7 @@ impl Agent {
     /// Steps 2–8 for a manifest envelope: verify, and deploy when it is new.
     pub async fn handle_manifest(&mut self, bytes: &[u8], etag: Option<String>) -> Verdict {
         let digest = verify::digest(bytes);
+        self.refused_code = None;
         let me = Identity {
             node: &self.cfg.node,
             system: &self.cfg.system,
@@ -358,6 +367,7 @@ impl Agent {
                 self.deploy_if_needed().await
             }
             Err(r) => {
+                self.refused_code = Some(r.code());
                 if self.rejected != Some(digest) {
                     self.rejected = Some(digest);
                     self.reject(&r, bytes);
@@ -371,13 +381,13 @@ impl Agent {
     /// recorded for `status`.
     fn reject(&mut self, r: &Rejection, bytes: &[u8]) {
         tracing::warn!(code = r.code(), "manifest refused: {r}");
-        self.state.last_refused = Some(RefusedManifest {
+        let refused = RefusedManifest {
             at: Timestamp::from(self.clock.now()),
             code: r.code().to_owned(),
             message: r.to_string(),
             claimed_version: claimed_version(bytes),
-        });
-        if let Err(e) = self.save() {
+        };
+        if let Err(e) = self.dir.save_refused(&refused) {
             tracing::warn!("cannot record the refused manifest for `status`: {e}");
         }
         if r.is_security_event() {
