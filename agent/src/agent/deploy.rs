@@ -382,9 +382,18 @@ impl Agent {
         let link = self.pending_profile(i).profile_path.clone();
         let outcome = match activate::start_activation(p, &p.path, &link, &m.version.to_string()) {
             Ok(Some(running)) => {
+                // The activation is held at its start gate until its process group is on
+                // disk: a crash in between leaves nothing running that recovery misses.
                 self.pending_profile_mut(i).activation = Some(running.handle().clone());
-                self.checkpoint();
-                running.wait().await
+                fault::point("activation-spawned");
+                if let Err(e) = self.save() {
+                    drop(running); // never started: the gate closes and the group is killed
+                    Outcome::SpawnFailed(format!(
+                        "cannot record the activation before starting it: {e}"
+                    ))
+                } else {
+                    running.wait().await
+                }
             }
             Ok(None) => Outcome::Ok,
             Err(o) => o,
