@@ -9,6 +9,7 @@
 
 mod deploy;
 pub mod error;
+mod laptop_hooks;
 mod rollback;
 
 use std::sync::{Arc, Mutex};
@@ -68,6 +69,8 @@ pub struct Agent {
     fresh: bool,
     /// The code of the refusal of the last manifest handled, if it was refused.
     refused_code: Option<&'static str>,
+    /// Windows, power, metered, retention, notifications, metrics.
+    laptop: laptop_hooks::LaptopRuntime,
 }
 
 /// The version a refused envelope claims, read without trusting it (for `status`).
@@ -135,6 +138,7 @@ impl Agent {
             ..written.clone().unwrap_or_default()
         };
         Ok(Self {
+            laptop: laptop_hooks::LaptopRuntime::new(cfg.laptop.notifications),
             cfg,
             dir,
             state,
@@ -249,6 +253,7 @@ impl Agent {
             l.long_poll = long_poll;
             l.polling_since = None;
         });
+        self.note_poll_for_metrics(!result.starts_with("failed"));
     }
 
     /// Records whether the coordinator that answered the last poll had a manifest for this
@@ -469,6 +474,7 @@ impl Agent {
                 tracing::error!("cannot save state: {e}");
             }
         }
+        self.write_metrics();
     }
 
     /// After a crash between recording an outcome and queueing its report: queue it now.
@@ -532,6 +538,7 @@ impl Agent {
             timings,
             profiles: self.positions(),
             security_events: std::mem::take(&mut self.security_events),
+            conditions: self.take_conditions(),
         };
         match self.reporter.queue(outcome) {
             Ok(seq) => Some(seq),
