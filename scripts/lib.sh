@@ -50,6 +50,17 @@ ensure_tools() {
   fi
 }
 
+# Debian's chromium and chromedriver, for the dashboard's browser test (tests only: the demo
+# does not need them).
+ensure_browser() {
+  local missing=()
+  command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+  command -v chromedriver >/dev/null 2>&1 || missing+=(chromium-driver)
+  if ((${#missing[@]})); then
+    apt_install "${missing[@]}"
+  fi
+}
+
 # roost needs Rust 1.85 or newer (edition 2024).
 _rust_ok() {
   command -v cargo >/dev/null 2>&1 || return 1

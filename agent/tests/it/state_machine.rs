@@ -823,7 +823,8 @@ async fn status_has_every_field_the_issue_lists() {
     c.publish(&w.signed(1, vec![w.profile("a", json!({}))]));
     let r = roost_agent::daemon::cycle(&mut agent, None).await;
     agent.note_poll(&r.poll, Some(Timestamp::now()), 0);
-    let doc = roost_agent::status::collect(&w.state_dir()).unwrap();
+    let typed = roost_agent::status::collect(&w.state_dir()).unwrap();
+    let doc = serde_json::to_value(&typed).unwrap();
     for key in [
         "node",
         "manifest_version",
@@ -846,7 +847,7 @@ async fn status_has_every_field_the_issue_lists() {
     assert_eq!(doc["manifest_version"], 1);
     assert_eq!(doc["last_poll"]["result"], "new manifest");
     assert_eq!(doc["last_deploy"]["state"], "success");
-    let text = roost_agent::status::render(&doc);
+    let text = roost_agent::status::render(&typed);
     assert!(text.contains("last poll"), "{text}");
     assert!(text.contains("ago: new manifest"), "{text}");
 }
@@ -872,6 +873,7 @@ async fn the_daemon_serves_its_live_view_and_stops_on_shutdown() {
             .await
             .unwrap()
             .unwrap();
+        let doc = serde_json::to_value(doc).unwrap();
         // The outcome is recorded before its report is sent: wait for both.
         if doc["daemon_running"] == true
             && doc["last_deploy"]["state"] == "success"
@@ -888,6 +890,14 @@ async fn the_daemon_serves_its_live_view_and_stops_on_shutdown() {
     };
     assert!(doc["last_poll"]["at"].is_string(), "{doc}");
     assert_eq!(c.reports().len(), 1);
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    let sock = std::fs::metadata(w.state_dir().join("agent.sock")).unwrap();
+    assert!(sock.file_type().is_socket());
+    assert_eq!(
+        sock.permissions().mode() & 0o777,
+        0o600,
+        "the status socket is root's only"
+    );
     stop.send(()).unwrap();
     tokio::time::timeout(Duration::from_secs(10), daemon)
         .await

@@ -733,20 +733,13 @@ async fn stage_all(
     issued_at: Timestamp,
     wanted: u64,
 ) -> Vec<StagedNode> {
-    let mut jobs = tokio::task::JoinSet::new();
-    let mut out = Vec::new();
     let key = Arc::new(opts.key.clone());
-    for s in specs {
-        if jobs.len() >= PARALLEL_DELIVERIES {
-            if let Some(Ok(r)) = jobs.join_next().await {
-                out.push(r);
-            }
-        }
+    let jobs = specs.iter().map(|s| {
         let (d, s) = (delivery.clone(), s.clone());
         let mut m = manifest(opts, &s, info, activations, issued_at, wanted);
         let key = key.clone();
-        jobs.spawn(async move {
-            let node = s.node.to_string();
+        let node = s.node.to_string();
+        (node.clone(), async move {
             let r = async {
                 let current = d.current(&s.node).await?;
                 if let Some(c) = current {
@@ -778,14 +771,9 @@ async fn stage_all(
             }
             .await;
             (node, r)
-        });
-    }
-    while let Some(r) = jobs.join_next().await {
-        if let Ok(r) = r {
-            out.push(r);
-        }
-    }
-    out
+        })
+    });
+    bounded(jobs, |node, panic| (node, Err(panic))).await
 }
 
 fn activation_kind(a: &Activation) -> &'static str {
@@ -802,24 +790,69 @@ async fn commit_all(
     delivery: &Delivery,
     ready: Vec<(NodeResult, Staged)>,
 ) -> Vec<(NodeResult, Result<(), String>)> {
-    let mut jobs = tokio::task::JoinSet::new();
-    let mut out = Vec::new();
-    for (result, staged) in ready {
-        if jobs.len() >= PARALLEL_DELIVERIES {
-            if let Some(Ok(r)) = jobs.join_next().await {
-                out.push(r);
-            }
-        }
+    let jobs = ready.into_iter().map(|(result, staged)| {
         let d = delivery.clone();
-        jobs.spawn(async move {
+        (result.clone(), async move {
             let r = d.commit(staged).await;
             (result, r)
-        });
-    }
-    while let Some(r) = jobs.join_next().await {
-        if let Ok(r) = r {
-            out.push(r);
+        })
+    });
+    bounded(jobs, |result, panic| (result, Err(panic))).await
+}
+
+/// Runs `jobs` at most [`PARALLEL_DELIVERIES`] at a time and returns every outcome: a job
+/// that panics is not dropped but becomes `failed(its key, "… panicked: MESSAGE")`, so its
+/// node fails in the report instead of going missing.
+async fn bounded<K, T, F>(
+    jobs: impl IntoIterator<Item = (K, F)>,
+    failed: impl Fn(K, String) -> T,
+) -> Vec<T>
+where
+    K: Send + 'static,
+    T: Send + 'static,
+    F: Future<Output = T> + Send + 'static,
+{
+    let mut set = tokio::task::JoinSet::new();
+    let mut keys = std::collections::HashMap::new();
+    let mut out = Vec::new();
+    let mut collect =
+        |r: Result<(tokio::task::Id, T), tokio::task::JoinError>,
+         keys: &mut std::collections::HashMap<tokio::task::Id, K>| {
+            match r {
+                Ok((id, t)) => {
+                    keys.remove(&id);
+                    out.push(t);
+                }
+                Err(e) => {
+                    let Some(key) = keys.remove(&e.id()) else {
+                        return;
+                    };
+                    let why = if e.is_panic() {
+                        let p = e.into_panic();
+                        let msg = p
+                            .downcast_ref::<&str>()
+                            .map(|s| (*s).to_owned())
+                            .or_else(|| p.downcast_ref::<String>().cloned())
+                            .unwrap_or_else(|| "(no message)".into());
+                        format!("publishing this node panicked: {msg}")
+                    } else {
+                        "publishing this node was cancelled".to_owned()
+                    };
+                    tracing::error!("{why}");
+                    out.push(failed(key, why));
+                }
+            }
+        };
+    for (key, job) in jobs {
+        if set.len() >= PARALLEL_DELIVERIES {
+            if let Some(r) = set.join_next_with_id().await {
+                collect(r, &mut keys);
+            }
         }
+        keys.insert(set.spawn(job).id(), key);
+    }
+    while let Some(r) = set.join_next_with_id().await {
+        collect(r, &mut keys);
     }
     out
 }
@@ -828,6 +861,26 @@ async fn commit_all(
 mod tests {
     use super::*;
     use crate::publish::target::parse;
+
+    #[tokio::test]
+    async fn a_panicked_job_fails_its_node_with_the_panic_message_and_the_others_finish() {
+        let jobs = (0..40).map(|i| {
+            (format!("node-{i}"), async move {
+                if i == 7 {
+                    panic!("boom in node 7");
+                }
+                (format!("node-{i}"), Ok::<u32, String>(i))
+            })
+        });
+        let mut out = bounded(jobs, |node, why| (node, Err(why))).await;
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        assert_eq!(out.len(), 40, "a job went missing");
+        let failed: Vec<_> = out.iter().filter(|(_, r)| r.is_err()).collect();
+        assert_eq!(failed.len(), 1);
+        assert_eq!(failed[0].0, "node-7");
+        let why = failed[0].1.as_ref().unwrap_err();
+        assert!(why.contains("panicked: boom in node 7"), "{why}");
+    }
 
     #[test]
     fn targets_of_one_flake_merge_into_one_selection() {

@@ -19,7 +19,7 @@ use super::front::Front;
 use super::manifests::MANIFEST_ROUTE;
 use super::state::{App, ServerConfig};
 use super::store::StoreError;
-use super::{cache, fleet, manifests, observe, pins, reports};
+use super::{cache, dashboard, fleet, manifests, observe, pins, reports};
 
 /// Why the server could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -62,6 +62,9 @@ fn router(app: Arc<App>) -> Router {
         )
         .route(v1::route::FLEET, get(fleet::get_fleet))
         .route(v1::route::METRICS, get(fleet::get_metrics))
+        .route(dashboard::INDEX_ROUTE, get(dashboard::get_index))
+        .route(dashboard::NODE_ROUTE, get(dashboard::get_node))
+        .route(dashboard::EVENTS_ROUTE, get(dashboard::get_events))
         .route(
             cache::CACHE_ROUTE,
             get(cache::get_cache)
