@@ -48,9 +48,9 @@ impl Stage {
         match progress {
             Progress::Terminal => {
                 let pb = indicatif::ProgressBar::new_spinner();
-                if let Ok(style) =
-                    indicatif::ProgressStyle::with_template("{spinner} {msg} ({elapsed})")
-                {
+                // `wide_msg` is cut to the terminal's width: a long message never wraps.
+                let template = "{spinner} ({elapsed}) {wide_msg}";
+                if let Ok(style) = indicatif::ProgressStyle::with_template(template) {
                     pb.set_style(style);
                 }
                 pb.enable_steady_tick(Duration::from_millis(120));
@@ -140,7 +140,7 @@ impl Tally {
         }
     }
 
-    /// `3/12 built, 2 running, 1 failed; 40/120 paths, 12.3 MiB; now nixos-system-pi`.
+    /// `3/12 built, 2 running, 1 failed; 40/120 path(s), 12.3 MiB; now nixos-system-pi`.
     fn summary(&self) -> String {
         let mut parts = Vec::new();
         if let Some((done, expected, running, failed)) = self.builds.filter(|b| b.1 > 0) {
@@ -155,9 +155,9 @@ impl Tally {
         }
         if !self.copied.is_empty() || self.copy_expected > 0 {
             let mut s = if self.copy_expected > 0 {
-                format!("{}/{} paths", self.copied.len(), self.copy_expected)
+                format!("{}/{} path(s)", self.copied.len(), self.copy_expected)
             } else {
-                format!("{} paths", self.copied.len())
+                format!("{} path(s)", self.copied.len())
             };
             let bytes: u64 = self.bytes.values().sum();
             if bytes > 0 {
@@ -255,7 +255,7 @@ mod tests {
             t.see(&e);
         }
         assert!(
-            t.summary().starts_with("2 paths; now ij-b-"),
+            t.summary().starts_with("2 path(s); now ij-b-"),
             "{}",
             t.summary()
         );
@@ -272,6 +272,6 @@ mod tests {
             running: 0,
             failed: 0,
         });
-        assert_eq!(t.summary(), "2 paths, 3.0 MiB; now big");
+        assert_eq!(t.summary(), "2 path(s), 3.0 MiB; now big");
     }
 }
