@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use roost_common::StorePath;
 use roost_common::wire::v1::{Activation, Profile};
-use tokio::io::AsyncReadExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::task::JoinHandle;
 
 use crate::state::ActivationHandle;
@@ -100,6 +100,8 @@ pub fn systemd_is_pid1() -> bool {
 #[derive(Debug)]
 pub struct Running {
     child: tokio::process::Child,
+    /// The start gate: the command runs only once "go" arrives here (see [`GATE`]).
+    gate: Option<tokio::process::ChildStdin>,
     handle: ActivationHandle,
     output: JoinHandle<Vec<u8>>,
     timeout: Duration,
@@ -228,6 +230,29 @@ pub fn start(
     spawn(argv, env, user, None, timeout)
 }
 
+/// Every command starts behind this gate: a shell that waits for the line `go` on its stdin
+/// and only then becomes the command (stdin `/dev/null`, same pid and process group). The
+/// agent records the process group durably first and opens the gate after, so an agent
+/// killed in between leaves nothing running that recovery could not find: the gate reads
+/// end-of-file and exits without running anything.
+const GATE: &str = r#"read -r go && [ "$go" = go ] || exit 125; exec "$@" </dev/null"#;
+
+/// Where `program` is, as `execvp` would find it: a name with a slash relative to `cwd` (or
+/// the agent's directory), any other through `PATH`; `None` unless it is an executable file.
+fn executable(program: &str, cwd: Option<&Path>) -> Option<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    let is_exe = |p: &Path| {
+        std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+    };
+    if program.contains('/') {
+        let p = cwd.map_or_else(|| PathBuf::from(program), |d| d.join(program));
+        return is_exe(&p).then(|| PathBuf::from(program));
+    }
+    std::env::split_paths(&std::env::var_os("PATH")?)
+        .map(|d| d.join(program))
+        .find(|p| is_exe(p))
+}
+
 /// [`start`], in `cwd` when given (else the agent's own working directory).
 fn spawn(
     argv: &[String],
@@ -239,9 +264,15 @@ fn spawn(
     let Some((program, args)) = argv.split_first() else {
         return Err(Outcome::SpawnFailed("empty command".into()));
     };
-    let mut cmd = tokio::process::Command::new(program);
-    cmd.args(args)
-        .stdin(Stdio::null())
+    // The gate's shell would report a missing program as its own exit 127; find it first so
+    // it stays what it is, a command that could not be started.
+    let program = executable(program, cwd)
+        .ok_or_else(|| Outcome::SpawnFailed(format!("{program}: no such executable")))?;
+    let mut cmd = tokio::process::Command::new("/bin/sh");
+    cmd.args(["-c", GATE, "roost-gate"])
+        .arg(&program)
+        .args(args)
+        .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .process_group(0)
@@ -279,8 +310,9 @@ fn spawn(
     }
     let mut child = cmd
         .spawn()
-        .map_err(|e| Outcome::SpawnFailed(format!("{program}: {e}")))?;
+        .map_err(|e| Outcome::SpawnFailed(format!("{}: {e}", program.display())))?;
     let pid = child.id().unwrap_or(0) as i32;
+    let gate = child.stdin.take();
     let mut stdout = child.stdout.take().expect("stdout is piped");
     let mut stderr = child.stderr.take().expect("stderr is piped");
     let output = tokio::spawn(async move {
@@ -291,6 +323,7 @@ fn spawn(
     });
     Ok(Running {
         child,
+        gate,
         handle: ActivationHandle {
             pgid: pid,
             start_ticks: start_ticks(pid),
@@ -310,7 +343,13 @@ impl Running {
 
     /// Waits for the main process under the timeout, then kills the whole process group, so
     /// neither a hang nor a child left running in the background outlives activation.
+    /// Opens the start gate first: call it only once the [`handle`](Self::handle) is
+    /// recorded where recovery will look.
     pub async fn wait(mut self) -> Outcome {
+        if let Some(mut gate) = self.gate.take() {
+            // A failed write means the gate is gone already; the wait below says how.
+            let _ = gate.write_all(b"go\n").await;
+        }
         let waited = tokio::time::timeout(self.timeout, self.child.wait()).await;
         kill_group(self.handle.pgid);
         let status = match waited {

@@ -92,9 +92,13 @@ pub fn next_delay(agent: &Agent, r: &CycleResult, failures: u32) -> Duration {
     } else {
         jitter(interval)
     };
-    if r.verdict == Verdict::NotConverged && agent.has_work() {
+    if r.verdict == Verdict::NotConverged && agent.has_work() && agent.waiting().is_none() {
         // A deferred deploy (closure not in the cache yet, no space): retry sooner.
         delay = delay.min(jitter(backoff(agent.deferred()).min(interval)));
+    }
+    if let Some(wake) = agent.until_wake() {
+        // A window opens or a deferral ends: be there (docs/protocol.md §7.13).
+        delay = delay.min(wake);
     }
     delay
 }
@@ -123,7 +127,12 @@ pub async fn run(
         .clamp(1, roost_common::wire::v1::http::MAX_WAIT_S);
     tokio::pin!(shutdown);
     loop {
-        let wait = agent.long_poll_offered().then_some(long_wait);
+        // A held poll ends when a window opens or a deferral ends, so the deploy is on time.
+        let wait = agent.long_poll_offered().then(|| {
+            agent
+                .until_wake()
+                .map_or(long_wait, |d| d.as_secs().clamp(1, long_wait))
+        });
         agent.progress().within(Duration::from_secs(long_wait + 30));
         // A stop request ends a poll at once but never a deploy: that finishes (under its
         // own hard timeouts) so the node is not left half switched.

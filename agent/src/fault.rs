@@ -5,7 +5,8 @@
 //! kill it (or look at the half-done state) at a known point. Phases, in deploy order:
 //! `fetch` (before each manifest poll), `realise` (before `nix-store --realise`),
 //! `set-profile` (pending record written, before each `nix-env --set`), `activate` (profile
-//! switched, before its activation runs), `confirm` (activated, before health checks),
+//! switched, before its activation runs), `activation-spawned` (the activation's process
+//! started and held at its start gate, its process group not yet saved), `confirm` (activated, before health checks),
 //! `rollback` (before a rollback), `report` (before queued reports are sent).
 //! Release builds ignore the variable.
 

@@ -30,6 +30,55 @@ impl WallClock for SystemClock {
     }
 }
 
+/// The clock the binary runs with: the system's, or, in debug builds only, one that starts
+/// at `ROOST_TEST_CLOCK` (an RFC 3339 time) and runs at the real rate from there, so tests
+/// can put a node just before an apply window opens.
+pub fn process_clock() -> std::sync::Arc<dyn WallClock> {
+    #[cfg(debug_assertions)]
+    if let Some(start) = std::env::var("ROOST_TEST_CLOCK")
+        .ok()
+        .and_then(|s| s.parse::<roost_common::Timestamp>().ok())
+    {
+        return std::sync::Arc::new(ShiftedClock::starting_at(start.to_system_time()));
+    }
+    std::sync::Arc::new(SystemClock)
+}
+
+/// The system clock shifted by a fixed offset (debug builds: `ROOST_TEST_CLOCK`).
+#[cfg(debug_assertions)]
+#[derive(Debug, Clone, Copy)]
+pub struct ShiftedClock {
+    ahead: bool,
+    by: Duration,
+}
+
+#[cfg(debug_assertions)]
+impl ShiftedClock {
+    /// A clock that reads `start` now and runs on at the real rate.
+    pub fn starting_at(start: SystemTime) -> Self {
+        let now = SystemTime::now();
+        match start.duration_since(now) {
+            Ok(by) => Self { ahead: true, by },
+            Err(e) => Self {
+                ahead: false,
+                by: e.duration(),
+            },
+        }
+    }
+}
+
+#[cfg(debug_assertions)]
+impl WallClock for ShiftedClock {
+    fn now(&self) -> SystemTime {
+        let now = SystemTime::now();
+        if self.ahead {
+            now + self.by
+        } else {
+            now - self.by
+        }
+    }
+}
+
 /// What a poll brought.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Poll {

@@ -43,6 +43,9 @@ pub struct State {
     pub quarantined: BTreeSet<u64>,
     /// The last deploy attempt's outcome.
     pub last_deploy: Option<DeployRecord>,
+    /// Waiting, healthy generations, the last GC, counters (docs/protocol.md §7.13–§7.15).
+    #[serde(flatten)]
+    pub laptop: crate::laptop::LaptopRecord,
 }
 
 /// A deploy in progress.
@@ -132,6 +135,9 @@ pub enum Phase {
     /// Finishing a deploy a crash interrupted.
     #[serde(rename = "recovering")]
     Recovering,
+    /// Collecting garbage to make room or after a deploy (§7.14).
+    #[serde(rename = "collecting garbage")]
+    CollectingGarbage,
 }
 
 impl Phase {
@@ -144,6 +150,7 @@ impl Phase {
             Phase::Confirming => "confirming",
             Phase::RollingBack => "rolling back",
             Phase::Recovering => "recovering",
+            Phase::CollectingGarbage => "collecting garbage",
         }
     }
 }

@@ -30,6 +30,10 @@ fn confirm_seconds(m: &Manifest) -> u64 {
 impl Agent {
     /// Steps 4–8 for manifest `m`.
     pub(super) async fn deploy(&mut self, m: &Manifest) -> Verdict {
+        let m = &self.with_system_goal(m);
+        if let Some(v) = self.wait_before_download(m).await {
+            return v;
+        }
         let version = m.version;
         let mut timings = Timings {
             fetch: self.fetch_ms.take(),
@@ -45,6 +49,9 @@ impl Agent {
             return Verdict::NotConverged;
         }
         self.deferred = 0;
+        if let Some(v) = self.wait_before_apply(m).await {
+            return v;
+        }
         let reachable_before = self.poller.reachable(self.state.etag.as_deref()).await;
         if let Err(e) = self.record_pending(m, reachable_before) {
             self.finish(
@@ -71,7 +78,7 @@ impl Agent {
         if let Err(f) = confirmed {
             return self.fail_and_roll_back(m, f, health, timings).await;
         }
-        self.succeed(m, health, timings);
+        self.succeed(m, health, timings).await;
         self.set_phase(Phase::Idle);
         tracing::info!(%version, "deployed and confirmed");
         Verdict::Converged
@@ -87,7 +94,7 @@ impl Agent {
         self.progress.within(self.cfg.realise_timeout * 2);
         fault::point("realise");
         let t = Instant::now();
-        let realised = match self.free_space_ok(m) {
+        let realised = match self.make_room(m).await {
             Ok(()) => self.realise(m).await,
             Err(e) => Err(e),
         };
@@ -198,36 +205,6 @@ impl Agent {
         })
         .await
         .map_err(|e| RealiseError::Task(e.to_string()))?
-    }
-
-    /// Free space on the store's file system against the closures not yet present.
-    fn free_space_ok(&self, m: &Manifest) -> Result<(), RealiseError> {
-        let need: u64 = m
-            .profiles
-            .iter()
-            .filter(|p| !p.path.as_path().exists())
-            .filter_map(|p| p.closure_size)
-            .sum();
-        if need == 0 {
-            return Ok(());
-        }
-        let store = ["/nix/store", "/nix", "/"]
-            .into_iter()
-            .find(|p| std::path::Path::new(p).exists())
-            .unwrap_or("/");
-        match ::nix::sys::statvfs::statvfs(store) {
-            Ok(s) => {
-                let free = s.blocks_available().saturating_mul(s.fragment_size());
-                if free < need {
-                    return Err(RealiseError::NoSpace { store, free, need });
-                }
-                Ok(())
-            }
-            Err(e) => {
-                tracing::warn!("cannot check free space on {store}: {e}");
-                Ok(())
-            }
-        }
     }
 
     /// After realisation: every path is valid and has the NAR hash the publisher signed.
@@ -387,9 +364,18 @@ impl Agent {
         let link = self.pending_profile(i).profile_path.clone();
         let outcome = match activate::start_activation(p, &p.path, &link, &m.version.to_string()) {
             Ok(Some(running)) => {
+                // The activation is held at its start gate until its process group is on
+                // disk: a crash in between leaves nothing running that recovery misses.
                 self.pending_profile_mut(i).activation = Some(running.handle().clone());
-                self.checkpoint();
-                running.wait().await
+                fault::point("activation-spawned");
+                if let Err(e) = self.save() {
+                    drop(running); // never started: the gate closes and the group is killed
+                    Outcome::SpawnFailed(format!(
+                        "cannot record the activation before starting it: {e}"
+                    ))
+                } else {
+                    running.wait().await
+                }
             }
             Ok(None) => Outcome::Ok,
             Err(o) => o,
@@ -404,10 +390,16 @@ impl Agent {
     }
 
     /// Step 8's success: the deploy is the node's current version.
-    pub(super) fn succeed(&mut self, m: &Manifest, health: Vec<HealthResult>, timings: Timings) {
+    pub(super) async fn succeed(
+        &mut self,
+        m: &Manifest,
+        health: Vec<HealthResult>,
+        timings: Timings,
+    ) {
         self.state.pending = None;
         self.state.current_version = Some(m.version);
         self.state.applied = Some(m.clone());
+        self.after_success(m).await;
         self.finish(m.version, ReportState::Success, None, health, timings);
     }
 

@@ -9,6 +9,7 @@
 
 mod deploy;
 pub mod error;
+mod laptop_hooks;
 mod rollback;
 
 use std::sync::{Arc, Mutex};
@@ -66,6 +67,8 @@ pub struct Agent {
     seen_etag: Option<String>,
     /// Whether the last poll brought bytes not seen before.
     fresh: bool,
+    /// Windows, power, metered, retention, notifications, metrics.
+    laptop: laptop_hooks::LaptopRuntime,
 }
 
 fn ms(since: Instant) -> Option<u64> {
@@ -126,6 +129,7 @@ impl Agent {
             ..written.clone().unwrap_or_default()
         };
         Ok(Self {
+            laptop: laptop_hooks::LaptopRuntime::new(cfg.laptop.notifications),
             cfg,
             dir,
             state,
@@ -233,6 +237,7 @@ impl Agent {
             l.long_poll = long_poll;
             l.polling_since = None;
         });
+        self.note_poll_for_metrics(!result.starts_with("failed"));
     }
 
     /// Marks the agent idle (after start-up reconciliation).
@@ -410,6 +415,7 @@ impl Agent {
                 tracing::error!("cannot save state: {e}");
             }
         }
+        self.write_metrics();
     }
 
     /// After a crash between recording an outcome and queueing its report: queue it now.
@@ -473,6 +479,7 @@ impl Agent {
             timings,
             profiles: self.positions(),
             security_events: std::mem::take(&mut self.security_events),
+            conditions: self.take_conditions(),
         };
         match self.reporter.queue(outcome) {
             Ok(seq) => Some(seq),

@@ -55,6 +55,7 @@ impl Agent {
                 format!("{message} (auto_rollback is off: the node stays on the new version)"),
             )
         };
+        self.after_failure(m, state, &message).await;
         // Never retried automatically; a newer version clears it.
         self.state.quarantined.insert(m.version.0);
         self.finish(m.version, state, Some(err(step, message)), health, timings);
@@ -179,7 +180,7 @@ impl Agent {
                     self.confirm(&m, pending.coordinator_reachable_before).await;
                 match confirmed {
                     Ok(()) => {
-                        self.succeed(&m, health, timings);
+                        self.succeed(&m, health, timings).await;
                         Verdict::Converged
                     }
                     Err(f) => {

@@ -294,6 +294,34 @@ fn killed_by_a_fault_after_the_switch_the_agent_recovers_to_the_old_path() {
 }
 
 #[test]
+fn a_crash_before_the_activation_is_recorded_runs_nothing_and_rolls_back() {
+    let f = require!(real_world());
+    let (c, node) = setup(f);
+    deploy_v1(&c, &node, f);
+    publish(
+        &c,
+        &node,
+        f,
+        2,
+        f.profile("hang", json!({"activation_timeout_s": 600})),
+    );
+    // Killed with the activation spawned but its process group not yet on disk: recovery
+    // could not find it, so it must never have started.
+    let out = node.once(&[("ROOST_FAULT", "activation-spawned")]);
+    assert_eq!(out.status.signal(), Some(9), "the fault did not fire");
+    let out = node.once(&[]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        node.hang_pid().is_none(),
+        "the activation ran although the agent died before recording it"
+    );
+    assert_eq!(node.system(), Some((1, f.get("v1").path.clone())));
+    let r = last(&c);
+    assert_eq!(r.state.as_str(), "rolled_back");
+    assert_eq!(r.error.unwrap().phase, "recover");
+}
+
+#[test]
 fn sigkill_during_activation_ends_at_the_old_path_with_the_leftover_killed() {
     let f = require!(real_world());
     let (c, node) = setup(f);

@@ -347,6 +347,10 @@ fn report(fleet: &Fleet, i: usize) -> Vec<u8> {
         timings_ms: Default::default(),
         security_events: vec![],
         node_key: None,
+        needs_reboot: false,
+        deferred_until: None,
+        gc_freed_bytes: None,
+        generations_removed: None,
     };
     Envelope::seal(
         Ctx::Report,
