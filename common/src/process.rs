@@ -13,8 +13,18 @@ use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+/// Turns each stderr line into the lines kept and forwarded (none, one or several): Nix's
+/// structured log is decoded this way.
+pub struct LineMap(pub Box<dyn FnMut(String) -> Vec<String> + Send>);
+
+impl std::fmt::Debug for LineMap {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("LineMap(..)")
+    }
+}
+
 /// How a run is captured and bounded.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Options {
     /// Kill the group after this long (none: wait for ever).
     pub timeout: Option<Duration>,
@@ -22,6 +32,8 @@ pub struct Options {
     pub stderr_lines: usize,
     /// Copy stderr lines to ours as they come (indented), for long work on a terminal.
     pub forward_stderr: bool,
+    /// What each stderr line becomes before it is kept or forwarded (none: itself).
+    pub stderr_map: Option<LineMap>,
     /// After the leader ended, how long to wait for the pipes to close: a process that left
     /// the group may hold them for ever.
     pub output_grace: Duration,
@@ -35,6 +47,7 @@ impl Default for Options {
             timeout: None,
             stderr_lines: 25,
             forward_stderr: false,
+            stderr_map: None,
             output_grace: Duration::from_secs(2),
             stdin_pipe: false,
         }
@@ -74,7 +87,7 @@ pub struct Spawned {
 
 /// Starts `cmd` (stdin null or a pipe, stdout and stderr captured) as the leader of a new
 /// process group.
-pub fn spawn(mut cmd: Command, opts: Options) -> std::io::Result<Spawned> {
+pub fn spawn(mut cmd: Command, mut opts: Options) -> std::io::Result<Spawned> {
     use std::os::unix::process::CommandExt;
     let stdin = if opts.stdin_pipe {
         Stdio::piped()
@@ -107,23 +120,30 @@ pub fn spawn(mut cmd: Command, opts: Options) -> std::io::Result<Spawned> {
     }
     {
         let (stderr, lines, forward) = (stderr.clone(), opts.stderr_lines, opts.forward_stderr);
+        let mut map = opts.stderr_map.take();
         std::thread::spawn(move || {
             let mut reader = BufReader::new(err);
             let mut line = Vec::new();
             while reader.read_until(b'\n', &mut line).unwrap_or(0) > 0 {
-                let text = String::from_utf8_lossy(&line).trim_end().to_owned();
-                if forward {
-                    let _ = writeln!(std::io::stderr(), "  {text}");
-                }
-                if let Ok(mut t) = stderr.lock() {
-                    if t.len() == lines {
-                        t.pop_front();
-                    }
-                    if lines > 0 {
-                        t.push_back(text);
-                    }
-                }
+                let raw = String::from_utf8_lossy(&line).trim_end().to_owned();
                 line.clear();
+                let texts = match map.as_mut() {
+                    Some(LineMap(f)) => f(raw),
+                    None => vec![raw],
+                };
+                for text in texts {
+                    if forward {
+                        let _ = writeln!(std::io::stderr(), "  {text}");
+                    }
+                    if let Ok(mut t) = stderr.lock() {
+                        if t.len() == lines {
+                            t.pop_front();
+                        }
+                        if lines > 0 {
+                            t.push_back(text);
+                        }
+                    }
+                }
             }
             let _ = done.send(());
         });

@@ -9,6 +9,7 @@
 //! JSON output is parsed tolerantly: Nix changes shapes between versions (2.8 prints
 //! `path-info` as an array, newer Nix as an object keyed by path).
 
+pub mod log;
 pub mod parse;
 pub mod profiles;
 
@@ -152,8 +153,12 @@ pub struct Nix {
     flakes: bool,
     env: Vec<(OsString, OsString)>,
     progress: bool,
+    log: Option<LogFn>,
     counts: Arc<Mutex<BTreeMap<String, u64>>>,
 }
+
+/// Receives Nix's structured log events as they come (see [`Nix::with_log`]).
+pub type LogFn = Arc<dyn Fn(&log::Event) + Send + Sync>;
 
 impl fmt::Debug for Nix {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -161,6 +166,7 @@ impl fmt::Debug for Nix {
             .field("extra_args", &self.extra_args)
             .field("flakes", &self.flakes)
             .field("progress", &self.progress)
+            .field("log", &self.log.is_some())
             .finish_non_exhaustive()
     }
 }
@@ -205,6 +211,14 @@ impl Nix {
         self
     }
 
+    /// Every `nix` call logs in Nix's structured form (`--log-format internal-json`) and
+    /// `f` gets its events as they come (a progress display: builds, copies, bytes). Errors
+    /// read as in Nix's plain format, a failed build's last log lines included.
+    pub fn with_log(mut self, f: LogFn) -> Self {
+        self.log = Some(f);
+        self
+    }
+
     /// Invocations so far, keyed by command (`nix eval`, `nix-store --realise`, …).
     pub fn counts(&self) -> BTreeMap<String, u64> {
         self.counts.lock().map(|c| c.clone()).unwrap_or_default()
@@ -220,6 +234,9 @@ impl Nix {
         let mut argv = vec![tool.program().to_owned()];
         if tool == Tool::Nix {
             argv.extend(["--extra-experimental-features".to_owned(), self.features()]);
+            if self.log.is_some() {
+                argv.extend(["--log-format".to_owned(), "internal-json".to_owned()]);
+            }
         }
         argv.extend(args.iter().cloned());
         if tool == Tool::Nix {
@@ -253,10 +270,27 @@ impl Nix {
         for (k, v) in &self.env {
             cmd.env(k, v);
         }
+        // Only `nix` was asked for the structured log (the legacy tools keep theirs): its
+        // lines are decoded, events go to the observer, and the text they hold is kept.
+        let stderr_map = self
+            .log
+            .clone()
+            .filter(|_| argv[0] == Tool::Nix.program())
+            .map(|observer| {
+                let mut decoder = log::Decoder::new();
+                process::LineMap(Box::new(move |raw: String| {
+                    let d = decoder.line(&raw);
+                    if let Some(e) = &d.event {
+                        observer(e);
+                    }
+                    d.text
+                }))
+            });
         let opts = process::Options {
             timeout,
             stderr_lines: STDERR_TAIL_LINES,
             forward_stderr: self.progress,
+            stderr_map,
             // Nix's helpers die with its group; a pipe still open after that is not Nix's.
             output_grace: Duration::from_secs(10),
             stdin_pipe: false,
