@@ -148,8 +148,14 @@ fn on_battery_below_the_charge_a_deploy_waits_without_downloading_and_mains_resu
     start(&mut f, &cfg, &[]);
     let r = wait_deferred(&f, v1, "power");
     let text = std::fs::read_to_string(&metrics).unwrap();
-    assert!(text.contains("roost_agent_deferred{reason=\"power\"} 1\n"), "{text}");
-    assert!(text.contains(&format!("roost_agent_desired_version {v1}\n")), "{text}");
+    assert!(
+        text.contains("roost_agent_deferred{reason=\"power\"} 1\n"),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!("roost_agent_desired_version {v1}\n")),
+        "{text}"
+    );
     assert!(
         r["error"]["message"]
             .as_str()
@@ -165,10 +171,19 @@ fn on_battery_below_the_charge_a_deploy_waits_without_downloading_and_mains_resu
     f.wait_report(NODE, v1, "success", LONG).unwrap();
     assert_eq!(system(&f), Some(path));
     let text = std::fs::read_to_string(&metrics).unwrap();
-    assert!(text.contains("roost_agent_state{state=\"success\"} 1\n"), "{text}");
-    assert!(text.contains(&format!("roost_agent_current_version {v1}\n")), "{text}");
+    assert!(
+        text.contains("roost_agent_state{state=\"success\"} 1\n"),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!("roost_agent_current_version {v1}\n")),
+        "{text}"
+    );
     assert!(text.contains("roost_agent_deferred 0\n"), "{text}");
-    assert!(text.contains("roost_agent_last_successful_poll_timestamp_seconds "), "{text}");
+    assert!(
+        text.contains("roost_agent_last_successful_poll_timestamp_seconds "),
+        "{text}"
+    );
 }
 
 #[test]
