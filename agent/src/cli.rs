@@ -57,7 +57,7 @@ pub enum Cmd {
         poll: PollArgs,
         /// Poll and apply once, then exit: 0 when converged or there is nothing to do,
         /// 1 when the manifest was rejected, the deploy failed, was rolled back or deferred,
-        /// or no coordinator answered.
+        /// the coordinator has no manifest for this node, or no coordinator answered.
         #[arg(long)]
         once: bool,
     },
@@ -492,7 +492,14 @@ async fn run_once(agent: &mut Agent) -> u8 {
     if left > 0 {
         eprintln!("{left} report(s) queued for later delivery");
     }
-    if r.reachable {
+    if r.reachable && agent.coordinator_has_no_manifest() {
+        let node = &agent.config().node;
+        println!(
+            "the coordinator has no manifest for node `{node}`: nothing is deployed until one \
+             is published for this name (is it in the flake's deploy.nodes, spelt so?)"
+        );
+        FAILED
+    } else if r.reachable {
         print_outcome(agent, r.verdict);
         exit_code(r.verdict)
     } else {

@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 use crate::activate::default_profile_path;
 use crate::laptop;
 use crate::retention::GcRecord;
-use crate::state::{DeployRecord, Pending, Phase, Snapshot, StateDir};
+use crate::state::{DeployRecord, Pending, Phase, RefusedManifest, Snapshot, StateDir};
 
 /// Where this node stands: what `roost-agent status --json` prints, and what the daemon's
 /// status socket serves (the CLI reads it back as this type).
@@ -63,6 +63,12 @@ pub struct StatusDoc {
     pub pending_reports: Vec<u64>,
     /// Versions that failed here.
     pub quarantined: BTreeSet<u64>,
+    /// The last manifest this node refused, and why.
+    #[serde(default)]
+    pub last_refused: Option<RefusedManifest>,
+    /// At the last poll that reached a coordinator, it had no manifest for this node.
+    #[serde(default)]
+    pub coordinator_has_no_manifest: bool,
     /// What the desired version waits for (a window, power, a metered network, the user's
     /// deferral), with the time left as of this document.
     #[serde(default)]
@@ -199,6 +205,8 @@ pub fn document(dir: &Path, live: Option<Snapshot>) -> anyhow::Result<StatusDoc>
         pending: state.pending,
         pending_reports: sd.queued_reports().into_iter().map(|(s, _)| s).collect(),
         quarantined: state.quarantined,
+        last_refused: sd.load_refused(),
+        coordinator_has_no_manifest: snap.is_some_and(|s| s.no_manifest),
     })
 }
 
@@ -356,6 +364,25 @@ pub fn render(doc: &StatusDoc) -> String {
             let _ = writeln!(o, "last GC         none yet");
         }
     }
+    if doc.coordinator_has_no_manifest {
+        let _ = writeln!(
+            o,
+            "NO MANIFEST     the coordinator has no manifest for this node: nothing is deployed \
+             until one is published for its name (is it in the flake's deploy.nodes?)"
+        );
+    }
+    if let Some(r) = &doc.last_refused {
+        let version = r
+            .claimed_version
+            .map_or(String::new(), |v| format!(" version {v}"));
+        let _ = writeln!(
+            o,
+            "last refused    manifest{version} ({}): {}: {}",
+            ago(Some(r.at)),
+            r.code,
+            r.message
+        );
+    }
     if let Some(p) = &doc.pending {
         let _ = writeln!(
             o,
@@ -432,6 +459,8 @@ mod tests {
             deferred_until: None,
             needs_reboot: false,
             last_gc: None,
+            last_refused: None,
+            coordinator_has_no_manifest: false,
         }
     }
 
@@ -466,6 +495,30 @@ mod tests {
             out.contains("3.0 GiB freed, 2 old generation(s) removed"),
             "{out}"
         );
+    }
+
+    #[test]
+    fn a_refused_manifest_and_a_missing_one_are_said_plainly() {
+        let mut d = doc(None, None);
+        d.coordinator_has_no_manifest = true;
+        d.last_refused = Some(RefusedManifest {
+            at: Timestamp::now(),
+            code: "expired".into(),
+            message: "manifest expired at 2026-11-01T00:00:00Z".into(),
+            claimed_version: Some(12),
+        });
+        let out = render(&d);
+        assert!(
+            out.contains("NO MANIFEST     the coordinator has no manifest"),
+            "{out}"
+        );
+        assert!(
+            out.contains(
+                "last refused    manifest version 12 (0 seconds ago): expired: manifest expired"
+            ),
+            "{out}"
+        );
+        assert!(!render(&doc(None, None)).contains("refused"));
     }
 
     #[test]

@@ -31,7 +31,7 @@ use crate::nixops::NixOps;
 use crate::notify::{Progress, notify};
 use crate::poll::{Poll, Poller, WallClock};
 use crate::report::{self, Reporter};
-use crate::state::{DeployRecord, Phase, Snapshot, State, StateDir};
+use crate::state::{DeployRecord, Phase, RefusedManifest, Snapshot, State, StateDir};
 
 /// How an operation ended, for `--once` and `apply` exit codes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -67,8 +67,17 @@ pub struct Agent {
     seen_etag: Option<String>,
     /// Whether the last poll brought bytes not seen before.
     fresh: bool,
+    /// The code of the refusal of the last manifest handled, if it was refused.
+    refused_code: Option<&'static str>,
     /// Windows, power, metered, retention, notifications, metrics.
     laptop: laptop_hooks::LaptopRuntime,
+}
+
+/// The version a refused envelope claims, read without trusting it (for `status`).
+fn claimed_version(bytes: &[u8]) -> Option<u64> {
+    let payload = roost_common::Envelope::unverified_payload(bytes)?;
+    let v: serde_json::Value = serde_json::from_slice(&payload).ok()?;
+    v["version"].as_u64()
 }
 
 fn ms(since: Instant) -> Option<u64> {
@@ -139,6 +148,7 @@ impl Agent {
             poller,
             reporter,
             rejected: None,
+            refused_code: None,
             security_events: Vec::new(),
             live: Arc::new(Mutex::new(live)),
             written,
@@ -210,7 +220,13 @@ impl Agent {
                 .last_poll_result
                 .clone()
                 .filter(|r| r.starts_with("failed"));
-            (s.phase, s.last_poll_result.is_some(), failed, s.long_poll)
+            (
+                s.phase,
+                s.last_poll_result.is_some(),
+                failed,
+                s.long_poll,
+                s.no_manifest,
+            )
         };
         if self.written.as_ref().map(key) != Some(key(&snap)) {
             match self.dir.save_snapshot(&snap) {
@@ -238,6 +254,32 @@ impl Agent {
             l.polling_since = None;
         });
         self.note_poll_for_metrics(!result.starts_with("failed"));
+    }
+
+    /// Records whether the coordinator that answered the last poll had a manifest for this
+    /// node; a change is logged once (at warn when it has none: nothing will be deployed).
+    pub fn note_manifest_presence(&mut self, missing: bool) {
+        let was = self.live.lock().map(|l| l.no_manifest).unwrap_or(false);
+        if missing == was {
+            return;
+        }
+        if missing {
+            tracing::warn!(
+                node = %self.cfg.node,
+                "the coordinator has no manifest for node `{}`: nothing will be deployed here \
+                 until one is published for this name (is it in the flake's deploy.nodes, \
+                 spelt as this node's name?)",
+                self.cfg.node
+            );
+        } else {
+            tracing::info!(node = %self.cfg.node, "the coordinator has a manifest for this node again");
+        }
+        self.update_live(|l| l.no_manifest = missing);
+    }
+
+    /// Whether the coordinator had no manifest for this node at the last poll that reached it.
+    pub fn coordinator_has_no_manifest(&self) -> bool {
+        self.live.lock().map(|l| l.no_manifest).unwrap_or(false)
     }
 
     /// Marks the agent idle (after start-up reconciliation).
@@ -272,6 +314,11 @@ impl Agent {
         p
     }
 
+    /// The refusal's code when the last manifest handled was refused.
+    pub fn last_manifest_refused(&self) -> Option<&'static str> {
+        self.refused_code
+    }
+
     /// Whether the last poll brought a manifest with an ETag not seen before.
     pub fn last_poll_fresh(&self) -> bool {
         self.fresh
@@ -280,6 +327,7 @@ impl Agent {
     /// Steps 2–8 for a manifest envelope: verify, and deploy when it is new.
     pub async fn handle_manifest(&mut self, bytes: &[u8], etag: Option<String>) -> Verdict {
         let digest = verify::digest(bytes);
+        self.refused_code = None;
         let me = Identity {
             node: &self.cfg.node,
             system: &self.cfg.system,
@@ -324,18 +372,29 @@ impl Agent {
                 self.deploy_if_needed().await
             }
             Err(r) => {
+                self.refused_code = Some(r.code());
                 if self.rejected != Some(digest) {
                     self.rejected = Some(digest);
-                    self.reject(&r);
+                    self.reject(&r, bytes);
                 }
                 Verdict::NotConverged
             }
         }
     }
 
-    /// A refused manifest changes nothing on the node: only a report is queued.
-    fn reject(&mut self, r: &Rejection) {
+    /// A refused manifest changes nothing on the node: a report is queued, and the refusal is
+    /// recorded for `status`.
+    fn reject(&mut self, r: &Rejection, bytes: &[u8]) {
         tracing::warn!(code = r.code(), "manifest refused: {r}");
+        let refused = RefusedManifest {
+            at: Timestamp::from(self.clock.now()),
+            code: r.code().to_owned(),
+            message: r.to_string(),
+            claimed_version: claimed_version(bytes),
+        };
+        if let Err(e) = self.dir.save_refused(&refused) {
+            tracing::warn!("cannot record the refused manifest for `status`: {e}");
+        }
         if r.is_security_event() {
             self.security_events.push(format!("{}: {r}", r.code()));
         }

@@ -397,8 +397,8 @@ fn reports_queue_while_the_coordinator_is_down_and_arrive_in_order_later() {
     let out = node.once(&[]);
     assert_eq!(
         out.status.code(),
-        Some(0),
-        "no manifest published: nothing to do"
+        Some(1),
+        "no manifest published: nothing deployed"
     );
     let got = c.reports();
     let seqs: Vec<u64> = got.iter().map(|r| r.seq).collect();
@@ -515,8 +515,8 @@ fn fallback_builds_from_drv_path_and_substitute_only_does_not() {
 fn status_json_has_every_field_and_once_exit_codes_follow_the_outcome() {
     let f = require!(real_world());
     let (c, node) = setup(f);
-    // No manifest published yet: nothing to do.
-    assert_eq!(node.once(&[]).status.code(), Some(0));
+    // No manifest published yet: nothing deployed, which needs a human.
+    assert_eq!(node.once(&[]).status.code(), Some(1));
     publish(&c, &node, f, 1, f.profile("v1", json!({})));
     assert_eq!(node.once(&[]).status.code(), Some(0));
     let st = node.status();
@@ -680,5 +680,96 @@ fn rollback_needs_no_publisher_key_and_an_unknown_profile_exits_2_changing_nothi
     assert_eq!(
         node.system().map(|(_, p)| p),
         Some(f.get("v1").path.clone())
+    );
+}
+
+/// `run --once` against a coordinator that has no manifest for the node's name.
+fn once_without_a_manifest(node: &Node) -> (Option<i32>, String, String) {
+    let out = node.once(&[]);
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn a_node_whose_coordinator_has_no_manifest_says_so_warns_and_run_once_exits_1() {
+    let f = require!(real_world());
+    let (c, node) = setup(f);
+    let (code, out, err) = once_without_a_manifest(&node);
+    assert_eq!(code, Some(1), "{out}{err}");
+    assert!(out.contains("no manifest for node `pi-kitchen`"), "{out}");
+    assert!(
+        err.lines()
+            .any(|l| l.contains("WARN") && l.contains("has no manifest for node")),
+        "{err}"
+    );
+    let st = node.status();
+    assert_eq!(st["coordinator_has_no_manifest"], true, "{st}");
+    let dir = node.state_dir().display().to_string();
+    let text = node.run(&["status", "--state-dir", &dir], &[]);
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(
+        text.contains("the coordinator has no manifest for this node"),
+        "{text}"
+    );
+    // Once one is published the node converges and the notice is gone.
+    publish(&c, &node, f, 1, f.profile("v1", json!({})));
+    assert_eq!(node.once(&[]).status.code(), Some(0));
+    assert_eq!(node.status()["coordinator_has_no_manifest"], false);
+}
+
+#[test]
+fn the_daemon_warns_once_while_the_coordinator_has_no_manifest() {
+    let f = require!(real_world());
+    let (c, node) = setup(f);
+    let mut args = vec!["run".to_owned(), "--interval".into(), "1s".into()];
+    args.extend(node.config_args());
+    let mut agent = node.spawn(&args, &[]);
+    // Several polls answered 404 (each is a GET the test coordinator counts).
+    let gets = || {
+        c.requests()
+            .iter()
+            .filter(|r| r.method == "GET" && r.target.contains("/manifest"))
+            .count()
+    };
+    let polled = node.wait_for(60, || gets() >= 4);
+    let _ = agent.kill();
+    let _ = agent.wait();
+    let log = node.agent_log();
+    assert!(polled, "too few polls: {log}");
+    let warnings = log
+        .lines()
+        .filter(|l| l.contains("WARN") && l.contains("has no manifest for node"))
+        .count();
+    assert_eq!(warnings, 1, "{log}");
+}
+
+#[test]
+fn a_refused_manifest_is_in_status_with_why() {
+    let f = require!(real_world());
+    let (c, node) = setup(f);
+    let stranger = Publisher::new("stranger-1");
+    c.publish(&stranger.sign(&f.manifest(7, vec![f.profile("v1", json!({}))])));
+    assert_eq!(node.once(&[]).status.code(), Some(1));
+    let st = node.status();
+    let r = &st["last_refused"];
+    assert_eq!(r["code"], "bad_signature", "{st}");
+    assert_eq!(r["claimed_version"], 7, "{st}");
+    assert!(r["message"].as_str().unwrap().contains("signature"), "{st}");
+    let dir = node.state_dir().display().to_string();
+    let text = node.run(&["status", "--state-dir", &dir], &[]);
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(
+        text.contains("last refused")
+            && text.contains("bad_signature")
+            && text.contains("version 7"),
+        "{text}"
+    );
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("last poll") && l.contains("manifest refused (bad_signature)")),
+        "the last poll does not pass for a new manifest: {text}"
     );
 }
