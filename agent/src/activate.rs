@@ -447,6 +447,57 @@ fn tail(output: &[u8]) -> String {
     lines[lines.len().saturating_sub(TAIL_LINES)..].join("\n")
 }
 
+/// A non-root user's uid, primary gid and home: deploy-rs's `activate-rs` runs `nix-env`
+/// as that user, so what it makes belongs to the user.
+fn profile_owner(user: &str) -> Option<(u32, u32, PathBuf)> {
+    if user == "root" || !running_as_root() {
+        return None;
+    }
+    let u = ::nix::unistd::User::from_name(user).ok().flatten()?;
+    Some((u.uid.as_raw(), u.gid.as_raw(), u.dir))
+}
+
+/// Creates the folders missing above profile link `link`. Those in the user's own places —
+/// `/nix/var/nix/profiles/per-user/USER` and below, or below the user's home (e.g.
+/// `~/.local/state/nix/profiles`) — belong to a non-root `user`, so its own `nix-env` can
+/// use the profile too; shared folders such as `per-user` itself stay root's.
+pub fn make_profile_dir(link: &Path, user: &str) -> std::io::Result<()> {
+    let Some(parent) = link.parent() else {
+        return Ok(());
+    };
+    let missing: Vec<PathBuf> = parent
+        .ancestors()
+        .take_while(|d| !d.exists())
+        .map(Path::to_path_buf)
+        .collect();
+    std::fs::create_dir_all(parent)?;
+    if let Some((uid, gid, home)) = profile_owner(user) {
+        for d in missing.iter().filter(|d| users_own(d, user, &home)) {
+            std::os::unix::fs::chown(d, Some(uid), Some(gid))?;
+        }
+    }
+    Ok(())
+}
+
+/// Whether folder `dir` is one of `user`'s own (its per-user profile folder, or in its home).
+fn users_own(dir: &Path, user: &str, home: &Path) -> bool {
+    dir.starts_with(Path::new(PER_USER).join(user)) || dir.starts_with(home)
+}
+
+/// Gives a non-root user's profile link and its generation link `generation` (both made by
+/// the agent's `nix-env`, running as root) to the user.
+pub fn give_profile_to_user(link: &Path, generation: &Path, user: &str) -> std::io::Result<()> {
+    if let Some((uid, gid, _)) = profile_owner(user) {
+        for l in [link, generation] {
+            std::os::unix::fs::lchown(l, Some(uid), Some(gid))?;
+        }
+    }
+    Ok(())
+}
+
+/// Where other users' profiles live, when their folder there exists (deploy-rs's rule).
+const PER_USER: &str = "/nix/var/nix/profiles/per-user";
+
 /// The default profile link for a profile (deploy-rs's rules, DESIGN §3).
 pub fn default_profile_path(profile: &Profile) -> PathBuf {
     if let Some(p) = &profile.profile_path {
@@ -459,7 +510,7 @@ pub fn default_profile_path(profile: &Profile) -> PathBuf {
         }
         return PathBuf::from("/nix/var/nix/profiles/per-user/root").join(name);
     }
-    let per_user = PathBuf::from("/nix/var/nix/profiles/per-user").join(&profile.user);
+    let per_user = PathBuf::from(PER_USER).join(&profile.user);
     if per_user.is_dir() {
         return per_user.join(name);
     }
@@ -741,6 +792,56 @@ mod tests {
             .parse()
             .unwrap();
         assert_eq!(uid, nobody.uid.as_raw());
+    }
+
+    #[test]
+    fn a_users_own_folders_are_its_per_user_folder_and_its_home() {
+        let home = Path::new("/home/alice");
+        for (dir, own) in [
+            ("/nix/var/nix/profiles/per-user/alice", true),
+            ("/nix/var/nix/profiles/per-user/alice/sub", true),
+            ("/nix/var/nix/profiles/per-user", false),
+            ("/nix/var/nix/profiles/per-user/alicia", false),
+            ("/home/alice/.local/state/nix/profiles", true),
+            ("/home", false),
+            ("/srv/profiles", false),
+        ] {
+            assert_eq!(users_own(Path::new(dir), "alice", home), own, "{dir}");
+        }
+    }
+
+    #[test]
+    fn a_user_profile_link_and_its_generation_belong_to_the_user() {
+        use std::os::unix::fs::MetadataExt;
+        roost_preflight::require!(roost_preflight::root("changing owners"));
+        let nobody = roost_preflight::require!(
+            ::nix::unistd::User::from_name("nobody")
+                .ok()
+                .flatten()
+                .ok_or("there is no user `nobody`")
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let link = dir.path().join("profiles/tools");
+        make_profile_dir(&link, "nobody").unwrap();
+        let generation = dir.path().join("profiles/tools-1-link");
+        std::os::unix::fs::symlink("/nix/store/x", &generation).unwrap();
+        std::os::unix::fs::symlink("tools-1-link", &link).unwrap();
+        give_profile_to_user(&link, &generation, "nobody").unwrap();
+        for l in [&link, &generation] {
+            let uid = std::fs::symlink_metadata(l).unwrap().uid();
+            assert_eq!(uid, nobody.uid.as_raw(), "{l:?}");
+        }
+        let shared = std::fs::metadata(dir.path().join("profiles")).unwrap();
+        assert_eq!(
+            shared.uid(),
+            0,
+            "a folder outside the user's places stays root's"
+        );
+        // Root's profiles stay root's.
+        let root_link = dir.path().join("profiles/system");
+        std::os::unix::fs::symlink("tools-1-link", &root_link).unwrap();
+        give_profile_to_user(&root_link, &generation, "root").unwrap();
+        assert_eq!(std::fs::symlink_metadata(&root_link).unwrap().uid(), 0);
     }
 
     #[test]

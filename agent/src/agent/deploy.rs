@@ -320,8 +320,8 @@ impl Agent {
     async fn switch_profile(&mut self, i: usize, p: &v1::Profile) -> Result<(), DeployFailure> {
         fault::point("set-profile");
         let link = self.pending_profile(i).profile_path.clone();
-        if let Some(parent) = link.parent() {
-            let _ = std::fs::create_dir_all(parent);
+        if let Err(e) = activate::make_profile_dir(&link, &p.user) {
+            tracing::warn!(profile = %p.name, "preparing the folder of {}: {e}", link.display());
         }
         let (nix, l, path) = (self.nix.clone(), link.clone(), p.path.clone());
         let set = tokio::task::spawn_blocking(move || nix.set_profile(&l, &path))
@@ -330,6 +330,11 @@ impl Agent {
             .and_then(|r| r.map_err(|e| e.to_string()));
         // Even a failed set may have made a generation: roll back whatever happened.
         let now_at = profiles::current(&link).ok().flatten();
+        if let Some(g) = &now_at {
+            if let Err(e) = activate::give_profile_to_user(&link, &g.link, &p.user) {
+                tracing::warn!(profile = %p.name, "giving {} to {}: {e}", link.display(), p.user);
+            }
+        }
         {
             let pp = self.pending_profile_mut(i);
             pp.switched = true;

@@ -92,7 +92,9 @@ impl Agent {
                     .within(Duration::from_secs(s.activation_timeout_s + 30));
             }
             let switched_back = match pp.previous_generation {
-                Some(g) => profiles::switch_to(&pp.profile_path, g).map_err(|e| e.to_string()),
+                Some(g) => profiles::switch_to(&pp.profile_path, g)
+                    .and_then(|()| delete_failed_generation(pp, g))
+                    .map_err(|e| e.to_string()),
                 None => remove_new_profile(pp).map_err(|e| e.to_string()),
             };
             if let Err(e) = switched_back {
@@ -326,6 +328,16 @@ impl Agent {
         } else {
             Err(RollbackError::Activation(failures))
         }
+    }
+}
+
+/// After switching back to `previous`, deletes the generation the failed deploy made, as
+/// deploy-rs does, before the previous one is re-activated: a NixOS system's boot menu is
+/// rebuilt then, without the failed generation that could otherwise be booted by mistake.
+fn delete_failed_generation(pp: &PendingProfile, previous: u64) -> std::io::Result<()> {
+    match pp.new_generation {
+        Some(g) if g != previous => profiles::delete_generation(&pp.profile_path, g),
+        _ => Ok(()),
     }
 }
 

@@ -9,6 +9,7 @@
 //! JSON output is parsed tolerantly: Nix changes shapes between versions (2.8 prints
 //! `path-info` as an array, newer Nix as an object keyed by path).
 
+pub mod log;
 pub mod parse;
 pub mod profiles;
 
@@ -151,8 +152,12 @@ pub struct Nix {
     flakes: bool,
     env: Vec<(OsString, OsString)>,
     progress: bool,
+    log: Option<LogFn>,
     counts: Arc<Mutex<BTreeMap<String, u64>>>,
 }
+
+/// Receives Nix's structured log events as they come (see [`Nix::with_log`]).
+pub type LogFn = Arc<dyn Fn(&log::Event) + Send + Sync>;
 
 impl fmt::Debug for Nix {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -160,6 +165,7 @@ impl fmt::Debug for Nix {
             .field("extra_args", &self.extra_args)
             .field("flakes", &self.flakes)
             .field("progress", &self.progress)
+            .field("log", &self.log.is_some())
             .finish_non_exhaustive()
     }
 }
@@ -204,6 +210,14 @@ impl Nix {
         self
     }
 
+    /// Every `nix` call logs in Nix's structured form (`--log-format internal-json`) and
+    /// `f` gets its events as they come (a progress display: builds, copies, bytes). Errors
+    /// read as in Nix's plain format, a failed build's last log lines included.
+    pub fn with_log(mut self, f: LogFn) -> Self {
+        self.log = Some(f);
+        self
+    }
+
     /// Invocations so far, keyed by command (`nix eval`, `nix-store --realise`, …).
     pub fn counts(&self) -> BTreeMap<String, u64> {
         self.counts.lock().map(|c| c.clone()).unwrap_or_default()
@@ -219,6 +233,9 @@ impl Nix {
         let mut argv = vec![tool.program().to_owned()];
         if tool == Tool::Nix {
             argv.extend(["--extra-experimental-features".to_owned(), self.features()]);
+            if self.log.is_some() {
+                argv.extend(["--log-format".to_owned(), "internal-json".to_owned()]);
+            }
         }
         argv.extend(args.iter().cloned());
         if tool == Tool::Nix {
@@ -279,20 +296,35 @@ impl Nix {
             buf
         });
         let forward = self.progress;
+        // Only `nix` was asked for the structured log (the legacy tools keep theirs).
+        let observer = self.log.clone().filter(|_| argv[0] == Tool::Nix.program());
         let err_thread = std::thread::spawn(move || {
             let mut tail = VecDeque::with_capacity(STDERR_TAIL_LINES);
             let mut reader = BufReader::new(stderr);
             let mut line = Vec::new();
+            let mut decoder = log::Decoder::new();
             while reader.read_until(b'\n', &mut line).unwrap_or(0) > 0 {
-                let text = String::from_utf8_lossy(&line).trim_end().to_owned();
-                if forward {
-                    let _ = writeln!(std::io::stderr(), "  {text}");
-                }
-                if tail.len() == STDERR_TAIL_LINES {
-                    tail.pop_front();
-                }
-                tail.push_back(text);
+                let raw = String::from_utf8_lossy(&line).trim_end().to_owned();
                 line.clear();
+                let texts = match &observer {
+                    Some(f) => {
+                        let d = decoder.line(&raw);
+                        if let Some(e) = &d.event {
+                            f(e);
+                        }
+                        d.text
+                    }
+                    None => vec![raw],
+                };
+                for text in texts {
+                    if forward {
+                        let _ = writeln!(std::io::stderr(), "  {text}");
+                    }
+                    if tail.len() == STDERR_TAIL_LINES {
+                        tail.pop_front();
+                    }
+                    tail.push_back(text);
+                }
             }
             tail.into_iter().collect::<Vec<_>>().join("\n")
         });
