@@ -112,11 +112,17 @@ fn outside_its_window_a_manifest_is_downloaded_ahead_and_applied_when_the_window
         "the closure is fetched ahead of the window"
     );
     assert_eq!(system(&f), None, "nothing is switched outside the window");
-    let st: Value = serde_json::from_slice(
-        &std::fs::read(f.node(NODE).state_dir().join("state.json")).unwrap(),
-    )
-    .unwrap();
+    let st = f.node(NODE).status_json().unwrap();
     assert_eq!(st["waiting"]["kind"], "window", "{st:#}");
+    assert!(
+        st["waiting"]["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("waiting for window 12:00-13:00 (opens in "),
+        "{st:#}"
+    );
+    let text = f.node(NODE).status_text().unwrap();
+    assert!(text.contains("WAITING         version"), "{text}");
     f.wait_report(NODE, v1, "success", LONG).unwrap();
     assert_eq!(system(&f), Some(path.clone()));
     assert_eq!(
@@ -134,9 +140,22 @@ fn on_battery_below_the_charge_a_deploy_waits_without_downloading_and_mains_resu
     fake_power_supply(&power, false, 20).unwrap();
     f.node_mut(NODE).bind(&power, "/sys/class/power_supply");
     let (v1, path) = publish(&f, 1, 0, &[]);
-    let cfg = config(&f, json!({ "min_battery_percent": 30 }));
+    let metrics = f.node(NODE).dir.join("textfile/roost.prom");
+    let cfg = config(
+        &f,
+        json!({ "min_battery_percent": 30, "metrics_file": metrics }),
+    );
     start(&mut f, &cfg, &[]);
     let r = wait_deferred(&f, v1, "power");
+    let text = std::fs::read_to_string(&metrics).unwrap();
+    assert!(
+        text.contains("roost_agent_deferred{reason=\"power\"} 1\n"),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!("roost_agent_desired_version {v1}\n")),
+        "{text}"
+    );
     assert!(
         r["error"]["message"]
             .as_str()
@@ -151,6 +170,20 @@ fn on_battery_below_the_charge_a_deploy_waits_without_downloading_and_mains_resu
     fake_power_supply(&power, true, 20).unwrap();
     f.wait_report(NODE, v1, "success", LONG).unwrap();
     assert_eq!(system(&f), Some(path));
+    let text = std::fs::read_to_string(&metrics).unwrap();
+    assert!(
+        text.contains("roost_agent_state{state=\"success\"} 1\n"),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!("roost_agent_current_version {v1}\n")),
+        "{text}"
+    );
+    assert!(text.contains("roost_agent_deferred 0\n"), "{text}");
+    assert!(
+        text.contains("roost_agent_last_successful_poll_timestamp_seconds "),
+        "{text}"
+    );
 }
 
 #[test]
@@ -279,6 +312,12 @@ fn the_boot_goal_installs_for_the_next_boot_and_says_a_reboot_is_pending() {
     assert_eq!(system(&f), Some(path));
     let r = f.wait_report(NODE, v1, "success", LONG).unwrap();
     assert_eq!(r["needs_reboot"], true, "{r:#}");
+    assert_eq!(f.node(NODE).status_json().unwrap()["needs_reboot"], true);
+    let text = f.node(NODE).status_text().unwrap();
+    assert!(
+        text.contains("is installed, active after the next boot"),
+        "{text}"
+    );
 }
 
 #[test]
@@ -405,6 +444,12 @@ fn ten_deploys_keep_two_generations_and_fit_a_small_store_only_through_gc() {
         }
     }
     assert!(freed_before_download > 0);
+    let st = f.node(NODE).status_json().unwrap();
+    assert!(
+        st["last_gc"]["freed_bytes"].as_u64().unwrap() >= 8 << 20,
+        "{st:#}"
+    );
+    assert!(f.node(NODE).status_text().unwrap().contains("freed, "));
     assert_eq!(generations(&f), vec![9, 10], "current and one more healthy");
     let kept = store_systems(&f);
     assert!(
