@@ -569,5 +569,41 @@ pub fn describe_config(c: &Config) -> String {
             BuildPolicy::Build => "build",
         },
         humantime::format_duration(c.realise_timeout),
+    ) + &describe_laptop(&c.laptop)
+}
+
+/// The laptop and Pi settings, for `check-config`.
+fn describe_laptop(l: &crate::config::Laptop) -> String {
+    use roost_common::size::human_bytes;
+    format!(
+        "apply windows {}\npower         wait on battery {}\nmetered       downloads over {} wait\n\
+         system goal   {}\nmax defer     {}\nretention     {} healthy generation(s); GC {}\n\
+         metrics file  {}\nnotifications {}\n",
+        if l.apply_windows.is_empty() {
+            "(none of its own: the manifest's, else any time)".into()
+        } else {
+            l.apply_windows.to_string()
+        },
+        if l.power.defer_on_battery {
+            "always".to_owned()
+        } else {
+            format!("below {} %", l.power.min_battery_percent)
+        },
+        human_bytes(l.metered_max_download),
+        match l.system_goal {
+            crate::config::SystemGoal::Switch => "switch",
+            crate::config::SystemGoal::Boot => "boot (active after the next reboot)",
+        },
+        humantime::format_duration(l.max_defer),
+        l.keep_generations,
+        match (l.gc_after_deploy, l.gc_min_free) {
+            (true, _) => "after every deploy".to_owned(),
+            (false, Some(min)) => format!("after a deploy below {} free", human_bytes(min)),
+            (false, None) => "only to make room for a download".to_owned(),
+        },
+        l.metrics_file
+            .as_ref()
+            .map_or_else(|| "(none)".into(), |p| p.display().to_string()),
+        if l.notifications { "on" } else { "off" },
     )
 }

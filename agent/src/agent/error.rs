@@ -198,6 +198,15 @@ pub enum DeployFailure {
 }
 
 impl DeployFailure {
+    /// Whether it is magic rollback's: the coordinator did not answer again after the switch.
+    pub fn is_magic_rollback(&self) -> bool {
+        match self {
+            DeployFailure::Unreachable { .. } => true,
+            DeployFailure::AfterRestart(f) => f.is_magic_rollback(),
+            _ => false,
+        }
+    }
+
     /// The step it happened in.
     pub fn step(&self) -> Step {
         match self {

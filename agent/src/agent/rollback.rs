@@ -36,7 +36,9 @@ impl Agent {
         let step = failure.step();
         let message = failure.to_string();
         tracing::error!(version = %m.version, phase = step.as_str(), "deploy failed: {message}");
-        let auto = m.profiles.iter().all(|p| p.auto_rollback);
+        // deploy-rs rolls back a failed magic-rollback confirmation whatever autoRollback says:
+        // the switch cut the node off, and staying there would leave it unreachable.
+        let auto = m.profiles.iter().all(|p| p.auto_rollback) || failure.is_magic_rollback();
         let (state, message) = if auto {
             match self.roll_back_pending(Some(m)).await {
                 Ok(notes) => (

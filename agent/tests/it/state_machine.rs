@@ -759,8 +759,9 @@ async fn a_report_already_received_counts_as_delivered() {
     assert_eq!(c.reports().len(), 1);
 }
 
-#[tokio::test]
-async fn magic_rollback_when_the_coordinator_is_gone_after_the_switch() {
+/// Version 1, then version 2 (with `extra` profile settings) whose "switch" cuts the network
+/// (a health check stands in for the activation here); the reports flushed once it is back.
+async fn a_switch_that_cuts_the_coordinator_off(extra: Value) -> (World, TestCoordinator, Verdict) {
     let c = TestCoordinator::start();
     let w = World::new();
     let cut = w.dir.path().join("network-cut");
@@ -768,21 +769,34 @@ async fn magic_rollback_when_the_coordinator_is_gone_after_the_switch() {
     let mut agent = w.agent(vec![c.url()]);
     c.publish(&w.signed(1, vec![w.profile("a", json!({}))]));
     roost_agent::daemon::cycle(&mut agent, None).await;
-    // The "switch" cuts the network: a health check stands in for the activation here.
-    let breaks = w.profile(
-        "breaks-network",
-        json!({"health_checks": [{"kind": "command", "argv": ["/bin/sh", "-c", format!("touch {}", cut.display())]}],
-               "confirm_timeout_s": 3}),
-    );
-    c.publish(&w.signed(2, vec![breaks]));
+    let mut settings = json!({"health_checks": [{"kind": "command", "argv": ["/bin/sh", "-c", format!("touch {}", cut.display())]}],
+           "confirm_timeout_s": 3});
+    for (k, v) in extra.as_object().unwrap() {
+        settings[k] = v.clone();
+    }
+    c.publish(&w.signed(2, vec![w.profile("breaks-network", settings)]));
     let r = roost_agent::daemon::cycle(&mut agent, None).await;
-    assert_eq!(r.verdict, Verdict::NotConverged);
-    assert_eq!(w.current(), Some((1, fake_store_path("a"))));
     std::fs::remove_file(&cut).unwrap();
     agent.flush_reports().await;
+    (w, c, r.verdict)
+}
+
+#[tokio::test]
+async fn magic_rollback_when_the_coordinator_is_gone_after_the_switch() {
+    let (w, c, verdict) = a_switch_that_cuts_the_coordinator_off(json!({})).await;
+    assert_eq!(verdict, Verdict::NotConverged);
+    assert_eq!(w.current(), Some((1, fake_store_path("a"))));
     let last = c.reports().pop().unwrap();
     assert_eq!(last.state.as_str(), "rolled_back");
     assert!(last.error.unwrap().message.contains("magic rollback"));
+}
+
+#[tokio::test]
+async fn magic_rollback_rolls_back_even_without_auto_rollback_as_in_deploy_rs() {
+    // deploy-rs's activate-rs deactivates when confirmation never comes, autoRollback or not.
+    let (w, c, _) = a_switch_that_cuts_the_coordinator_off(json!({"auto_rollback": false})).await;
+    assert_eq!(w.current(), Some((1, fake_store_path("a"))));
+    assert_eq!(c.reports().pop().unwrap().state.as_str(), "rolled_back");
 }
 
 #[tokio::test]
