@@ -198,13 +198,6 @@ impl Agent {
         self.dir.save(&self.state)
     }
 
-    /// Saves the progress of a deploy in flight.
-    fn checkpoint(&self) {
-        if let Err(e) = self.save() {
-            tracing::error!("cannot save the deploy's progress: {e}");
-        }
-    }
-
     fn update_live(&mut self, f: impl FnOnce(&mut Snapshot)) {
         let snap = match self.live.lock() {
             Ok(mut l) => {

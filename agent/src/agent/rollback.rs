@@ -160,6 +160,10 @@ impl Agent {
         {
             activate::stop_leftover(h).await;
         }
+        self.reconcile_pending();
+        let Some(pending) = self.state.pending.clone() else {
+            return Verdict::NotConverged;
+        };
         let m = self
             .state
             .desired
@@ -223,6 +227,43 @@ impl Agent {
                     timings,
                 );
                 Verdict::NotConverged
+            }
+        }
+    }
+
+    /// Makes the pending record say what each profile really is, not only what was saved
+    /// before the crash: a link that moved off its previous generation was switched (a
+    /// crash inside `nix-env --set`, or after it and before its result was saved); one still
+    /// at it whose activation never started was not (the generation `nix-env` may have made
+    /// without moving the link is removed). What cannot be read is left as recorded.
+    fn reconcile_pending(&mut self) {
+        let Some(pending) = self.state.pending.as_mut() else {
+            return;
+        };
+        let mut changed = false;
+        for pp in &mut pending.profiles {
+            let Ok(cur) = profiles::current(&pp.profile_path) else {
+                continue;
+            };
+            let at = cur.as_ref().map(|g| g.number);
+            if at != pp.previous_generation {
+                if !pp.switched || pp.new_generation != at {
+                    tracing::warn!(profile = %pp.name, generation = ?at,
+                        "the profile moved during the interrupted deploy; it will be rolled back");
+                    changed = true;
+                }
+                pp.switched = true;
+                pp.new_generation = at;
+            } else if pp.switched && !pp.activated && pp.activation.is_none() {
+                remove_stray_generations(pp);
+                pp.switched = false;
+                pp.new_generation = None;
+                changed = true;
+            }
+        }
+        if changed {
+            if let Err(e) = self.save() {
+                tracing::error!("cannot save the reconciled pending record: {e}");
             }
         }
     }
@@ -340,6 +381,19 @@ fn delete_failed_generation(pp: &PendingProfile, previous: u64) -> std::io::Resu
     match pp.new_generation {
         Some(g) if g != previous => profiles::delete_generation(&pp.profile_path, g),
         _ => Ok(()),
+    }
+}
+
+/// Generations after the previous one that point at this deploy's path while the link
+/// never moved to them: `nix-env` made them and was cut off before it switched.
+fn remove_stray_generations(pp: &PendingProfile) {
+    let after = pp.previous_generation.unwrap_or(0);
+    for g in profiles::generations(&pp.profile_path).unwrap_or_default() {
+        if g.number > after && g.target.as_os_str() == pp.new_path.as_str() {
+            if let Err(e) = std::fs::remove_file(&g.link) {
+                tracing::warn!("cannot remove {}: {e}", g.link.display());
+            }
+        }
     }
 }
 
