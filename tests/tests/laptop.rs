@@ -22,12 +22,20 @@ const LONG: Duration = Duration::from_secs(120);
 /// Publishes generation `generation` (with `blob_kib` of data in the system); returns the
 /// version and the system's store path.
 fn publish(f: &Fleet, generation: u32, blob_kib: u64, extra: &[&str]) -> (u64, String) {
-    f.settings(&Settings {
-        generation,
-        blob_kib: vec![(NODE, blob_kib)],
-        ..Settings::default()
-    })
-    .unwrap();
+    publish_settings(
+        f,
+        &Settings {
+            generation,
+            blob_kib: vec![(NODE, blob_kib)],
+            ..Settings::default()
+        },
+        extra,
+    )
+}
+
+/// Publishes the fixture with `settings`; returns the version and the system's store path.
+fn publish_settings(f: &Fleet, settings: &Settings, extra: &[&str]) -> (u64, String) {
+    f.settings(settings).unwrap();
     let mut cmd = f.publish_command(&[&format!("#{NODE}")]);
     cmd.args(extra);
     let out = cmd.output().unwrap();
@@ -321,7 +329,7 @@ fn the_boot_goal_installs_for_the_next_boot_and_says_a_reboot_is_pending() {
 }
 
 #[test]
-fn users_are_told_on_their_session_bus_when_a_version_waits_and_when_it_is_applied() {
+fn users_are_told_on_their_session_bus_when_a_version_waits_is_applied_or_is_rolled_back() {
     require!(preflight());
     require!(roost_preflight::tools(&["dbus-daemon"]));
     let mut f = Fleet::new(&[NODE]).unwrap();
@@ -352,6 +360,23 @@ fn users_are_told_on_their_session_bus_when_a_version_waits_and_when_it_is_appli
         n.body.contains(&format!("Version {v1} is now active")),
         "{n:?}"
     );
+    assert_eq!(system(&f), Some(path.clone()));
+    // A version whose activation fails is rolled back, and the user hears why.
+    let (v2, _) = publish_settings(
+        &f,
+        &Settings {
+            generation: 2,
+            behaviour: vec![(NODE, "fail")],
+            ..Settings::default()
+        },
+        &[],
+    );
+    let n = listener
+        .wait_for("System update rolled back", LONG)
+        .unwrap();
+    assert!(n.body.contains(&format!("Version {v2} failed")), "{n:?}");
+    assert!(n.body.contains("fails on purpose"), "{n:?}");
+    f.wait_report(NODE, v2, "rolled_back", LONG).unwrap();
     assert_eq!(system(&f), Some(path));
 }
 
