@@ -489,3 +489,34 @@ fn ten_deploys_keep_two_generations_and_fit_a_small_store_only_through_gc() {
     .unwrap();
     assert_eq!(store_systems(&f), ["g10", "g9"]);
 }
+
+#[test]
+fn with_gc_after_deploy_each_deploy_collects_what_retention_let_go() {
+    require!(preflight());
+    let f = Fleet::new(&[NODE]).unwrap();
+    let cfg = config(
+        &f,
+        json!({ "keep_generations": 1, "gc_after_deploy": true }),
+    );
+    let mut paths = Vec::new();
+    for g in 1..=3 {
+        let (v, path) = publish(&f, g, 1024, &[]);
+        let out = f
+            .node(NODE)
+            .run_agent(&agent_args(&f, &cfg, true), &[])
+            .unwrap();
+        assert_eq!(out.status.code(), Some(0), "generation {g}");
+        let r = f.wait_report(NODE, v, "success", LONG).unwrap();
+        if g > 1 {
+            assert_eq!(r["generations_removed"], 1, "{r:#}");
+            assert!(
+                r["gc_freed_bytes"].as_u64().unwrap() >= 1 << 20,
+                "the previous system's blob was collected: {r:#}"
+            );
+        }
+        paths.push(path);
+    }
+    assert_eq!(generations(&f), vec![3]);
+    assert!(!in_store(&f, &paths[0]) && !in_store(&f, &paths[1]));
+    assert!(in_store(&f, &paths[2]));
+}
