@@ -2,6 +2,7 @@
 //! generations, recovery at start of a deploy a crash interrupted, and the operator's
 //! `roost-agent rollback`.
 
+use std::collections::BTreeSet;
 use std::time::Duration;
 
 use roost_common::nix::profiles;
@@ -24,8 +25,9 @@ fn with_notes(notes: &[String]) -> String {
 }
 
 impl Agent {
-    /// A deploy that began switching failed: roll back (unless auto_rollback is off),
-    /// quarantine the version, record and report.
+    /// A deploy that began switching failed: roll back each switched profile whose
+    /// auto_rollback is on (deploy-rs decides per profile too), quarantine the version,
+    /// record and report.
     pub(super) async fn fail_and_roll_back(
         &mut self,
         m: &Manifest,
@@ -38,12 +40,40 @@ impl Agent {
         tracing::error!(version = %m.version, phase = step.as_str(), "deploy failed: {message}");
         // deploy-rs rolls back a failed magic-rollback confirmation whatever autoRollback says:
         // the switch cut the node off, and staying there would leave it unreachable.
-        let auto = m.profiles.iter().all(|p| p.auto_rollback) || failure.is_magic_rollback();
-        let (state, message) = if auto {
-            match self.roll_back_pending(Some(m)).await {
-                Ok(notes) => (
+        let keep: BTreeSet<String> = if failure.is_magic_rollback() {
+            BTreeSet::new()
+        } else {
+            m.profiles
+                .iter()
+                .filter(|p| !p.auto_rollback)
+                .map(|p| p.name.to_string())
+                .collect()
+        };
+        let switched: Vec<String> = self
+            .state
+            .pending
+            .iter()
+            .flat_map(|p| p.profiles.iter().filter(|pp| pp.switched))
+            .map(|pp| pp.name.clone())
+            .collect();
+        let kept: Vec<&str> = switched
+            .iter()
+            .filter(|n| keep.contains(*n))
+            .map(String::as_str)
+            .collect();
+        let (state, message) = if kept.len() < switched.len() || keep.is_empty() {
+            match self.roll_back_pending(Some(m), &keep).await {
+                Ok(notes) if kept.is_empty() => (
                     ReportState::RolledBack,
                     format!("{message}{}", with_notes(&notes)),
+                ),
+                Ok(notes) => (
+                    ReportState::Failed,
+                    format!(
+                        "{message}{}; auto_rollback is off for {}: it stays on the new version",
+                        with_notes(&notes),
+                        kept.join(", ")
+                    ),
                 ),
                 Err(e) => (
                     ReportState::Failed,
@@ -69,9 +99,11 @@ impl Agent {
     /// whose activation runs again. A profile that had no generation before this deploy
     /// loses its link and the generation this deploy made: it is back to not existing.
     /// Returns notes on what could not be re-activated.
+    /// Profiles named in `keep` stay as they are.
     async fn roll_back_pending(
         &mut self,
         m: Option<&Manifest>,
+        keep: &BTreeSet<String>,
     ) -> Result<Vec<String>, RollbackFailed> {
         fault::point("rollback");
         self.set_phase(Phase::RollingBack);
@@ -80,7 +112,12 @@ impl Agent {
         };
         let mut errors = Vec::new();
         let mut notes = Vec::new();
-        for pp in pending.profiles.iter().rev().filter(|p| p.switched) {
+        for pp in pending
+            .profiles
+            .iter()
+            .rev()
+            .filter(|p| p.switched && !keep.contains(&p.name))
+        {
             let spec = pp.previous_spec.clone().or_else(|| {
                 m.or(self.state.desired.as_ref()).and_then(|m| {
                     m.profiles
@@ -205,7 +242,7 @@ impl Agent {
                     .await
             }
             None => {
-                let (st, msg) = match self.roll_back_pending(None).await {
+                let (st, msg) = match self.roll_back_pending(None, &BTreeSet::new()).await {
                     Ok(notes) => (
                         ReportState::RolledBack,
                         format!(

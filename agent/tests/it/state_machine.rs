@@ -275,6 +275,52 @@ async fn without_auto_rollback_a_failure_stays_on_the_new_version_and_says_so() 
     assert!(agent.state().quarantined.contains(&2));
 }
 
+#[tokio::test]
+async fn each_profile_rolls_back_by_its_own_auto_rollback_as_in_deploy_rs() {
+    let w = World::new();
+    let mut agent = w.agent(vec![]);
+    let home_link = w.dir.path().join("profiles/home");
+    let home = |name: &str, extra: Value| {
+        let mut p = w.profile(name, extra);
+        p["name"] = json!("home");
+        p["profile_path"] = json!(home_link);
+        p
+    };
+    let home_at = || {
+        profiles::current(&home_link)
+            .unwrap()
+            .map(|g| g.target.display().to_string())
+    };
+    agent
+        .handle_manifest(
+            &w.signed(
+                1,
+                vec![w.profile("sys-1", json!({})), home("home-1", json!({}))],
+            ),
+            None,
+        )
+        .await;
+    // `home` keeps what it gets (auto_rollback off); the system's check fails.
+    let v2 = vec![
+        w.profile("sys-2", failing_check()),
+        home("home-2", json!({"auto_rollback": false})),
+    ];
+    agent.handle_manifest(&w.signed(2, v2), None).await;
+    assert_eq!(
+        w.current(),
+        Some((1, fake_store_path("sys-1"))),
+        "system rolled back"
+    );
+    assert_eq!(home_at(), Some(fake_store_path("home-2")), "home stays");
+    let last = w.reports().pop().unwrap().1;
+    assert_eq!(
+        last["state"], "failed",
+        "not every profile went back: {last}"
+    );
+    let msg = last["error"]["message"].as_str().unwrap();
+    assert!(msg.contains("auto_rollback is off for home"), "{msg}");
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_closure_missing_from_the_cache_is_deferred_reported_once_and_retried() {
     let w = World::new();
