@@ -191,13 +191,10 @@ impl Poller {
                         errors.push(format!("{base}: manifest is over the size limit"));
                         continue;
                     }
-                    match r.bytes().await {
-                        Ok(b) if b.len() <= MAX_MANIFEST_BYTES => {
-                            return Poll::New(b.to_vec(), etag);
-                        }
-                        Ok(b) => errors.push(format!(
-                            "{base}: manifest of {} bytes is over the limit",
-                            b.len()
+                    match read_capped(r, MAX_MANIFEST_BYTES).await {
+                        Ok(Some(b)) => return Poll::New(b, etag),
+                        Ok(None) => errors.push(format!(
+                            "{base}: manifest over the limit of {MAX_MANIFEST_BYTES} bytes"
                         )),
                         Err(e) => errors.push(format!("{base}: {}", error_chain(&e))),
                     }
@@ -224,6 +221,22 @@ impl Poller {
         }
         false
     }
+}
+
+/// Reads a body chunk by chunk and stops as soon as it passes `cap` bytes, whatever the
+/// framing (a chunked body has no length to check first): `None` when it is over.
+pub async fn read_capped(
+    mut r: reqwest::Response,
+    cap: usize,
+) -> Result<Option<Vec<u8>>, reqwest::Error> {
+    let mut body = Vec::new();
+    while let Some(chunk) = r.chunk().await? {
+        if body.len() + chunk.len() > cap {
+            return Ok(None);
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(Some(body))
 }
 
 /// reqwest's errors hide the useful part (connection refused, timed out) in their sources.

@@ -1041,3 +1041,75 @@ async fn a_deferred_manifest_that_expires_is_not_applied_late() {
             .contains("expired")
     );
 }
+
+#[tokio::test]
+async fn a_chunked_manifest_body_is_cut_off_at_the_cap_not_read_to_its_end() {
+    use std::io::{BufRead, BufReader, Write};
+    use std::sync::atomic::{AtomicU64, Ordering};
+    // A coordinator that answers with a chunked body of up to 1 GiB: no Content-Length to
+    // refuse it by.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let sent = Arc::new(AtomicU64::new(0));
+    let server = {
+        let sent = sent.clone();
+        std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            let mut r = BufReader::new(s.try_clone().unwrap());
+            let mut line = String::new();
+            while r.read_line(&mut line).unwrap() > 0 && line != "\r\n" {
+                line.clear();
+            }
+            let head = "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\netag: \"big\"\r\n\r\n";
+            s.write_all(head.as_bytes()).unwrap();
+            let chunk = vec![b'x'; 64 * 1024];
+            let frame = [format!("{:x}\r\n", chunk.len()).as_bytes(), &chunk, b"\r\n"].concat();
+            while sent.load(Ordering::SeqCst) < 1 << 30 {
+                if s.write_all(&frame).is_err() {
+                    break;
+                }
+                sent.fetch_add(chunk.len() as u64, Ordering::SeqCst);
+            }
+        })
+    };
+    let w = World::new();
+    let mut agent = w.agent(vec![url]);
+    let r = roost_agent::daemon::cycle(&mut agent, None).await;
+    assert!(r.poll.contains("over the limit"), "{}", r.poll);
+    drop(agent);
+    tokio::task::spawn_blocking(move || server.join().unwrap())
+        .await
+        .unwrap();
+    let sent = sent.load(Ordering::SeqCst);
+    // What the socket buffers held besides the 256 KiB read: a few MiB at most, not 1 GiB.
+    assert!(
+        sent < 32 << 20,
+        "the agent read {sent} bytes of a body capped at 256 KiB"
+    );
+}
+
+#[tokio::test]
+async fn a_manifest_refused_as_expired_by_a_clock_jump_is_applied_once_the_clock_is_right() {
+    let c = TestCoordinator::start();
+    let w = World::new();
+    let clock = Arc::new(ShiftedClock::new(0));
+    let mut agent = w.agent_with_clock(vec![c.url()], clock.clone());
+    c.publish(&w.signed(1, vec![w.profile("a", json!({}))]));
+    // The wall clock jumps a year ahead: the manifest (valid for a day) is refused.
+    clock.shift(365 * 86400);
+    let r = roost_agent::daemon::cycle(&mut agent, None).await;
+    assert_eq!(r.verdict, Verdict::NotConverged);
+    assert_eq!(agent.last_manifest_refused(), Some("expired"));
+    // Polled again, it is fetched again (not a 304 for its own ETag), and not as news.
+    let r = roost_agent::daemon::cycle(&mut agent, None).await;
+    assert_eq!(r.poll, "manifest refused (expired)", "not fetched again");
+    assert!(
+        !r.held,
+        "a refused manifest fetched again made the agent poll at once"
+    );
+    // The clock is set right: the same manifest, no new publish, no restart, is applied.
+    clock.shift(-365 * 86400);
+    let r = roost_agent::daemon::cycle(&mut agent, None).await;
+    assert_eq!(r.verdict, Verdict::Converged);
+    assert_eq!(w.current().unwrap().1, fake_store_path("a"));
+}
