@@ -148,7 +148,7 @@ let
     if !isAttrs r' then
       [ "${where}: expected an attribute set, got ${show r'}" ]
     else
-      unknown where [ "nodeKey" "system" "healthChecks" "activation" "wave" "rollout" ] r
+      unknown where [ "nodeKey" "system" "healthChecks" "activation" "wave" "rollout" "applyWindow" ] r
       ++ (
         if r ? nodeKey then
           if level == "profile" then
@@ -159,6 +159,14 @@ let
           [ ]
       )
       ++ (if r ? system then str "${where}.system" r.system else [ ])
+      ++ (
+        if r ? applyWindow then
+          expect (
+            w: isString w || (isList w && all isString w)
+          ) "a window like \"Mon-Fri 12:00-13:00\", or a list of them" "${where}.applyWindow" r.applyWindow
+        else
+          [ ]
+      )
       ++ (
         if r ? wave then
           if level == "profile" then

@@ -54,11 +54,15 @@ pub async fn cycle(agent: &mut Agent, wait: Option<u64>) -> CycleResult {
 /// queued reports are sent.
 pub async fn apply(agent: &mut Agent, poll: Poll, wait: Option<u64>) -> CycleResult {
     let text = poll.describe();
+    let is_new = matches!(poll, Poll::New(..));
     let held = match &poll {
         Poll::NotModified => wait.is_some(),
         Poll::New(..) => agent.last_poll_fresh(),
         _ => false,
     };
+    if !matches!(poll, Poll::Unreachable(_)) {
+        agent.note_manifest_presence(poll == Poll::NoManifest);
+    }
     let (verdict, reachable) = match poll {
         // Idle: no disk write, no Nix call unless a deploy is still due (deferred).
         Poll::NotModified => (agent.deploy_if_needed().await, true),
@@ -73,6 +77,11 @@ pub async fn apply(agent: &mut Agent, poll: Poll, wait: Option<u64>) -> CycleRes
     if reachable {
         agent.flush_reports().await;
     }
+    // "new manifest" would hide that it was refused (`status` shows why).
+    let text = match (is_new, agent.last_manifest_refused()) {
+        (true, Some(code)) => format!("manifest refused ({code})"),
+        _ => text,
+    };
     CycleResult {
         verdict,
         held: held && agent.long_poll_offered(),
@@ -92,9 +101,13 @@ pub fn next_delay(agent: &Agent, r: &CycleResult, failures: u32) -> Duration {
     } else {
         jitter(interval)
     };
-    if r.verdict == Verdict::NotConverged && agent.has_work() {
+    if r.verdict == Verdict::NotConverged && agent.has_work() && agent.waiting().is_none() {
         // A deferred deploy (closure not in the cache yet, no space): retry sooner.
         delay = delay.min(jitter(backoff(agent.deferred()).min(interval)));
+    }
+    if let Some(wake) = agent.until_wake() {
+        // A window opens or a deferral ends: be there (docs/protocol.md §7.13).
+        delay = delay.min(wake);
     }
     delay
 }
@@ -123,7 +136,12 @@ pub async fn run(
         .clamp(1, roost_common::wire::v1::http::MAX_WAIT_S);
     tokio::pin!(shutdown);
     loop {
-        let wait = agent.long_poll_offered().then_some(long_wait);
+        // A held poll ends when a window opens or a deferral ends, so the deploy is on time.
+        let wait = agent.long_poll_offered().then(|| {
+            agent
+                .until_wake()
+                .map_or(long_wait, |d| d.as_secs().clamp(1, long_wait))
+        });
         agent.progress().within(Duration::from_secs(long_wait + 30));
         // A stop request ends a poll at once but never a deploy: that finishes (under its
         // own hard timeouts) so the node is not left half switched.

@@ -23,6 +23,8 @@ pub struct Settings {
     pub blob_kib: Vec<(&'static str, u64)>,
     /// Per node: a URL that must answer 2xx.
     pub http_checks: Vec<(&'static str, String)>,
+    /// Per node: its `roost.nodeKey` (`NAME:BASE64`); none: trust on first use.
+    pub node_keys: Vec<(&'static str, String)>,
 }
 
 impl Default for Settings {
@@ -32,6 +34,7 @@ impl Default for Settings {
             behaviour: vec![],
             blob_kib: vec![],
             http_checks: vec![],
+            node_keys: vec![],
         }
     }
 }
@@ -104,15 +107,21 @@ impl Fleet {
             .iter()
             .map(|(k, v)| (*k, format!("[ \"{v}\" ]")))
             .collect();
+        let keys: Vec<(&str, String)> = s
+            .node_keys
+            .iter()
+            .map(|(k, v)| (*k, format!("\"{v}\"")))
+            .collect();
         self.edit(
             "settings.nix",
             &format!(
-                "{{\n  system = \"{}-linux\";\n  generation = {};\n  behaviour = {{ {} }};\n  blobKiB = {{ {} }};\n  httpChecks = {{ {} }};\n}}\n",
+                "{{\n  system = \"{}-linux\";\n  generation = {};\n  behaviour = {{ {} }};\n  blobKiB = {{ {} }};\n  httpChecks = {{ {} }};\n  nodeKeys = {{ {} }};\n}}\n",
                 std::env::consts::ARCH,
                 s.generation,
                 attrs(&behaviour),
                 attrs(&blobs),
-                attrs(&http)
+                attrs(&http),
+                attrs(&keys)
             ),
         )
     }

@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::keys::PublicKey;
 use crate::names::{NodeName, ProfileName, ProfilePath, StorePath, Version};
+use crate::schedule::Window;
 use crate::time::Timestamp;
 
 pub mod http;
@@ -110,6 +111,10 @@ pub struct Profile {
     /// Checks that must pass to confirm.
     #[serde(default)]
     pub health_checks: Vec<HealthCheck>,
+    /// When the node may switch to it, node local time; empty: any time. A node's own
+    /// `apply_windows` wins over these.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub apply_windows: Vec<Window>,
 }
 
 fn default_user() -> String {
@@ -337,6 +342,18 @@ pub struct Report {
     /// names no `node_key` (an addition to DESIGN §6; readers ignore it otherwise).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node_key: Option<PublicKey>,
+    /// A new system is installed and becomes active at the next boot.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub needs_reboot: bool,
+    /// For `deferred`: when the wait ends by itself (a window opens, a deferral ends).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deferred_until: Option<Timestamp>,
+    /// Bytes the garbage collection of this deploy freed, when one ran.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gc_freed_bytes: Option<u64>,
+    /// Old generations removed by retention in this deploy, when any were.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub generations_removed: Option<u64>,
 }
 
 /// The states a report can carry.

@@ -14,6 +14,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use roost_common::nix::{Nix, NixError};
+use roost_common::schedule::Window;
 use roost_common::wire::v1::{Activation, Fraction, HealthCheck, Profile, Source};
 use roost_common::{NodeName, ProfileName, ProfilePath, PublicKey, StorePath};
 use serde_json::{Map, Value};
@@ -123,6 +124,7 @@ pub struct ProfileSpec {
     auto_rollback: bool,
     magic_rollback: bool,
     health_checks: Vec<HealthCheck>,
+    apply_windows: Vec<Window>,
 }
 
 impl ProfileSpec {
@@ -147,6 +149,7 @@ impl ProfileSpec {
             auto_rollback: self.auto_rollback,
             magic_rollback: self.magic_rollback,
             health_checks: self.health_checks.clone(),
+            apply_windows: self.apply_windows.clone(),
         }
     }
 }
@@ -579,7 +582,22 @@ fn node_spec(
                 .map_err(|e| ctx(format!("roost.healthChecks: {e}")))?,
             None => Vec::new(),
         };
+        // One window as a string, or a list of them.
+        let apply_windows = match roost("applyWindow") {
+            None => Vec::new(),
+            Some(Value::String(w)) => vec![w.clone()],
+            Some(v) => serde_json::from_value::<Vec<String>>(v.clone()).map_err(|_| {
+                ctx(format!(
+                    "roost.applyWindow must be a window string or a list of them, not {v}"
+                ))
+            })?,
+        }
+        .iter()
+        .map(|w| w.parse::<Window>())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| ctx(format!("roost.applyWindow: {e}")))?;
         specs.push(ProfileSpec {
+            apply_windows,
             name: pname.parse().map_err(|e| bad(format!("{e}")))?,
             path,
             drv_path,
@@ -698,6 +716,42 @@ mod tests {
             (5, 7, "alice")
         );
         assert_eq!(n.wave, 1);
+    }
+
+    #[test]
+    fn apply_windows_come_from_the_nearest_level_and_are_checked() {
+        let n = node(json!({
+            "profileNames": ["home", "system"],
+            "settings": { "roost": { "applyWindow": ["Mon-Fri 12:00-13:00", "Sat 00:00-24:00"] } },
+            "profiles": {
+                "home": { "path": P2, "system": "x86_64-linux", "settings": { "roost": { "applyWindow": "22:00-06:00" } } },
+                "system": { "path": P1, "system": "x86_64-linux", "settings": {} }
+            }
+        }))
+        .unwrap();
+        let w = |i: usize| -> Vec<String> {
+            n.profiles[i]
+                .apply_windows
+                .iter()
+                .map(|w| w.to_string())
+                .collect()
+        };
+        assert_eq!(w(0), ["22:00-06:00"], "home: its own");
+        assert_eq!(
+            w(1),
+            ["Mon-Fri 12:00-13:00", "Sat 00:00-24:00"],
+            "system: the node's"
+        );
+        let e = node(json!({
+            "profileNames": ["system"],
+            "profiles": { "system": { "path": P1, "system": "x86_64-linux",
+                "settings": { "roost": { "applyWindow": "Mon 25:00-26:00" } } } }
+        }))
+        .unwrap_err();
+        assert!(
+            e.contains("roost.applyWindow") && e.contains("25:00"),
+            "{e}"
+        );
     }
 
     fn bare(deploy: Value, n: Value) -> Result<NodeSpec, String> {

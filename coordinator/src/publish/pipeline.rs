@@ -354,7 +354,7 @@ async fn build(
     );
     let mut build_error: Option<NixError> = None;
     if !drvs.is_empty() {
-        let n = nix.clone();
+        let n = stage.nix(nix);
         build_error = blocking(move || {
             let caret = caret_installables(&n);
             let installables: Vec<String> = drvs
@@ -497,7 +497,7 @@ async fn copy(
         format!("copying {} closure(s) to {cache}", local.len()),
     );
     if let Some(k) = &opts.cache_key {
-        let (n, key, p) = (nix.clone(), k.clone(), local.to_vec());
+        let (n, key, p) = (stage.nix(nix), k.clone(), local.to_vec());
         blocking(move || n.sign(&key, &p))
             .await
             .map_err(|source| PublishError::Nix {
@@ -505,7 +505,7 @@ async fn copy(
                 source,
             })?;
     }
-    let (n, c, p) = (nix.clone(), cache.to_owned(), local.to_vec());
+    let (n, c, p) = (stage.nix(nix), cache.to_owned(), local.to_vec());
     let Err(whole) = blocking(move || n.copy_to(&c, &p)).await else {
         stage.done(format!("copied {} closure(s) to {cache}", local.len()));
         return copy_derivations(opts, nix, cache, specs, results).await;
@@ -528,7 +528,7 @@ async fn copy(
             results.insert(node.clone(), NodeResult::failed(&node, msg));
             continue;
         }
-        let (n, c) = (nix.clone(), cache.to_owned());
+        let (n, c) = (stage.nix(nix), cache.to_owned());
         match blocking(move || n.copy_to(&c, &mine)).await {
             Ok(()) => copied_any = true,
             Err(e) => {
@@ -574,7 +574,7 @@ async fn copy_derivations(
         ),
     );
     let (n, c, key, d) = (
-        nix.clone(),
+        stage.nix(nix),
         cache.to_owned(),
         opts.cache_key.clone(),
         drvs.clone(),
