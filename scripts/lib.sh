@@ -37,7 +37,7 @@ warn-dirty = false"
 }
 
 # Namespaces, veth pairs and traffic shaping for the fleet tests and the demo; git for the
-# demo's commit; openssl for the TLS tests' certificates.
+# demo's commit; openssl for the TLS tests' certificates; dbus-daemon for the laptop tests.
 ensure_tools() {
   local missing=()
   command -v unshare >/dev/null 2>&1 || missing+=(util-linux)
@@ -45,6 +45,8 @@ ensure_tools() {
   command -v ip >/dev/null 2>&1 || missing+=(iproute2)
   command -v git >/dev/null 2>&1 || missing+=(git)
   command -v openssl >/dev/null 2>&1 || missing+=(openssl)
+  # A private bus for the laptop tests' fake NetworkManager and notification listener.
+  command -v dbus-daemon >/dev/null 2>&1 || missing+=(dbus-daemon)
   # The VM tests (tests/tests/vm.rs): a Debian guest made with mmdebstrap, booted by QEMU.
   command -v mmdebstrap >/dev/null 2>&1 || missing+=(mmdebstrap)
   command -v qemu-system-x86_64 >/dev/null 2>&1 || missing+=(qemu-system-x86)

@@ -58,7 +58,7 @@ pub enum Cmd {
         poll: PollArgs,
         /// Poll and apply once, then exit: 0 when converged or there is nothing to do,
         /// 1 when the manifest was rejected, the deploy failed, was rolled back or deferred,
-        /// or no coordinator answered.
+        /// the coordinator has no manifest for this node, or no coordinator answered.
         #[arg(long)]
         once: bool,
     },
@@ -496,7 +496,14 @@ async fn run_once(agent: &mut Agent) -> u8 {
     if left > 0 {
         eprintln!("{left} report(s) queued for later delivery");
     }
-    if r.reachable {
+    if r.reachable && agent.coordinator_has_no_manifest() {
+        let node = &agent.config().node;
+        println!(
+            "the coordinator has no manifest for node `{node}`: nothing is deployed until one \
+             is published for this name (is it in the flake's deploy.nodes, spelt so?)"
+        );
+        FAILED
+    } else if r.reachable {
         print_outcome(agent, r.verdict);
         exit_code(r.verdict)
     } else {
@@ -566,5 +573,41 @@ pub fn describe_config(c: &Config) -> String {
             BuildPolicy::Build => "build",
         },
         humantime::format_duration(c.realise_timeout),
+    ) + &describe_laptop(&c.laptop)
+}
+
+/// The laptop and Pi settings, for `check-config`.
+fn describe_laptop(l: &crate::config::Laptop) -> String {
+    use roost_common::size::human_bytes;
+    format!(
+        "apply windows {}\npower         wait on battery {}\nmetered       downloads over {} wait\n\
+         system goal   {}\nmax defer     {}\nretention     {} healthy generation(s); GC {}\n\
+         metrics file  {}\nnotifications {}\n",
+        if l.apply_windows.is_empty() {
+            "(none of its own: the manifest's, else any time)".into()
+        } else {
+            l.apply_windows.to_string()
+        },
+        if l.power.defer_on_battery {
+            "always".to_owned()
+        } else {
+            format!("below {} %", l.power.min_battery_percent)
+        },
+        human_bytes(l.metered_max_download),
+        match l.system_goal {
+            crate::config::SystemGoal::Switch => "switch",
+            crate::config::SystemGoal::Boot => "boot (active after the next reboot)",
+        },
+        humantime::format_duration(l.max_defer),
+        l.keep_generations,
+        match (l.gc_after_deploy, l.gc_min_free) {
+            (true, _) => "after every deploy".to_owned(),
+            (false, Some(min)) => format!("after a deploy below {} free", human_bytes(min)),
+            (false, None) => "only to make room for a download".to_owned(),
+        },
+        l.metrics_file
+            .as_ref()
+            .map_or_else(|| "(none)".into(), |p| p.display().to_string()),
+        if l.notifications { "on" } else { "off" },
     )
 }

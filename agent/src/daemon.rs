@@ -54,11 +54,15 @@ pub async fn cycle(agent: &mut Agent, wait: Option<u64>) -> CycleResult {
 /// queued reports are sent.
 pub async fn apply(agent: &mut Agent, poll: Poll, wait: Option<u64>) -> CycleResult {
     let text = poll.describe();
+    let is_new = matches!(poll, Poll::New(..));
     let held = match &poll {
         Poll::NotModified => wait.is_some(),
         Poll::New(..) => agent.last_poll_fresh(),
         _ => false,
     };
+    if !matches!(poll, Poll::Unreachable(_)) {
+        agent.note_manifest_presence(poll == Poll::NoManifest);
+    }
     let (verdict, reachable) = match poll {
         // Idle: no disk write, no Nix call unless a deploy is still due (deferred).
         Poll::NotModified => (agent.deploy_if_needed().await, true),
@@ -73,6 +77,11 @@ pub async fn apply(agent: &mut Agent, poll: Poll, wait: Option<u64>) -> CycleRes
     if reachable {
         agent.flush_reports().await;
     }
+    // "new manifest" would hide that it was refused (`status` shows why).
+    let text = match (is_new, agent.last_manifest_refused()) {
+        (true, Some(code)) => format!("manifest refused ({code})"),
+        _ => text,
+    };
     CycleResult {
         verdict,
         held: held && agent.long_poll_offered(),

@@ -25,8 +25,15 @@ pub struct Waiting {
     /// When the wait ends by itself, when known.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub until: Option<Timestamp>,
-    /// For people, as of when it was recorded.
-    pub message: String,
+    /// For people, without the time left (`waiting for window Mon-Fri 12:00-13:00`).
+    pub summary: String,
+}
+
+impl Waiting {
+    /// For people, at `now`: the summary with the time left.
+    pub fn message(&self, now: Timestamp) -> String {
+        crate::gate::with_time_left(&self.kind, &self.summary, self.until, now)
+    }
 }
 
 /// The laptop part of `state.json` (its keys sit at the top level).

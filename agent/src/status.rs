@@ -10,12 +10,14 @@ use std::time::Duration;
 
 use roost_common::nix::profiles;
 use roost_common::time::human_duration;
-use roost_common::wire::v1::{Manifest, Source};
+use roost_common::wire::v1::{Activation, Manifest, Source};
 use roost_common::{ProfileName, StorePath, Timestamp, Version};
 use serde::{Deserialize, Serialize};
 
 use crate::activate::default_profile_path;
-use crate::state::{DeployRecord, Pending, Phase, Snapshot, StateDir};
+use crate::laptop;
+use crate::retention::GcRecord;
+use crate::state::{DeployRecord, Pending, Phase, RefusedManifest, Snapshot, StateDir};
 
 /// Where this node stands: what `roost-agent status --json` prints, and what the daemon's
 /// status socket serves (the CLI reads it back as this type).
@@ -61,6 +63,38 @@ pub struct StatusDoc {
     pub pending_reports: Vec<u64>,
     /// Versions that failed here.
     pub quarantined: BTreeSet<u64>,
+    /// The last manifest this node refused, and why.
+    #[serde(default)]
+    pub last_refused: Option<RefusedManifest>,
+    /// At the last poll that reached a coordinator, it had no manifest for this node.
+    #[serde(default)]
+    pub coordinator_has_no_manifest: bool,
+    /// What the desired version waits for (a window, power, a metered network, the user's
+    /// deferral), with the time left as of this document.
+    #[serde(default)]
+    pub waiting: Option<WaitingView>,
+    /// The user's deferral (`roost-agent defer`), while it lasts.
+    #[serde(default)]
+    pub deferred_until: Option<Timestamp>,
+    /// The applied system is installed for the next boot and not running yet.
+    #[serde(default)]
+    pub needs_reboot: bool,
+    /// The last garbage collection.
+    #[serde(default)]
+    pub last_gc: Option<GcRecord>,
+}
+
+/// Why the desired version waits.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WaitingView {
+    /// The version that waits.
+    pub version: u64,
+    /// `window`, `power`, `metered` or `defer`.
+    pub kind: String,
+    /// When the wait ends by itself, when known.
+    pub until: Option<Timestamp>,
+    /// For people: `waiting for window Mon-Fri 12:00-13:00 (opens in 3h12m)`.
+    pub message: String,
 }
 
 /// One desired profile: its link, where it points, and whether that is the desired path.
@@ -119,7 +153,30 @@ pub fn document(dir: &Path, live: Option<Snapshot>) -> anyhow::Result<StatusDoc>
     let snap = live.or_else(|| sd.load_snapshot());
     let snap = snap.as_ref();
     let desired = state.desired.as_ref();
+    let now = Timestamp::now();
+    let waiting = state
+        .laptop
+        .waiting
+        .as_ref()
+        .filter(|w| desired.map(|m| m.version.0) == Some(w.version))
+        .filter(|_| state.current_version != desired.map(|m| m.version))
+        .map(|w| WaitingView {
+            version: w.version,
+            kind: w.kind.clone(),
+            until: w.until,
+            message: w.message(now),
+        });
+    let needs_reboot = state.applied.as_ref().is_some_and(|m| {
+        m.profiles
+            .iter()
+            .filter(|p| matches!(p.activation, Activation::Nixos { .. }))
+            .any(|p| laptop::needs_reboot(&default_profile_path(p), Path::new(BOOTED_SYSTEM)))
+    });
     Ok(StatusDoc {
+        waiting,
+        deferred_until: laptop::read_defer(dir).filter(|t| *t > now),
+        needs_reboot,
+        last_gc: state.laptop.last_gc,
         node: desired.map(|m| m.node.to_string()),
         state_dir: dir.to_owned(),
         daemon_running: running,
@@ -148,8 +205,13 @@ pub fn document(dir: &Path, live: Option<Snapshot>) -> anyhow::Result<StatusDoc>
         pending: state.pending,
         pending_reports: sd.queued_reports().into_iter().map(|(s, _)| s).collect(),
         quarantined: state.quarantined,
+        last_refused: sd.load_refused(),
+        coordinator_has_no_manifest: snap.is_some_and(|s| s.no_manifest),
     })
 }
+
+/// Where NixOS says which system it booted.
+pub const BOOTED_SYSTEM: &str = "/run/booted-system";
 
 /// Asks the running daemon for the status document. `Ok(None)`: no daemon runs.
 pub fn from_daemon(dir: &Path) -> anyhow::Result<Option<StatusDoc>> {
@@ -272,6 +334,55 @@ pub fn render(doc: &StatusDoc) -> String {
             }
         }
     }
+    if let Some(w) = &doc.waiting {
+        let _ = writeln!(o, "WAITING         version {}: {}", w.version, w.message);
+    } else if let Some(t) = doc.deferred_until {
+        let _ = writeln!(
+            o,
+            "deferred        by the user until {t} ({})",
+            ago(Some(t))
+        );
+    }
+    if doc.needs_reboot {
+        let _ = writeln!(
+            o,
+            "REBOOT          version {} is installed, active after the next boot",
+            or_dash(doc.current_version)
+        );
+    }
+    match &doc.last_gc {
+        Some(g) => {
+            let _ = writeln!(
+                o,
+                "last GC         {} freed, {} old generation(s) removed ({})",
+                roost_common::size::human_bytes(g.freed_bytes),
+                g.generations_removed,
+                ago(Some(g.at))
+            );
+        }
+        None => {
+            let _ = writeln!(o, "last GC         none yet");
+        }
+    }
+    if doc.coordinator_has_no_manifest {
+        let _ = writeln!(
+            o,
+            "NO MANIFEST     the coordinator has no manifest for this node: nothing is deployed \
+             until one is published for its name (is it in the flake's deploy.nodes?)"
+        );
+    }
+    if let Some(r) = &doc.last_refused {
+        let version = r
+            .claimed_version
+            .map_or(String::new(), |v| format!(" version {v}"));
+        let _ = writeln!(
+            o,
+            "last refused    manifest{version} ({}): {}: {}",
+            ago(Some(r.at)),
+            r.code,
+            r.message
+        );
+    }
     if let Some(p) = &doc.pending {
         let _ = writeln!(
             o,
@@ -344,7 +455,70 @@ mod tests {
             pending: None,
             pending_reports: vec![],
             quarantined: BTreeSet::new(),
+            waiting: None,
+            deferred_until: None,
+            needs_reboot: false,
+            last_gc: None,
+            last_refused: None,
+            coordinator_has_no_manifest: false,
         }
+    }
+
+    #[test]
+    fn a_wait_a_pending_reboot_and_the_last_gc_are_shown() {
+        let mut d = doc(None, None);
+        d.waiting = Some(WaitingView {
+            version: 7,
+            kind: "window".into(),
+            until: None,
+            message: "waiting for window Mon-Fri 12:00-13:00 (opens in 3h12m)".into(),
+        });
+        d.needs_reboot = true;
+        d.current_version = Some(Version(7));
+        d.last_gc = Some(GcRecord {
+            at: Timestamp::now(),
+            freed_bytes: 3 << 30,
+            generations_removed: 2,
+        });
+        let out = render(&d);
+        assert!(
+            out.contains(
+                "WAITING         version 7: waiting for window Mon-Fri 12:00-13:00 (opens in 3h12m)"
+            ),
+            "{out}"
+        );
+        assert!(
+            out.contains("version 7 is installed, active after the next boot"),
+            "{out}"
+        );
+        assert!(
+            out.contains("3.0 GiB freed, 2 old generation(s) removed"),
+            "{out}"
+        );
+    }
+
+    #[test]
+    fn a_refused_manifest_and_a_missing_one_are_said_plainly() {
+        let mut d = doc(None, None);
+        d.coordinator_has_no_manifest = true;
+        d.last_refused = Some(RefusedManifest {
+            at: Timestamp::now(),
+            code: "expired".into(),
+            message: "manifest expired at 2026-11-01T00:00:00Z".into(),
+            claimed_version: Some(12),
+        });
+        let out = render(&d);
+        assert!(
+            out.contains("NO MANIFEST     the coordinator has no manifest"),
+            "{out}"
+        );
+        assert!(
+            out.contains(
+                "last refused    manifest version 12 (0 seconds ago): expired: manifest expired"
+            ),
+            "{out}"
+        );
+        assert!(!render(&doc(None, None)).contains("refused"));
     }
 
     #[test]

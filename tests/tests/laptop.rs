@@ -22,12 +22,20 @@ const LONG: Duration = Duration::from_secs(120);
 /// Publishes generation `generation` (with `blob_kib` of data in the system); returns the
 /// version and the system's store path.
 fn publish(f: &Fleet, generation: u32, blob_kib: u64, extra: &[&str]) -> (u64, String) {
-    f.settings(&Settings {
-        generation,
-        blob_kib: vec![(NODE, blob_kib)],
-        ..Settings::default()
-    })
-    .unwrap();
+    publish_settings(
+        f,
+        &Settings {
+            generation,
+            blob_kib: vec![(NODE, blob_kib)],
+            ..Settings::default()
+        },
+        extra,
+    )
+}
+
+/// Publishes the fixture with `settings`; returns the version and the system's store path.
+fn publish_settings(f: &Fleet, settings: &Settings, extra: &[&str]) -> (u64, String) {
+    f.settings(settings).unwrap();
     let mut cmd = f.publish_command(&[&format!("#{NODE}")]);
     cmd.args(extra);
     let out = cmd.output().unwrap();
@@ -112,11 +120,17 @@ fn outside_its_window_a_manifest_is_downloaded_ahead_and_applied_when_the_window
         "the closure is fetched ahead of the window"
     );
     assert_eq!(system(&f), None, "nothing is switched outside the window");
-    let st: Value = serde_json::from_slice(
-        &std::fs::read(f.node(NODE).state_dir().join("state.json")).unwrap(),
-    )
-    .unwrap();
+    let st = f.node(NODE).status_json().unwrap();
     assert_eq!(st["waiting"]["kind"], "window", "{st:#}");
+    assert!(
+        st["waiting"]["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("waiting for window 12:00-13:00 (opens in "),
+        "{st:#}"
+    );
+    let text = f.node(NODE).status_text().unwrap();
+    assert!(text.contains("WAITING         version"), "{text}");
     f.wait_report(NODE, v1, "success", LONG).unwrap();
     assert_eq!(system(&f), Some(path.clone()));
     assert_eq!(
@@ -134,9 +148,22 @@ fn on_battery_below_the_charge_a_deploy_waits_without_downloading_and_mains_resu
     fake_power_supply(&power, false, 20).unwrap();
     f.node_mut(NODE).bind(&power, "/sys/class/power_supply");
     let (v1, path) = publish(&f, 1, 0, &[]);
-    let cfg = config(&f, json!({ "min_battery_percent": 30 }));
+    let metrics = f.node(NODE).dir.join("textfile/roost.prom");
+    let cfg = config(
+        &f,
+        json!({ "min_battery_percent": 30, "metrics_file": metrics }),
+    );
     start(&mut f, &cfg, &[]);
     let r = wait_deferred(&f, v1, "power");
+    let text = std::fs::read_to_string(&metrics).unwrap();
+    assert!(
+        text.contains("roost_agent_deferred{reason=\"power\"} 1\n"),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!("roost_agent_desired_version {v1}\n")),
+        "{text}"
+    );
     assert!(
         r["error"]["message"]
             .as_str()
@@ -151,6 +178,20 @@ fn on_battery_below_the_charge_a_deploy_waits_without_downloading_and_mains_resu
     fake_power_supply(&power, true, 20).unwrap();
     f.wait_report(NODE, v1, "success", LONG).unwrap();
     assert_eq!(system(&f), Some(path));
+    let text = std::fs::read_to_string(&metrics).unwrap();
+    assert!(
+        text.contains("roost_agent_state{state=\"success\"} 1\n"),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!("roost_agent_current_version {v1}\n")),
+        "{text}"
+    );
+    assert!(text.contains("roost_agent_deferred 0\n"), "{text}");
+    assert!(
+        text.contains("roost_agent_last_successful_poll_timestamp_seconds "),
+        "{text}"
+    );
 }
 
 #[test]
@@ -279,10 +320,16 @@ fn the_boot_goal_installs_for_the_next_boot_and_says_a_reboot_is_pending() {
     assert_eq!(system(&f), Some(path));
     let r = f.wait_report(NODE, v1, "success", LONG).unwrap();
     assert_eq!(r["needs_reboot"], true, "{r:#}");
+    assert_eq!(f.node(NODE).status_json().unwrap()["needs_reboot"], true);
+    let text = f.node(NODE).status_text().unwrap();
+    assert!(
+        text.contains("is installed, active after the next boot"),
+        "{text}"
+    );
 }
 
 #[test]
-fn users_are_told_on_their_session_bus_when_a_version_waits_and_when_it_is_applied() {
+fn users_are_told_on_their_session_bus_when_a_version_waits_is_applied_or_is_rolled_back() {
     require!(preflight());
     require!(roost_preflight::tools(&["dbus-daemon"]));
     let mut f = Fleet::new(&[NODE]).unwrap();
@@ -313,6 +360,23 @@ fn users_are_told_on_their_session_bus_when_a_version_waits_and_when_it_is_appli
         n.body.contains(&format!("Version {v1} is now active")),
         "{n:?}"
     );
+    assert_eq!(system(&f), Some(path.clone()));
+    // A version whose activation fails is rolled back, and the user hears why.
+    let (v2, _) = publish_settings(
+        &f,
+        &Settings {
+            generation: 2,
+            behaviour: vec![(NODE, "fail")],
+            ..Settings::default()
+        },
+        &[],
+    );
+    let n = listener
+        .wait_for("System update rolled back", LONG)
+        .unwrap();
+    assert!(n.body.contains(&format!("Version {v2} failed")), "{n:?}");
+    assert!(n.body.contains("fails on purpose"), "{n:?}");
+    f.wait_report(NODE, v2, "rolled_back", LONG).unwrap();
     assert_eq!(system(&f), Some(path));
 }
 
@@ -405,6 +469,12 @@ fn ten_deploys_keep_two_generations_and_fit_a_small_store_only_through_gc() {
         }
     }
     assert!(freed_before_download > 0);
+    let st = f.node(NODE).status_json().unwrap();
+    assert!(
+        st["last_gc"]["freed_bytes"].as_u64().unwrap() >= 8 << 20,
+        "{st:#}"
+    );
+    assert!(f.node(NODE).status_text().unwrap().contains("freed, "));
     assert_eq!(generations(&f), vec![9, 10], "current and one more healthy");
     let kept = store_systems(&f);
     assert!(
@@ -418,4 +488,35 @@ fn ten_deploys_keep_two_generations_and_fit_a_small_store_only_through_gc() {
         .command(Path::new("nix-store"), &["--gc".into()]))
     .unwrap();
     assert_eq!(store_systems(&f), ["g10", "g9"]);
+}
+
+#[test]
+fn with_gc_after_deploy_each_deploy_collects_what_retention_let_go() {
+    require!(preflight());
+    let f = Fleet::new(&[NODE]).unwrap();
+    let cfg = config(
+        &f,
+        json!({ "keep_generations": 1, "gc_after_deploy": true }),
+    );
+    let mut paths = Vec::new();
+    for g in 1..=3 {
+        let (v, path) = publish(&f, g, 1024, &[]);
+        let out = f
+            .node(NODE)
+            .run_agent(&agent_args(&f, &cfg, true), &[])
+            .unwrap();
+        assert_eq!(out.status.code(), Some(0), "generation {g}");
+        let r = f.wait_report(NODE, v, "success", LONG).unwrap();
+        if g > 1 {
+            assert_eq!(r["generations_removed"], 1, "{r:#}");
+            assert!(
+                r["gc_freed_bytes"].as_u64().unwrap() >= 1 << 20,
+                "the previous system's blob was collected: {r:#}"
+            );
+        }
+        paths.push(path);
+    }
+    assert_eq!(generations(&f), vec![3]);
+    assert!(!in_store(&f, &paths[0]) && !in_store(&f, &paths[1]));
+    assert!(in_store(&f, &paths[2]));
 }

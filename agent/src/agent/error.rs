@@ -189,6 +189,15 @@ pub enum DeployFailure {
         /// The confirm timeout.
         confirm_s: u64,
     },
+    /// The deploy's progress could not be saved: it is stopped and rolled back rather than
+    /// go on with a record a crash would be recovered from wrongly.
+    #[error("cannot record {what} in the state folder: {source}")]
+    Save {
+        /// What was to be recorded.
+        what: &'static str,
+        /// Why the write failed.
+        source: std::io::Error,
+    },
     /// Confirmation after a restart of the agent failed.
     #[error("after a restart of the agent: {0}")]
     AfterRestart(Box<DeployFailure>),
@@ -202,10 +211,20 @@ pub enum DeployFailure {
 }
 
 impl DeployFailure {
+    /// Whether it is magic rollback's: the coordinator did not answer again after the switch.
+    pub fn is_magic_rollback(&self) -> bool {
+        match self {
+            DeployFailure::Unreachable { .. } => true,
+            DeployFailure::AfterRestart(f) => f.is_magic_rollback(),
+            _ => false,
+        }
+    }
+
     /// The step it happened in.
     pub fn step(&self) -> Step {
         match self {
             DeployFailure::SetProfile { .. } => Step::SetProfile,
+            DeployFailure::Save { .. } => Step::Record,
             DeployFailure::Activation(_) | DeployFailure::ActivationStopped(_) => Step::Activate,
             DeployFailure::Health { .. }
             | DeployFailure::Unreachable { .. }

@@ -26,8 +26,7 @@ use crate::retention::{self, GcRecord, Keep};
 use crate::schedule::Schedule;
 use crate::state::Phase;
 
-/// Where NixOS says which system it booted.
-const BOOTED_SYSTEM: &str = "/run/booted-system";
+use crate::status::BOOTED_SYSTEM;
 
 /// What the hooks keep in memory.
 #[derive(Debug)]
@@ -172,7 +171,7 @@ impl Agent {
             version,
             kind: wait.kind().to_owned(),
             until: wait.until(),
-            message: message.clone(),
+            summary: wait.summary(),
         });
         self.laptop.conditions.deferred_until = wait.until();
         self.finish(

@@ -354,7 +354,7 @@ async fn build(
     );
     let mut build_error: Option<NixError> = None;
     if !drvs.is_empty() {
-        let n = nix.clone();
+        let n = stage.nix(nix);
         build_error = blocking(move || {
             let caret = caret_installables(&n);
             let installables: Vec<String> = drvs
@@ -497,7 +497,7 @@ async fn copy(
         format!("copying {} closure(s) to {cache}", local.len()),
     );
     if let Some(k) = &opts.cache_key {
-        let (n, key, p) = (nix.clone(), k.clone(), local.to_vec());
+        let (n, key, p) = (stage.nix(nix), k.clone(), local.to_vec());
         blocking(move || n.sign(&key, &p))
             .await
             .map_err(|source| PublishError::Nix {
@@ -505,7 +505,7 @@ async fn copy(
                 source,
             })?;
     }
-    let (n, c, p) = (nix.clone(), cache.to_owned(), local.to_vec());
+    let (n, c, p) = (stage.nix(nix), cache.to_owned(), local.to_vec());
     let Err(whole) = blocking(move || n.copy_to(&c, &p)).await else {
         stage.done(format!("copied {} closure(s) to {cache}", local.len()));
         return copy_derivations(opts, nix, cache, specs, results).await;
@@ -528,7 +528,7 @@ async fn copy(
             results.insert(node.clone(), NodeResult::failed(&node, msg));
             continue;
         }
-        let (n, c) = (nix.clone(), cache.to_owned());
+        let (n, c) = (stage.nix(nix), cache.to_owned());
         match blocking(move || n.copy_to(&c, &mine)).await {
             Ok(()) => copied_any = true,
             Err(e) => {
@@ -574,7 +574,7 @@ async fn copy_derivations(
         ),
     );
     let (n, c, key, d) = (
-        nix.clone(),
+        stage.nix(nix),
         cache.to_owned(),
         opts.cache_key.clone(),
         drvs.clone(),
@@ -716,8 +716,27 @@ fn manifest(
         substituters: opts.substituters.clone(),
         node_key: s.node_key.clone(),
         profiles,
-        rollout: v1::Rollout { wave: s.wave },
+        rollout: v1::Rollout {
+            wave: s.wave,
+            id: None,
+            min_healthy: s.rollout.min_healthy,
+            max_failed: s.rollout.max_failed,
+            bake_time_s: s.rollout.bake_time_s,
+            waves: Vec::new(),
+        },
     }
+}
+
+/// How many of the nodes being published are in each wave, lowest wave first.
+fn wave_plan(specs: &[NodeSpec]) -> Vec<v1::WaveSize> {
+    let mut by_wave: BTreeMap<u32, u32> = BTreeMap::new();
+    for s in specs {
+        *by_wave.entry(s.wave).or_default() += 1;
+    }
+    by_wave
+        .into_iter()
+        .map(|(wave, nodes)| v1::WaveSize { wave, nodes })
+        .collect()
 }
 
 type StagedNode = (String, Result<(NodeResult, Staged), String>);
@@ -734,9 +753,13 @@ async fn stage_all(
     wanted: u64,
 ) -> Vec<StagedNode> {
     let key = Arc::new(opts.key.clone());
+    let plan = wave_plan(specs);
     let jobs = specs.iter().map(|s| {
         let (d, s) = (delivery.clone(), s.clone());
         let mut m = manifest(opts, &s, info, activations, issued_at, wanted);
+        // One publish, one rollout: a coordinator releases it wave by wave (§6.9).
+        m.rollout.id = Some(wanted);
+        m.rollout.waves = plan.clone();
         let key = key.clone();
         let node = s.node.to_string();
         (node.clone(), async move {

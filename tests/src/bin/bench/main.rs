@@ -473,11 +473,14 @@ async fn capacity(nodes: usize, conns: usize, seconds: u64) -> anyhow::Result<()
 
     // The fleet views over every node (what a dashboard or Prometheus scrape costs).
     let mut c = Conn::connect(&fleet.addr).await?;
+    let bearer = format!("Bearer {}", coordinator.token);
     for path in [api::route::FLEET, api::route::METRICS] {
         let rss0 = rss_kib(pid);
         let cpu0 = cpu_ms(pid);
         let t = Instant::now();
-        let r = c.request("GET", path, &[], &[]).await?;
+        let r = c
+            .request("GET", path, &[("authorization", &bearer)], &[])
+            .await?;
         let took = t.elapsed();
         anyhow::ensure!(r.status == 200, "GET {path}: {}", r.status);
         println!(
