@@ -1,6 +1,7 @@
 //! The daemon loop (DESIGN §7.1): recover, tell systemd we are ready, then poll — long-polls
 //! where the coordinator offers them, else every interval ± 20 % — back off exponentially to
-//! an hour on errors, and poll at once after a wall-clock jump (resume from suspend).
+//! an hour on errors, and poll at once after a wall-clock jump (resume from suspend). Between
+//! polls the daemon sleeps on one timer (no periodic wake-ups).
 //!
 //! The live view is served on `STATE/agent.sock` (one JSON document per connection) and
 //! mirrored to `status.json` when it changes; `roost-agent status` reads either.
@@ -19,8 +20,6 @@ use crate::state::Snapshot;
 
 /// How long to wait between long-polls that came back unchanged.
 const LONG_POLL_GAP: Duration = Duration::from_millis(500);
-/// Sleeps are cut into steps this long to notice wall-clock jumps.
-const CLOCK_STEP: Duration = Duration::from_secs(5);
 
 /// What one cycle did.
 #[derive(Debug, Clone)]
@@ -108,6 +107,7 @@ pub async fn run(
     ]);
     tracing::info!(node = %agent.config().node, coordinators = ?agent.config().coordinators, "roost-agent running");
     let mut failures: u32 = 0;
+    let mut clock_watch = clock.watch();
     let long_wait = agent
         .config()
         .interval
@@ -134,10 +134,10 @@ pub async fn run(
         let next = Timestamp::from(SystemTime::now() + delay);
         agent.note_poll(&r.poll, Some(next), failures);
         notify(&[NotifyState::Status(&format!("last poll: {}", r.poll))]);
+        // The watchdog keeps pinging through the whole sleep: no need to wake to promise.
         agent.progress().within(delay);
-        let progress = agent.progress();
         let slept = tokio::select! {
-            w = poll::sleep_watching_clock(delay, CLOCK_STEP, clock.as_ref(), || progress.within(CLOCK_STEP)) => w,
+            w = poll::sleep_watching_clock(delay, clock.as_ref(), clock_watch.as_mut()) => w,
             _ = &mut shutdown => break,
         };
         if slept == Wake::ClockJumped {
