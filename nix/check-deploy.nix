@@ -166,8 +166,11 @@ let
       s = present s';
     in
     (if s ? user then str "${where}.user" s.user else [ ])
+    ++ (if s ? sshUser then str "${where}.sshUser" s.sshUser else [ ])
     ++ (
-      if s ? profilePath then
+      if s ? profilePath && level != "profile" then
+        [ "${where}.profilePath: read per profile only (deploy-rs ignores it at this level; two profiles would share one link)" ]
+      else if s ? profilePath then
         if isString s.profilePath && substring 0 1 s.profilePath == "/" && !hasDotDot s.profilePath then
           [ ]
         else
@@ -210,6 +213,16 @@ let
       else
         checkSettings "node" where n
         ++ concatLists (map (p: checkProfile "${where}.profiles.${p}" p n.profiles.${p}) (attrNames n.profiles))
+        # deploy-rs: `user`, else `sshUser` (any level), else it refuses the profile.
+        ++ map (p: "${where}.profiles.${p}: neither `user` nor `sshUser` is set at any level") (
+          filter (
+            p:
+            let
+              levels = map present (filter isAttrs [ n.profiles.${p} n deploy ]);
+            in
+            !(builtins.any (l: l ? user || l ? sshUser) levels)
+          ) (attrNames n.profiles)
+        )
         ++ (
           if n ? profilesOrder then
             if isList n.profilesOrder && all isString n.profilesOrder then

@@ -20,6 +20,8 @@ let
   # only, wherever (and whoever's) the original files are.
   credentials =
     lib.optional (cfg.uploadTokenFile != null) "upload-token:${cfg.uploadTokenFile}"
+    ++ lib.optional (cfg.adminTokenFile != null) "admin-token:${cfg.adminTokenFile}"
+    ++ lib.optional (cfg.readTokenFile != null) "read-token:${cfg.readTokenFile}"
     ++ lib.optionals tls [
       "tls-cert:${cfg.tlsCertFile}"
       "tls-key:${cfg.tlsKeyFile}"
@@ -43,6 +45,15 @@ let
       "--upload-token-file"
       "%d/upload-token"
     ]
+    ++ lib.optionals (cfg.adminTokenFile != null) [
+      "--admin-token-file"
+      "%d/admin-token"
+    ]
+    ++ lib.optionals (cfg.readTokenFile != null) [
+      "--read-token-file"
+      "%d/read-token"
+    ]
+    ++ lib.optional cfg.publicRead "--public-read"
     ++ lib.optionals tls [
       "--tls-cert"
       "%d/tls-cert"
@@ -103,6 +114,41 @@ in
       '';
     };
 
+    adminTokenFile = lib.mkOption {
+      type = lib.types.nullOr (lib.types.either lib.types.str lib.types.path);
+      default = null;
+      example = "/run/secrets/roost-admin-token";
+      description = ''
+        A file holding the operator's token (16 characters or more) for
+        `roost-coordinator node-key`, which pins, replaces or clears the key a node signs its
+        reports with. Without it that command takes the {option}`uploadTokenFile` token, so CI
+        can re-pin nodes too; set this to keep the two roles apart. Not in the Nix store;
+        handed to the service with `LoadCredential`.
+      '';
+    };
+
+    readTokenFile = lib.mkOption {
+      type = lib.types.nullOr (lib.types.either lib.types.str lib.types.path);
+      default = null;
+      example = "/run/secrets/roost-read-token";
+      description = ''
+        A file holding the token (16 characters or more) that lets people and monitoring read
+        the fleet's data: `/v1/fleet`, report histories, `/metrics` and the dashboard at `/`
+        (`roost-coordinator status --token-file`, or the password a browser asks for). The
+        admin and upload tokens read too. Not in the Nix store; handed to the service with
+        `LoadCredential`. Agents need no token.
+      '';
+    };
+
+    publicRead = lib.mkOption {
+      type = lib.types.bool;
+      default = false;
+      description = ''
+        Let anyone who reaches the coordinator read the fleet's data (node names, versions,
+        errors) without a token.
+      '';
+    };
+
     tlsCertFile = lib.mkOption {
       type = lib.types.nullOr lib.types.str;
       default = null;
@@ -137,8 +183,16 @@ in
   config = lib.mkIf cfg.enable {
     assertions = [
       {
+        assertion = cfg.readTokenFile == null || !(inStore cfg.readTokenFile);
+        message = "services.roost.coordinator.readTokenFile must not be in the Nix store, where every user can read it.";
+      }
+      {
         assertion = cfg.uploadTokenFile == null || !(inStore cfg.uploadTokenFile);
         message = "services.roost.coordinator.uploadTokenFile must not be in the Nix store, where every user can read it: give the secret's location on the machine as a string, e.g. \"/run/secrets/roost-upload-token\".";
+      }
+      {
+        assertion = cfg.adminTokenFile == null || !(inStore cfg.adminTokenFile);
+        message = "services.roost.coordinator.adminTokenFile must not be in the Nix store, where every user can read it: give the secret's location on the machine as a string, e.g. \"/run/secrets/roost-admin-token\".";
       }
       {
         assertion = (cfg.tlsCertFile == null) == (cfg.tlsKeyFile == null);

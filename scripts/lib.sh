@@ -25,8 +25,10 @@ apt_install() {
 # Debian's nix-bin when `nix` is missing.
 ensure_nix() {
   command -v nix >/dev/null 2>&1 || apt_install nix-bin
-  # A test configuration without touching /etc/nix/nix.conf: flakes on, no sandbox and no
+  # The publishing side's test configuration, without touching /etc/nix/nix.conf: flakes on
+  # (for the tests' own `nix` calls; roost asks for its features itself), no sandbox and no
   # build users (root, no daemon), and no default substituter (this machine may be offline).
+  # Nodes do not see it: the harnesses run agents with a stock Nix (roost_preflight::stock_nix).
   export NIX_CONFIG="experimental-features = nix-command flakes
 sandbox = false
 build-users-group =

@@ -117,16 +117,41 @@ pub fn start_activation(
         return Ok(None);
     };
     let timeout = Duration::from_secs(profile.activation_timeout_s.max(1));
-    let env = vec![("PROFILE".to_owned(), profile_path.display().to_string())];
+    let env = activation_env(profile_path);
+    let cwd = activation_dir(profile_path);
     if systemd_is_pid1() {
         let unit = format!("roost-activate-{}-{tag}", profile.name).replace(['+', '.'], "-");
-        let sd = systemd_run_argv(&unit, &argv, &env, &profile.user, timeout);
+        let sd = in_directory(
+            systemd_run_argv(&unit, &argv, &env, &profile.user, timeout),
+            &cwd,
+        );
         // The unit enforces the limit; our own timeout is a backstop a little later.
         let mut r = start(&sd, &[], None, timeout + Duration::from_secs(10))?;
         r.handle.unit = Some(unit);
         return Ok(Some(r));
     }
-    start(&argv, &env, Some(&profile.user), timeout).map(Some)
+    spawn(&argv, &env, Some(&profile.user), Some(&cwd), timeout).map(Some)
+}
+
+/// What deploy-rs's `activate-rs` gives an activation: `PROFILE` (the link), and
+/// `DRY_ACTIVATE=0`, `BOOT=0` (its `lib.activate.custom` scripts branch on them).
+pub fn activation_env(profile_path: &Path) -> Vec<(String, String)> {
+    vec![
+        ("PROFILE".to_owned(), profile_path.display().to_string()),
+        ("DRY_ACTIVATE".to_owned(), "0".to_owned()),
+        ("BOOT".to_owned(), "0".to_owned()),
+    ]
+}
+
+/// The working directory of an activation: the profile link, as deploy-rs runs it (so
+/// `activate.custom pkgs.hello "./bin/hello"` finds `./bin/hello`); `/` when the link is
+/// not a directory.
+pub fn activation_dir(profile_path: &Path) -> PathBuf {
+    if profile_path.is_dir() {
+        profile_path.to_owned()
+    } else {
+        PathBuf::from("/")
+    }
 }
 
 /// The `systemd-run` command line that runs `argv` in the transient unit `unit`: waits for
@@ -155,6 +180,13 @@ pub fn systemd_run_argv(
     }
     sd.push("--".into());
     sd.extend(argv.iter().cloned());
+    sd
+}
+
+/// A `systemd-run` command line with the unit's working directory set to `cwd`.
+fn in_directory(mut sd: Vec<String>, cwd: &Path) -> Vec<String> {
+    let sep = sd.iter().position(|a| a == "--").unwrap_or(sd.len());
+    sd.insert(sep, format!("--working-directory={}", cwd.display()));
     sd
 }
 
@@ -193,6 +225,17 @@ pub fn start(
     user: Option<&str>,
     timeout: Duration,
 ) -> Result<Running, Outcome> {
+    spawn(argv, env, user, None, timeout)
+}
+
+/// [`start`], in `cwd` when given (else the agent's own working directory).
+fn spawn(
+    argv: &[String],
+    env: &[(String, String)],
+    user: Option<&str>,
+    cwd: Option<&Path>,
+    timeout: Duration,
+) -> Result<Running, Outcome> {
     let Some((program, args)) = argv.split_first() else {
         return Err(Outcome::SpawnFailed("empty command".into()));
     };
@@ -208,6 +251,9 @@ pub fn start(
         .kill_on_drop(true);
     for (k, v) in env {
         cmd.env(k, v);
+    }
+    if let Some(dir) = cwd {
+        cmd.current_dir(dir);
     }
     // Root running root's activation needs no switch; anything else drops to that user.
     if let Some(user) = user.filter(|u| *u != "root" || !running_as_root()) {
@@ -545,6 +591,60 @@ mod tests {
         );
         r.child.start_kill().unwrap();
         kill_group(h.pgid);
+    }
+
+    #[test]
+    fn a_transient_unit_runs_in_the_profile_link() {
+        let link = Path::new("/nix/var/nix/profiles/per-user/root/hello");
+        let sd = in_directory(
+            systemd_run_argv(
+                "u",
+                &["./bin/hello".into()],
+                &activation_env(link),
+                "root",
+                Duration::from_secs(5),
+            ),
+            link,
+        );
+        let sep = sd.iter().position(|a| a == "--").unwrap();
+        assert!(
+            sd[..sep].contains(&format!("--working-directory={}", link.display())),
+            "{sd:?}"
+        );
+        for want in ["--setenv=DRY_ACTIVATE=0", "--setenv=BOOT=0"] {
+            assert!(sd[..sep].iter().any(|a| a == want), "{want}: {sd:?}");
+        }
+        assert_eq!(&sd[sep + 1..], ["./bin/hello"]);
+    }
+
+    #[tokio::test]
+    async fn an_activation_runs_in_the_profile_link_with_deploy_rs_environment() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("generation");
+        std::fs::create_dir_all(target.join("bin")).unwrap();
+        let link = dir.path().join("profile");
+        std::os::unix::fs::symlink(&target, &link).unwrap();
+        let out = dir.path().join("seen");
+        let script = format!(
+            "test -d ./bin && echo \"$(pwd -P) $PROFILE $DRY_ACTIVATE $BOOT\" > {}",
+            out.display()
+        );
+        let cwd = activation_dir(&link);
+        let r = spawn(
+            &sh(&script),
+            &activation_env(&link),
+            None,
+            Some(&cwd),
+            Duration::from_secs(10),
+        )
+        .unwrap()
+        .wait()
+        .await;
+        assert_eq!(r, Outcome::Ok);
+        let seen = std::fs::read_to_string(&out).unwrap();
+        let (t, l) = (target.canonicalize().unwrap(), link.display());
+        assert_eq!(seen.trim(), format!("{} {l} 0 0", t.display()));
+        assert_eq!(activation_dir(&dir.path().join("gone")), PathBuf::from("/"));
     }
 
     #[test]

@@ -474,8 +474,13 @@ fn print_outcome(agent: &Agent, v: Verdict) {
         (Verdict::NotConverged, Some(d)) if d.version == version || version.is_none() => {
             let ver = d.version.map(|v| v.to_string()).unwrap_or("-".into());
             match &d.error {
-                Some(e) => println!("{} (version {ver}): {}: {}", d.state, e.phase, e.message),
-                None => println!("{} (version {ver})", d.state),
+                Some(e) => println!(
+                    "{} (version {ver}): {}: {}",
+                    d.state.as_str(),
+                    e.phase,
+                    e.message
+                ),
+                None => println!("{} (version {ver})", d.state.as_str()),
             }
         }
         (Verdict::NotConverged, _) => {

@@ -7,6 +7,9 @@ use std::time::Duration;
 use roost_common::{NodeName, PublicKey, TrustedKeys};
 use serde::{Deserialize, Serialize};
 
+use crate::power::PowerPolicy;
+use crate::schedule::Schedule;
+
 /// When the agent may build instead of substituting.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
@@ -57,7 +60,108 @@ pub struct ConfigFile {
     /// for coordinators behind a private CA.
     #[serde(default)]
     pub ca_certs: Vec<PathBuf>,
+    /// When deploys may switch, node local time (`"Mon-Fri 12:00-13:00"`); empty: any time.
+    /// Wins over the manifest's `apply_windows`.
+    #[serde(default)]
+    pub apply_windows: Vec<String>,
+    /// On battery below this charge (percent) a deploy waits (default 30).
+    pub min_battery_percent: Option<u8>,
+    /// On battery at all a deploy waits (default false).
+    pub defer_on_battery: Option<bool>,
+    /// On a metered network, downloads larger than this wait (bytes or `"100MiB"`).
+    pub metered_max_download: Option<Size>,
+    /// `switch` (default) or `boot`: install new systems for the next boot only.
+    pub system_goal: Option<SystemGoal>,
+    /// The longest `roost-agent defer` may postpone a deploy (default `24h`).
+    pub max_defer: Option<String>,
+    /// Healthy generations kept per profile besides current, booted and pending (default 5).
+    pub keep_generations: Option<usize>,
+    /// Collect garbage when the store has less free space than this (bytes or `"2GiB"`).
+    pub gc_min_free: Option<Size>,
+    /// Collect garbage after every successful deploy (default false).
+    pub gc_after_deploy: Option<bool>,
+    /// node-exporter textfile to write metrics to (default: none).
+    pub metrics_file: Option<PathBuf>,
+    /// Desktop notifications to logged-in users (default true).
+    pub notifications: Option<bool>,
 }
+
+/// A size: bytes, or a string such as `"2GiB"`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Size {
+    /// Bytes.
+    Bytes(u64),
+    /// `"2GiB"`, `"500MB"`, ….
+    Text(String),
+}
+
+impl Size {
+    fn bytes(&self, key: &str) -> Result<u64, ConfigError> {
+        match self {
+            Size::Bytes(b) => Ok(*b),
+            Size::Text(t) => {
+                roost_common::size::parse_size(t).map_err(|e| ConfigError(format!("{key}: {e}")))
+            }
+        }
+    }
+}
+
+/// How a node installs a new `nixos` system.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum SystemGoal {
+    /// As the manifest says (usually a live switch).
+    #[default]
+    Switch,
+    /// `switch-to-configuration boot`: active at the next reboot the user makes.
+    Boot,
+}
+
+/// Laptop and Raspberry Pi settings (docs/protocol.md §7.13–§7.15).
+#[derive(Debug, Clone)]
+pub struct Laptop {
+    /// The node's own apply windows (empty: the manifest's, if any).
+    pub apply_windows: Schedule,
+    /// When to wait for power.
+    pub power: PowerPolicy,
+    /// Largest download on a metered network.
+    pub metered_max_download: u64,
+    /// How new systems are installed.
+    pub system_goal: SystemGoal,
+    /// Longest deferral.
+    pub max_defer: Duration,
+    /// Healthy generations kept.
+    pub keep_generations: usize,
+    /// Free-space floor that triggers a GC.
+    pub gc_min_free: Option<u64>,
+    /// GC after every deploy.
+    pub gc_after_deploy: bool,
+    /// The metrics text file.
+    pub metrics_file: Option<PathBuf>,
+    /// Desktop notifications.
+    pub notifications: bool,
+}
+
+impl Default for Laptop {
+    fn default() -> Self {
+        Self {
+            apply_windows: Schedule::default(),
+            power: PowerPolicy::default(),
+            metered_max_download: DEFAULT_METERED_MAX,
+            system_goal: SystemGoal::Switch,
+            max_defer: Duration::from_secs(24 * 3600),
+            keep_generations: 5,
+            gc_min_free: None,
+            gc_after_deploy: false,
+            metrics_file: None,
+            notifications: true,
+        }
+    }
+}
+
+/// Default largest download on a metered network: 100 MiB.
+pub const DEFAULT_METERED_MAX: u64 = 100 << 20;
 
 /// The validated configuration.
 #[derive(Debug, Clone)]
@@ -86,6 +190,8 @@ pub struct Config {
     pub extra_trusted_public_keys: Vec<String>,
     /// Extra CA certificates for HTTPS coordinators.
     pub ca_certs: Vec<reqwest::Certificate>,
+    /// Windows, power, metered, goal, deferral, retention, metrics, notifications.
+    pub laptop: Laptop,
 }
 
 /// A configuration problem (exit 2).
@@ -126,6 +232,7 @@ impl ConfigFile {
     /// As [`ConfigFile::resolve`], for commands that verify no manifest (`rollback`): the
     /// trusted keys may be absent (those given are still checked).
     pub fn resolve_without_trust(self) -> Result<Config, ConfigError> {
+        let laptop = self.laptop()?;
         let node_raw = self
             .node
             .or_else(hostname)
@@ -191,6 +298,7 @@ impl ConfigFile {
             })
             .collect::<Result<Vec<_>, _>>()?;
         Ok(Config {
+            laptop,
             coordinators: self
                 .coordinators
                 .iter()
@@ -209,6 +317,49 @@ impl ConfigFile {
             extra_substituters: self.extra_substituters,
             extra_trusted_public_keys: self.extra_trusted_public_keys,
             ca_certs,
+        })
+    }
+}
+
+impl ConfigFile {
+    fn laptop(&self) -> Result<Laptop, ConfigError> {
+        let d = Laptop::default();
+        let apply_windows = Schedule::parse(&self.apply_windows)
+            .map_err(|e| ConfigError(format!("apply_windows: {e}")))?;
+        let min_battery_percent = self
+            .min_battery_percent
+            .unwrap_or(d.power.min_battery_percent);
+        if min_battery_percent > 100 {
+            return Err(ConfigError(format!(
+                "min_battery_percent: {min_battery_percent} is not a percentage (0-100)"
+            )));
+        }
+        let max_defer = match &self.max_defer {
+            Some(s) => roost_common::time::parse_duration(s)
+                .map_err(|e| ConfigError(format!("max_defer: {e}")))?,
+            None => d.max_defer,
+        };
+        Ok(Laptop {
+            apply_windows,
+            power: PowerPolicy {
+                min_battery_percent,
+                defer_on_battery: self.defer_on_battery.unwrap_or(false),
+            },
+            metered_max_download: match &self.metered_max_download {
+                Some(s) => s.bytes("metered_max_download")?,
+                None => d.metered_max_download,
+            },
+            system_goal: self.system_goal.unwrap_or_default(),
+            max_defer,
+            keep_generations: self.keep_generations.unwrap_or(d.keep_generations),
+            gc_min_free: self
+                .gc_min_free
+                .as_ref()
+                .map(|s| s.bytes("gc_min_free"))
+                .transpose()?,
+            gc_after_deploy: self.gc_after_deploy.unwrap_or(false),
+            metrics_file: self.metrics_file.clone(),
+            notifications: self.notifications.unwrap_or(true),
         })
     }
 }
@@ -351,6 +502,54 @@ mod tests {
         for (f, want) in cases {
             let e = f.resolve().unwrap_err().to_string();
             assert!(e.contains(want), "expected `{want}` in: {e}");
+        }
+    }
+
+    #[test]
+    fn laptop_keys_have_defaults_and_are_validated() {
+        let d = tempfile::tempdir().unwrap();
+        let c = base(d.path()).resolve().unwrap();
+        assert!(c.laptop.apply_windows.is_empty());
+        assert_eq!(c.laptop.power.min_battery_percent, 30);
+        assert_eq!(c.laptop.max_defer, Duration::from_secs(86_400));
+        assert_eq!(c.laptop.keep_generations, 5);
+        assert_eq!(c.laptop.metered_max_download, 100 << 20);
+        assert_eq!(c.laptop.system_goal, SystemGoal::Switch);
+        let p = d.path().join("agent.json");
+        let k = key_file(d.path(), "k1");
+        std::fs::write(
+            &p,
+            serde_json::json!({
+                "node": "lap", "trusted_keys": [k],
+                "apply_windows": ["Mon-Fri 12:00-13:00"], "min_battery_percent": 50,
+                "defer_on_battery": true, "metered_max_download": "10MiB",
+                "system_goal": "boot", "max_defer": "4h", "keep_generations": 2,
+                "gc_min_free": 1073741824, "gc_after_deploy": true,
+                "metrics_file": "/var/lib/prometheus-node-exporter/roost.prom",
+                "notifications": false
+            })
+            .to_string(),
+        )
+        .unwrap();
+        let l = ConfigFile::read(&p).unwrap().resolve().unwrap().laptop;
+        assert_eq!(l.apply_windows.to_string(), "Mon-Fri 12:00-13:00");
+        assert!(l.power.defer_on_battery);
+        assert_eq!(l.metered_max_download, 10 << 20);
+        assert_eq!(l.system_goal, SystemGoal::Boot);
+        assert_eq!(l.max_defer, Duration::from_secs(4 * 3600));
+        assert_eq!(l.gc_min_free, Some(1 << 30));
+        assert!(l.gc_after_deploy && !l.notifications);
+        for (bad, want) in [
+            (r#"{"apply_windows": ["Mon 25:00-26:00"]}"#, "apply_windows"),
+            (r#"{"gc_min_free": "lots"}"#, "gc_min_free"),
+            (r#"{"min_battery_percent": 120}"#, "min_battery_percent"),
+            (r#"{"max_defer": "soon"}"#, "max_defer"),
+        ] {
+            let mut f: ConfigFile = serde_json::from_str(bad).unwrap();
+            f.trusted_keys = vec![key_file(d.path(), "k2")];
+            f.node = Some("lap".into());
+            let e = f.resolve().unwrap_err().to_string();
+            assert!(e.contains(want), "{bad}: {e}");
         }
     }
 }

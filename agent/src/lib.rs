@@ -12,11 +12,18 @@ pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod fault;
+pub mod gate;
 pub mod health;
+pub mod metered;
+pub mod metrics;
 pub mod nixops;
+pub mod notifications;
 pub mod notify;
 pub mod poll;
+pub mod power;
 pub mod report;
+pub mod retention;
+pub mod schedule;
 pub mod state;
 pub mod status;
 

@@ -19,6 +19,10 @@ pub trait NixOps: Send + Sync + fmt::Debug {
     fn path_info(&self, paths: &[StorePath]) -> Result<Vec<PathInfo>, NixError>;
     /// `nix-env -p PROFILE --set PATH`: a new generation.
     fn set_profile(&self, profile: &Path, path: &StorePath) -> Result<(), NixError>;
+    /// Bytes a garbage collection would free now (the NAR sizes of the dead paths).
+    fn reclaimable(&self) -> Result<u64, NixError>;
+    /// Collects garbage; returns the bytes freed.
+    fn collect_garbage(&self) -> Result<u64, NixError>;
     /// Invocations so far, by command.
     fn counts(&self) -> BTreeMap<String, u64>;
 }
@@ -34,6 +38,23 @@ impl NixOps for Nix {
 
     fn set_profile(&self, profile: &Path, path: &StorePath) -> Result<(), NixError> {
         Nix::set_profile(self, profile, path)
+    }
+
+    fn reclaimable(&self) -> Result<u64, NixError> {
+        let dead = self.dead_paths()?;
+        let mut bytes = 0;
+        // Bounded argument lists: a big store can have many thousands of dead paths.
+        for chunk in dead.chunks(500) {
+            bytes += Nix::path_info(self, chunk, None, false)?
+                .iter()
+                .map(|i| i.nar_size)
+                .sum::<u64>();
+        }
+        Ok(bytes)
+    }
+
+    fn collect_garbage(&self) -> Result<u64, NixError> {
+        Nix::collect_garbage(self)
     }
 
     fn counts(&self) -> BTreeMap<String, u64> {
@@ -161,6 +182,16 @@ impl NixOps for FakeNix {
         std::os::unix::fs::symlink(path.as_path(), dir.join(format!("{name}-{next}-link")))
             .map_err(io)?;
         profiles::switch_to(profile, next).map_err(io)
+    }
+
+    fn reclaimable(&self) -> Result<u64, NixError> {
+        self.with(|s| Self::count(s, "nix-store --gc --print-dead"));
+        Ok(0)
+    }
+
+    fn collect_garbage(&self) -> Result<u64, NixError> {
+        self.with(|s| Self::count(s, "nix-store --gc"));
+        Ok(0)
     }
 
     fn counts(&self) -> BTreeMap<String, u64> {

@@ -16,7 +16,7 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
 use roost_common::verify::Floor;
-use roost_common::wire::v1::{Manifest, Profile, ReportError};
+use roost_common::wire::v1::{Manifest, Profile, ReportError, ReportState};
 use roost_common::{SecretKey, Timestamp, Version};
 use serde::{Deserialize, Serialize};
 
@@ -110,6 +110,44 @@ pub struct ActivationHandle {
     pub unit: Option<String>,
 }
 
+/// What the agent is doing, as `status` and systemd's `STATUS=` show it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Phase {
+    /// Between deploys.
+    #[default]
+    #[serde(rename = "idle")]
+    Idle,
+    /// Realising closures.
+    #[serde(rename = "downloading")]
+    Downloading,
+    /// Switching profiles and running activations.
+    #[serde(rename = "activating")]
+    Activating,
+    /// Running health checks.
+    #[serde(rename = "confirming")]
+    Confirming,
+    /// Going back to the previous generations.
+    #[serde(rename = "rolling back")]
+    RollingBack,
+    /// Finishing a deploy a crash interrupted.
+    #[serde(rename = "recovering")]
+    Recovering,
+}
+
+impl Phase {
+    /// Its name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Idle => "idle",
+            Phase::Downloading => "downloading",
+            Phase::Activating => "activating",
+            Phase::Confirming => "confirming",
+            Phase::RollingBack => "rolling back",
+            Phase::Recovering => "recovering",
+        }
+    }
+}
+
 /// What `status` shows of the daemon besides `state.json`: its live view, served on
 /// `agent.sock` and mirrored to `status.json` whenever it changes (an idle poll changes
 /// only times, which are not written).
@@ -117,8 +155,8 @@ pub struct ActivationHandle {
 pub struct Snapshot {
     /// The daemon's pid.
     pub pid: u32,
-    /// What it is doing: `idle`, `downloading`, `activating`, `confirming`, ….
-    pub phase: String,
+    /// What it is doing.
+    pub phase: Phase,
     /// When the last poll ended (in `status.json`: the last poll that changed something, as
     /// a successful poll after a successful poll is not written).
     pub last_poll_at: Option<Timestamp>,
@@ -141,8 +179,8 @@ pub struct Snapshot {
 pub struct DeployRecord {
     /// The version tried.
     pub version: Option<Version>,
-    /// `success`, `failed`, `rolled_back`, `deferred`, `rejected`.
-    pub state: String,
+    /// `success`, `failed`, `rolled_back`, `deferred` or `rejected`.
+    pub state: ReportState,
     /// What went wrong.
     pub error: Option<ReportError>,
     /// When.

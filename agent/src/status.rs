@@ -62,7 +62,7 @@ pub fn collect(dir: &Path) -> anyhow::Result<Value> {
         "node": state.desired.as_ref().map(|m| m.node.to_string()),
         "state_dir": dir,
         "daemon_running": running,
-        "phase": snap.as_ref().map(|s| s.phase.clone()).filter(|_| running),
+        "phase": snap.as_ref().map(|s| s.phase).filter(|_| running),
         "manifest_version": state.desired.as_ref().map(|m| m.version),
         "current_version": state.current_version,
         "floor": state.floor.map(|f| f.version),

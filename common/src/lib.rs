@@ -7,6 +7,7 @@ pub mod envelope;
 pub mod fs;
 pub mod keys;
 pub mod names;
+pub mod size;
 pub mod time;
 pub mod verify;
 pub mod wire;

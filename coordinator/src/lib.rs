@@ -3,6 +3,7 @@
 //! fleet; `keygen` makes keys; `node-key` pins the key a node's reports are checked with.
 //! The binary only parses arguments and calls in here.
 
+pub mod flags;
 pub mod keygen;
 pub mod node_key;
 pub mod publish;

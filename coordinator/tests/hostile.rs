@@ -120,7 +120,20 @@ async fn a_damaged_manifest_or_report_database_does_not_stop_the_start() {
     assert_eq!(get("/v1/nodes/n2/manifest").await.unwrap().status(), 404);
     let fleet: Value = get("/v1/fleet").await.unwrap().json().await.unwrap();
     assert_eq!(fleet["reports_available"], false, "{fleet}");
-    assert_eq!(fleet["nodes"].as_array().unwrap().len(), 1, "{fleet}");
+    // n1 and n2 polled and got no manifest: the fleet lists them as UNKNOWN.
+    let nodes = fleet["nodes"].as_array().unwrap();
+    let flags: Vec<(&str, &str)> = nodes
+        .iter()
+        .map(|n| {
+            let flag = n["flags"][0]["flag"].as_str().unwrap_or("none");
+            (n["node"].as_str().unwrap(), flag)
+        })
+        .collect();
+    assert_eq!(
+        flags,
+        [("n1", "unknown"), ("n2", "unknown"), ("n3", "none")],
+        "{fleet}"
+    );
     let (st, e) = post_report(&url, "n3", report("n3", 1, &node_key, false)).await;
     assert_eq!(
         (st, e["error"].as_str()),

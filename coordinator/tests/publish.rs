@@ -219,8 +219,16 @@ impl Fleet {
         o
     }
 
-    /// `publish` as a user runs it, with `--json`.
+    /// `publish` as a user runs it. The fixture's nodes substitute nothing, so it says the
+    /// nodes trust where the paths come from (tests of that refusal use [`Fleet::cli_as_is`]).
     fn cli(&self, targets: &[&str], args: &[&str]) -> Output {
+        let mut args = args.to_vec();
+        args.push("--nodes-trust-paths");
+        self.cli_as_is(targets, &args)
+    }
+
+    /// `publish` exactly as given.
+    fn cli_as_is(&self, targets: &[&str], args: &[&str]) -> Output {
         let mut cmd = Command::new(BIN);
         cmd.arg("publish");
         if targets.is_empty() {
@@ -878,7 +886,7 @@ async fn a_coordinator_refusing_the_upload_fails_each_node_with_its_message() {
                 .arg(format!("{}#kiosk", flake.display()))
                 .arg("--key")
                 .arg(key)
-                .args(["--to", &url, "--json"])
+                .args(["--to", &url, "--json", "--nodes-trust-paths"])
                 .output()
                 .unwrap()
         }
@@ -1106,24 +1114,27 @@ fn a_target_path_without_a_flake_is_bad_usage() {
     assert!(!dir.path().join("out").exists());
 }
 
+/// `git ARGS` in `dir`; its stdout.
+fn git_in(dir: &Path, args: &[&str]) -> String {
+    let out = Command::new("git")
+        .args(["-c", "user.name=t", "-c", "user.email=t@example.org"])
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("git");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
 #[tokio::test]
 async fn source_records_the_git_revision_and_whether_the_tree_was_dirty() {
     require!(nix_ready());
     let fleet = Fleet::new("");
-    let git = |args: &[&str]| {
-        let out = Command::new("git")
-            .args(["-c", "user.name=t", "-c", "user.email=t@example.org"])
-            .args(args)
-            .current_dir(&fleet.flake)
-            .output()
-            .expect("git");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).trim().to_owned()
-    };
+    let git = |args: &[&str]| git_in(&fleet.flake, args);
     git(&["init", "-q"]);
     git(&["add", "."]);
     git(&["commit", "-q", "-m", "fleet"]);
@@ -1151,4 +1162,83 @@ async fn source_records_the_git_revision_and_whether_the_tree_was_dirty() {
     let dirty = source_of(&fleet, fleet.path("dirty")).await;
     assert!(dirty.dirty, "{dirty:?}");
     assert_eq!(dirty.rev, None);
+}
+
+#[test]
+fn a_cache_the_nodes_could_not_verify_is_refused_before_any_work() {
+    require!(nix_ready());
+    let fleet = Fleet::new("");
+    let out = fleet.path("out");
+    let cache = format!("file://{}", fleet.path("cache").display());
+    // --cache without a key: the manifests would name no key, nodes would refuse every path.
+    let run = fleet.cli_as_is(&[], &["--out", out.to_str().unwrap(), "--cache", &cache]);
+    assert_eq!(run.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&run.stderr);
+    for want in ["--cache-key", "--cache-public-key", "--nodes-trust-paths"] {
+        assert!(err.contains(want), "{want}: {err}");
+    }
+    // No cache at all.
+    let run = fleet.cli_as_is(&[], &["--out", out.to_str().unwrap()]);
+    assert_eq!(run.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&run.stderr);
+    assert!(err.contains("no --cache"), "{err}");
+    assert!(!out.exists(), "nothing written");
+    assert!(!fleet.path("cache").exists(), "nothing copied");
+}
+
+#[test]
+fn a_cache_with_a_public_key_signed_elsewhere_is_accepted() {
+    require!(nix_ready());
+    let fleet = Fleet::new("");
+    let out = fleet.path("out");
+    let cache = format!("file://{}", fleet.path("cache").display());
+    let run = fleet.cli_as_is(
+        &["#kiosk"],
+        &[
+            "--out",
+            out.to_str().unwrap(),
+            "--cache",
+            &cache,
+            "--cache-public-key",
+            &fleet.cache_public,
+        ],
+    );
+    assert_eq!(
+        run.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+}
+
+#[test]
+fn a_short_expiry_and_a_dirty_tree_are_warned_about() {
+    require!(nix_ready());
+    let fleet = Fleet::new("");
+    let out = fleet.path("out");
+    let git = |args: &[&str]| git_in(&fleet.flake, args);
+    git(&["init", "-q"]);
+    git(&["add", "."]);
+    git(&["commit", "-q", "-m", "fleet"]);
+    let run = fleet.cli(&["#kiosk"], &["--out", out.to_str().unwrap()]);
+    assert_eq!(run.status.code(), Some(0));
+    let err = String::from_utf8_lossy(&run.stderr);
+    assert!(
+        !err.contains("uncommitted"),
+        "a clean tree is not warned about: {err}"
+    );
+    assert!(!err.contains("--expires"), "30 days is not short: {err}");
+
+    fleet.set_generation(2);
+    let run = fleet.cli(
+        &["#kiosk"],
+        &["--out", out.to_str().unwrap(), "--expires", "2d"],
+    );
+    assert_eq!(run.status.code(), Some(0), "warnings do not fail a publish");
+    let err = String::from_utf8_lossy(&run.stderr);
+    assert!(err.contains("has uncommitted changes"), "{err}");
+    assert!(
+        err.contains("--expires 2 days") && err.contains("7 days"),
+        "{err}"
+    );
 }

@@ -211,7 +211,11 @@ async fn reports_are_refused_for_wrong_key_replayed_seq_and_unknown_node() {
         .json()
         .await
         .unwrap();
-    let n1 = &fleet["nodes"][0];
+    // The ghost is listed too, as a name without a manifest.
+    let nodes = fleet["nodes"].as_array().unwrap();
+    let ghost = nodes.iter().find(|n| n["node"] == "ghost").unwrap();
+    assert_eq!(ghost["flags"][0]["flag"], "unknown", "{ghost}");
+    let n1 = nodes.iter().find(|n| n["node"] == "n1").unwrap();
     assert_eq!(n1["last_seq"], 2);
     assert_eq!(n1["state"], "success");
     assert_eq!(n1["key_source"], "manifest");

@@ -209,6 +209,7 @@ async fn after_sigkill_a_restart_serves_the_same_manifests_reports_and_cache() {
     assert_eq!(got.bytes().await.unwrap().to_vec(), body);
     let fleet: Value = c
         .get(v1::fleet_url(&p.url()))
+        .bearer_auth(token)
         .send()
         .await
         .unwrap()
@@ -329,4 +330,83 @@ async fn node_key_pins_and_clears_with_the_token_and_exits_by_the_book() {
     assert_eq!(usage.status.code(), Some(2), "neither a key nor --clear");
     let unreachable = node_key_cmd("http://127.0.0.1:1", &token, &["--clear"]);
     assert_eq!(unreachable.status.code(), Some(1));
+}
+
+/// `serve` with `extra` flags, its log in `log`; the URL once it serves.
+fn serve_logged(state: &Path, publisher_pub: &Path, extra: &[&str], log: &Path) -> (Child, String) {
+    let mut child = Command::new(BIN)
+        .args(["serve", "--listen", "127.0.0.1:0", "--state-dir"])
+        .arg(state)
+        .arg("--publisher-key")
+        .arg(publisher_pub)
+        .args(extra)
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(log).unwrap())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let url = format!("http://{}", line.trim().rsplit("http://").next().unwrap());
+    (child, url)
+}
+
+#[tokio::test]
+async fn serve_wants_a_read_token_for_the_fleet_unless_public_read_and_logs_refusals_at_warn() {
+    let dir = tempfile::tempdir().unwrap();
+    let (key, public) = keys(dir.path());
+    let log = dir.path().join("log");
+    let (mut child, url) = serve_logged(&dir.path().join("s1"), &public, &[], &log);
+    let c = reqwest::Client::new();
+    let r = c.get(v1::fleet_url(&url)).send().await.unwrap();
+    assert_eq!(r.status(), 401);
+    let body: Value = r.json().await.unwrap();
+    assert!(
+        body["message"].as_str().unwrap().contains("--public-read"),
+        "{body}"
+    );
+    // A manifest signed by a key the coordinator does not trust, and a report for a node
+    // with no manifest: both refused, both in the log at warn with the reason.
+    let stranger = SecretKey::generate("stranger").unwrap();
+    let node_key = SecretKey::generate("n1").unwrap();
+    let r = c
+        .put(v1::manifest_url(&url, "n1"))
+        .body(manifest_envelope(&stranger, "n1", 1, &node_key))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    let r = c
+        .put(v1::manifest_url(&url, "n1"))
+        .body(manifest_envelope(&key, "n1", 1, &node_key))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let wrong = SecretKey::generate("n1").unwrap();
+    let r = c
+        .post(v1::reports_url(&url, "n1"))
+        .body(report_envelope("n1", 1, &wrong))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    let _ = child.kill();
+    let _ = child.wait();
+    let text = std::fs::read_to_string(&log).unwrap();
+    let warned = |path: &str, code: &str| {
+        text.lines().any(|l| {
+            l.contains("WARN") && l.contains(path) && l.contains(code) && l.contains("refused")
+        })
+    };
+    assert!(warned("/v1/nodes/n1/manifest", "bad_signature"), "{text}");
+    assert!(warned("/v1/nodes/n1/reports", "bad_signature"), "{text}");
+
+    let (mut child, url) = serve_logged(&dir.path().join("s2"), &public, &["--public-read"], &log);
+    let r = c.get(v1::fleet_url(&url)).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let _ = child.kill();
+    let _ = child.wait();
 }

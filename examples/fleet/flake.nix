@@ -108,6 +108,9 @@
       # deploy-rs's schema, unchanged, with roost's own settings under `roost`. Precedence:
       # profile > node > this level.
       deploy = {
+        # Who owns each profile and runs its activation (deploy-rs has no default: `user`,
+        # else `sshUser`, else the profile is refused).
+        user = "root";
         autoRollback = true;
         magicRollback = true;
         activationTimeout = 300;

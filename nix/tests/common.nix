@@ -27,6 +27,8 @@ rec {
         enable = true;
         publisherKeys = [ "${keys}/publisher.pub" ];
         openFirewall = true;
+        # The test reads /v1/fleet with plain curl.
+        publicRead = true;
       };
       # publish evaluates a flake and reads path-info: the node's systems must be here.
       nix.settings = {
@@ -94,6 +96,7 @@ rec {
       {
         outputs = { self }: {
           deploy.nodes.machine = {
+            user = "root";
             roost.system = "${pkgs.stdenv.hostPlatform.system}";
             roost.activation = { kind = "${activation.kind}"; goal = "${activation.goal}"; };
             roost.healthChecks = [
@@ -113,7 +116,7 @@ rec {
       key ? "publisher",
       to ? "--to http://localhost:8080",
     }:
-    ''rm -rf /tmp/fleet && cp -r ${flake} /tmp/fleet && chmod -R u+w /tmp/fleet && roost-coordinator publish /tmp/fleet --key ${keys}/${key}.sec ${to} --no-build --json >&2'';
+    ''rm -rf /tmp/fleet && cp -r ${flake} /tmp/fleet && chmod -R u+w /tmp/fleet && roost-coordinator publish /tmp/fleet --key ${keys}/${key}.sec ${to} --no-build --nodes-trust-paths --json >&2'';
 
   # Python: the node runs `name` (its /run/current-system and its system profile).
   runs = nodes: name: "[ $(readlink -f /run/current-system) = ${systemOf nodes name} ]";

@@ -132,3 +132,17 @@ pub fn exists(path: &Path, hint: &str) -> Result<(), String> {
         Err(format!("{} does not exist: {hint}", path.display()))
     }
 }
+
+/// The environment variables through which a test run configures Nix (scripts/lib.sh's
+/// offline configuration for the publishing side, with flakes on).
+const NIX_CONFIG_VARS: &[&str] = &["NIX_CONFIG", "NIX_CONF_DIR", "NIX_USER_CONF_FILES"];
+
+/// Makes `cmd` run with a stock Nix, as on a real node: none of the test run's Nix
+/// configuration, only the machine's `nix.conf` as its package installed it (Debian's sets
+/// `sandbox = false` and nothing else; no experimental features).
+pub fn stock_nix(cmd: &mut std::process::Command) -> &mut std::process::Command {
+    for var in NIX_CONFIG_VARS {
+        cmd.env_remove(var);
+    }
+    cmd
+}

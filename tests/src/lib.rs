@@ -172,6 +172,8 @@ pub struct Coordinator {
     args: Vec<String>,
     /// Serving HTTPS (then readiness is an accepted connection, not a plain GET).
     tls: bool,
+    /// The token that reads the fleet's data (the upload token).
+    pub token: String,
 }
 
 impl Coordinator {
@@ -198,6 +200,7 @@ impl Coordinator {
             log: dir.join("coordinator.log"),
             args,
             tls: false,
+            token: keys.token.clone(),
         };
         c.spawn()?;
         Ok(c)
@@ -219,13 +222,14 @@ impl Coordinator {
         let url = v1::fleet_url(&self.url());
         let port = self.port;
         let tls = self.tls;
+        let token = self.token.clone();
         wait_for("the coordinator to answer", Duration::from_secs(20), || {
             if tls {
                 std::net::TcpStream::connect(("127.0.0.1", port))
                     .ok()
                     .map(drop)
             } else {
-                http_get(&url).ok().map(drop)
+                http_get_auth(&url, Some(&token)).ok().map(drop)
             }
         })
         .with_context(|| {
@@ -278,9 +282,15 @@ impl Coordinator {
 
     /// `GET /v1/fleet`.
     pub fn fleet(&self) -> anyhow::Result<Value> {
-        Ok(serde_json::from_slice(&http_get(&v1::fleet_url(
-            &self.url(),
-        ))?)?)
+        Ok(serde_json::from_slice(
+            &self.read(&v1::fleet_url(&self.url()))?,
+        )?)
+    }
+
+    /// A GET of the fleet's data (`/v1/fleet`, a report history, `/metrics`) with the token
+    /// that reads it.
+    pub fn read(&self, url: &str) -> anyhow::Result<Vec<u8>> {
+        http_get_auth(url, Some(&self.token))
     }
 
     /// The log so far.
@@ -298,7 +308,13 @@ impl Drop for Coordinator {
 /// A blocking GET with a short timeout, body on 2xx. Runs on a thread of its own, so it
 /// works from inside an async runtime too (the benchmarks).
 pub fn http_get(url: &str) -> anyhow::Result<Vec<u8>> {
+    http_get_auth(url, None)
+}
+
+/// [`http_get`] with `Authorization: Bearer TOKEN`.
+pub fn http_get_auth(url: &str, token: Option<&str>) -> anyhow::Result<Vec<u8>> {
     let url = url.to_owned();
+    let token = token.map(str::to_owned);
     std::thread::spawn(move || {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -307,9 +323,13 @@ pub fn http_get(url: &str) -> anyhow::Result<Vec<u8>> {
             let resp = reqwest::Client::builder()
                 .timeout(Duration::from_secs(5))
                 .build()?
-                .get(&url)
-                .send()
-                .await?;
+                .get(&url);
+            let resp = match &token {
+                Some(t) => resp.bearer_auth(t),
+                None => resp,
+            }
+            .send()
+            .await?;
             ensure!(resp.status().is_success(), "GET {url}: {}", resp.status());
             Ok(resp.bytes().await?.to_vec())
         })
@@ -443,7 +463,8 @@ impl Node {
         self.dir.join("state")
     }
 
-    /// A command that runs `program args` inside the node: its netns and its own `/nix`.
+    /// A command that runs `program args` inside the node: its netns, its own `/nix` and a
+    /// stock Nix configuration.
     pub fn command(&self, program: &Path, args: &[String]) -> Command {
         let mut cmd = Command::new("ip");
         cmd.args([
@@ -463,6 +484,7 @@ impl Node {
         .arg(self.nix_dir())
         .arg(program)
         .args(args);
+        roost_preflight::stock_nix(&mut cmd);
         cmd
     }
 

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use roost_common::wire::v1::http as v1;
 use roost_tests::fleet::{Settings, tail};
-use roost_tests::{Fleet, http_get, preflight, require, wait_for};
+use roost_tests::{Fleet, preflight, require, wait_for};
 use serde_json::Value;
 
 const NODES: [&str; 3] = ["laptop", "pi-kitchen", "pi-garage"];
@@ -54,7 +54,10 @@ fn at(f: &Fleet, node: &str) -> Option<String> {
 }
 
 fn history(f: &Fleet, node: &str) -> Vec<Value> {
-    let body = http_get(&v1::report_history_url(&f.coordinator.url(), node, 10_000)).unwrap();
+    let body = f
+        .coordinator
+        .read(&v1::report_history_url(&f.coordinator.url(), node, 10_000))
+        .unwrap();
     let v: Value = serde_json::from_slice(&body).unwrap();
     v["reports"].as_array().cloned().unwrap_or_default()
 }
@@ -128,6 +131,7 @@ fn converge_every_node_reaches_the_published_paths() {
     // The coordinator's status agrees, and says so in its exit code.
     let out = std::process::Command::new(roost_tests::bin("roost-coordinator"))
         .args(["status", "--json", "--coordinator", &f.coordinator.url()])
+        .env("ROOST_READ_TOKEN_FILE", &f.keys.token_file)
         .output()
         .unwrap();
     assert!(

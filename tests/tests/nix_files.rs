@@ -113,6 +113,8 @@ fn check_deploy_names_each_problem_with_its_node_and_profile() {
     let problems = check_deploy(
         r#"{
           nodes.pi = {
+            user = "root";
+            profilePath = "/nix/var/nix/profiles/shared";
             roost.nodeKey = "pi:short";
             roost.healtChecks = [ ];
             profilesOrder = [ "system" "home" ];
@@ -138,6 +140,8 @@ fn check_deploy_names_each_problem_with_its_node_and_profile() {
         "deploy.nodes.pi.profiles.system.roost.activation.argv: the program \"/bin/sh\" must be relative",
         "deploy.nodes.pi.profiles.system.roost.healthChecks.0.kind: expected \"command\" or \"http\"",
         "deploy.nodes.laptop.profiles.system.roost.activation.goal: expected \"switch\", \"boot\" or \"test\"",
+        "deploy.nodes.pi.profilePath: read per profile only",
+        "deploy.nodes.laptop.profiles.system: neither `user` nor `sshUser` is set",
     ];
     for e in expected {
         assert!(
@@ -215,6 +219,7 @@ fn the_offline_example_evaluates_and_publishes_verifiable_manifests() {
         .arg("--out")
         .arg(&dest)
         .arg("--json")
+        .arg("--nodes-trust-paths")
         .output()
         .unwrap();
     assert!(

@@ -315,6 +315,7 @@ fn coordinator_unit_is_hardened_and_gets_its_secrets_as_credentials() {
     let e = setup(require!(prerequisites()));
     let cfg = e.coordinator(
         r#"uploadTokenFile = "/run/secrets/roost-upload-token";
+           adminTokenFile = "/run/secrets/roost-admin-token";
            tlsCertFile = "/var/lib/acme/roost/fullchain.pem";
            tlsKeyFile = "/var/lib/acme/roost/key.pem";
            openFirewall = true;
@@ -339,6 +340,7 @@ fn coordinator_unit_is_hardened_and_gets_its_secrets_as_credentials() {
         strings(&sc["LoadCredential"]),
         [
             "upload-token:/run/secrets/roost-upload-token",
+            "admin-token:/run/secrets/roost-admin-token",
             "tls-cert:/var/lib/acme/roost/fullchain.pem",
             "tls-key:/var/lib/acme/roost/key.pem"
         ]
@@ -346,6 +348,7 @@ fn coordinator_unit_is_hardened_and_gets_its_secrets_as_credentials() {
     let exec = sc["ExecStart"].as_str().unwrap();
     for part in [
         "--upload-token-file %d/upload-token",
+        "--admin-token-file %d/admin-token",
         "--tls-cert %d/tls-cert",
         "--tls-key %d/tls-key",
     ] {
@@ -367,16 +370,19 @@ fn coordinator_unit_is_hardened_and_gets_its_secrets_as_credentials() {
 }
 
 #[test]
-fn coordinator_refuses_an_upload_token_in_the_nix_store() {
+fn coordinator_refuses_a_token_in_the_nix_store() {
     let e = setup(require!(prerequisites()));
-    let cfg =
-        e.coordinator(r#"uploadTokenFile = "${builtins.toFile "token" "0123456789abcdef"}";"#);
-    let failed = e.eval(&cfg, "failedAssertions").unwrap();
-    let failed = strings(&failed);
-    assert!(
-        failed.iter().any(|m| m.contains("uploadTokenFile")),
-        "{failed:?}"
-    );
+    for option in ["uploadTokenFile", "adminTokenFile"] {
+        let cfg = e.coordinator(&format!(
+            r#"{option} = "${{builtins.toFile "token" "0123456789abcdef"}}";"#
+        ));
+        let failed = e.eval(&cfg, "failedAssertions").unwrap();
+        let failed = strings(&failed);
+        assert!(
+            failed.iter().any(|m| m.contains(option)),
+            "{option}: {failed:?}"
+        );
+    }
 }
 
 /// Splits a systemd command line the way `lib.escapeShellArgs` quotes it (bare words and
@@ -416,7 +422,8 @@ fn coordinator_command_line_is_one_roost_coordinator_serve_accepts() {
     let e = setup(require!(prerequisites()));
     let binary = built("roost-coordinator");
     let cfg = e.coordinator(
-        r#"uploadTokenFile = "/run/secrets/roost-upload-token"; listen = "127.0.0.1:0";"#,
+        r#"uploadTokenFile = "/run/secrets/roost-upload-token"; listen = "127.0.0.1:0";
+           readTokenFile = "/run/secrets/roost-read-token"; publicRead = true;"#,
     );
     // Building a file that holds ExecStart realises everything it names (key files).
     let exec = e
@@ -426,6 +433,11 @@ fn coordinator_command_line_is_one_roost_coordinator_serve_accepts() {
     let creds = e.dir.path().join("credentials");
     std::fs::create_dir(&creds).unwrap();
     std::fs::write(creds.join("upload-token"), "0123456789abcdef0123\n").unwrap();
+    std::fs::write(creds.join("read-token"), "read-0123456789abcdef\n").unwrap();
+    assert!(
+        exec.contains("--read-token-file") && exec.contains("--public-read"),
+        "{exec}"
+    );
     let state = e.dir.path().join("state");
     let mut args = split_command_line(&exec);
     args.remove(0);

@@ -67,6 +67,30 @@ fn happy_path_substitutes_into_an_empty_store_switches_activates_once_and_report
     assert_eq!(node.system(), Some((1, v1.clone())));
 }
 
+#[test]
+fn a_node_with_a_stock_nix_configuration_deploys() {
+    let f = require!(real_world());
+    let (c, node) = setup(f);
+    // The node's Nix is stock: the new CLI is off unless a call asks for it.
+    let plain = node
+        .program("nix", &["path-info".into(), "/nix/store".into()])
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&plain.stderr);
+    assert!(
+        !plain.status.success()
+            && said.contains("experimental Nix feature 'nix-command' is disabled"),
+        "the node's Nix is not stock: {said}"
+    );
+    publish(&c, &node, f, 1, f.profile("v1", json!({})));
+    let out = node.once(&[]);
+    assert_eq!(out.status.code(), Some(0));
+    let v1 = &f.get("v1").path;
+    assert_eq!(node.system(), Some((1, v1.clone())));
+    assert_eq!(node.activations(), vec![format!("switch {v1}")]);
+    assert_eq!(last(&c).state.as_str(), "success");
+}
+
 /// Deploys v1, then `bad` as version 2, and checks the exact rollback and its report.
 fn assert_rolls_back(
     c: &TestCoordinator,
@@ -284,8 +308,17 @@ fn sigkill_during_activation_ends_at_the_old_path_with_the_leftover_killed() {
     let mut args = vec!["run".to_owned(), "--once".into()];
     args.extend(node.config_args());
     let mut agent = node.spawn(&args, &[]);
+    // Both the activation running and the agent's record of it: killed before that record,
+    // the agent could not know the activation it left behind.
+    let recorded = || {
+        let st: Value = std::fs::read(node.state_dir().join("state.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or(Value::Null);
+        !st["pending"]["profiles"][0]["activation"].is_null()
+    };
     assert!(
-        node.wait_for(60, || node.hang_pid().is_some()),
+        node.wait_for(60, || node.hang_pid().is_some() && recorded()),
         "activation never started: {}",
         node.agent_log()
     );

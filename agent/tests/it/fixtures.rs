@@ -2,7 +2,8 @@
 //! `bin/switch-to-configuration` appends "GOAL PATH" to `$ROOST_FIXTURE_LOG`, in good,
 //! failing, exit-4, hanging and network-cutting variants; signed with a cache key and
 //! copied to a `file://` binary cache under /tmp that every node can read. Plus the node:
-//! `roost-agent` in a private mount namespace with its own empty `/nix`.
+//! `roost-agent` in a private mount namespace with its own empty `/nix` and a stock Nix
+//! configuration (the fixtures are built with the test run's).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -290,16 +291,23 @@ impl Node {
         ]
     }
 
-    /// `roost-agent ARGS` inside the node.
-    pub fn command(&self, args: &[String], env: &[(&str, &str)]) -> Command {
+    /// `PROGRAM ARGS` inside the node: its own `/nix`, a stock Nix configuration.
+    pub fn program(&self, program: &str, args: &[String]) -> Command {
         let mut cmd = Command::new("unshare");
         cmd.args(["--mount", "--propagation", "private", "--", "sh", "-c"])
             .arg(r#"mount --bind "$1" /nix && shift && exec "$@""#)
             .arg("roost-node")
             .arg(self.nix_dir())
-            .arg(env!("CARGO_BIN_EXE_roost-agent"))
-            .args(args)
-            .env("ROOST_FIXTURE_LOG", self.log())
+            .arg(program)
+            .args(args);
+        roost_preflight::stock_nix(&mut cmd);
+        cmd
+    }
+
+    /// `roost-agent ARGS` inside the node.
+    pub fn command(&self, args: &[String], env: &[(&str, &str)]) -> Command {
+        let mut cmd = self.program(env!("CARGO_BIN_EXE_roost-agent"), args);
+        cmd.env("ROOST_FIXTURE_LOG", self.log())
             .env("RUST_LOG", "info,roost_agent=debug")
             .stdin(Stdio::null());
         for (k, v) in env {

@@ -2,6 +2,10 @@
 //! through [`Nix::run`], which counts invocations, captures stderr for errors, and enforces
 //! timeouts by killing the whole process group.
 //!
+//! Every `nix` call asks for the experimental features it needs itself
+//! (`--extra-experimental-features`), so both programs work with Nix's default configuration
+//! from 2.8 on: nothing in a node's `nix.conf`. `nix-store` and `nix-env` need none.
+//!
 //! JSON output is parsed tolerantly: Nix changes shapes between versions (2.8 prints
 //! `path-info` as an array, newer Nix as an object keyed by path).
 
@@ -134,10 +138,14 @@ pub struct RealiseOptions {
     pub timeout: Option<Duration>,
 }
 
+/// The experimental feature every `nix` call needs: the new CLI itself.
+const NIX_COMMAND: &str = "nix-command";
+
 /// The Nix driver. Cheap to clone; clones share their invocation counters.
 #[derive(Clone, Default)]
 pub struct Nix {
     extra_args: Vec<String>,
+    flakes: bool,
     env: Vec<(OsString, OsString)>,
     progress: bool,
     counts: Arc<Mutex<BTreeMap<String, u64>>>,
@@ -147,6 +155,7 @@ impl fmt::Debug for Nix {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Nix")
             .field("extra_args", &self.extra_args)
+            .field("flakes", &self.flakes)
             .field("progress", &self.progress)
             .finish_non_exhaustive()
     }
@@ -162,6 +171,22 @@ impl Nix {
     pub fn with_extra_args(mut self, args: Vec<String>) -> Self {
         self.extra_args = args;
         self
+    }
+
+    /// Also ask for the `flakes` feature on every `nix` call (publish evaluates flakes; the
+    /// agent never does).
+    pub fn with_flakes(mut self) -> Self {
+        self.flakes = true;
+        self
+    }
+
+    /// The `--extra-experimental-features` value of every `nix` call.
+    fn features(&self) -> String {
+        if self.flakes {
+            format!("{NIX_COMMAND} flakes")
+        } else {
+            NIX_COMMAND.to_owned()
+        }
     }
 
     /// An environment variable set for every call.
@@ -189,6 +214,9 @@ impl Nix {
         timeout: Option<Duration>,
     ) -> Result<Vec<u8>, NixError> {
         let mut argv = vec![tool.program().to_owned()];
+        if tool == Tool::Nix {
+            argv.extend(["--extra-experimental-features".to_owned(), self.features()]);
+        }
         argv.extend(args.iter().cloned());
         if tool == Tool::Nix {
             argv.extend(self.extra_args.iter().cloned());
@@ -452,6 +480,25 @@ impl Nix {
         .is_ok()
     }
 
+    /// `nix-store --gc --print-dead`: what a garbage collection would delete now.
+    pub fn dead_paths(&self) -> Result<Vec<StorePath>, NixError> {
+        let args = strings(&["--gc", "--print-dead"]);
+        let out = self.run(Tool::NixStore, &args, None)?;
+        Ok(String::from_utf8_lossy(&out)
+            .lines()
+            .filter_map(|l| l.trim().parse::<StorePath>().ok())
+            .collect())
+    }
+
+    /// `nix-store --gc`: deletes every path no root keeps; returns the bytes Nix says it
+    /// freed.
+    pub fn collect_garbage(&self) -> Result<u64, NixError> {
+        let args = strings(&["--gc"]);
+        let out = self.run(Tool::NixStore, &args, None)?;
+        parse::gc_freed_bytes(&String::from_utf8_lossy(&out))
+            .ok_or_else(|| self.parse_error(Tool::NixStore, &args, "no `… freed` line".into()))
+    }
+
     /// `nix-env -p PROFILE --set PATH`: a new generation pointing at `path`.
     pub fn set_profile(&self, profile: &Path, path: &StorePath) -> Result<(), NixError> {
         let args = vec![
@@ -490,4 +537,58 @@ fn kill_group(pid: u32) {
         ::nix::unistd::Pid::from_raw(pid as i32),
         ::nix::sys::signal::Signal::SIGKILL,
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    /// A driver whose `nix`, `nix-store` and `nix-env` print the arguments they were given.
+    fn echoing(dir: &Path) -> Nix {
+        for tool in ["nix", "nix-store", "nix-env"] {
+            let file = dir.join(tool);
+            std::fs::write(&file, "#!/bin/sh\nprintf '%s\\n' \"$@\"\n").unwrap();
+            std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o755)).unwrap();
+        }
+        Nix::new().with_env("PATH", dir)
+    }
+
+    fn argv(nix: &Nix, tool: Tool, args: &[&str]) -> Vec<String> {
+        let out = nix.run(tool, &strings(args), None).unwrap();
+        String::from_utf8(out)
+            .unwrap()
+            .lines()
+            .map(str::to_owned)
+            .collect()
+    }
+
+    #[test]
+    fn every_nix_call_asks_for_the_new_cli_itself_and_publish_also_for_flakes() {
+        let d = tempfile::tempdir().unwrap();
+        let nix = echoing(d.path());
+        assert_eq!(
+            argv(&nix, Tool::Nix, &["path-info", "--json"]),
+            [
+                "--extra-experimental-features",
+                "nix-command",
+                "path-info",
+                "--json"
+            ]
+        );
+        assert_eq!(
+            argv(&nix.clone().with_flakes(), Tool::Nix, &["eval", ".#deploy"]),
+            [
+                "--extra-experimental-features",
+                "nix-command flakes",
+                "eval",
+                ".#deploy"
+            ]
+        );
+        // The old commands are not experimental: nothing added.
+        assert_eq!(argv(&nix, Tool::NixStore, &["--realise"]), ["--realise"]);
+        assert_eq!(argv(&nix, Tool::NixEnv, &["--set"]), ["--set"]);
+        // Counted under the command's own name, not the flag.
+        assert_eq!(nix.counts().get("nix path-info"), Some(&1));
+    }
 }

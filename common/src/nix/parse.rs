@@ -193,6 +193,28 @@ fn nix32_decode(s: &str) -> Option<Vec<u8>> {
     Some(out)
 }
 
+/// The bytes in the last line of `nix-store --gc` (`12 store paths deleted, 3.40 MiB
+/// freed`); Nix rounds to hundredths of the unit it prints.
+pub fn gc_freed_bytes(out: &str) -> Option<u64> {
+    let line = out
+        .lines()
+        .rev()
+        .find(|l| l.trim_end().ends_with("freed"))?;
+    let mut words = line.split_whitespace().rev();
+    let _freed = words.next()?;
+    let unit = words.next()?;
+    let n: f64 = words.next()?.parse().ok()?;
+    let scale = match unit {
+        "bytes" | "B" => 1.0,
+        "KiB" => 1024.0,
+        "MiB" => 1024.0 * 1024.0,
+        "GiB" => 1024.0 * 1024.0 * 1024.0,
+        "TiB" => 1024.0 * 1024.0 * 1024.0 * 1024.0,
+        _ => return None,
+    };
+    Some((n * scale).round() as u64)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -215,5 +237,16 @@ mod tests {
         assert_eq!(infos.len(), 1);
         assert_eq!(infos[0].closure_size, Some(120));
         assert_eq!(infos[0].signatures, vec!["k:abc".to_owned()]);
+    }
+
+    #[test]
+    fn gc_output_gives_the_bytes_freed() {
+        let out = "/nix/store/0123456789abcdfghijklmnpqrsvwxyz-a\n12 store paths deleted, 3.50 MiB freed\n";
+        assert_eq!(gc_freed_bytes(out), Some(3_670_016));
+        assert_eq!(
+            gc_freed_bytes("0 store paths deleted, 0.00 MiB freed\n"),
+            Some(0)
+        );
+        assert_eq!(gc_freed_bytes("nothing useful"), None);
     }
 }

@@ -42,6 +42,8 @@ pub fn manifest_file(dir: &Path, node: &NodeName) -> PathBuf {
 /// A manifest ready to be made visible.
 #[derive(Debug)]
 pub struct Staged {
+    /// When the manifest it replaces was issued, if there was one.
+    pub replaces_issued_at: Option<roost_common::Timestamp>,
     node: NodeName,
     bytes: Vec<u8>,
     /// The folder case: the written temp file.
@@ -115,6 +117,11 @@ impl Delivery {
 
     /// The version of `node`'s manifest at the destination now, if it has one.
     pub async fn current_version(&self, node: &NodeName) -> Result<Option<u64>, String> {
+        Ok(self.current(node).await?.map(|c| c.version))
+    }
+
+    /// What `node`'s manifest at the destination now says, if it has one.
+    pub async fn current(&self, node: &NodeName) -> Result<Option<Current>, String> {
         let bytes = match &self.dest {
             Destination::Folder(dir) => {
                 let file = manifest_file(dir, node);
@@ -149,7 +156,7 @@ impl Delivery {
                     .to_vec()
             }
         };
-        version_of(&bytes).map(Some).map_err(|e| {
+        current_of(&bytes).map(Some).map_err(|e| {
             format!(
                 "the current manifest at {} is unreadable ({e}); remove it to publish anew",
                 self.location(node)
@@ -170,6 +177,7 @@ impl Delivery {
             }
         };
         Ok(Staged {
+            replaces_issued_at: None,
             node: node.clone(),
             bytes,
             temp,
@@ -217,7 +225,16 @@ impl Delivery {
 }
 
 /// The `version` inside an envelope's payload (no signature check: only to pick the next).
-fn version_of(bytes: &[u8]) -> Result<u64, String> {
+/// The parts of a destination's current manifest a publish needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Current {
+    /// Its version: the next one must be higher.
+    pub version: u64,
+    /// When it was issued (absent in a manifest too old or odd to say): the publish cadence.
+    pub issued_at: Option<roost_common::Timestamp>,
+}
+
+fn current_of(bytes: &[u8]) -> Result<Current, String> {
     let env: Envelope = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
     let payload = base64::engine::general_purpose::STANDARD
         .decode(env.payload)
@@ -225,9 +242,13 @@ fn version_of(bytes: &[u8]) -> Result<u64, String> {
     #[derive(serde::Deserialize)]
     struct V {
         version: u64,
+        issued_at: Option<serde_json::Value>,
     }
     serde_json::from_slice::<V>(&payload)
-        .map(|v| v.version)
+        .map(|v| Current {
+            version: v.version,
+            issued_at: v.issued_at.and_then(|t| serde_json::from_value(t).ok()),
+        })
         .map_err(|e| format!("payload has no version: {e}"))
 }
 

@@ -122,7 +122,10 @@ pub struct Evaluated {
 }
 
 /// The generic settings publish reads at each level; nothing else is evaluated.
-const SETTINGS: &str = "{ user = 0; profilePath = 0; autoRollback = 0; magicRollback = 0; activationTimeout = 0; confirmTimeout = 0; roost = 0; }";
+///
+/// `sshUser` is read only as the fallback for `user`, as deploy-rs does; `profilePath` only
+/// counts at profile level (deploy-rs's `ProfileSettings`), though it is picked everywhere.
+const SETTINGS: &str = "{ user = 0; sshUser = 0; profilePath = 0; autoRollback = 0; magicRollback = 0; activationTimeout = 0; confirmTimeout = 0; roost = 0; }";
 
 /// The `--apply` function. `selected` is JSON: `null` (every node) or `{NODE: null |
 /// [PROFILE…]}`; with `catch` off a broken node fails the evaluation with Nix's message.
@@ -387,7 +390,8 @@ fn node_spec(
             }
         }
     }
-    // deploy-rs's order: profilesOrder first, then the others by name.
+    // deploy-rs's order: profilesOrder first, then the others (by name here, in hash-map
+    // order there); a name listed twice counts once, where it first appears.
     let order = strings(&r["profilesOrder"]);
     for p in &order {
         if !available.contains(p) {
@@ -397,13 +401,10 @@ fn node_spec(
             )));
         }
     }
-    let mut names: Vec<String> = order
-        .into_iter()
-        .filter(|p| profiles.contains_key(p))
-        .collect();
-    for p in profiles.keys() {
-        if !names.contains(p) {
-            names.push(p.clone());
+    let mut names: Vec<String> = Vec::new();
+    for p in order.into_iter().chain(profiles.keys().cloned()) {
+        if profiles.contains_key(&p) && !names.contains(&p) {
+            names.push(p);
         }
     }
     if names.is_empty() {
@@ -479,12 +480,25 @@ fn node_spec(
                     .ok_or_else(|| ctx(format!("`{k}` must be true or false, not {v}"))),
             }
         };
-        let profile_path = match text("profilePath")? {
-            Some(s) => Some(
+        // deploy-rs reads `profilePath` per profile only: at node level it would make two
+        // profiles share one link.
+        let profile_path = match ps.get("profilePath").filter(|v| !v.is_null()) {
+            None => None,
+            Some(Value::String(s)) => Some(
                 s.parse::<ProfilePath>()
                     .map_err(|e| ctx(format!("`profilePath` {e}")))?,
             ),
-            None => None,
+            Some(v) => return Err(ctx(format!("`profilePath` must be a string, not {v}"))),
+        };
+        // deploy-rs: `user`, else `sshUser`, else an error (there is no default user).
+        let user = match (text("user")?, text("sshUser")?) {
+            (Some(u), _) | (None, Some(u)) => u,
+            (None, None) => {
+                return Err(bad(format!(
+                    "neither `user` nor `sshUser` is set for profile `{pname}` of node `{name}` \
+                     (deploy-rs refuses this too): set `user` at the profile, node or deploy level"
+                )));
+            }
         };
         let activation = match roost("activation") {
             Some(a) => Some(
@@ -503,7 +517,7 @@ fn node_spec(
             path,
             drv_path,
             activation,
-            user: text("user")?.unwrap_or_else(|| "root".to_owned()),
+            user,
             profile_path,
             activation_timeout_s: num("activationTimeout", 240)?,
             confirm_timeout_s: num("confirmTimeout", 30)?,
@@ -616,6 +630,84 @@ mod tests {
             (5, 7, "alice")
         );
         assert_eq!(n.wave, 1);
+    }
+
+    fn bare(deploy: Value, n: Value) -> Result<NodeSpec, String> {
+        node_spec("a", &n, deploy.as_object().unwrap(), None, &src()).map_err(|e| match e {
+            NodeProblem::Usage(s) | NodeProblem::Node(s) => s,
+        })
+    }
+
+    fn one_profile(node_settings: Value, profile_settings: Value) -> Value {
+        json!({
+            "profileNames": ["system"],
+            "settings": node_settings,
+            "profiles": { "system": { "path": P1, "system": "x86_64-linux", "settings": profile_settings } }
+        })
+    }
+
+    #[test]
+    fn user_falls_back_to_ssh_user_at_any_level_as_in_deploy_rs() {
+        let n = bare(
+            json!({ "sshUser": "bob" }),
+            one_profile(json!({}), json!({})),
+        )
+        .unwrap();
+        assert_eq!(n.profiles[0].user, "bob");
+        // `user` anywhere beats `sshUser` anywhere (deploy-rs merges each key on its own).
+        let n = bare(
+            json!({ "user": "alice" }),
+            one_profile(json!({}), json!({ "sshUser": "bob" })),
+        )
+        .unwrap();
+        assert_eq!(n.profiles[0].user, "alice");
+    }
+
+    #[test]
+    fn neither_user_nor_ssh_user_fails_the_node_as_deploy_rs_refuses_it() {
+        let e = bare(json!({}), one_profile(json!({}), json!({}))).unwrap_err();
+        assert!(
+            e.contains("neither `user` nor `sshUser`") && e.contains("`system`"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn profile_path_counts_only_at_profile_level() {
+        let n = bare(
+            json!({ "user": "root", "profilePath": "/srv/deploy-level" }),
+            one_profile(json!({ "profilePath": "/srv/node-level" }), json!({})),
+        )
+        .unwrap();
+        assert_eq!(n.profiles[0].profile_path, None);
+        let n = bare(
+            json!({ "user": "root" }),
+            one_profile(json!({}), json!({ "profilePath": "/srv/mine" })),
+        )
+        .unwrap();
+        assert_eq!(
+            n.profiles[0]
+                .profile_path
+                .as_ref()
+                .map(|p| p.as_path().to_owned()),
+            Some("/srv/mine".into())
+        );
+    }
+
+    #[test]
+    fn a_profile_listed_twice_in_profiles_order_is_deployed_once() {
+        let n = node(json!({
+            "profileNames": ["home", "system"],
+            "settings": {},
+            "profilesOrder": ["system", "home", "system"],
+            "profiles": {
+                "home": { "path": P2, "system": "x86_64-linux", "settings": {} },
+                "system": { "path": P1, "system": "x86_64-linux", "settings": {} }
+            }
+        }))
+        .unwrap();
+        let names: Vec<&str> = n.profiles.iter().map(|p| p.name.as_str()).collect();
+        assert_eq!(names, ["system", "home"]);
     }
 
     #[test]

@@ -7,6 +7,7 @@
 //! atomic files in the static layout (`--out`) ([`deliver`]). A node that fails is reported by
 //! name with Nix's own words; the others still publish unless `--all-or-nothing`.
 
+pub mod checks;
 pub mod deliver;
 pub mod deploy;
 mod output;
@@ -90,6 +91,13 @@ pub struct PublishArgs {
     /// closures were signed elsewhere. Repeatable.
     #[arg(long = "cache-public-key", value_name = "KEY")]
     pub cache_public_keys: Vec<String>,
+    /// Publish even though the manifests name no cache the nodes can verify (no --cache, or
+    /// one without --cache-key/--cache-public-key): every node's own configuration already
+    /// trusts where the paths come from (its extra_substituters and
+    /// extra_trusted_public_keys), or already has them. Without it, publish refuses, since
+    /// such nodes would sit deferred for ever.
+    #[arg(long)]
+    pub nodes_trust_paths: bool,
     /// Do not build: every path must already be in the local store or in --cache; publish
     /// stops naming the missing ones otherwise.
     #[arg(long)]
@@ -439,6 +447,14 @@ pub fn options(args: &PublishArgs, progress: Progress) -> anyhow::Result<Publish
         !urls.is_empty() || keys.is_empty(),
         "--cache-public-key needs --cache or --substituter"
     );
+    if let Some(why) = checks::cache_refusal(checks::CacheTrust {
+        cache: args.cache.as_deref(),
+        substituters: &args.substituters,
+        has_key: !keys.is_empty(),
+        nodes_trust_paths: args.nodes_trust_paths,
+    }) {
+        anyhow::bail!(why);
+    }
     let substituters = urls
         .into_iter()
         .map(|url| Substituter {

@@ -10,6 +10,7 @@ use roost_common::nix::{Nix, NixError, PathInfo, Tool};
 use roost_common::wire::v1::{self, Activation, Manifest};
 use roost_common::{StorePath, Timestamp, Version};
 
+use super::checks;
 use super::deliver::{Delivery, Staged};
 use super::deploy::{self, NodeSpec, Selection};
 use super::output::Stage;
@@ -29,6 +30,8 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> 
 
 /// Publishes. Per-node failures are in the report; an `Err` means nothing was published.
 pub async fn publish(opts: &PublishOptions, nix: &Nix) -> Result<PublishReport, PublishError> {
+    // Publish evaluates flakes: it asks for them itself, whatever the caller's driver does.
+    let nix = &nix.clone().with_flakes();
     let delivery = Delivery::new(opts.dest.clone())?;
     // Fail in a second, not after a long build, when the destination is unreachable.
     delivery.preflight().await?;
@@ -81,6 +84,13 @@ pub async fn publish(opts: &PublishOptions, nix: &Nix) -> Result<PublishReport, 
     )
     .await;
     stage.done(format!("signed {} manifest(s)", specs.len()));
+    let last_issued = staged
+        .iter()
+        .filter_map(|(_, r)| r.as_ref().ok()?.1.replaces_issued_at)
+        .max();
+    if let Some(w) = checks::expiry_warning(opts.expires, last_issued, issued_at) {
+        tracing::warn!("{w}");
+    }
 
     let mut ready = Vec::new();
     for (node, r) in staged {
@@ -225,11 +235,15 @@ async fn evaluate_all(
     for (flake, selection) in group(&opts.targets) {
         let stage = Stage::start(opts.progress, format!("evaluating {flake}"));
         let (n, f) = (nix.clone(), flake.clone());
-        let evaluated = blocking(move || {
+        let (source, evaluated) = blocking(move || {
             let source = deploy::source(&n, &f)?;
-            deploy::evaluate(&n, &f, selection.as_ref(), &source)
+            let evaluated = deploy::evaluate(&n, &f, selection.as_ref(), &source)?;
+            Ok::<_, PublishError>((source, evaluated))
         })
         .await?;
+        if source.dirty {
+            tracing::warn!("{}", checks::dirty_warning(&flake));
+        }
         stage.done(format!(
             "evaluated {flake}: {} node(s) ready, {} failed",
             evaluated.nodes.len(),
@@ -670,13 +684,14 @@ async fn stage_all(
         jobs.spawn(async move {
             let node = s.node.to_string();
             let r = async {
-                let current = d.current_version(&s.node).await?;
+                let current = d.current(&s.node).await?;
                 if let Some(c) = current {
-                    m.version = Version(m.version.0.max(c + 1));
+                    m.version = Version(m.version.0.max(c.version + 1));
                 }
                 let payload = serde_json::to_vec(&m).map_err(|e| e.to_string())?;
                 let bytes = Envelope::seal(Context::Manifest, &payload, &[&key]).to_bytes();
-                let staged = d.stage(&s.node, bytes)?;
+                let mut staged = d.stage(&s.node, bytes)?;
+                staged.replaces_issued_at = current.and_then(|c| c.issued_at);
                 let result = NodeResult {
                     node: node.clone(),
                     result: "published",

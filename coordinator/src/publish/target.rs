@@ -128,6 +128,42 @@ mod tests {
         );
     }
 
+    /// deploy-rs's own `parse_flake` test vectors (src/lib.rs, `test_parse_flake`): the same
+    /// inputs give the same repository, node and profile.
+    #[test]
+    fn deploy_rs_parse_flake_vectors() {
+        let repo = "../deploy/examples/system";
+        for (input, node, profile) in [
+            ("../deploy/examples/system", None, None),
+            ("../deploy/examples/system#", None, None),
+            (
+                "../deploy/examples/system#computer.\"something.nix\"",
+                Some("computer"),
+                Some("something.nix"),
+            ),
+            (
+                "../deploy/examples/system#\"example.com\".system",
+                Some("example.com"),
+                Some("system"),
+            ),
+            ("../deploy/examples/system#example", Some("example"), None),
+            (
+                "../deploy/examples/system#example.system",
+                Some("example"),
+                Some("system"),
+            ),
+        ] {
+            assert_eq!(parse(input).unwrap(), t(repo, node, profile), "{input}");
+        }
+    }
+
+    /// deploy-rs refuses a fragment with a second dot ("The given path was too long").
+    #[test]
+    fn a_third_part_is_refused_as_deploy_rs_does() {
+        assert!(parse("../deploy/examples/system#a.b.c").is_err());
+        assert!(parse("../deploy/examples/system#\"a.b\".c.d").is_err());
+    }
+
     #[test]
     fn malformed_targets_are_explained() {
         assert!(

@@ -15,6 +15,8 @@ pub struct ApiError {
     pub(super) status: StatusCode,
     pub(super) code: &'static str,
     pub(super) message: String,
+    /// A header to answer with (a 401's `WWW-Authenticate`).
+    header: Option<(header::HeaderName, HeaderValue)>,
 }
 
 impl ApiError {
@@ -23,7 +25,14 @@ impl ApiError {
             status,
             code,
             message: message.into(),
+            header: None,
         }
+    }
+
+    /// Answers with `name: value` too.
+    pub(super) fn with_header(mut self, name: header::HeaderName, value: &'static str) -> Self {
+        self.header = Some((name, HeaderValue::from_static(value)));
+        self
     }
 
     /// A failure of the coordinator itself while doing `what`: the detail goes to its log
@@ -97,8 +106,24 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        json_error(self.status, self.code, &self.message)
+        let mut r = json_error(self.status, self.code, &self.message);
+        if let Some((k, v)) = self.header {
+            r.headers_mut().insert(k, v);
+        }
+        r.extensions_mut().insert(Answered {
+            code: self.code,
+            message: self.message,
+        });
+        r
     }
+}
+
+/// An error answer's code and message, kept in the response's extensions so the middleware
+/// that logs refusals and records them per node (`observe.rs`) sees why.
+#[derive(Debug, Clone)]
+pub(super) struct Answered {
+    pub code: &'static str,
+    pub message: String,
 }
 
 /// What handlers return.

@@ -5,81 +5,209 @@ use std::collections::BTreeMap;
 use std::fmt::Write;
 use std::sync::Arc;
 
-use axum::extract::State;
-use axum::http::header;
+use std::time::Duration;
+
+use axum::extract::{Query, State};
+use axum::http::{HeaderMap, header};
 use axum::response::{IntoResponse, Response};
 use roost_common::wire::v1::Source;
 use roost_common::{StorePath, Timestamp, Version};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
+use super::auth;
 use super::error::ApiError;
 use super::live::Current;
+use super::observe::{Refusal, UnknownName};
 use super::state::App;
 use super::store::{NodeRecord, PinSource, StoreError};
+use crate::flags::{
+    self, Facts, Flag, Flagged, ManifestFacts, RefusalFacts, RejectionFacts, ReportFacts,
+    Thresholds, UnknownFacts,
+};
 
 /// What the fleet views need of a node's last report (the rest is passed on verbatim).
 #[derive(Debug, Default, Deserialize)]
-struct ReportGist {
-    state: Option<String>,
-    manifest_version: Option<u64>,
-    health: Option<Vec<HealthGist>>,
+pub(super) struct ReportGist {
+    pub state: Option<String>,
+    pub manifest_version: Option<u64>,
+    pub health: Option<Vec<HealthGist>>,
+    pub error: Option<ErrorGist>,
 }
 
 #[derive(Debug, Deserialize)]
-struct HealthGist {
-    ok: Option<bool>,
+pub(super) struct HealthGist {
+    #[serde(default)]
+    pub name: String,
+    pub ok: Option<bool>,
+    #[serde(default)]
+    pub detail: String,
 }
 
-/// One node as this coordinator knows it: its current manifest, its report record, or both.
-struct Row {
-    name: String,
-    cur: Option<Arc<Current>>,
-    rec: Option<NodeRecord>,
-    gist: Option<ReportGist>,
+/// A report's error.
+#[derive(Debug, Deserialize, Serialize)]
+pub(super) struct ErrorGist {
+    #[serde(default)]
+    pub phase: String,
+    #[serde(default)]
+    pub message: String,
+}
+
+impl ReportGist {
+    fn healthy(&self) -> Option<bool> {
+        self.health
+            .as_ref()
+            .map(|h| h.iter().all(|c| c.ok == Some(true)))
+    }
+}
+
+/// One node as this coordinator knows it: its current manifest, its report record, what
+/// the coordinator observed of it, or any of these.
+pub(super) struct Row {
+    pub name: String,
+    pub cur: Option<Arc<Current>>,
+    pub rec: Option<NodeRecord>,
+    pub gist: Option<ReportGist>,
+    pub polled: Option<Timestamp>,
+    pub refusal: Option<Refusal>,
+    pub unknown: Option<UnknownName>,
+    /// The last `rejected` report.
+    pub rejection: Option<Rejection>,
 }
 
 impl Row {
+    fn new(name: String) -> Self {
+        Self {
+            name,
+            cur: None,
+            rec: None,
+            gist: None,
+            polled: None,
+            refusal: None,
+            unknown: None,
+            rejection: None,
+        }
+    }
+
     fn seconds_since_report(&self, now: Timestamp) -> Option<u64> {
         let seen = self.rec.as_ref()?.last_seen?;
         Some(now.unix().saturating_sub(seen))
     }
+
+    /// `tofu`, `pinned` or `manifest`; `None` when no key is known.
+    fn key_source(&self) -> Option<&'static str> {
+        if self
+            .cur
+            .as_ref()
+            .is_some_and(|c| c.manifest.node_key.is_some())
+        {
+            return Some("manifest");
+        }
+        let r = self.rec.as_ref()?;
+        r.pinned_key.as_ref()?;
+        Some(r.pin_source.unwrap_or(PinSource::FirstUse).as_str())
+    }
+
+    /// The facts the flags are judged on.
+    fn facts(&self) -> Facts<'_> {
+        let gist = self.gist.as_ref();
+        let failing = gist
+            .and_then(|g| g.health.as_ref())
+            .and_then(|h| h.iter().find(|c| c.ok != Some(true)));
+        Facts {
+            manifest: self.cur.as_ref().map(|c| ManifestFacts {
+                version: c.manifest.version.0,
+                stored_at: c.stored_at,
+                expires_at: c.manifest.expires_at,
+            }),
+            report: self
+                .rec
+                .as_ref()
+                .and_then(|r| r.last_seen)
+                .map(|seen| ReportFacts {
+                    received_at: Timestamp::from_unix(seen),
+                    state: gist.and_then(|g| g.state.as_deref()),
+                    version: gist.and_then(|g| g.manifest_version),
+                    healthy: gist.and_then(ReportGist::healthy),
+                    error: gist
+                        .and_then(|g| g.error.as_ref())
+                        .map(|e| (e.phase.as_str(), e.message.as_str())),
+                    failing_check: failing.map(|c| (c.name.as_str(), c.detail.as_str())),
+                }),
+            last_poll: self.polled,
+            key_source: self.key_source(),
+            refusal: self
+                .refusal
+                .as_ref()
+                .filter(|r| r.active)
+                .map(|r| RefusalFacts {
+                    at: r.at,
+                    code: r.code,
+                    message: &r.message,
+                }),
+            rejection: self.rejection.as_ref().map(|r| RejectionFacts {
+                at: r.at,
+                message: &r.message,
+            }),
+            unknown: self.unknown.map(|u| UnknownFacts {
+                requests: u.requests,
+                last: u.last,
+            }),
+        }
+    }
+
+    /// Its flags at `now`.
+    pub fn flags(&self, now: Timestamp, t: &Thresholds) -> Vec<Flagged> {
+        flags::judge(&self.facts(), now, t)
+    }
 }
 
-/// Every node, by name. Typed rows, not JSON trees: for 10,000 nodes a tree of
+/// Every node, by name: those with a manifest, those that reported, and names heard from
+/// without a manifest. Typed rows, not JSON trees: for 10,000 nodes a tree of
 /// `serde_json::Value`s took about 60 MiB (and twice that for `/metrics`), which the
 /// allocator then kept.
-fn rows(app: &App) -> Result<Vec<Row>, ApiError> {
+pub(super) fn rows(app: &App) -> Result<Vec<Row>, ApiError> {
     // Without the report database the views still show every node's manifest.
     let records = match app.store.nodes() {
         Err(StoreError::ReportsUnavailable(_)) => Vec::new(),
         r => r.map_err(|e| ApiError::store("reading the fleet's reports", e))?,
     };
     let mut rows: BTreeMap<String, Row> = BTreeMap::new();
-    for (name, cur) in app.live.all() {
-        let name = name.to_string();
-        rows.insert(
-            name.clone(),
-            Row {
-                name,
-                cur: Some(cur),
-                rec: None,
-                gist: None,
-            },
-        );
+    for (name, cur, polled) in app.live.all_polled() {
+        let mut row = Row::new(name.to_string());
+        row.cur = Some(cur);
+        row.polled = polled;
+        rows.insert(row.name.clone(), row);
     }
     for r in records {
-        let row = rows.entry(r.node.clone()).or_insert_with(|| Row {
-            name: r.node.clone(),
-            cur: None,
-            rec: None,
-            gist: None,
-        });
+        let row = rows
+            .entry(r.node.clone())
+            .or_insert_with(|| Row::new(r.node.clone()));
         row.gist = r
             .last_report
             .as_deref()
             .and_then(|p| serde_json::from_str(p).ok());
+        row.rejection = r.last_rejection.as_ref().map(|(at, payload)| {
+            let gist: ReportGist = serde_json::from_str(payload).unwrap_or_default();
+            Rejection {
+                at: Timestamp::from_unix(*at),
+                message: gist.error.map(|e| e.message).unwrap_or_default(),
+            }
+        });
         row.rec = Some(r);
+    }
+    for (name, refusal) in app.observed.refusals() {
+        if let Some(row) = rows.get_mut(name.as_str()) {
+            row.refusal = Some(refusal);
+        }
+    }
+    for (name, u) in app.observed.unknowns() {
+        let row = rows
+            .entry(name.to_string())
+            .or_insert_with(|| Row::new(name.to_string()));
+        if row.cur.is_none() {
+            row.unknown = Some(u);
+        }
     }
     Ok(rows.into_values().collect())
 }
@@ -90,13 +218,37 @@ struct FleetDoc<'a> {
     /// False when the report database could not be opened at start: no node then shows a
     /// report, and reports are refused until an operator repairs it.
     reports_available: bool,
+    /// The limits the flags were judged with, in seconds.
+    thresholds: ThresholdsDoc,
+    /// How many nodes carry each flag.
+    flagged: BTreeMap<&'static str, usize>,
     nodes: Vec<NodeDoc<'a>>,
+}
+
+#[derive(Serialize)]
+struct ThresholdsDoc {
+    stale_s: u64,
+    stuck_s: u64,
+    expiring_s: u64,
 }
 
 #[derive(Serialize)]
 struct Desired<'a> {
     profile: &'a str,
     path: &'a StorePath,
+}
+
+#[derive(Serialize)]
+struct SourceDoc<'a> {
+    rev: Option<&'a str>,
+    dirty: bool,
+}
+
+/// A node's last report refusing a manifest.
+#[derive(Serialize)]
+pub(super) struct Rejection {
+    at: Timestamp,
+    message: String,
 }
 
 /// A node in `GET /v1/fleet`. The manifest's fields are left out for a node that only
@@ -111,6 +263,8 @@ struct NodeDoc<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     expires_at: Option<Timestamp>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    stored_at: Option<Timestamp>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     system: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     source: Option<Option<&'a Source>>,
@@ -123,13 +277,28 @@ struct NodeDoc<'a> {
     last_seq: Option<u64>,
     last_seen: Option<String>,
     seconds_since_report: Option<u64>,
+    last_poll: Option<Timestamp>,
+    seconds_since_poll: Option<u64>,
     healthy: Option<bool>,
     state: Option<&'a str>,
     reported_version: Option<u64>,
+    /// The source of the reported version, when this coordinator stored that version.
+    reported_source: Option<SourceDoc<'a>>,
+    /// The last report's error.
+    error: Option<&'a ErrorGist>,
+    /// The coordinator's last refusal of a report for this node (since it started).
+    refusal: Option<&'a Refusal>,
+    /// The node's last report refusing a manifest.
+    rejection: Option<&'a Rejection>,
+    /// Requests under this name while it has no manifest.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    unknown: Option<UnknownName>,
+    /// What needs a human, with reasons.
+    flags: Vec<Flagged>,
     last_report: Option<&'a RawValue>,
 }
 
-fn node_doc(row: &Row, now: Timestamp) -> NodeDoc<'_> {
+fn node_doc<'a>(row: &'a Row, now: Timestamp, t: &Thresholds) -> NodeDoc<'a> {
     let m = row.cur.as_ref().map(|c| &c.manifest);
     let pinned = row.rec.as_ref().and_then(|r| {
         let source = r.pin_source.unwrap_or(PinSource::FirstUse).as_str();
@@ -143,11 +312,27 @@ fn node_doc(row: &Row, now: Timestamp) -> NodeDoc<'_> {
         (None, None, None) => (None, None),
     };
     let gist = row.gist.as_ref();
+    let reported_version = gist.and_then(|g| g.manifest_version);
+    let reported_source = match (m, reported_version) {
+        (Some(m), Some(v)) if m.version.0 == v => m.source.as_ref().map(|s| SourceDoc {
+            rev: s.rev.as_deref(),
+            dirty: s.dirty,
+        }),
+        _ => row
+            .rec
+            .as_ref()
+            .and_then(|r| r.reported_source.as_ref())
+            .map(|(rev, dirty)| SourceDoc {
+                rev: rev.as_deref(),
+                dirty: *dirty,
+            }),
+    };
     NodeDoc {
         node: &row.name,
         desired_version: m.map(|m| m.version),
         issued_at: m.map(|m| m.issued_at),
         expires_at: m.map(|m| m.expires_at),
+        stored_at: row.cur.as_ref().map(|c| c.stored_at),
         system: m.map(|m| m.system.as_str()),
         source: m.map(|m| m.source.as_ref()),
         desired: m.map(|m| {
@@ -168,11 +353,17 @@ fn node_doc(row: &Row, now: Timestamp) -> NodeDoc<'_> {
             .and_then(|r| r.last_seen)
             .map(|s| Timestamp::from_unix(s).to_string()),
         seconds_since_report: row.seconds_since_report(now),
-        healthy: gist
-            .and_then(|g| g.health.as_ref())
-            .map(|h| h.iter().all(|c| c.ok == Some(true))),
+        last_poll: row.polled,
+        seconds_since_poll: row.polled.map(|p| now.secs_since(p)),
+        healthy: gist.and_then(ReportGist::healthy),
         state: gist.and_then(|g| g.state.as_deref()),
-        reported_version: gist.and_then(|g| g.manifest_version),
+        reported_version,
+        reported_source,
+        error: gist.and_then(|g| g.error.as_ref()),
+        refusal: row.refusal.as_ref(),
+        rejection: row.rejection.as_ref(),
+        unknown: row.unknown,
+        flags: row.flags(now, t),
         last_report: row
             .rec
             .as_ref()
@@ -182,19 +373,62 @@ fn node_doc(row: &Row, now: Timestamp) -> NodeDoc<'_> {
 }
 
 /// The fleet document, serialised.
-fn fleet_json(app: &App) -> Result<Vec<u8>, ApiError> {
+fn fleet_json(app: &App, t: &Thresholds) -> Result<Vec<u8>, ApiError> {
     let rows = rows(app)?;
     let now = Timestamp::now();
+    let nodes: Vec<NodeDoc<'_>> = rows.iter().map(|r| node_doc(r, now, t)).collect();
+    let mut flagged = BTreeMap::new();
+    for n in &nodes {
+        for f in &n.flags {
+            *flagged.entry(f.flag.as_str()).or_default() += 1;
+        }
+    }
     let doc = FleetDoc {
         generated_at: now,
         reports_available: app.store.reports_available(),
-        nodes: rows.iter().map(|r| node_doc(r, now)).collect(),
+        thresholds: ThresholdsDoc {
+            stale_s: t.stale.as_secs(),
+            stuck_s: t.stuck.as_secs(),
+            expiring_s: t.expiring.as_secs(),
+        },
+        flagged,
+        nodes,
     };
     serde_json::to_vec(&doc).map_err(|e| ApiError::internal("writing the fleet document", e))
 }
 
-pub(super) async fn get_fleet(State(app): State<Arc<App>>) -> Result<Response, ApiError> {
-    let doc = tokio::task::spawn_blocking(move || fleet_json(&app))
+/// `?stale=1h&stuck=30m&expiring=7d`: the flags' limits for this request (the server's
+/// otherwise).
+#[derive(Debug, Default, Deserialize)]
+pub(super) struct FleetQuery {
+    stale: Option<String>,
+    stuck: Option<String>,
+    expiring: Option<String>,
+}
+
+impl FleetQuery {
+    pub fn thresholds(&self, base: Thresholds) -> Result<Thresholds, ApiError> {
+        let parse = |name: &str, v: &Option<String>, default: Duration| match v {
+            None => Ok(default),
+            Some(s) => roost_common::time::parse_duration(s)
+                .map_err(|e| ApiError::bad_request("bad_threshold", format!("?{name}={s}: {e}"))),
+        };
+        Ok(Thresholds {
+            stale: parse("stale", &self.stale, base.stale)?,
+            stuck: parse("stuck", &self.stuck, base.stuck)?,
+            expiring: parse("expiring", &self.expiring, base.expiring)?,
+        })
+    }
+}
+
+pub(super) async fn get_fleet(
+    State(app): State<Arc<App>>,
+    Query(q): Query<FleetQuery>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    auth::check_read(&app, &headers)?;
+    let t = q.thresholds(app.cfg.thresholds)?;
+    let doc = tokio::task::spawn_blocking(move || fleet_json(&app, &t))
         .await
         .map_err(|e| ApiError::internal("building the fleet view", e))??;
     Ok(([(header::CONTENT_TYPE, "application/json")], doc).into_response())
@@ -222,7 +456,40 @@ fn gauge<T: std::fmt::Display>(
     }
 }
 
-pub(super) async fn get_metrics(State(app): State<Arc<App>>) -> Result<Response, ApiError> {
+/// `roost_node_flag{node, flag, code} 1` for every flag of every node, and
+/// `roost_nodes_flagged{flag}` with every flag's count (0 included, for alerts on rises).
+fn flag_metrics(out: &mut String, rows: &[Row], now: Timestamp, t: &Thresholds) {
+    let _ = writeln!(
+        out,
+        "# HELP roost_node_flag 1 for each flag of a node, with the code of its reason (see roost-coordinator status --help).\n# TYPE roost_node_flag gauge"
+    );
+    let mut counts: BTreeMap<Flag, usize> = Flag::ALL.iter().map(|f| (*f, 0)).collect();
+    for r in rows {
+        for f in r.flags(now, t) {
+            *counts.entry(f.flag).or_default() += 1;
+            let _ = writeln!(
+                out,
+                "roost_node_flag{{node=\"{}\",flag=\"{}\",code=\"{}\"}} 1",
+                label(&r.name),
+                f.flag.as_str(),
+                label(&f.code)
+            );
+        }
+    }
+    let _ = writeln!(
+        out,
+        "# HELP roost_nodes_flagged Nodes carrying each flag.\n# TYPE roost_nodes_flagged gauge"
+    );
+    for (flag, n) in counts {
+        let _ = writeln!(out, "roost_nodes_flagged{{flag=\"{}\"}} {n}", flag.as_str());
+    }
+}
+
+pub(super) async fn get_metrics(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    auth::check_read(&app, &headers)?;
     let app2 = app.clone();
     let rows = tokio::task::spawn_blocking(move || rows(&app2))
         .await
@@ -267,6 +534,14 @@ pub(super) async fn get_metrics(State(app): State<Arc<App>>) -> Result<Response,
         &rows,
         |r| r.seconds_since_report(now).map(|s| (String::new(), s)),
     );
+    gauge(
+        &mut out,
+        "roost_node_seconds_since_poll",
+        "Seconds since the node's last manifest poll (since the coordinator started).",
+        &rows,
+        |r| r.polled.map(|p| (String::new(), now.secs_since(p))),
+    );
+    flag_metrics(&mut out, &rows, now, &app.cfg.thresholds);
     let _ = writeln!(
         out,
         "# HELP roost_long_polls_held Manifest long-polls being held open.\n# TYPE roost_long_polls_held gauge\nroost_long_polls_held {}",
@@ -318,7 +593,9 @@ mod tests {
         let key = roost_common::SecretKey::generate("p").unwrap();
         let env = Envelope::seal(Ctx::Manifest, &serde_json::to_vec(&m).unwrap(), &[&key]);
         let trusted = roost_common::TrustedKeys::new([key.public()], 1);
-        Arc::new(Current::from_stored(env.to_bytes(), &trusted, &"n1".parse().unwrap()).unwrap())
+        Arc::new(
+            Current::from_stored(env.to_bytes(), &trusted, &"n1".parse().unwrap(), now).unwrap(),
+        )
     }
 
     fn record(report: &str, pinned: Option<&str>) -> NodeRecord {
@@ -329,6 +606,8 @@ mod tests {
             last_seq: Some(3),
             last_seen: Some(Timestamp::now().unix()),
             last_report: Some(report.into()),
+            last_rejection: None,
+            reported_source: None,
         }
     }
 
@@ -336,13 +615,9 @@ mod tests {
         let gist = rec
             .as_ref()
             .and_then(|r| serde_json::from_str(r.last_report.as_deref()?).ok());
-        let row = Row {
-            name: "n1".into(),
-            cur,
-            rec,
-            gist,
-        };
-        serde_json::to_value(node_doc(&row, Timestamp::now())).unwrap()
+        let mut row = Row::new("n1".into());
+        (row.cur, row.rec, row.gist) = (cur, rec, gist);
+        serde_json::to_value(node_doc(&row, Timestamp::now(), &Thresholds::default())).unwrap()
     }
 
     #[test]

@@ -4,13 +4,14 @@
 //! under `manifests/` (see `store.rs`) are its durable copy.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
 use axum::body::Bytes;
 use axum::http::HeaderValue;
 use roost_common::envelope::{self, Context};
 use roost_common::wire::v1::Manifest;
-use roost_common::{NodeName, TrustedKeys, verify};
+use roost_common::{NodeName, Timestamp, TrustedKeys, verify};
 use tokio::sync::watch;
 
 /// A node's current manifest as served.
@@ -21,6 +22,9 @@ pub(super) struct Current {
     pub manifest: Manifest,
     /// SHA-256 of the payload, to tell a re-upload of the same version apart.
     pub digest: [u8; 32],
+    /// When this coordinator stored it (for a stored file, its modification time): since
+    /// then the node has had to converge.
+    pub stored_at: Timestamp,
 }
 
 impl Current {
@@ -34,6 +38,7 @@ impl Current {
         bytes: Vec<u8>,
         publishers: &TrustedKeys,
         node: &NodeName,
+        stored_at: Timestamp,
     ) -> Result<Self, String> {
         let opened =
             envelope::open(&bytes, Context::Manifest, publishers).map_err(|e| e.to_string())?;
@@ -50,6 +55,7 @@ impl Current {
             digest: verify::digest(&opened.payload),
             manifest,
             bytes: Bytes::from(bytes),
+            stored_at,
         })
     }
 }
@@ -58,6 +64,8 @@ impl Current {
 struct Slot {
     current: Arc<Current>,
     tx: watch::Sender<u64>,
+    /// Unix seconds of the node's last manifest poll; 0 before the first.
+    polled: AtomicU64,
 }
 
 impl Slot {
@@ -66,6 +74,7 @@ impl Slot {
         Self {
             current: Arc::new(current),
             tx,
+            polled: AtomicU64::new(0),
         }
     }
 }
@@ -89,6 +98,16 @@ impl Live {
         map.get(node).map(|s| s.current.clone())
     }
 
+    /// The node's current manifest, for a poll: the poll's time is recorded (liveness for
+    /// the fleet views; a relaxed store, no lock beyond the read lock `get` takes).
+    pub fn get_polled(&self, node: &NodeName) -> Option<Arc<Current>> {
+        let map = self.nodes.read().unwrap_or_else(|p| p.into_inner());
+        let slot = map.get(node)?;
+        slot.polled
+            .store(Timestamp::now().unix(), Ordering::Relaxed);
+        Some(slot.current.clone())
+    }
+
     /// A receiver that sees the node's versions from now on (for a long-poll; an answered
     /// poll does not pay for one).
     pub fn watch(&self, node: &NodeName) -> Option<watch::Receiver<u64>> {
@@ -96,11 +115,15 @@ impl Live {
         map.get(node).map(|s| s.tx.subscribe())
     }
 
-    /// Every node's current manifest.
-    pub fn all(&self) -> Vec<(NodeName, Arc<Current>)> {
+    /// Every node's current manifest and last poll.
+    pub fn all_polled(&self) -> Vec<(NodeName, Arc<Current>, Option<Timestamp>)> {
         let map = self.nodes.read().unwrap_or_else(|p| p.into_inner());
         map.iter()
-            .map(|(n, s)| (n.clone(), s.current.clone()))
+            .map(|(n, s)| {
+                let polled = s.polled.load(Ordering::Relaxed);
+                let polled = (polled != 0).then(|| Timestamp::from_unix(polled));
+                (n.clone(), s.current.clone(), polled)
+            })
             .collect()
     }
 

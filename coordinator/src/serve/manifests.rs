@@ -115,7 +115,7 @@ pub(super) fn begin_get<'a>(
     if_none_match: impl IntoIterator<Item = &'a [u8]>,
     wait: Option<u64>,
 ) -> Option<Step> {
-    let cur = app.live.get(node)?;
+    let cur = app.live.get_polled(node)?;
     if !matches_etag(if_none_match, &cur.etag) {
         return Some(Step::Answer(Answer::Full(cur)));
     }
@@ -278,17 +278,30 @@ pub(super) async fn put_manifest(
     let store_bytes = bytes.clone();
     let app2 = app.clone();
     let node2 = node.clone();
+    let version = verified.manifest.version.0;
+    let source = verified.manifest.source.clone().unwrap_or_default();
+    let stored_at = Timestamp::now();
     blocking("storing the manifest", move || {
-        app2.store.save_manifest(&node2, &store_bytes)
+        app2.store.save_manifest(&node2, &store_bytes)?;
+        // Only names the revision a node reports running: a failure costs the fleet views
+        // a column, not the upload.
+        let (rev, dirty) = (source.rev.as_deref(), source.dirty);
+        if let Err(e) =
+            app2.store
+                .record_version(node2.as_str(), version, rev, dirty, stored_at.unix())
+        {
+            tracing::warn!(node = %node2, version, "cannot record the manifest's source: {e}");
+        }
+        Ok(())
     })
     .await
     .map_err(|e| with_node(e, &node))?;
-    let version = verified.manifest.version.0;
     let cur = Current {
         etag: etag_for(version),
         digest: verified.digest,
         manifest: verified.manifest,
         bytes,
+        stored_at,
     };
     app.live.set(&node, cur);
     tracing::info!(%node, version, "manifest stored");

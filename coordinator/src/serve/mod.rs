@@ -25,6 +25,7 @@ mod fleet;
 mod front;
 mod live;
 mod manifests;
+mod observe;
 mod pins;
 mod reports;
 mod server;
@@ -57,8 +58,12 @@ Endpoints:
   PUT|DELETE /v1/nodes/NODE/key          pin or clear the key NODE's reports are checked with
                                          when its manifest names none (admin token; see
                                          `roost-coordinator node-key --help`)
-  GET  /v1/fleet                         the fleet as JSON (what `status` shows)
+  GET  /v1/fleet[?stale=D&stuck=D&expiring=D]
+                                         the fleet as JSON with each node's flags and
+                                         reasons (what `status` shows)
   GET  /metrics                          Prometheus text
+The fleet's data (/v1/fleet, report histories, /metrics) needs the read, admin or upload
+token unless --public-read; an agent's manifest polls and reports need none.
   GET|PUT /cache/...                     a Nix binary cache: substituter URL and the target
                                          of `nix copy --to http://HOST:PORT/cache`
 
@@ -98,6 +103,24 @@ pub struct ServeArgs {
     /// node keys cannot be pinned over HTTP.
     #[arg(long, value_name = "FILE", env = "ROOST_ADMIN_TOKEN_FILE")]
     pub admin_token_file: Option<PathBuf>,
+    /// File holding the token that authorises reading the fleet's data: /v1/fleet, report
+    /// histories, /metrics and the dashboard (Bearer, or the HTTP Basic password, which is
+    /// what a browser asks for). The admin and upload tokens read too. Agents need none.
+    #[arg(long, value_name = "FILE", env = "ROOST_READ_TOKEN_FILE")]
+    pub read_token_file: Option<PathBuf>,
+    /// Let anyone who reaches the server read the fleet's data (node names, versions,
+    /// errors) without a token.
+    #[arg(long)]
+    pub public_read: bool,
+    /// The fleet views flag a node STALE after this long without a report or a poll.
+    #[arg(long, default_value = "1h", value_parser = roost_common::time::parse_duration)]
+    pub stale_after: Duration,
+    /// ... STUCK when it has not converged this long after its manifest was stored.
+    #[arg(long, default_value = "30m", value_parser = roost_common::time::parse_duration)]
+    pub stuck_after: Duration,
+    /// ... EXPIRING when its manifest expires within this.
+    #[arg(long, default_value = "7d", value_parser = roost_common::time::parse_duration)]
+    pub expiring_within: Duration,
     /// TLS certificate chain (PEM): serve HTTPS instead of HTTP. Needs --tls-key.
     #[arg(long, requires = "tls_key", value_name = "PEM")]
     pub tls_cert: Option<PathBuf>,
@@ -138,6 +161,15 @@ pub fn load_config(args: &ServeArgs) -> anyhow::Result<ServerConfig> {
     if let Some(f) = &args.admin_token_file {
         cfg.admin_token = Some(read_token(f, "admin")?);
     }
+    if let Some(f) = &args.read_token_file {
+        cfg.read_token = Some(read_token(f, "read")?);
+    }
+    cfg.public_read = args.public_read;
+    cfg.thresholds = crate::flags::Thresholds {
+        stale: args.stale_after,
+        stuck: args.stuck_after,
+        expiring: args.expiring_within,
+    };
     cfg.max_nar_bytes = args.max_nar_bytes;
     cfg.header_timeout = args.header_timeout;
     cfg.body_timeout = args.body_timeout;

@@ -201,7 +201,9 @@ pub(super) async fn get_reports(
     State(app): State<Arc<App>>,
     Path(node): Path<String>,
     Query(q): Query<LimitQuery>,
+    headers: axum::http::HeaderMap,
 ) -> ApiResult {
+    super::auth::check_read(&app, &headers)?;
     let node = parse_node(&node)?;
     if app.live.get(&node).is_none() {
         return Err(ApiError::not_found(

@@ -19,7 +19,7 @@ use super::front::Front;
 use super::manifests::MANIFEST_ROUTE;
 use super::state::{App, ServerConfig};
 use super::store::StoreError;
-use super::{cache, fleet, manifests, pins, reports};
+use super::{cache, fleet, manifests, observe, pins, reports};
 
 /// Why the server could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -72,6 +72,10 @@ fn router(app: Arc<App>) -> Router {
             ApiError::not_found("not_found", "no such endpoint; see docs/protocol.md §6")
         })
         .layer(axum::middleware::from_fn(json_errors))
+        .layer(axum::middleware::from_fn_with_state(
+            app.clone(),
+            observe::observe,
+        ))
         .layer(axum::middleware::from_fn_with_state(
             app.clone(),
             count_requests,

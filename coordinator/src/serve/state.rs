@@ -16,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::error::ApiError;
 use super::live::{Current, Live};
+use super::observe::Observed;
 use super::store::{Store, StoreError};
 
 /// What the server needs, loaded and validated.
@@ -37,6 +38,14 @@ pub struct ServerConfig {
     pub body_timeout: Duration,
     /// After the shutdown signal, how long requests in flight may take to finish.
     pub shutdown_grace: Duration,
+    /// The token for reading the fleet's data (`/v1/fleet`, report history, `/metrics`,
+    /// the dashboard); the admin and upload tokens read too.
+    pub read_token: Option<String>,
+    /// Anyone may read the fleet's data. [`ServerConfig::new`] sets it (in-process servers
+    /// of tests and benchmarks); `serve` clears it unless given `--public-read`.
+    pub public_read: bool,
+    /// The limits of the fleet views' flags (a `/v1/fleet` query may change them).
+    pub thresholds: crate::flags::Thresholds,
 }
 
 impl ServerConfig {
@@ -52,6 +61,9 @@ impl ServerConfig {
             header_timeout: Duration::from_secs(30),
             body_timeout: Duration::from_secs(60),
             shutdown_grace: Duration::from_secs(30),
+            read_token: None,
+            public_read: true,
+            thresholds: crate::flags::Thresholds::default(),
         }
     }
 
@@ -74,6 +86,8 @@ pub(super) struct App {
     pub requests: Mutex<HashMap<String, HashMap<u16, u64>>>,
     /// Long-polls being held right now.
     pub waiting: AtomicU64,
+    /// Refusals, names without a manifest, and the change counter of the live views.
+    pub observed: Observed,
     pub shutdown: CancellationToken,
 }
 
@@ -82,7 +96,10 @@ impl App {
         let store = Store::open(&cfg.state_dir)?;
         let live = Live::default();
         for (node, bytes) in store.load_manifests()? {
-            match Current::from_stored(bytes, &cfg.publishers, &node) {
+            let stored_at = std::fs::metadata(store.manifest_path(&node))
+                .and_then(|m| m.modified())
+                .map_or_else(|_| roost_common::Timestamp::now(), Into::into);
+            match Current::from_stored(bytes, &cfg.publishers, &node, stored_at) {
                 Ok(cur) => live.set(&node, cur),
                 Err(e) => tracing::error!(
                     %node,
@@ -100,6 +117,7 @@ impl App {
             write_locks: Mutex::new(HashMap::new()),
             requests: Mutex::new(HashMap::new()),
             waiting: AtomicU64::new(0),
+            observed: Observed::default(),
             shutdown: CancellationToken::new(),
         })
     }

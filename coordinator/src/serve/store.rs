@@ -113,6 +113,11 @@ pub struct NodeRecord {
     pub last_seen: Option<u64>,
     /// The last report's payload (JSON).
     pub last_report: Option<String>,
+    /// The last report refusing a manifest (state `rejected`): unix seconds and payload.
+    pub last_rejection: Option<(u64, String)>,
+    /// The source revision and dirtiness of the manifest version the last report is about,
+    /// when this coordinator stored that version.
+    pub reported_source: Option<(Option<String>, bool)>,
 }
 
 /// The key a report was verified with, and what that says about the node's pin.
@@ -200,7 +205,21 @@ const SCHEMA: &str = "
     CREATE INDEX IF NOT EXISTS reports_by_node ON reports (node, id);
     CREATE TABLE IF NOT EXISTS node_keys (
         node TEXT NOT NULL, key TEXT NOT NULL, last_seq INTEGER NOT NULL,
-        PRIMARY KEY (node, key)) WITHOUT ROWID;";
+        PRIMARY KEY (node, key)) WITHOUT ROWID;
+    CREATE TABLE IF NOT EXISTS versions (
+        node TEXT NOT NULL, version INTEGER NOT NULL, rev TEXT, dirty INTEGER NOT NULL,
+        stored_at INTEGER NOT NULL, PRIMARY KEY (node, version)) WITHOUT ROWID;";
+
+/// How many manifest versions' sources are kept per node (to name the revision a node
+/// reports running).
+const KEPT_VERSIONS: u32 = 100;
+
+/// The columns of a [`NodeRecord`], in `row_to_record`'s order; the reported version's
+/// source comes from `versions`.
+const RECORD_COLUMNS: &str = "nodes.node, pinned_key, pin_source, last_seq, last_seen,
+    last_report, last_rejected_at, last_rejection, v.rev, v.dirty
+    FROM nodes LEFT JOIN versions v ON v.node = nodes.node
+        AND v.version = json_extract(nodes.last_report, '$.manifest_version')";
 
 /// Opens the report database: WAL, and `synchronous = FULL` so a commit is on disk (the WAL
 /// fsynced) before the report is acknowledged; `NORMAL` could lose the last commits on
@@ -215,6 +234,15 @@ fn open_db(path: &Path) -> Result<Connection, rusqlite::Error> {
         db.execute_batch(
             "ALTER TABLE nodes ADD COLUMN pin_source TEXT;
              UPDATE nodes SET pin_source = 'tofu' WHERE pinned_key IS NOT NULL;",
+        )?;
+    }
+    let has_rejection = db
+        .prepare("SELECT last_rejection FROM nodes LIMIT 0")
+        .is_ok();
+    if !has_rejection {
+        db.execute_batch(
+            "ALTER TABLE nodes ADD COLUMN last_rejected_at INTEGER;
+             ALTER TABLE nodes ADD COLUMN last_rejection TEXT;",
         )?;
     }
     // Databases from before `node_keys`: each node's last signer keeps its floor.
@@ -359,8 +387,7 @@ impl Store {
         Ok(self
             .reader()?
             .query_row(
-                "SELECT node, pinned_key, pin_source, last_seq, last_seen, last_report
-                 FROM nodes WHERE node = ?1",
+                &format!("SELECT {RECORD_COLUMNS} WHERE nodes.node = ?1"),
                 [node],
                 row_to_record,
             )
@@ -370,10 +397,7 @@ impl Store {
     /// Every node's report record.
     pub fn nodes(&self) -> Result<Vec<NodeRecord>, StoreError> {
         let db = self.reader()?;
-        let mut st = db.prepare(
-            "SELECT node, pinned_key, pin_source, last_seq, last_seen, last_report
-             FROM nodes ORDER BY node",
-        )?;
+        let mut st = db.prepare(&format!("SELECT {RECORD_COLUMNS} ORDER BY nodes.node"))?;
         let rows = st
             .query_map([], row_to_record)?
             .collect::<Result<Vec<_>, _>>()?;
@@ -434,6 +458,30 @@ impl Store {
         )?;
         tx.commit()?;
         Ok(before)
+    }
+
+    /// Remembers the source of `node`'s manifest `version` (stored just now), keeping the
+    /// newest [`KEPT_VERSIONS`] per node.
+    pub fn record_version(
+        &self,
+        node: &str,
+        version: u64,
+        rev: Option<&str>,
+        dirty: bool,
+        stored_at: u64,
+    ) -> Result<(), StoreError> {
+        let db = self.db()?;
+        db.execute(
+            "INSERT OR REPLACE INTO versions (node, version, rev, dirty, stored_at)
+             VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![node, version, rev, dirty, stored_at],
+        )?;
+        db.execute(
+            "DELETE FROM versions WHERE node = ?1 AND version NOT IN
+             (SELECT version FROM versions WHERE node = ?1 ORDER BY version DESC LIMIT ?2)",
+            params![node, KEPT_VERSIONS],
+        )?;
+        Ok(())
     }
 
     /// The node's report history, newest first.
@@ -594,6 +642,12 @@ fn insert_report(db: &Connection, r: &OwnedReport) -> rusqlite::Result<Result<()
            last_report = excluded.last_report, last_signer = excluded.last_signer",
         params![node, pin, r.seq, r.received_at, r.payload, key],
     )?;
+    if r.state == "rejected" {
+        db.execute(
+            "UPDATE nodes SET last_rejected_at = ?2, last_rejection = ?3 WHERE node = ?1",
+            params![node, r.received_at, r.payload],
+        )?;
+    }
     Ok(Ok(()))
 }
 
@@ -620,6 +674,14 @@ fn row_to_record(r: &rusqlite::Row<'_>) -> rusqlite::Result<NodeRecord> {
         last_seq: r.get(3)?,
         last_seen: r.get(4)?,
         last_report: r.get(5)?,
+        last_rejection: match (r.get::<_, Option<u64>>(6)?, r.get::<_, Option<String>>(7)?) {
+            (Some(at), Some(payload)) => Some((at, payload)),
+            _ => None,
+        },
+        reported_source: match r.get::<_, Option<bool>>(9)? {
+            Some(dirty) => Some((r.get(8)?, dirty)),
+            None => None,
+        },
     })
 }
 

@@ -22,7 +22,7 @@ pub fn manifest(node: &str, version: u64, node_key: Option<&SecretKey>) -> Vec<u
         system: "x86_64-linux".into(),
         version: Version(version),
         issued_at: now,
-        expires_at: now.plus(Duration::from_secs(3600)),
+        expires_at: now.plus(Duration::from_secs(30 * 86400)),
         source: None,
         substituters: vec![],
         node_key: node_key.map(SecretKey::public),

@@ -143,6 +143,7 @@ fn demo() -> anyhow::Result<()> {
     step("The fleet as the coordinator sees it: roost-coordinator status");
     let out = Command::new(bin("roost-coordinator"))
         .args(["status", "--coordinator", &fleet.coordinator.url()])
+        .env("ROOST_READ_TOKEN_FILE", &fleet.keys.token_file)
         .output()?;
     print!("{}", String::from_utf8_lossy(&out.stdout));
 

@@ -52,10 +52,13 @@ pub async fn run(nodes: usize) -> anyhow::Result<()> {
         anyhow::Ok(connector.connect(name.clone(), tcp).await?)
     };
     // One full exchange first, so the server's one-time TLS set-up is not counted per poll.
+    let metrics_request = format!(
+        "GET /metrics HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\nConnection: close\r\n\r\n",
+        coordinator.token
+    );
     let metrics = || async {
         let mut s = connect().await?;
-        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-            .await?;
+        s.write_all(metrics_request.as_bytes()).await?;
         let mut text = String::new();
         s.read_to_string(&mut text).await?;
         let held = text

@@ -609,7 +609,8 @@ fn publish_scaling(sizes: &str, baseline_max: usize) -> anyhow::Result<()> {
                 .arg(&key_file)
                 .arg("--out")
                 .arg(&out_dir)
-                .arg("--json"),
+                .arg("--json")
+                .arg("--nodes-trust-paths"),
         )?;
         let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
         let published = std::fs::read_dir(out_dir.join(api::nodes_dir()))
@@ -647,7 +648,8 @@ fn metric(text: &str, prefix: &str) -> u64 {
 
 fn conditional_gets_304(coordinator: &roost_tests::Coordinator) -> u64 {
     let text = String::from_utf8(
-        roost_tests::http_get(&format!("{}{}", coordinator.url(), api::route::METRICS))
+        coordinator
+            .read(&format!("{}{}", coordinator.url(), api::route::METRICS))
             .unwrap_or_default(),
     )
     .unwrap_or_default();

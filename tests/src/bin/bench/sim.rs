@@ -56,6 +56,14 @@ impl NixOps for SimNix {
         Ok(())
     }
 
+    fn reclaimable(&self) -> Result<u64, NixError> {
+        self.fake.reclaimable()
+    }
+
+    fn collect_garbage(&self) -> Result<u64, NixError> {
+        self.fake.collect_garbage()
+    }
+
     fn counts(&self) -> BTreeMap<String, u64> {
         self.fake.counts()
     }
