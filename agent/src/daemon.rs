@@ -30,23 +30,23 @@ pub struct CycleResult {
     pub poll: String,
     /// Whether the coordinators could be reached.
     pub reachable: bool,
-    /// Whether the coordinator held the poll open or answered with something new: either
-    /// way the next long-poll can start at once.
+    /// Whether the next long-poll can start at once: the coordinator held this poll open,
+    /// answered with something new, or (on a plain poll's 304) said that it holds polls.
     pub held: bool,
 }
 
 /// One poll-and-apply cycle: `wait` asks for a long-poll of that many seconds.
 pub async fn cycle(agent: &mut Agent, wait: Option<u64>) -> CycleResult {
     let poll = agent.poll(wait).await;
-    apply(agent, poll, wait).await
+    apply(agent, poll).await
 }
 
 /// The apply half of a cycle: whatever the poll brought is verified and deployed, and
 /// queued reports are sent.
-pub async fn apply(agent: &mut Agent, poll: Poll, wait: Option<u64>) -> CycleResult {
+pub async fn apply(agent: &mut Agent, poll: Poll) -> CycleResult {
     let text = poll.describe();
     let held = match &poll {
-        Poll::NotModified => wait.is_some(),
+        Poll::NotModified => true,
         Poll::New(..) => agent.last_poll_fresh(),
         _ => false,
     };
@@ -123,7 +123,7 @@ pub async fn run(
             p = agent.poll(wait) => p,
             _ = &mut shutdown => break,
         };
-        let r = apply(&mut agent, polled, wait).await;
+        let r = apply(&mut agent, polled).await;
         if r.reachable {
             failures = 0;
         } else {

@@ -721,6 +721,14 @@ async fn idle_poll(
             false,
             true,
         ),
+        // The coordinator closes a connection idle for --header-timeout (30 s): every poll
+        // is a new TCP and TLS connection.
+        mode(
+            "HTTPS (rustls), plain polling, 60 s interval, a new connection per poll",
+            60,
+            false,
+            true,
+        ),
     ];
     if default_interval {
         modes.push(mode(
