@@ -180,6 +180,18 @@ let
         type = types.attrsOf (types.submodule unit);
         default = { };
       };
+      systemd.tmpfiles.rules = mkOption {
+        type = types.listOf types.str;
+        default = [ ];
+      };
+      services.prometheus.exporters.node.enable = mkOption {
+        type = types.bool;
+        default = false;
+      };
+      services.prometheus.exporters.node.extraFlags = mkOption {
+        type = types.listOf types.str;
+        default = [ ];
+      };
     };
     config._module.args.pkgs = pkgs;
   };

@@ -16,13 +16,30 @@ let
 
   # The options below in the agent's own spelling (its config file mirrors its flags), with
   # `settings` on top for everything else.
-  generated = lib.recursiveUpdate {
+  generated = lib.recursiveUpdate ({
     inherit (cfg) coordinators node threshold interval;
     system = pkgs.stdenv.hostPlatform.system;
     trusted_keys = keys.keyFiles "trusted-key" cfg.trustedKeys;
     state_dir = cfg.stateDir;
     build_policy = cfg.buildPolicy;
-  } cfg.settings;
+    apply_windows = cfg.applyWindows;
+    min_battery_percent = cfg.power.minBatteryPercent;
+    defer_on_battery = cfg.power.deferOnBattery;
+    metered_max_download = cfg.meteredMaxDownload;
+    system_goal = cfg.systemGoal;
+    max_defer = cfg.maxDefer;
+    keep_generations = cfg.keepGenerations;
+    gc_after_deploy = cfg.gcAfterDeploy;
+    inherit (cfg) notifications;
+  }
+  // lib.optionalAttrs (cfg.gcMinFree != null) { gc_min_free = cfg.gcMinFree; }
+  // lib.optionalAttrs cfg.metrics.enable { metrics_file = cfg.metrics.file; }
+  ) cfg.settings;
+
+  size = lib.types.either lib.types.ints.unsigned (
+    lib.types.strMatching "[0-9.]+ ?(B|K|KiB|M|MiB|G|GiB|T|TiB|kB|KB|MB|GB|TB)?"
+  );
+  nodeExporter = config.services.prometheus.exporters.node;
 
   rawConfigFile = format.generate "roost-agent.json" generated;
 
@@ -185,6 +202,117 @@ in
       description = "In `timer` mode, a random delay added to each run, so a fleet does not poll at once.";
     };
 
+    applyWindows = lib.mkOption {
+      type = lib.types.listOf (lib.types.strMatching ".*[0-9]{1,2}:[0-9]{2}-[0-9]{1,2}:[0-9]{2}");
+      default = [ ];
+      example = [
+        "Mon-Fri 12:00-13:00"
+        "Sat,Sun 00:00-24:00"
+      ];
+      description = ''
+        When this node may switch to a new version, in its local time (`[DAYS] HH:MM-HH:MM`;
+        an end at or before the start runs past midnight). A version that arrives outside
+        them is downloaded and applied when one opens. Empty: the windows the flake gives
+        (`roost.applyWindow`), else any time. These win over the flake's.
+      '';
+    };
+
+    power = {
+      minBatteryPercent = lib.mkOption {
+        type = lib.types.ints.between 0 100;
+        default = 30;
+        description = "On battery below this charge, a deploy waits for mains power.";
+      };
+      deferOnBattery = lib.mkOption {
+        type = lib.types.bool;
+        default = false;
+        description = "Deploy on mains power only.";
+      };
+    };
+
+    meteredMaxDownload = lib.mkOption {
+      type = size;
+      default = "100MiB";
+      example = "1GiB";
+      description = ''
+        On a connection NetworkManager calls metered, downloads larger than this (bytes, or
+        a size such as `"100MiB"`) wait for another network.
+      '';
+    };
+
+    systemGoal = lib.mkOption {
+      type = lib.types.enum [
+        "switch"
+        "boot"
+      ];
+      default = "switch";
+      example = "boot";
+      description = ''
+        `boot`: install every new system for the next boot the user makes instead of
+        switching live (laptops); status and reports say a reboot is pending.
+      '';
+    };
+
+    maxDefer = lib.mkOption {
+      type = lib.types.str;
+      default = "24h";
+      example = "8h";
+      description = "The longest `roost-agent defer` may postpone a deploy.";
+    };
+
+    notifications = lib.mkOption {
+      type = lib.types.bool;
+      default = true;
+      description = ''
+        Desktop notifications to logged-in users (on each user's session bus) when a new
+        version waits, is applied, needs a reboot or was rolled back.
+      '';
+    };
+
+    keepGenerations = lib.mkOption {
+      type = lib.types.ints.unsigned;
+      default = 5;
+      example = 2;
+      description = ''
+        Healthy generations kept per roost-managed profile, besides the current, booted and
+        pending ones; older generations are removed after each successful deploy.
+      '';
+    };
+
+    gcMinFree = lib.mkOption {
+      type = lib.types.nullOr size;
+      default = null;
+      example = "2GiB";
+      description = ''
+        Collect garbage after a deploy when the store has less free space than this. Whatever
+        this says, a download that would not fit runs a collection first when that makes
+        it fit.
+      '';
+    };
+
+    gcAfterDeploy = lib.mkOption {
+      type = lib.types.bool;
+      default = false;
+      description = "Collect garbage after every successful deploy.";
+    };
+
+    metrics = {
+      enable = lib.mkOption {
+        type = lib.types.bool;
+        default = nodeExporter.enable;
+        defaultText = lib.literalExpression "config.services.prometheus.exporters.node.enable";
+        description = ''
+          Write the agent's metrics in node-exporter's textfile format to {option}`metrics.file`.
+          With the node exporter enabled, its textfile collector is pointed at that folder.
+        '';
+      };
+      file = lib.mkOption {
+        type = lib.types.strMatching "/.+\\.prom";
+        default = "/var/lib/roost-metrics/roost.prom";
+        description = "The metrics file (its folder is readable by the node exporter).";
+      };
+    };
+
     configFile = lib.mkOption {
       type = lib.types.path;
       readOnly = true;
@@ -196,6 +324,13 @@ in
   config = lib.mkIf cfg.enable {
     services.roost.agent.configFile =
       if cfg.checkConfig && canRunAgent then checkedConfigFile else rawConfigFile;
+
+    systemd.tmpfiles.rules = lib.mkIf cfg.metrics.enable [
+      "d ${dirOf cfg.metrics.file} 0755 root root -"
+    ];
+    services.prometheus.exporters.node.extraFlags = lib.mkIf (cfg.metrics.enable && nodeExporter.enable) [
+      "--collector.textfile.directory=${dirOf cfg.metrics.file}"
+    ];
 
     # For `roost-agent status`, `roost-agent key` and manual `apply`/`rollback`.
     environment.systemPackages = [ cfg.package ];

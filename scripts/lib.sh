@@ -37,7 +37,7 @@ warn-dirty = false"
 }
 
 # Namespaces, veth pairs and traffic shaping for the fleet tests and the demo; git for the
-# demo's commit; openssl for the TLS tests' certificates.
+# demo's commit; openssl for the TLS tests' certificates; dbus-daemon for the laptop tests.
 ensure_tools() {
   local missing=()
   command -v unshare >/dev/null 2>&1 || missing+=(util-linux)
@@ -45,6 +45,19 @@ ensure_tools() {
   command -v ip >/dev/null 2>&1 || missing+=(iproute2)
   command -v git >/dev/null 2>&1 || missing+=(git)
   command -v openssl >/dev/null 2>&1 || missing+=(openssl)
+  # A private bus for the laptop tests' fake NetworkManager and notification listener.
+  command -v dbus-daemon >/dev/null 2>&1 || missing+=(dbus-daemon)
+  if ((${#missing[@]})); then
+    apt_install "${missing[@]}"
+  fi
+}
+
+# Debian's chromium and chromedriver, for the dashboard's browser test (tests only: the demo
+# does not need them).
+ensure_browser() {
+  local missing=()
+  command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+  command -v chromedriver >/dev/null 2>&1 || missing+=(chromium-driver)
   if ((${#missing[@]})); then
     apt_install "${missing[@]}"
   fi

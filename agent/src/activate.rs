@@ -4,13 +4,11 @@
 //! which a switch may cause, cannot kill it halfway.
 
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::time::Duration;
 
 use roost_common::StorePath;
+use roost_common::process;
 use roost_common::wire::v1::{Activation, Profile};
-use tokio::io::AsyncReadExt;
-use tokio::task::JoinHandle;
 
 use crate::state::ActivationHandle;
 
@@ -18,6 +16,8 @@ use crate::state::ActivationHandle;
 const OUTPUT_GRACE: Duration = Duration::from_secs(2);
 /// Lines of output kept for reports.
 const TAIL_LINES: usize = 8;
+/// How long `systemctl stop` of a leftover unit may take.
+const STOP_UNIT_TIMEOUT: Duration = Duration::from_secs(90);
 
 /// How a command ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -99,10 +99,10 @@ pub fn systemd_is_pid1() -> bool {
 /// A started command: wait for it with [`Running::wait`].
 #[derive(Debug)]
 pub struct Running {
-    child: tokio::process::Child,
+    spawned: process::Spawned,
+    /// The start gate: the command runs only once "go" arrives here (see [`GATE`]).
+    gate: Option<std::process::ChildStdin>,
     handle: ActivationHandle,
-    output: JoinHandle<Vec<u8>>,
-    timeout: Duration,
 }
 
 /// Starts activating `path` as `profile` (its link at `profile_path`); `None` for kind
@@ -228,6 +228,29 @@ pub fn start(
     spawn(argv, env, user, None, timeout)
 }
 
+/// Every command starts behind this gate: a shell that waits for the line `go` on its stdin
+/// and only then becomes the command (stdin `/dev/null`, same pid and process group). The
+/// agent records the process group durably first and opens the gate after, so an agent
+/// killed in between leaves nothing running that recovery could not find: the gate reads
+/// end-of-file and exits without running anything.
+const GATE: &str = r#"read -r go && [ "$go" = go ] || exit 125; exec "$@" </dev/null"#;
+
+/// Where `program` is, as `execvp` would find it: a name with a slash relative to `cwd` (or
+/// the agent's directory), any other through `PATH`; `None` unless it is an executable file.
+fn executable(program: &str, cwd: Option<&Path>) -> Option<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    let is_exe = |p: &Path| {
+        std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+    };
+    if program.contains('/') {
+        let p = cwd.map_or_else(|| PathBuf::from(program), |d| d.join(program));
+        return is_exe(&p).then(|| PathBuf::from(program));
+    }
+    std::env::split_paths(&std::env::var_os("PATH")?)
+        .map(|d| d.join(program))
+        .find(|p| is_exe(p))
+}
+
 /// [`start`], in `cwd` when given (else the agent's own working directory).
 fn spawn(
     argv: &[String],
@@ -236,19 +259,21 @@ fn spawn(
     cwd: Option<&Path>,
     timeout: Duration,
 ) -> Result<Running, Outcome> {
+    use std::os::unix::process::CommandExt;
     let Some((program, args)) = argv.split_first() else {
         return Err(Outcome::SpawnFailed("empty command".into()));
     };
-    let mut cmd = tokio::process::Command::new(program);
-    cmd.args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .process_group(0)
+    // The gate's shell would report a missing program as its own exit 127; find it first so
+    // it stays what it is, a command that could not be started.
+    let program = executable(program, cwd)
+        .ok_or_else(|| Outcome::SpawnFailed(format!("{program}: no such executable")))?;
+    let mut cmd = std::process::Command::new("/bin/sh");
+    cmd.args(["-c", GATE, "roost-gate"])
+        .arg(&program)
+        .args(args)
         .env_remove("NOTIFY_SOCKET")
         .env_remove("WATCHDOG_USEC")
-        .env_remove("WATCHDOG_PID")
-        .kill_on_drop(true);
+        .env_remove("WATCHDOG_PID");
     for (k, v) in env {
         cmd.env(k, v);
     }
@@ -277,28 +302,27 @@ fn spawn(
             }
         }
     }
-    let mut child = cmd
-        .spawn()
-        .map_err(|e| Outcome::SpawnFailed(format!("{program}: {e}")))?;
-    let pid = child.id().unwrap_or(0) as i32;
-    let mut stdout = child.stdout.take().expect("stdout is piped");
-    let mut stderr = child.stderr.take().expect("stderr is piped");
-    let output = tokio::spawn(async move {
-        let (mut a, mut b) = (Vec::new(), Vec::new());
-        let _ = tokio::join!(stdout.read_to_end(&mut a), stderr.read_to_end(&mut b));
-        a.extend_from_slice(&b);
-        a
-    });
+    let opts = process::Options {
+        timeout: Some(timeout),
+        stderr_lines: TAIL_LINES,
+        forward_stderr: false,
+        stderr_map: None,
+        output_grace: OUTPUT_GRACE,
+        stdin_pipe: true,
+    };
+    let mut spawned = process::spawn(cmd, opts)
+        .map_err(|e| Outcome::SpawnFailed(format!("{}: {e}", program.display())))?;
+    let gate = spawned.take_stdin();
+    let pid = spawned.pid() as i32;
     Ok(Running {
-        child,
+        spawned,
+        gate,
         handle: ActivationHandle {
             pgid: pid,
-            start_ticks: start_ticks(pid),
-            boot_id: boot_id(),
+            start_ticks: process::start_ticks(pid),
+            boot_id: process::boot_id(),
             unit: None,
         },
-        output,
-        timeout,
     })
 }
 
@@ -310,34 +334,42 @@ impl Running {
 
     /// Waits for the main process under the timeout, then kills the whole process group, so
     /// neither a hang nor a child left running in the background outlives activation.
-    pub async fn wait(mut self) -> Outcome {
-        let waited = tokio::time::timeout(self.timeout, self.child.wait()).await;
-        kill_group(self.handle.pgid);
-        let status = match waited {
-            Ok(Ok(s)) => Some(s),
+    /// Opens the start gate first: call it only once the [`handle`](Self::handle) is
+    /// recorded where recovery will look.
+    pub async fn wait(self) -> Outcome {
+        let Running {
+            spawned,
+            gate,
+            handle,
+        } = self;
+        if let Some(mut gate) = gate {
+            use std::io::Write;
+            // A failed write means the gate is gone already; the wait below says how. Three
+            // bytes into an empty pipe never block.
+            let _ = gate.write_all(b"go\n");
+        }
+        let done = match tokio::task::spawn_blocking(move || spawned.wait()).await {
+            Ok(Ok(done)) => done,
             Ok(Err(e)) => return Outcome::SpawnFailed(e.to_string()),
-            Err(_) => {
-                let _ = self.child.wait().await;
-                None
-            }
+            Err(e) => return Outcome::SpawnFailed(format!("waiting for it failed: {e}")),
         };
-        if let Some(unit) = &self.handle.unit {
-            if status.is_none() {
+        if let Some(unit) = &handle.unit {
+            if done.timed_out() {
                 stop_unit(unit).await;
             }
         }
-        let output = tokio::time::timeout(OUTPUT_GRACE, &mut self.output)
-            .await
-            .ok()
-            .and_then(Result::ok)
-            .unwrap_or_default();
-        match status {
+        match done.status {
             None => Outcome::TimedOut,
             Some(s) if s.success() => Outcome::Ok,
-            Some(s) => Outcome::Failed {
-                code: s.code(),
-                output: tail(&output),
-            },
+            Some(s) => {
+                let mut output = String::from_utf8_lossy(&done.stdout).into_owned();
+                output.push('\n');
+                output.push_str(&done.stderr_tail);
+                Outcome::Failed {
+                    code: s.code(),
+                    output: tail(output.as_bytes()),
+                }
+            }
         }
     }
 }
@@ -349,57 +381,35 @@ pub async fn stop_leftover(h: &ActivationHandle) {
     if let Some(unit) = &h.unit {
         stop_unit(unit).await;
     }
-    if h.pgid <= 1 || h.boot_id != boot_id() {
+    if h.pgid <= 1 || h.boot_id != process::boot_id() {
         return;
     }
-    match start_ticks(h.pgid) {
+    match process::start_ticks(h.pgid) {
         Some(t) if Some(t) != h.start_ticks => {}
         _ => {
             tracing::warn!(
                 pgid = h.pgid,
                 "killing an activation left by a previous run"
             );
-            kill_group(h.pgid);
+            process::kill_group(h.pgid);
         }
     }
 }
 
 async fn stop_unit(unit: &str) {
-    let _ = tokio::process::Command::new("systemctl")
-        .args(["stop", unit])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .await;
+    let mut cmd = std::process::Command::new("systemctl");
+    cmd.args(["stop", unit]);
+    let opts = process::Options {
+        timeout: Some(STOP_UNIT_TIMEOUT),
+        ..process::Options::default()
+    };
+    if let Ok(Err(e)) = tokio::task::spawn_blocking(move || process::run(cmd, opts)).await {
+        tracing::warn!("systemctl stop {unit}: {e}");
+    }
 }
 
 fn running_as_root() -> bool {
     ::nix::unistd::geteuid().is_root()
-}
-
-fn kill_group(pgid: i32) {
-    if pgid > 1 {
-        let _ = ::nix::sys::signal::killpg(
-            ::nix::unistd::Pid::from_raw(pgid),
-            ::nix::sys::signal::Signal::SIGKILL,
-        );
-    }
-}
-
-/// Field 22 of `/proc/PID/stat`: when the process started, in clock ticks since boot.
-fn start_ticks(pid: i32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name (field 2) may hold spaces and parentheses; count from its end.
-    let rest = &stat[stat.rfind(')')? + 1..];
-    rest.split_whitespace().nth(19)?.parse().ok()
-}
-
-/// The kernel's id of this boot.
-pub fn boot_id() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
-        .map(|s| s.trim().to_owned())
-        .unwrap_or_default()
 }
 
 fn tail(output: &[u8]) -> String {
@@ -407,6 +417,57 @@ fn tail(output: &[u8]) -> String {
     let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
     lines[lines.len().saturating_sub(TAIL_LINES)..].join("\n")
 }
+
+/// A non-root user's uid, primary gid and home: deploy-rs's `activate-rs` runs `nix-env`
+/// as that user, so what it makes belongs to the user.
+fn profile_owner(user: &str) -> Option<(u32, u32, PathBuf)> {
+    if user == "root" || !running_as_root() {
+        return None;
+    }
+    let u = ::nix::unistd::User::from_name(user).ok().flatten()?;
+    Some((u.uid.as_raw(), u.gid.as_raw(), u.dir))
+}
+
+/// Creates the folders missing above profile link `link`. Those in the user's own places —
+/// `/nix/var/nix/profiles/per-user/USER` and below, or below the user's home (e.g.
+/// `~/.local/state/nix/profiles`) — belong to a non-root `user`, so its own `nix-env` can
+/// use the profile too; shared folders such as `per-user` itself stay root's.
+pub fn make_profile_dir(link: &Path, user: &str) -> std::io::Result<()> {
+    let Some(parent) = link.parent() else {
+        return Ok(());
+    };
+    let missing: Vec<PathBuf> = parent
+        .ancestors()
+        .take_while(|d| !d.exists())
+        .map(Path::to_path_buf)
+        .collect();
+    std::fs::create_dir_all(parent)?;
+    if let Some((uid, gid, home)) = profile_owner(user) {
+        for d in missing.iter().filter(|d| users_own(d, user, &home)) {
+            std::os::unix::fs::chown(d, Some(uid), Some(gid))?;
+        }
+    }
+    Ok(())
+}
+
+/// Whether folder `dir` is one of `user`'s own (its per-user profile folder, or in its home).
+fn users_own(dir: &Path, user: &str, home: &Path) -> bool {
+    dir.starts_with(Path::new(PER_USER).join(user)) || dir.starts_with(home)
+}
+
+/// Gives a non-root user's profile link and its generation link `generation` (both made by
+/// the agent's `nix-env`, running as root) to the user.
+pub fn give_profile_to_user(link: &Path, generation: &Path, user: &str) -> std::io::Result<()> {
+    if let Some((uid, gid, _)) = profile_owner(user) {
+        for l in [link, generation] {
+            std::os::unix::fs::lchown(l, Some(uid), Some(gid))?;
+        }
+    }
+    Ok(())
+}
+
+/// Where other users' profiles live, when their folder there exists (deploy-rs's rule).
+const PER_USER: &str = "/nix/var/nix/profiles/per-user";
 
 /// The default profile link for a profile (deploy-rs's rules, DESIGN §3).
 pub fn default_profile_path(profile: &Profile) -> PathBuf {
@@ -420,7 +481,7 @@ pub fn default_profile_path(profile: &Profile) -> PathBuf {
         }
         return PathBuf::from("/nix/var/nix/profiles/per-user/root").join(name);
     }
-    let per_user = PathBuf::from("/nix/var/nix/profiles/per-user").join(&profile.user);
+    let per_user = PathBuf::from(PER_USER).join(&profile.user);
     if per_user.is_dir() {
         return per_user.join(name);
     }
@@ -440,18 +501,7 @@ mod tests {
         vec!["/bin/sh".into(), "-c".into(), script.into()]
     }
 
-    fn alive(pid: i32) -> bool {
-        // A zombie has finished; only a process still running counts.
-        std::fs::read_to_string(format!("/proc/{pid}/stat"))
-            .ok()
-            .and_then(|s| {
-                s[s.rfind(')')? + 1..]
-                    .split_whitespace()
-                    .next()
-                    .map(str::to_owned)
-            })
-            .is_some_and(|state| state != "Z" && state != "X")
-    }
+    use roost_common::process::running as alive;
 
     #[tokio::test]
     async fn a_zero_exit_is_ok_and_a_nonzero_exit_is_a_failure_with_output() {
@@ -563,10 +613,8 @@ mod tests {
         let h = r.handle().clone();
         assert!(h.start_ticks.is_some());
         // Forget the Running (as a crashed agent would) without killing it.
-        let Running { child, output, .. } = r;
         let pid = h.pgid;
-        std::mem::forget(child);
-        output.abort();
+        std::mem::forget(r);
         assert!(alive(pid));
         stop_leftover(&h).await;
         for _ in 0..50 {
@@ -580,7 +628,7 @@ mod tests {
 
     #[tokio::test]
     async fn stop_leftover_spares_a_process_that_reused_the_pid() {
-        let mut r = start(&sh("sleep 1000"), &[], None, Duration::from_secs(100)).unwrap();
+        let r = start(&sh("sleep 1000"), &[], None, Duration::from_secs(100)).unwrap();
         let mut h = r.handle().clone();
         h.start_ticks = h.start_ticks.map(|t| t + 1);
         stop_leftover(&h).await;
@@ -589,8 +637,8 @@ mod tests {
             alive(h.pgid),
             "a different process with the same pid was killed"
         );
-        r.child.start_kill().unwrap();
-        kill_group(h.pgid);
+        process::kill_group(h.pgid);
+        drop(r);
     }
 
     #[test]
@@ -702,6 +750,56 @@ mod tests {
             .parse()
             .unwrap();
         assert_eq!(uid, nobody.uid.as_raw());
+    }
+
+    #[test]
+    fn a_users_own_folders_are_its_per_user_folder_and_its_home() {
+        let home = Path::new("/home/alice");
+        for (dir, own) in [
+            ("/nix/var/nix/profiles/per-user/alice", true),
+            ("/nix/var/nix/profiles/per-user/alice/sub", true),
+            ("/nix/var/nix/profiles/per-user", false),
+            ("/nix/var/nix/profiles/per-user/alicia", false),
+            ("/home/alice/.local/state/nix/profiles", true),
+            ("/home", false),
+            ("/srv/profiles", false),
+        ] {
+            assert_eq!(users_own(Path::new(dir), "alice", home), own, "{dir}");
+        }
+    }
+
+    #[test]
+    fn a_user_profile_link_and_its_generation_belong_to_the_user() {
+        use std::os::unix::fs::MetadataExt;
+        roost_preflight::require!(roost_preflight::root("changing owners"));
+        let nobody = roost_preflight::require!(
+            ::nix::unistd::User::from_name("nobody")
+                .ok()
+                .flatten()
+                .ok_or("there is no user `nobody`")
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let link = dir.path().join("profiles/tools");
+        make_profile_dir(&link, "nobody").unwrap();
+        let generation = dir.path().join("profiles/tools-1-link");
+        std::os::unix::fs::symlink("/nix/store/x", &generation).unwrap();
+        std::os::unix::fs::symlink("tools-1-link", &link).unwrap();
+        give_profile_to_user(&link, &generation, "nobody").unwrap();
+        for l in [&link, &generation] {
+            let uid = std::fs::symlink_metadata(l).unwrap().uid();
+            assert_eq!(uid, nobody.uid.as_raw(), "{l:?}");
+        }
+        let shared = std::fs::metadata(dir.path().join("profiles")).unwrap();
+        assert_eq!(
+            shared.uid(),
+            0,
+            "a folder outside the user's places stays root's"
+        );
+        // Root's profiles stay root's.
+        let root_link = dir.path().join("profiles/system");
+        std::os::unix::fs::symlink("tools-1-link", &root_link).unwrap();
+        give_profile_to_user(&root_link, &generation, "root").unwrap();
+        assert_eq!(std::fs::symlink_metadata(&root_link).unwrap().uid(), 0);
     }
 
     #[test]

@@ -11,7 +11,6 @@ use roost_common::nix::Nix;
 
 use crate::agent::{Agent, Verdict};
 use crate::config::{BuildPolicy, Config, ConfigFile};
-use crate::poll::SystemClock;
 use crate::state::{StateDir, StateLock};
 use crate::{daemon, status};
 
@@ -58,7 +57,7 @@ pub enum Cmd {
         poll: PollArgs,
         /// Poll and apply once, then exit: 0 when converged or there is nothing to do,
         /// 1 when the manifest was rejected, the deploy failed, was rolled back or deferred,
-        /// or no coordinator answered.
+        /// the coordinator has no manifest for this node, or no coordinator answered.
         #[arg(long)]
         once: bool,
     },
@@ -99,6 +98,28 @@ pub enum Cmd {
         /// The key's name [default: the node name from --config, else the hostname].
         #[arg(long)]
         node: Option<String>,
+    },
+    /// Postpone a pending deploy by DURATION (e.g. 4h; 0 ends a deferral), at most the
+    /// configuration's `max_defer` (default 24h) and never past the manifest's expiry.
+    /// Works while the daemon runs.
+    Defer {
+        /// How long, e.g. 30min, 4h.
+        duration: String,
+        #[command(flatten)]
+        at: StateArgs,
+    },
+    /// Send one desktop notification on a session bus (what the agent runs as each user).
+    #[command(hide = true)]
+    NotifyUser {
+        /// The bus address, e.g. unix:path=/run/user/1000/bus.
+        #[arg(long)]
+        address: String,
+        #[arg(long)]
+        summary: String,
+        #[arg(long)]
+        body: String,
+        #[arg(long, default_value_t = 1)]
+        urgency: u8,
     },
     /// Check a configuration (file and flags) and print what it resolves to; exit 2 with the
     /// reason when it is invalid.
@@ -270,7 +291,7 @@ fn open(cfg: Result<Config, String>) -> Result<(Agent, StateLock), u8> {
         eprintln!("error: {e}");
         FAILED
     })?;
-    let agent = Agent::new(cfg, Arc::new(Nix::new()), Arc::new(SystemClock))
+    let agent = Agent::new(cfg, Arc::new(Nix::new()), crate::poll::process_clock())
         .context("cannot start the agent")
         .map_err(failed)?;
     Ok((agent, lock))
@@ -314,7 +335,7 @@ pub async fn dispatch(cmd: Cmd) -> u8 {
                     }
                 }
             };
-            match daemon::run(agent, Arc::new(SystemClock), shutdown)
+            match daemon::run(agent, crate::poll::process_clock(), shutdown)
                 .await
                 .context("the daemon stopped")
             {
@@ -405,6 +426,33 @@ pub async fn dispatch(cmd: Cmd) -> u8 {
                 ))),
             }
         }
+        Cmd::Defer { duration, at } => {
+            let file = match config_file(&at.config) {
+                Ok(f) => f,
+                Err(e) => return usage(e),
+            };
+            let (dir, _) = match at.resolve() {
+                Ok(x) => x,
+                Err(e) => return usage(e),
+            };
+            match crate::laptop::defer_command(&dir, &duration, file.max_defer.as_deref()) {
+                Ok(text) => {
+                    println!("{text}");
+                    0
+                }
+                Err(crate::laptop::DeferError::Usage(e)) => usage(e),
+                Err(crate::laptop::DeferError::Failed(e)) => failed(anyhow::anyhow!(e)),
+            }
+        }
+        Cmd::NotifyUser {
+            address,
+            summary,
+            body,
+            urgency,
+        } => match crate::notifications::notify_on_bus(&address, &summary, &body, urgency).await {
+            Ok(_) => 0,
+            Err(e) => failed(anyhow::anyhow!("{address}: {e}")),
+        },
         Cmd::CheckConfig { cfg, trust, poll } => match cfg.resolve(trust, Some(poll)) {
             Ok(c) => {
                 print!("{}", describe_config(&c));
@@ -444,7 +492,14 @@ async fn run_once(agent: &mut Agent) -> u8 {
     if left > 0 {
         eprintln!("{left} report(s) queued for later delivery");
     }
-    if r.reachable {
+    if r.reachable && agent.coordinator_has_no_manifest() {
+        let node = &agent.config().node;
+        println!(
+            "the coordinator has no manifest for node `{node}`: nothing is deployed until one \
+             is published for this name (is it in the flake's deploy.nodes, spelt so?)"
+        );
+        FAILED
+    } else if r.reachable {
         print_outcome(agent, r.verdict);
         exit_code(r.verdict)
     } else {
@@ -514,5 +569,41 @@ pub fn describe_config(c: &Config) -> String {
             BuildPolicy::Build => "build",
         },
         humantime::format_duration(c.realise_timeout),
+    ) + &describe_laptop(&c.laptop)
+}
+
+/// The laptop and Pi settings, for `check-config`.
+fn describe_laptop(l: &crate::config::Laptop) -> String {
+    use roost_common::size::human_bytes;
+    format!(
+        "apply windows {}\npower         wait on battery {}\nmetered       downloads over {} wait\n\
+         system goal   {}\nmax defer     {}\nretention     {} healthy generation(s); GC {}\n\
+         metrics file  {}\nnotifications {}\n",
+        if l.apply_windows.is_empty() {
+            "(none of its own: the manifest's, else any time)".into()
+        } else {
+            l.apply_windows.to_string()
+        },
+        if l.power.defer_on_battery {
+            "always".to_owned()
+        } else {
+            format!("below {} %", l.power.min_battery_percent)
+        },
+        human_bytes(l.metered_max_download),
+        match l.system_goal {
+            crate::config::SystemGoal::Switch => "switch",
+            crate::config::SystemGoal::Boot => "boot (active after the next reboot)",
+        },
+        humantime::format_duration(l.max_defer),
+        l.keep_generations,
+        match (l.gc_after_deploy, l.gc_min_free) {
+            (true, _) => "after every deploy".to_owned(),
+            (false, Some(min)) => format!("after a deploy below {} free", human_bytes(min)),
+            (false, None) => "only to make room for a download".to_owned(),
+        },
+        l.metrics_file
+            .as_ref()
+            .map_or_else(|| "(none)".into(), |p| p.display().to_string()),
+        if l.notifications { "on" } else { "off" },
     )
 }

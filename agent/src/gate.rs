@@ -70,14 +70,13 @@ impl Wait {
         }
     }
 
-    /// For people, at `now`: `waiting for window Mon-Fri 12:00-13:00 (opens in 3h12m)`.
-    pub fn describe(&self, now: Timestamp) -> String {
-        let r#in = |t: Timestamp| short_duration(Duration::from_secs(t.secs_since(now)));
+    /// For people, without the time left: `waiting for window Mon-Fri 12:00-13:00`.
+    pub fn summary(&self) -> String {
         match self {
             Wait::Window {
                 windows,
-                opens_at: Some(t),
-            } => format!("waiting for window {windows} (opens in {})", r#in(*t)),
+                opens_at: Some(_),
+            } => format!("waiting for window {windows}"),
             Wait::Window {
                 windows,
                 opens_at: None,
@@ -89,10 +88,29 @@ impl Wait {
                 human_bytes(*download),
                 human_bytes(*max)
             ),
-            Wait::Deferred { until } => {
-                format!("deferred by the user until {until} (in {})", r#in(*until))
-            }
+            Wait::Deferred { until } => format!("deferred by the user until {until}"),
         }
+    }
+
+    /// For people, at `now`: `waiting for window Mon-Fri 12:00-13:00 (opens in 3h12m)`.
+    pub fn describe(&self, now: Timestamp) -> String {
+        with_time_left(self.kind(), &self.summary(), self.until(), now)
+    }
+}
+
+/// A wait's summary with the time left at `now`: `… (opens in 3h12m)` for a window, `… (in
+/// 4h00m)` for a deferral.
+pub fn with_time_left(
+    kind: &str,
+    summary: &str,
+    until: Option<Timestamp>,
+    now: Timestamp,
+) -> String {
+    let left = |t: Timestamp| short_duration(Duration::from_secs(t.secs_since(now)));
+    match (kind, until) {
+        ("window", Some(t)) => format!("{summary} (opens in {})", left(t)),
+        ("defer", Some(t)) => format!("{summary} (in {})", left(t)),
+        _ => summary.to_owned(),
     }
 }
 

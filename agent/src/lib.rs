@@ -14,6 +14,7 @@ pub mod daemon;
 pub mod fault;
 pub mod gate;
 pub mod health;
+pub mod laptop;
 pub mod metered;
 pub mod metrics;
 pub mod nixops;
@@ -23,11 +24,12 @@ pub mod poll;
 pub mod power;
 pub mod report;
 pub mod retention;
-pub mod schedule;
 pub mod state;
 pub mod status;
+
+pub use roost_common::schedule;
 
 pub use agent::{Agent, AgentError, Verdict};
 pub use config::{BuildPolicy, Config, ConfigFile};
 pub use nixops::{FakeNix, NixOps};
-pub use poll::{SystemClock, WallClock};
+pub use poll::{ShiftedClock, SystemClock, WallClock};

@@ -149,6 +149,65 @@ impl ClockWatch for KernelClockWatch {
     }
 }
 
+/// The clock the binary runs with: the system's, or, in debug builds only, one that starts
+/// at `ROOST_TEST_CLOCK` (an RFC 3339 time) and runs at the real rate from there, so tests
+/// can put a node just before an apply window opens.
+pub fn process_clock() -> std::sync::Arc<dyn WallClock> {
+    #[cfg(debug_assertions)]
+    if let Some(start) = std::env::var("ROOST_TEST_CLOCK")
+        .ok()
+        .and_then(|s| s.parse::<roost_common::Timestamp>().ok())
+    {
+        return std::sync::Arc::new(ShiftedClock::starting_at(start.to_system_time()));
+    }
+    std::sync::Arc::new(SystemClock)
+}
+
+/// The system's wall clock shifted by an offset that can change while it runs: tests jump
+/// it forward and back (a manifest refused as expired, accepted again once the clock is
+/// right); debug builds start one at `ROOST_TEST_CLOCK`.
+#[derive(Debug, Default)]
+pub struct ShiftedClock {
+    offset_s: std::sync::atomic::AtomicI64,
+}
+
+impl ShiftedClock {
+    /// The system clock moved by `offset_s` seconds (negative: back).
+    pub fn new(offset_s: i64) -> Self {
+        Self {
+            offset_s: offset_s.into(),
+        }
+    }
+
+    /// A clock that reads `start` now and runs on at the real rate.
+    pub fn starting_at(start: SystemTime) -> Self {
+        let now = SystemTime::now();
+        let offset = match start.duration_since(now) {
+            Ok(ahead) => ahead.as_secs() as i64,
+            Err(e) => -(e.duration().as_secs() as i64),
+        };
+        Self::new(offset)
+    }
+
+    /// Moves it by `by_s` seconds more.
+    pub fn shift(&self, by_s: i64) {
+        self.offset_s
+            .fetch_add(by_s, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl WallClock for ShiftedClock {
+    fn now(&self) -> SystemTime {
+        let off = self.offset_s.load(std::sync::atomic::Ordering::SeqCst);
+        let by = Duration::from_secs(off.unsigned_abs());
+        if off >= 0 {
+            SystemTime::now() + by
+        } else {
+            SystemTime::now() - by
+        }
+    }
+}
+
 /// What a poll brought.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Poll {
@@ -251,13 +310,10 @@ impl Poller {
                         errors.push(format!("{base}: manifest is over the size limit"));
                         continue;
                     }
-                    match r.bytes().await {
-                        Ok(b) if b.len() <= MAX_MANIFEST_BYTES => {
-                            return Poll::New(b.to_vec(), etag);
-                        }
-                        Ok(b) => errors.push(format!(
-                            "{base}: manifest of {} bytes is over the limit",
-                            b.len()
+                    match read_capped(r, MAX_MANIFEST_BYTES).await {
+                        Ok(Some(b)) => return Poll::New(b, etag),
+                        Ok(None) => errors.push(format!(
+                            "{base}: manifest over the limit of {MAX_MANIFEST_BYTES} bytes"
                         )),
                         Err(e) => errors.push(format!("{base}: {}", error_chain(&e))),
                     }
@@ -284,6 +340,22 @@ impl Poller {
         }
         false
     }
+}
+
+/// Reads a body chunk by chunk and stops as soon as it passes `cap` bytes, whatever the
+/// framing (a chunked body has no length to check first): `None` when it is over.
+pub async fn read_capped(
+    mut r: reqwest::Response,
+    cap: usize,
+) -> Result<Option<Vec<u8>>, reqwest::Error> {
+    let mut body = Vec::new();
+    while let Some(chunk) = r.chunk().await? {
+        if body.len() + chunk.len() > cap {
+            return Ok(None);
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(Some(body))
 }
 
 /// reqwest's errors hide the useful part (connection refused, timed out) in their sources.

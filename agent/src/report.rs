@@ -30,6 +30,21 @@ pub struct Outcome {
     pub profiles: Vec<ProfileStatus>,
     /// Security events since the last report.
     pub security_events: Vec<String>,
+    /// Reboot, deferral and garbage-collection facts.
+    pub conditions: Conditions,
+}
+
+/// What a laptop or Pi adds to a report (docs/protocol.md §5).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Conditions {
+    /// A new system waits for the next boot.
+    pub needs_reboot: bool,
+    /// When a deferral ends by itself.
+    pub deferred_until: Option<Timestamp>,
+    /// Bytes a garbage collection freed in this deploy.
+    pub gc_freed_bytes: Option<u64>,
+    /// Generations retention removed in this deploy.
+    pub generations_removed: Option<u64>,
 }
 
 /// Signs, queues and delivers reports.
@@ -80,9 +95,7 @@ impl Reporter {
             node: self.node.clone(),
             seq,
             sent_at: Timestamp::now(),
-            boot_id: std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
-                .map(|s| s.trim().to_owned())
-                .unwrap_or_default(),
+            boot_id: roost_common::process::boot_id(),
             agent_version: env!("CARGO_PKG_VERSION").into(),
             manifest_version: o.version,
             state: o.state,
@@ -95,6 +108,10 @@ impl Reporter {
             timings_ms: o.timings,
             security_events: o.security_events,
             node_key: Some(self.key.public()),
+            needs_reboot: o.conditions.needs_reboot,
+            deferred_until: o.conditions.deferred_until,
+            gc_freed_bytes: o.conditions.gc_freed_bytes,
+            generations_removed: o.conditions.generations_removed,
         };
         let payload = serde_json::to_vec(&report).expect("a report always serialises");
         let env = Envelope::seal(Context::Report, &payload, &[&self.key]).to_bytes();

@@ -43,6 +43,26 @@ pub struct State {
     pub quarantined: BTreeSet<u64>,
     /// The last deploy attempt's outcome.
     pub last_deploy: Option<DeployRecord>,
+    /// Waiting, healthy generations, the last GC, counters (docs/protocol.md §7.13–§7.15).
+    #[serde(flatten)]
+    pub laptop: crate::laptop::LaptopRecord,
+}
+
+/// The record of the last refused manifest, in the state folder.
+pub const REFUSED_FILE: &str = "refused-manifest.json";
+
+/// A manifest the node refused (`refused-manifest.json`, which `roost-agent status` shows):
+/// kept out of `state.json`, which a refused manifest never changes.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct RefusedManifest {
+    /// When.
+    pub at: Timestamp,
+    /// The refusal's code (`bad_signature`, `expired`, `below_floor`, …).
+    pub code: String,
+    /// Why, in words.
+    pub message: String,
+    /// The version the envelope claims, read without trusting it (it was refused).
+    pub claimed_version: Option<u64>,
 }
 
 /// A deploy in progress.
@@ -85,7 +105,8 @@ pub struct PendingProfile {
     /// The generation this deploy made, once the profile was switched.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub new_generation: Option<u64>,
-    /// Whether the profile link was switched.
+    /// Whether the profile link may have been switched: set and saved before `nix-env --set`
+    /// runs (recovery then asks the profile itself whether it moved).
     pub switched: bool,
     /// Whether its activation finished successfully.
     pub activated: bool,
@@ -132,6 +153,9 @@ pub enum Phase {
     /// Finishing a deploy a crash interrupted.
     #[serde(rename = "recovering")]
     Recovering,
+    /// Collecting garbage to make room or after a deploy (§7.14).
+    #[serde(rename = "collecting garbage")]
+    CollectingGarbage,
 }
 
 impl Phase {
@@ -144,6 +168,7 @@ impl Phase {
             Phase::Confirming => "confirming",
             Phase::RollingBack => "rolling back",
             Phase::Recovering => "recovering",
+            Phase::CollectingGarbage => "collecting garbage",
         }
     }
 }
@@ -172,6 +197,9 @@ pub struct Snapshot {
     /// most of the time.
     #[serde(default)]
     pub polling_since: Option<Timestamp>,
+    /// At the last poll that reached a coordinator, it had no manifest for this node.
+    #[serde(default)]
+    pub no_manifest: bool,
 }
 
 /// The outcome of a deploy attempt.
@@ -245,6 +273,19 @@ impl StateDir {
     pub fn load_snapshot(&self) -> Option<Snapshot> {
         let b = std::fs::read(self.snapshot_file()).ok()?;
         serde_json::from_slice(&b).ok()
+    }
+
+    /// The last manifest refused, if any was.
+    pub fn load_refused(&self) -> Option<RefusedManifest> {
+        let b = std::fs::read(self.root.join(REFUSED_FILE)).ok()?;
+        serde_json::from_slice(&b).ok()
+    }
+
+    /// Records the last manifest refused, atomically.
+    pub fn save_refused(&self, r: &RefusedManifest) -> std::io::Result<()> {
+        let mut bytes = serde_json::to_vec_pretty(r).expect("a refusal serialises");
+        bytes.push(b'\n');
+        write_atomic(&self.root.join(REFUSED_FILE), &bytes)
     }
 
     /// Writes `status.json` atomically.

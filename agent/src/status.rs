@@ -1,90 +1,248 @@
-//! `roost-agent status`: where this node stands. Deploy state comes from `state.json`; the
-//! last and next poll from the running daemon over `agent.sock`, or, when no daemon runs,
-//! from `status.json` (there `last_poll.at` is when the poll result last changed, since idle
-//! polls write nothing).
+//! `roost-agent status`: where this node stands, as one typed document ([`StatusDoc`]).
+//! The running daemon serves it on `agent.sock` (deploy state from `state.json`, the last and
+//! next poll from its live view); when no daemon runs it is made from `state.json` and
+//! `status.json` (there `last_poll.at` is when the poll result last changed, since idle polls
+//! write nothing).
 
-use std::path::Path;
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use roost_common::Timestamp;
 use roost_common::nix::profiles;
 use roost_common::time::human_duration;
-use serde_json::{Value, json};
+use roost_common::wire::v1::{Activation, Manifest, Source};
+use roost_common::{ProfileName, StorePath, Timestamp, Version};
+use serde::{Deserialize, Serialize};
 
 use crate::activate::default_profile_path;
-use crate::state::{Snapshot, StateDir};
+use crate::laptop;
+use crate::retention::GcRecord;
+use crate::state::{DeployRecord, Pending, Phase, RefusedManifest, Snapshot, StateDir};
 
-/// Asks the live daemon for its view, if it runs.
-pub fn live_view(dir: &Path) -> Option<Snapshot> {
-    use std::io::Read;
-    let mut s = std::os::unix::net::UnixStream::connect(dir.join("agent.sock")).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-    let mut buf = Vec::new();
-    s.read_to_end(&mut buf).ok()?;
-    serde_json::from_slice(&buf).ok()
+/// Where this node stands: what `roost-agent status --json` prints, and what the daemon's
+/// status socket serves (the CLI reads it back as this type).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StatusDoc {
+    /// The node the desired manifest is for.
+    pub node: Option<String>,
+    /// The state folder.
+    pub state_dir: PathBuf,
+    /// Whether a daemon answered on the status socket.
+    pub daemon_running: bool,
+    /// The daemon's phase (only while it runs).
+    pub phase: Option<Phase>,
+    /// The desired manifest's version.
+    pub manifest_version: Option<Version>,
+    /// The version deployed and confirmed.
+    pub current_version: Option<Version>,
+    /// The highest version ever accepted.
+    pub floor: Option<Version>,
+    /// The desired manifest's `issued_at`.
+    pub issued_at: Option<Timestamp>,
+    /// The desired manifest's `expires_at`.
+    pub expires_at: Option<Timestamp>,
+    /// Where the desired manifest came from.
+    pub source: Option<Source>,
+    /// Each desired profile's position.
+    pub profiles: Vec<ProfileView>,
+    /// The last poll (in `status.json`: the last one that changed something).
+    pub last_poll: Option<LastPoll>,
+    /// When the next poll is due; while a poll is in flight, when that one began.
+    pub next_poll: Option<Timestamp>,
+    /// When the poll in flight began (none: between polls).
+    pub polling_since: Option<Timestamp>,
+    /// Consecutive failed polls.
+    pub poll_failures: u32,
+    /// Whether the coordinator holds polls open.
+    pub long_poll: bool,
+    /// The last deploy attempt's outcome.
+    pub last_deploy: Option<DeployRecord>,
+    /// A deploy in progress or interrupted.
+    pub pending: Option<Pending>,
+    /// Sequence numbers of reports not yet delivered.
+    pub pending_reports: Vec<u64>,
+    /// Versions that failed here.
+    pub quarantined: BTreeSet<u64>,
+    /// The last manifest this node refused, and why.
+    #[serde(default)]
+    pub last_refused: Option<RefusedManifest>,
+    /// At the last poll that reached a coordinator, it had no manifest for this node.
+    #[serde(default)]
+    pub coordinator_has_no_manifest: bool,
+    /// What the desired version waits for (a window, power, a metered network, the user's
+    /// deferral), with the time left as of this document.
+    #[serde(default)]
+    pub waiting: Option<WaitingView>,
+    /// The user's deferral (`roost-agent defer`), while it lasts.
+    #[serde(default)]
+    pub deferred_until: Option<Timestamp>,
+    /// The applied system is installed for the next boot and not running yet.
+    #[serde(default)]
+    pub needs_reboot: bool,
+    /// The last garbage collection.
+    #[serde(default)]
+    pub last_gc: Option<GcRecord>,
 }
 
-/// The status document (what `--json` prints).
-pub fn collect(dir: &Path) -> anyhow::Result<Value> {
+/// Why the desired version waits.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WaitingView {
+    /// The version that waits.
+    pub version: u64,
+    /// `window`, `power`, `metered` or `defer`.
+    pub kind: String,
+    /// When the wait ends by itself, when known.
+    pub until: Option<Timestamp>,
+    /// For people: `waiting for window Mon-Fri 12:00-13:00 (opens in 3h12m)`.
+    pub message: String,
+}
+
+/// One desired profile: its link, where it points, and whether that is the desired path.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ProfileView {
+    /// The profile.
+    pub name: ProfileName,
+    /// Its link.
+    pub profile_path: PathBuf,
+    /// The store path its current generation points at.
+    pub current: Option<String>,
+    /// Its current generation.
+    pub generation: Option<u64>,
+    /// The desired store path.
+    pub desired: StorePath,
+    /// Whether current is desired.
+    pub up_to_date: bool,
+}
+
+/// A poll and what it brought.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LastPoll {
+    /// When it ended.
+    pub at: Option<Timestamp>,
+    /// `not modified`, `new manifest`, `failed: …`.
+    pub result: String,
+}
+
+fn profile_views(desired: Option<&Manifest>) -> Vec<ProfileView> {
+    let Some(m) = desired else {
+        return Vec::new();
+    };
+    m.profiles
+        .iter()
+        .map(|p| {
+            let link = default_profile_path(p);
+            let cur = profiles::current(&link).ok().flatten();
+            ProfileView {
+                name: p.name.clone(),
+                up_to_date: cur.as_ref().is_some_and(|g| g.target == p.path.as_path()),
+                current: cur.as_ref().map(|g| g.target.display().to_string()),
+                generation: cur.as_ref().map(|g| g.number),
+                desired: p.path.clone(),
+                profile_path: link,
+            }
+        })
+        .collect()
+}
+
+/// The status of the state folder `dir`, with the daemon's live view when it runs (`live`),
+/// else what `status.json` last recorded.
+pub fn document(dir: &Path, live: Option<Snapshot>) -> anyhow::Result<StatusDoc> {
     let sd = StateDir::new(dir);
     let state = sd.load()?;
-    let live = live_view(dir);
     let running = live.is_some();
     let snap = live.or_else(|| sd.load_snapshot());
-    let profiles: Vec<Value> = state
-        .desired
+    let snap = snap.as_ref();
+    let desired = state.desired.as_ref();
+    let now = Timestamp::now();
+    let waiting = state
+        .laptop
+        .waiting
         .as_ref()
-        .map(|m| {
-            m.profiles
-                .iter()
-                .map(|p| {
-                    let link = default_profile_path(p);
-                    let cur = profiles::current(&link).ok().flatten();
-                    json!({
-                        "name": p.name,
-                        "profile_path": link,
-                        "current": cur.as_ref().map(|g| g.target.display().to_string()),
-                        "generation": cur.as_ref().map(|g| g.number),
-                        "desired": p.path,
-                        "up_to_date": cur.as_ref().is_some_and(|g| g.target == p.path.as_path()),
-                    })
-                })
-                .collect()
-        })
-        .unwrap_or_default();
-    let queued: Vec<u64> = sd.queued_reports().into_iter().map(|(s, _)| s).collect();
-    let last_poll = snap.as_ref().and_then(|s| {
-        s.last_poll_result
-            .as_ref()
-            .map(|r| json!({"at": s.last_poll_at, "result": r}))
+        .filter(|w| desired.map(|m| m.version.0) == Some(w.version))
+        .filter(|_| state.current_version != desired.map(|m| m.version))
+        .map(|w| WaitingView {
+            version: w.version,
+            kind: w.kind.clone(),
+            until: w.until,
+            message: w.message(now),
+        });
+    let needs_reboot = state.applied.as_ref().is_some_and(|m| {
+        m.profiles
+            .iter()
+            .filter(|p| matches!(p.activation, Activation::Nixos { .. }))
+            .any(|p| laptop::needs_reboot(&default_profile_path(p), Path::new(BOOTED_SYSTEM)))
     });
-    Ok(json!({
-        "node": state.desired.as_ref().map(|m| m.node.to_string()),
-        "state_dir": dir,
-        "daemon_running": running,
-        "phase": snap.as_ref().map(|s| s.phase).filter(|_| running),
-        "manifest_version": state.desired.as_ref().map(|m| m.version),
-        "current_version": state.current_version,
-        "floor": state.floor.map(|f| f.version),
-        "issued_at": state.desired.as_ref().map(|m| m.issued_at),
-        "expires_at": state.desired.as_ref().map(|m| m.expires_at),
-        "source": state.desired.as_ref().and_then(|m| m.source.clone()),
-        "profiles": profiles,
-        "last_poll": last_poll,
+    Ok(StatusDoc {
+        waiting,
+        deferred_until: laptop::read_defer(dir).filter(|t| *t > now),
+        needs_reboot,
+        last_gc: state.laptop.last_gc,
+        node: desired.map(|m| m.node.to_string()),
+        state_dir: dir.to_owned(),
+        daemon_running: running,
+        phase: snap.map(|s| s.phase).filter(|_| running),
+        manifest_version: desired.map(|m| m.version),
+        current_version: state.current_version,
+        floor: state.floor.map(|f| f.version),
+        issued_at: desired.map(|m| m.issued_at),
+        expires_at: desired.map(|m| m.expires_at),
+        source: desired.and_then(|m| m.source.clone()),
+        profiles: profile_views(desired),
+        last_poll: snap.and_then(|s| {
+            s.last_poll_result.as_ref().map(|r| LastPoll {
+                at: s.last_poll_at,
+                result: r.clone(),
+            })
+        }),
         // While a poll is in flight (a held long-poll mostly is) the next poll is that one.
-        "next_poll": snap.as_ref().and_then(|s| s.polling_since.or(s.next_poll_at)).filter(|_| running),
-        "polling_since": snap.as_ref().and_then(|s| s.polling_since).filter(|_| running),
-        "poll_failures": snap.as_ref().map_or(0, |s| s.failures),
-        "long_poll": snap.as_ref().is_some_and(|s| s.long_poll),
-        "last_deploy": state.last_deploy,
-        "pending": state.pending,
-        "pending_reports": queued,
-        "quarantined": state.quarantined,
-    }))
+        next_poll: snap
+            .and_then(|s| s.polling_since.or(s.next_poll_at))
+            .filter(|_| running),
+        polling_since: snap.and_then(|s| s.polling_since).filter(|_| running),
+        poll_failures: snap.map_or(0, |s| s.failures),
+        long_poll: snap.is_some_and(|s| s.long_poll),
+        last_deploy: state.last_deploy,
+        pending: state.pending,
+        pending_reports: sd.queued_reports().into_iter().map(|(s, _)| s).collect(),
+        quarantined: state.quarantined,
+        last_refused: sd.load_refused(),
+        coordinator_has_no_manifest: snap.is_some_and(|s| s.no_manifest),
+    })
 }
 
-fn ago(ts: &Value) -> String {
-    match ts.as_str().and_then(|s| s.parse::<Timestamp>().ok()) {
+/// Where NixOS says which system it booted.
+pub const BOOTED_SYSTEM: &str = "/run/booted-system";
+
+/// Asks the running daemon for the status document. `Ok(None)`: no daemon runs.
+pub fn from_daemon(dir: &Path) -> anyhow::Result<Option<StatusDoc>> {
+    use std::io::Read;
+    let path = StateDir::new(dir).socket();
+    let mut s = match std::os::unix::net::UnixStream::connect(&path) {
+        Ok(s) => s,
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+            anyhow::bail!(
+                "{}: {e}: the status socket is only for root (mode 0600); run this as root",
+                path.display()
+            )
+        }
+        Err(_) => return Ok(None),
+    };
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf)?;
+    Ok(serde_json::from_slice(&buf).ok())
+}
+
+/// The status document: the running daemon's, else made from the state folder.
+pub fn collect(dir: &Path) -> anyhow::Result<StatusDoc> {
+    match from_daemon(dir)? {
+        Some(doc) => Ok(doc),
+        None => document(dir, None),
+    }
+}
+
+fn ago(t: Option<Timestamp>) -> String {
+    match t {
         Some(t) => {
             let now = Timestamp::now();
             if t > now {
@@ -103,51 +261,50 @@ fn ago(ts: &Value) -> String {
     }
 }
 
+fn or_dash<T: std::fmt::Display>(v: Option<T>) -> String {
+    v.map_or_else(|| "-".into(), |v| v.to_string())
+}
+
+fn list(items: impl IntoIterator<Item = u64>) -> String {
+    items
+        .into_iter()
+        .map(|v| v.to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// The status for people.
-pub fn render(doc: &Value) -> String {
+pub fn render(doc: &StatusDoc) -> String {
     use std::fmt::Write;
     let mut o = String::new();
-    let s = |v: &Value| {
-        v.as_str().map(str::to_owned).unwrap_or_else(|| {
-            if v.is_null() {
-                "-".into()
-            } else {
-                v.to_string()
-            }
-        })
-    };
-    let _ = writeln!(o, "node            {}", s(&doc["node"]));
+    let _ = writeln!(o, "node            {}", or_dash(doc.node.as_ref()));
     let _ = writeln!(
         o,
         "manifest        version {} (running {}), expires {}",
-        s(&doc["manifest_version"]),
-        s(&doc["current_version"]),
-        s(&doc["expires_at"])
+        or_dash(doc.manifest_version),
+        or_dash(doc.current_version),
+        or_dash(doc.expires_at)
     );
-    match doc["daemon_running"].as_bool() {
-        Some(true) => {
-            let _ = writeln!(o, "daemon          running, {}", s(&doc["phase"]));
-        }
-        _ => {
-            let _ = writeln!(
-                o,
-                "daemon          not running (state folder {})",
-                s(&doc["state_dir"])
-            );
-        }
-    }
-    if doc["last_poll"].is_null() {
-        let _ = writeln!(o, "last poll       none recorded");
+    if doc.daemon_running {
+        let phase = doc.phase.map(Phase::as_str);
+        let _ = writeln!(o, "daemon          running, {}", or_dash(phase));
     } else {
         let _ = writeln!(
             o,
-            "last poll       {}: {}",
-            ago(&doc["last_poll"]["at"]),
-            s(&doc["last_poll"]["result"])
+            "daemon          not running (state folder {})",
+            doc.state_dir.display()
         );
     }
-    if !doc["polling_since"].is_null() {
-        let held = if doc["long_poll"] == true {
+    match &doc.last_poll {
+        None => {
+            let _ = writeln!(o, "last poll       none recorded");
+        }
+        Some(p) => {
+            let _ = writeln!(o, "last poll       {}: {}", ago(p.at), p.result);
+        }
+    }
+    if let Some(since) = doc.polling_since {
+        let held = if doc.long_poll {
             " (held open by the coordinator until a new manifest or the wait ends)"
         } else {
             ""
@@ -155,55 +312,91 @@ pub fn render(doc: &Value) -> String {
         let _ = writeln!(
             o,
             "next poll       in flight, began {}{held}",
-            ago(&doc["polling_since"])
+            ago(Some(since))
         );
-    } else if !doc["next_poll"].is_null() {
-        let _ = writeln!(o, "next poll       {}", ago(&doc["next_poll"]));
+    } else if let Some(next) = doc.next_poll {
+        let _ = writeln!(o, "next poll       {}", ago(Some(next)));
     }
-    let ld = &doc["last_deploy"];
-    if ld.is_null() {
-        let _ = writeln!(o, "last deploy     none yet");
-    } else {
-        let _ = writeln!(
-            o,
-            "last deploy     {} of version {} ({})",
-            s(&ld["state"]),
-            s(&ld["version"]),
-            ago(&ld["at"])
-        );
-        if !ld["error"].is_null() {
+    match &doc.last_deploy {
+        None => {
+            let _ = writeln!(o, "last deploy     none yet");
+        }
+        Some(d) => {
             let _ = writeln!(
                 o,
-                "                {}: {}",
-                s(&ld["error"]["phase"]),
-                s(&ld["error"]["message"])
+                "last deploy     {} of version {} ({})",
+                d.state.as_str(),
+                or_dash(d.version),
+                ago(Some(d.at))
             );
+            if let Some(e) = &d.error {
+                let _ = writeln!(o, "                {}: {}", e.phase, e.message);
+            }
         }
     }
-    if !doc["pending"].is_null() {
+    if let Some(w) = &doc.waiting {
+        let _ = writeln!(o, "WAITING         version {}: {}", w.version, w.message);
+    } else if let Some(t) = doc.deferred_until {
+        let _ = writeln!(
+            o,
+            "deferred        by the user until {t} ({})",
+            ago(Some(t))
+        );
+    }
+    if doc.needs_reboot {
+        let _ = writeln!(
+            o,
+            "REBOOT          version {} is installed, active after the next boot",
+            or_dash(doc.current_version)
+        );
+    }
+    match &doc.last_gc {
+        Some(g) => {
+            let _ = writeln!(
+                o,
+                "last GC         {} freed, {} old generation(s) removed ({})",
+                roost_common::size::human_bytes(g.freed_bytes),
+                g.generations_removed,
+                ago(Some(g.at))
+            );
+        }
+        None => {
+            let _ = writeln!(o, "last GC         none yet");
+        }
+    }
+    if doc.coordinator_has_no_manifest {
+        let _ = writeln!(
+            o,
+            "NO MANIFEST     the coordinator has no manifest for this node: nothing is deployed \
+             until one is published for its name (is it in the flake's deploy.nodes?)"
+        );
+    }
+    if let Some(r) = &doc.last_refused {
+        let version = r
+            .claimed_version
+            .map_or(String::new(), |v| format!(" version {v}"));
+        let _ = writeln!(
+            o,
+            "last refused    manifest{version} ({}): {}: {}",
+            ago(Some(r.at)),
+            r.code,
+            r.message
+        );
+    }
+    if let Some(p) = &doc.pending {
         let _ = writeln!(
             o,
             "PENDING         deploy of version {} in progress or interrupted",
-            s(&doc["pending"]["version"])
+            p.version
         );
     }
-    let list = |v: &Value| {
-        v.as_array()
-            .map(|a| {
-                a.iter()
-                    .map(|v| v.to_string())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            })
-            .unwrap_or_default()
-    };
-    let q = list(&doc["quarantined"]);
+    let q = list(doc.quarantined.iter().copied());
     let _ = writeln!(
         o,
         "quarantined     {}",
         if q.is_empty() { "none".into() } else { q }
     );
-    let r = list(&doc["pending_reports"]);
+    let r = list(doc.pending_reports.iter().copied());
     let _ = writeln!(
         o,
         "queued reports  {}",
@@ -219,22 +412,18 @@ pub fn render(doc: &Value) -> String {
         "{:<12} {:<5} {:<9} CURRENT / DESIRED",
         "PROFILE", "GEN", "STATE"
     );
-    for p in doc["profiles"].as_array().into_iter().flatten() {
-        let ok = if p["up_to_date"].as_bool() == Some(true) {
-            "current"
-        } else {
-            "BEHIND"
-        };
+    for p in &doc.profiles {
+        let ok = if p.up_to_date { "current" } else { "BEHIND" };
         let _ = writeln!(
             o,
             "{:<12} {:<5} {:<9} {}",
-            s(&p["name"]),
-            s(&p["generation"]),
+            p.name.as_str(),
+            or_dash(p.generation),
             ok,
-            s(&p["current"])
+            or_dash(p.current.as_ref())
         );
-        if ok != "current" {
-            let _ = writeln!(o, "{:<12} {:<5} {:<9} {}", "", "", "", s(&p["desired"]));
+        if !p.up_to_date {
+            let _ = writeln!(o, "{:<12} {:<5} {:<9} {}", "", "", "", p.desired);
         }
     }
     o
@@ -244,18 +433,98 @@ pub fn render(doc: &Value) -> String {
 mod tests {
     use super::*;
 
-    fn doc(polling_since: Value, next_poll: Value) -> Value {
-        json!({
-            "node": "pi", "daemon_running": true, "phase": "idle", "long_poll": true,
-            "last_poll": null, "polling_since": polling_since, "next_poll": next_poll,
-            "last_deploy": null, "pending": null, "quarantined": [], "pending_reports": [],
-        })
+    fn doc(polling_since: Option<Timestamp>, next_poll: Option<Timestamp>) -> StatusDoc {
+        StatusDoc {
+            node: Some("pi".into()),
+            state_dir: "/var/lib/roost".into(),
+            daemon_running: true,
+            phase: Some(Phase::Idle),
+            manifest_version: None,
+            current_version: None,
+            floor: None,
+            issued_at: None,
+            expires_at: None,
+            source: None,
+            profiles: vec![],
+            last_poll: None,
+            next_poll,
+            polling_since,
+            poll_failures: 0,
+            long_poll: true,
+            last_deploy: None,
+            pending: None,
+            pending_reports: vec![],
+            quarantined: BTreeSet::new(),
+            waiting: None,
+            deferred_until: None,
+            needs_reboot: false,
+            last_gc: None,
+            last_refused: None,
+            coordinator_has_no_manifest: false,
+        }
+    }
+
+    #[test]
+    fn a_wait_a_pending_reboot_and_the_last_gc_are_shown() {
+        let mut d = doc(None, None);
+        d.waiting = Some(WaitingView {
+            version: 7,
+            kind: "window".into(),
+            until: None,
+            message: "waiting for window Mon-Fri 12:00-13:00 (opens in 3h12m)".into(),
+        });
+        d.needs_reboot = true;
+        d.current_version = Some(Version(7));
+        d.last_gc = Some(GcRecord {
+            at: Timestamp::now(),
+            freed_bytes: 3 << 30,
+            generations_removed: 2,
+        });
+        let out = render(&d);
+        assert!(
+            out.contains(
+                "WAITING         version 7: waiting for window Mon-Fri 12:00-13:00 (opens in 3h12m)"
+            ),
+            "{out}"
+        );
+        assert!(
+            out.contains("version 7 is installed, active after the next boot"),
+            "{out}"
+        );
+        assert!(
+            out.contains("3.0 GiB freed, 2 old generation(s) removed"),
+            "{out}"
+        );
+    }
+
+    #[test]
+    fn a_refused_manifest_and_a_missing_one_are_said_plainly() {
+        let mut d = doc(None, None);
+        d.coordinator_has_no_manifest = true;
+        d.last_refused = Some(RefusedManifest {
+            at: Timestamp::now(),
+            code: "expired".into(),
+            message: "manifest expired at 2026-11-01T00:00:00Z".into(),
+            claimed_version: Some(12),
+        });
+        let out = render(&d);
+        assert!(
+            out.contains("NO MANIFEST     the coordinator has no manifest"),
+            "{out}"
+        );
+        assert!(
+            out.contains(
+                "last refused    manifest version 12 (0 seconds ago): expired: manifest expired"
+            ),
+            "{out}"
+        );
+        assert!(!render(&doc(None, None)).contains("refused"));
     }
 
     #[test]
     fn a_poll_in_flight_is_shown_as_such_not_as_a_due_time() {
-        let t = Timestamp::now().to_string();
-        let out = render(&doc(json!(t), json!(t)));
+        let t = Timestamp::now();
+        let out = render(&doc(Some(t), Some(t)));
         assert!(out.contains("next poll       in flight, began"), "{out}");
         assert!(out.contains("held open by the coordinator"), "{out}");
     }
@@ -263,11 +532,18 @@ mod tests {
     #[test]
     fn between_polls_the_due_time_is_shown() {
         let later = Timestamp::from(std::time::SystemTime::now() + Duration::from_secs(300));
-        let out = render(&doc(Value::Null, json!(later.to_string())));
+        let out = render(&doc(None, Some(later)));
         assert!(
             out.contains("next poll       in 4 min") || out.contains("next poll       in 5 min"),
             "{out}"
         );
         assert!(!out.contains("in flight"), "{out}");
+    }
+
+    #[test]
+    fn the_document_reads_back_as_itself() {
+        let d = doc(None, Some(Timestamp::now()));
+        let text = serde_json::to_vec(&d).unwrap();
+        assert_eq!(serde_json::from_slice::<StatusDoc>(&text).unwrap(), d);
     }
 }

@@ -393,6 +393,14 @@ async fn serve_wants_a_read_token_for_the_fleet_unless_public_read_and_logs_refu
         .await
         .unwrap();
     assert_eq!(r.status(), 403);
+    // Refused by the connection front before it is read: logged the same way.
+    let r = c
+        .post(v1::reports_url(&url, "n1"))
+        .body(vec![b'x'; v1::MAX_REPORT_BYTES + 1])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 413);
     let _ = child.kill();
     let _ = child.wait();
     let text = std::fs::read_to_string(&log).unwrap();
@@ -403,6 +411,7 @@ async fn serve_wants_a_read_token_for_the_fleet_unless_public_read_and_logs_refu
     };
     assert!(warned("/v1/nodes/n1/manifest", "bad_signature"), "{text}");
     assert!(warned("/v1/nodes/n1/reports", "bad_signature"), "{text}");
+    assert!(warned("/v1/nodes/{node}/reports", "too_large"), "{text}");
 
     let (mut child, url) = serve_logged(&dir.path().join("s2"), &public, &["--public-read"], &log);
     let r = c.get(v1::fleet_url(&url)).send().await.unwrap();

@@ -23,6 +23,8 @@ pub struct Settings {
     pub blob_kib: Vec<(&'static str, u64)>,
     /// Per node: a URL that must answer 2xx.
     pub http_checks: Vec<(&'static str, String)>,
+    /// Per node: its `roost.nodeKey` (`NAME:BASE64`); none: trust on first use.
+    pub node_keys: Vec<(&'static str, String)>,
 }
 
 impl Default for Settings {
@@ -32,6 +34,7 @@ impl Default for Settings {
             behaviour: vec![],
             blob_kib: vec![],
             http_checks: vec![],
+            node_keys: vec![],
         }
     }
 }
@@ -104,15 +107,21 @@ impl Fleet {
             .iter()
             .map(|(k, v)| (*k, format!("[ \"{v}\" ]")))
             .collect();
+        let keys: Vec<(&str, String)> = s
+            .node_keys
+            .iter()
+            .map(|(k, v)| (*k, format!("\"{v}\"")))
+            .collect();
         self.edit(
             "settings.nix",
             &format!(
-                "{{\n  system = \"{}-linux\";\n  generation = {};\n  behaviour = {{ {} }};\n  blobKiB = {{ {} }};\n  httpChecks = {{ {} }};\n}}\n",
+                "{{\n  system = \"{}-linux\";\n  generation = {};\n  behaviour = {{ {} }};\n  blobKiB = {{ {} }};\n  httpChecks = {{ {} }};\n  nodeKeys = {{ {} }};\n}}\n",
                 std::env::consts::ARCH,
                 s.generation,
                 attrs(&behaviour),
                 attrs(&blobs),
-                attrs(&http)
+                attrs(&http),
+                attrs(&keys)
             ),
         )
     }
@@ -148,10 +157,17 @@ impl Fleet {
         fs::write(self.flake.join(rel), content).with_context(|| format!("editing {rel}"))
     }
 
-    /// `roost-coordinator publish` of `targets` (`#node`, … relative to the flake; all when
-    /// empty) to the coordinator and its cache; returns the `--json` summary.
+    /// `roost-coordinator publish` of `targets` (`#node`, … relative to the flake; this
+    /// fleet's nodes when empty) to the coordinator and its cache; returns the `--json`
+    /// summary. Only the fleet's own nodes, so that a rollout (docs/protocol.md §6.9) never
+    /// waits for a node of the flake that has no agent here.
     pub fn publish(&self, targets: &[&str]) -> anyhow::Result<Value> {
-        let out = self.publish_command(targets).output()?;
+        let own: Vec<String> = self.nodes.iter().map(|n| format!("#{}", n.name)).collect();
+        let targets: Vec<&str> = match targets.is_empty() {
+            true => own.iter().map(String::as_str).collect(),
+            false => targets.to_vec(),
+        };
+        let out = self.publish_command(&targets).output()?;
         let summary: Value = serde_json::from_slice(&out.stdout).with_context(|| {
             format!(
                 "publish printed no JSON ({}):\n{}",

@@ -18,6 +18,7 @@ use serde_json::Value;
 
 pub use tempfile::TempDir;
 
+pub mod desktop;
 pub mod fleet;
 pub mod http;
 pub mod proxy;
@@ -402,6 +403,8 @@ pub struct Node {
     pub host_ip: Ipv4Addr,
     agent: Option<Child>,
     log: PathBuf,
+    /// Host folders bind-mounted inside the node besides `/nix` (host path, node path).
+    binds: Vec<(PathBuf, PathBuf)>,
 }
 
 impl Node {
@@ -425,6 +428,7 @@ impl Node {
             host_ip: bridge.ip,
             agent: None,
             log: dir.join("agent.log"),
+            binds: Vec::new(),
         };
         let ip = |args: &[&str]| run(Command::new("ip").args(args));
         ip(&["netns", "add", &netns])?;
@@ -463,8 +467,14 @@ impl Node {
         self.dir.join("state")
     }
 
-    /// A command that runs `program args` inside the node: its netns, its own `/nix` and a
-    /// stock Nix configuration.
+    /// From now on, commands in the node see host folder `host` at `inside` (a fake
+    /// `/sys/class/power_supply`, a `/run` of its own, …).
+    pub fn bind(&mut self, host: &Path, inside: &str) {
+        self.binds.push((host.to_owned(), PathBuf::from(inside)));
+    }
+
+    /// A command that runs `program args` inside the node: its netns, its own `/nix` (and
+    /// whatever [`Node::bind`] added) and a stock Nix configuration.
     pub fn command(&self, program: &Path, args: &[String]) -> Command {
         let mut cmd = Command::new("ip");
         cmd.args([
@@ -479,9 +489,17 @@ impl Node {
             "sh",
             "-c",
         ])
-        .arg(r#"mount --bind "$1" /nix && shift && exec "$@""#)
+        .arg(format!(
+            r#"mount --bind "$1" /nix && shift{} && exec "$@""#,
+            r#" && mount --bind "$1" "$2" && shift 2"#.repeat(self.binds.len())
+        ))
         .arg("roost-node")
         .arg(self.nix_dir())
+        .args(
+            self.binds
+                .iter()
+                .flat_map(|(h, i)| [h.as_os_str(), i.as_os_str()]),
+        )
         .arg(program)
         .args(args);
         roost_preflight::stock_nix(&mut cmd);

@@ -294,13 +294,16 @@ fn a_quarantined_version_is_not_retried_and_a_newer_one_deploys() {
     );
 }
 
-/// Every file of the state folder except the report queue, with its bytes.
+/// Every file of the state folder except the report queue and the record of the last
+/// refused manifest (what a refusal writes, for the coordinator and for `status`), with its
+/// bytes.
 fn snapshot(dir: &Path) -> BTreeMap<String, Vec<u8>> {
     let mut m = BTreeMap::new();
     for e in std::fs::read_dir(dir).unwrap() {
         let e = e.unwrap();
         let name = e.file_name().to_string_lossy().into_owned();
-        if name == "reports" || e.file_type().unwrap().is_dir() {
+        let refusal = name == roost_agent::state::REFUSED_FILE;
+        if name == "reports" || refusal || e.file_type().unwrap().is_dir() {
             continue;
         }
         m.insert(name, std::fs::read(e.path()).unwrap());

@@ -256,11 +256,13 @@ fn a_coordinator_outage_loses_no_report_and_keeps_systems_running() {
     let second = publish(&f, &generation(2));
     f.coordinator.kill();
     for n in ["laptop", "pi-kitchen"] {
-        let file = f
-            .coordinator
-            .state_dir
-            .join("manifests")
-            .join(v1::manifest_file(n));
+        // The newest signed manifest: pi-kitchen's (wave 1) is still held back for its wave.
+        let state = &f.coordinator.state_dir;
+        let file = ["staged", "manifests"]
+            .iter()
+            .map(|d| state.join(d).join(v1::manifest_file(n)))
+            .find(|p| p.exists())
+            .unwrap();
         let args = f.apply_args(f.node(n), &file);
         let out = f.node(n).run_agent(&args, &[]).unwrap();
         assert_eq!(
@@ -537,6 +539,15 @@ fn cache_file_for(f: &Fleet, store_path: &str, ext: &str) -> std::path::PathBuf 
         .join(format!("{hash}.{ext}"))
 }
 
+/// Starts `node`'s agent with build policy `substitute-only`: what the cache serves is all it
+/// may use. (Under the default `fallback` it builds the system from the derivation publish
+/// pushed instead: tests/tests/build_on_node.rs.)
+fn substitute_only(f: &mut Fleet, node: &str) {
+    let mut args = f.agent_args(f.node(node), false);
+    args.extend(["--build-policy".into(), "substitute-only".into()]);
+    f.node_mut(node).start_agent(&args, &[]).unwrap();
+}
+
 #[test]
 fn a_corrupted_nar_is_refused_and_the_system_kept() {
     require!(preflight());
@@ -556,7 +567,7 @@ fn a_corrupted_nar_is_refused_and_the_system_kept() {
     let mid = bytes.len() / 2;
     bytes[mid] ^= 0xff;
     std::fs::write(&nar, bytes).unwrap();
-    f.start_agents().unwrap();
+    substitute_only(&mut f, "pi-kitchen");
     let r = f
         .wait_report("pi-kitchen", second.version, "deferred", LONG)
         .unwrap();
@@ -600,7 +611,7 @@ fn a_narinfo_signed_by_an_untrusted_key_is_refused() {
         .collect::<String>()
         + &format!("Sig: evil-cache-1:{sig}\n");
     std::fs::write(&file, resigned).unwrap();
-    f.start_agents().unwrap();
+    substitute_only(&mut f, "pi-kitchen");
     let r = f
         .wait_report("pi-kitchen", second.version, "deferred", LONG)
         .unwrap();
@@ -616,7 +627,7 @@ fn a_manifest_published_before_its_closure_converges_soon_after_the_closure_arri
     let narinfo = cache_file_for(&f, &system_of(&second, "pi-kitchen"), "narinfo");
     let hidden = f.dir().join("hidden.narinfo");
     std::fs::rename(&narinfo, &hidden).unwrap();
-    f.start_agents().unwrap();
+    substitute_only(&mut f, "pi-kitchen");
     f.wait_report("pi-kitchen", second.version, "deferred", LONG)
         .unwrap();
     std::fs::rename(&hidden, &narinfo).unwrap();

@@ -493,3 +493,96 @@ fn an_apply_only_agent_without_coordinators_starts_no_daemon_and_no_timer() {
     e.build(&daemon, "config.services.roost.agent.configFile")
         .unwrap_or_else(|err| panic!("{err}"));
 }
+
+#[test]
+fn agent_laptop_options_reach_the_config_file_and_pass_check_config() {
+    let e = setup(require!(prerequisites()));
+    let cfg = e.agent(
+        r#"checkConfig = false;
+           applyWindows = [ "Mon-Fri 12:00-13:00" "Sat 00:00-24:00" ];
+           power.minBatteryPercent = 50;
+           power.deferOnBattery = true;
+           meteredMaxDownload = "10MiB";
+           systemGoal = "boot";
+           maxDefer = "8h";
+           keepGenerations = 2;
+           gcMinFree = "2GiB";
+           gcAfterDeploy = true;
+           notifications = false;
+           metrics.enable = true;"#,
+    );
+    let file = e
+        .build(&cfg, "config.services.roost.agent.configFile")
+        .unwrap_or_else(|err| panic!("{err}"));
+    let json: Value = serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
+    assert_eq!(
+        strings(&json["apply_windows"]),
+        ["Mon-Fri 12:00-13:00", "Sat 00:00-24:00"]
+    );
+    assert_eq!(json["min_battery_percent"], 50, "{json:#}");
+    assert_eq!(json["defer_on_battery"], true);
+    assert_eq!(json["metered_max_download"], "10MiB");
+    assert_eq!(json["system_goal"], "boot");
+    assert_eq!(json["max_defer"], "8h");
+    assert_eq!(json["keep_generations"], 2);
+    assert_eq!(json["gc_min_free"], "2GiB");
+    assert_eq!(json["gc_after_deploy"], true);
+    assert_eq!(json["notifications"], false);
+    assert_eq!(json["metrics_file"], "/var/lib/roost-metrics/roost.prom");
+    let out = Command::new(built("roost-agent"))
+        .args(["check-config", "--config"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "roost-agent check-config refused the laptop options:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn agent_metrics_feed_the_node_exporters_textfile_collector_when_it_is_enabled() {
+    let e = setup(require!(prerequisites()));
+    let with = |exporter: bool| {
+        format!(
+            r#"{{ networking.hostName = "pi-kitchen";
+                 services.prometheus.exporters.node.enable = {exporter};
+                 services.roost.agent = {{
+                   enable = true;
+                   checkConfig = false;
+                   coordinators = [ "https://roost.example.org" ];
+                   trustedKeys = [ "{}" ];
+                 }}; }}"#,
+            e.key
+        )
+    };
+    let on = with(true);
+    let flags = e
+        .eval(&on, "config.services.prometheus.exporters.node.extraFlags")
+        .unwrap();
+    assert_eq!(
+        strings(&flags),
+        ["--collector.textfile.directory=/var/lib/roost-metrics"]
+    );
+    let rules = e.eval(&on, "config.systemd.tmpfiles.rules").unwrap();
+    assert_eq!(
+        strings(&rules),
+        ["d /var/lib/roost-metrics 0755 root root -"]
+    );
+    let file = e
+        .build(&on, "config.services.roost.agent.configFile")
+        .unwrap_or_else(|err| panic!("{err}"));
+    let json: Value = serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
+    assert_eq!(json["metrics_file"], "/var/lib/roost-metrics/roost.prom");
+    let off = with(false);
+    let flags = e
+        .eval(&off, "config.services.prometheus.exporters.node.extraFlags")
+        .unwrap();
+    assert_eq!(flags, serde_json::json!([]));
+    let file = e
+        .build(&off, "config.services.roost.agent.configFile")
+        .unwrap_or_else(|err| panic!("{err}"));
+    let json: Value = serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
+    assert!(json.get("metrics_file").is_none(), "{json:#}");
+}

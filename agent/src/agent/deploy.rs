@@ -30,6 +30,10 @@ fn confirm_seconds(m: &Manifest) -> u64 {
 impl Agent {
     /// Steps 4–8 for manifest `m`.
     pub(super) async fn deploy(&mut self, m: &Manifest) -> Verdict {
+        let m = &self.with_system_goal(m);
+        if let Some(v) = self.wait_before_download(m).await {
+            return v;
+        }
         let version = m.version;
         let mut timings = Timings {
             fetch: self.fetch_ms.take(),
@@ -45,6 +49,9 @@ impl Agent {
             return Verdict::NotConverged;
         }
         self.deferred = 0;
+        if let Some(v) = self.wait_before_apply(m).await {
+            return v;
+        }
         let reachable_before = self.poller.reachable(self.state.etag.as_deref()).await;
         if let Err(e) = self.record_pending(m, reachable_before) {
             self.finish(
@@ -71,7 +78,7 @@ impl Agent {
         if let Err(f) = confirmed {
             return self.fail_and_roll_back(m, f, health, timings).await;
         }
-        self.succeed(m, health, timings);
+        self.succeed(m, health, timings).await;
         self.set_phase(Phase::Idle);
         tracing::info!(%version, "deployed and confirmed");
         Verdict::Converged
@@ -87,7 +94,7 @@ impl Agent {
         self.progress.within(self.cfg.realise_timeout * 2);
         fault::point("realise");
         let t = Instant::now();
-        let realised = match self.free_space_ok(m) {
+        let realised = match self.make_room(m).await {
             Ok(()) => self.realise(m).await,
             Err(e) => Err(e),
         };
@@ -151,6 +158,7 @@ impl Agent {
             substituters: subs,
             trusted_public_keys: keys,
             timeout: Some(self.cfg.realise_timeout),
+            fallback: false,
         }
     }
 
@@ -165,23 +173,30 @@ impl Agent {
             .collect();
         let nix = self.nix.clone();
         let policy = self.cfg.build_policy;
+        // Realising a drv_path is asking to build: a substitute that fails (a NAR the cache
+        // lists but cannot serve) then falls back to building instead of ending it.
+        let build_opts = RealiseOptions {
+            fallback: true,
+            ..opts.clone()
+        };
         tokio::task::spawn_blocking(move || {
             let attempt = |paths: &[StorePath]| nix.realise(paths, &opts);
+            let build = |drvs: &[StorePath]| nix.realise(drvs, &build_opts);
             match policy {
                 BuildPolicy::SubstituteOnly => attempt(&outputs).map_err(RealiseError::Nix),
                 BuildPolicy::Build => {
                     if drvs.len() < outputs.len() {
                         return Err(RealiseError::NoDrvPath);
                     }
-                    attempt(&drvs).map_err(RealiseError::Nix)
+                    build(&drvs).map_err(RealiseError::Nix)
                 }
                 BuildPolicy::Fallback => match attempt(&outputs) {
                     Ok(()) => Ok(()),
                     Err(e) if !drvs.is_empty() => {
                         tracing::warn!("substitution failed, building from drv_path: {e}");
-                        attempt(&drvs).map_err(|build| RealiseError::BuildToo {
+                        build(&drvs).map_err(|b| RealiseError::BuildToo {
                             substitute: Box::new(e),
-                            build: Box::new(build),
+                            build: Box::new(b),
                         })
                     }
                     Err(e) => Err(RealiseError::Nix(e)),
@@ -190,36 +205,6 @@ impl Agent {
         })
         .await
         .map_err(|e| RealiseError::Task(e.to_string()))?
-    }
-
-    /// Free space on the store's file system against the closures not yet present.
-    fn free_space_ok(&self, m: &Manifest) -> Result<(), RealiseError> {
-        let need: u64 = m
-            .profiles
-            .iter()
-            .filter(|p| !p.path.as_path().exists())
-            .filter_map(|p| p.closure_size)
-            .sum();
-        if need == 0 {
-            return Ok(());
-        }
-        let store = ["/nix/store", "/nix", "/"]
-            .into_iter()
-            .find(|p| std::path::Path::new(p).exists())
-            .unwrap_or("/");
-        match ::nix::sys::statvfs::statvfs(store) {
-            Ok(s) => {
-                let free = s.blocks_available().saturating_mul(s.fragment_size());
-                if free < need {
-                    return Err(RealiseError::NoSpace { store, free, need });
-                }
-                Ok(())
-            }
-            Err(e) => {
-                tracing::warn!("cannot check free space on {store}: {e}");
-                Ok(())
-            }
-        }
     }
 
     /// After realisation: every path is valid and has the NAR hash the publisher signed.
@@ -324,39 +309,71 @@ impl Agent {
                     break;
                 }
             }
+            fault::point("activated");
             self.pending_profile_mut(i).activated = true;
-            self.checkpoint();
+            if let Err(e) = self.save() {
+                // Unrecorded, a crash would roll back an activation that succeeded: stop here
+                // and roll back now, while the agent still knows what happened.
+                done = Err(DeployFailure::Save {
+                    what: "that a profile was activated",
+                    source: e,
+                });
+                break;
+            }
         }
         timings.activate = ms(t);
         done
     }
 
     /// `nix-env --set`: a new generation of profile `i` at `p.path`.
+    ///
+    /// The intent is saved first (`switched`: the link may move from now on), so a crash
+    /// while nix-env runs, or after it and before its result is saved, is recovered from
+    /// what the profile then is ([`Agent::reconcile_pending`]), never taken for a profile
+    /// that was already there.
     async fn switch_profile(&mut self, i: usize, p: &v1::Profile) -> Result<(), DeployFailure> {
+        fault::point("switch-intent");
+        self.pending_profile_mut(i).switched = true;
+        if let Err(e) = self.save() {
+            self.pending_profile_mut(i).switched = false;
+            return Err(DeployFailure::Save {
+                what: "that a profile is about to be switched",
+                source: e,
+            });
+        }
         fault::point("set-profile");
         let link = self.pending_profile(i).profile_path.clone();
-        if let Some(parent) = link.parent() {
-            let _ = std::fs::create_dir_all(parent);
+        if let Err(e) = activate::make_profile_dir(&link, &p.user) {
+            tracing::warn!(profile = %p.name, "preparing the folder of {}: {e}", link.display());
         }
         let (nix, l, path) = (self.nix.clone(), link.clone(), p.path.clone());
         let set = tokio::task::spawn_blocking(move || nix.set_profile(&l, &path))
             .await
             .map_err(|e| e.to_string())
             .and_then(|r| r.map_err(|e| e.to_string()));
+        fault::point("profile-set");
         // Even a failed set may have made a generation: roll back whatever happened.
         let now_at = profiles::current(&link).ok().flatten();
+        if let Some(g) = &now_at {
+            if let Err(e) = activate::give_profile_to_user(&link, &g.link, &p.user) {
+                tracing::warn!(profile = %p.name, "giving {} to {}: {e}", link.display(), p.user);
+            }
+        }
         {
             let pp = self.pending_profile_mut(i);
-            pp.switched = true;
             pp.new_generation = now_at
                 .filter(|g| Some(g.number) != pp.previous_generation)
                 .map(|g| g.number);
         }
-        self.checkpoint();
+        let saved = self.save();
         set.map_err(|message| DeployFailure::SetProfile {
             profile: p.name.to_string(),
             link,
             message,
+        })?;
+        saved.map_err(|source| DeployFailure::Save {
+            what: "the new generation of a profile",
+            source,
         })
     }
 
@@ -374,9 +391,18 @@ impl Agent {
         let link = self.pending_profile(i).profile_path.clone();
         let outcome = match activate::start_activation(p, &p.path, &link, &m.version.to_string()) {
             Ok(Some(running)) => {
+                // The activation is held at its start gate until its process group is on
+                // disk: a crash in between leaves nothing running that recovery misses.
                 self.pending_profile_mut(i).activation = Some(running.handle().clone());
-                self.checkpoint();
-                running.wait().await
+                fault::point("activation-spawned");
+                if let Err(e) = self.save() {
+                    drop(running); // never started: the gate closes and the group is killed
+                    Outcome::SpawnFailed(format!(
+                        "cannot record the activation before starting it: {e}"
+                    ))
+                } else {
+                    running.wait().await
+                }
             }
             Ok(None) => Outcome::Ok,
             Err(o) => o,
@@ -391,10 +417,16 @@ impl Agent {
     }
 
     /// Step 8's success: the deploy is the node's current version.
-    pub(super) fn succeed(&mut self, m: &Manifest, health: Vec<HealthResult>, timings: Timings) {
+    pub(super) async fn succeed(
+        &mut self,
+        m: &Manifest,
+        health: Vec<HealthResult>,
+        timings: Timings,
+    ) {
         self.state.pending = None;
         self.state.current_version = Some(m.version);
         self.state.applied = Some(m.clone());
+        self.after_success(m).await;
         self.finish(m.version, ReportState::Success, None, health, timings);
     }
 

@@ -5,6 +5,7 @@
 use std::path::PathBuf;
 
 use roost_common::nix::NixError;
+use roost_common::size::human_bytes;
 use roost_common::{StorePath, Version};
 
 /// A step of a deploy, as reports and the deploy record name it (`error.phase`).
@@ -28,6 +29,14 @@ pub enum Step {
     Recover,
     /// The operator's `roost-agent rollback`.
     ManualRollback,
+    /// Waiting for an apply window (deferred, §7.13).
+    Window,
+    /// Waiting for mains power or a fuller battery (deferred).
+    Power,
+    /// Waiting for an unmetered network (deferred).
+    Metered,
+    /// Postponed by the user's `roost-agent defer` (deferred).
+    Defer,
 }
 
 impl Step {
@@ -43,6 +52,10 @@ impl Step {
             Step::Confirm => "confirm",
             Step::Recover => "recover",
             Step::ManualRollback => "manual-rollback",
+            Step::Window => "window",
+            Step::Power => "power",
+            Step::Metered => "metered",
+            Step::Defer => "defer",
         }
     }
 }
@@ -66,19 +79,39 @@ pub enum AgentError {
 /// Why the closures could not be made present (step 4): the deploy is deferred and retried.
 #[derive(Debug, thiserror::Error)]
 pub enum RealiseError {
-    /// The store's file system has too little free space.
+    /// The store's file system has too little free space, even counting what a garbage
+    /// collection would free (after retention, §7.14).
     #[error(
-        "{store} has {free} bytes free and the closures need up to {need}; \
-         free some space (nix-collect-garbage) and the deploy is retried"
+        "the store has {free} bytes free ({}) and the closures need up to {need} ({}); a \
+         garbage collection could free only {reclaimable} ({}) after removing {removed} old \
+         generation(s): free some space and the deploy is retried",
+        human_bytes(*free), human_bytes(*need), human_bytes(*reclaimable)
     )]
     NoSpace {
-        /// The folder asked.
-        store: &'static str,
         /// Bytes free.
         free: u64,
         /// Bytes the missing closures need at most.
         need: u64,
+        /// Bytes a garbage collection would free.
+        reclaimable: u64,
+        /// Generations retention removed first.
+        removed: u64,
     },
+    /// A garbage collection ran and the closures still do not fit.
+    #[error(
+        "after a garbage collection the store has {free} bytes free ({}) and the closures \
+         need up to {need} ({}): free some space and the deploy is retried",
+        human_bytes(*free), human_bytes(*need)
+    )]
+    StillNoSpace {
+        /// Bytes free after it.
+        free: u64,
+        /// Bytes the missing closures need at most.
+        need: u64,
+    },
+    /// Counting what a garbage collection frees, or collecting, failed.
+    #[error("garbage collection: {0}")]
+    Gc(NixError),
     /// Build policy `build` and a profile without `drv_path`.
     #[error("build policy `build` needs a drv_path for every profile; the manifest lacks some")]
     NoDrvPath,
@@ -156,6 +189,15 @@ pub enum DeployFailure {
         /// The confirm timeout.
         confirm_s: u64,
     },
+    /// The deploy's progress could not be saved: it is stopped and rolled back rather than
+    /// go on with a record a crash would be recovered from wrongly.
+    #[error("cannot record {what} in the state folder: {source}")]
+    Save {
+        /// What was to be recorded.
+        what: &'static str,
+        /// Why the write failed.
+        source: std::io::Error,
+    },
     /// Confirmation after a restart of the agent failed.
     #[error("after a restart of the agent: {0}")]
     AfterRestart(Box<DeployFailure>),
@@ -165,10 +207,20 @@ pub enum DeployFailure {
 }
 
 impl DeployFailure {
+    /// Whether it is magic rollback's: the coordinator did not answer again after the switch.
+    pub fn is_magic_rollback(&self) -> bool {
+        match self {
+            DeployFailure::Unreachable { .. } => true,
+            DeployFailure::AfterRestart(f) => f.is_magic_rollback(),
+            _ => false,
+        }
+    }
+
     /// The step it happened in.
     pub fn step(&self) -> Step {
         match self {
             DeployFailure::SetProfile { .. } => Step::SetProfile,
+            DeployFailure::Save { .. } => Step::Record,
             DeployFailure::Activation(_) => Step::Activate,
             DeployFailure::Health { .. }
             | DeployFailure::Unreachable { .. }

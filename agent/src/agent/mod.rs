@@ -9,6 +9,7 @@
 
 mod deploy;
 pub mod error;
+mod laptop_hooks;
 mod rollback;
 
 use std::sync::{Arc, Mutex};
@@ -30,7 +31,7 @@ use crate::nixops::NixOps;
 use crate::notify::{Progress, notify};
 use crate::poll::{Poll, Poller, WallClock};
 use crate::report::{self, Reporter};
-use crate::state::{DeployRecord, Phase, Snapshot, State, StateDir};
+use crate::state::{DeployRecord, Phase, RefusedManifest, Snapshot, State, StateDir};
 
 /// How an operation ended, for `--once` and `apply` exit codes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -64,8 +65,22 @@ pub struct Agent {
     /// ETag of the last manifest served, accepted or not (memory only): polls send it, so
     /// a refused manifest is not downloaded again and again.
     seen_etag: Option<String>,
+    /// ETag of the last manifest refused for a reason that may pass (expired by a clock
+    /// that jumped ahead): never sent as If-None-Match.
+    refused_later: Option<String>,
     /// Whether the last poll brought bytes not seen before.
     fresh: bool,
+    /// The code of the refusal of the last manifest handled, if it was refused.
+    refused_code: Option<&'static str>,
+    /// Windows, power, metered, retention, notifications, metrics.
+    laptop: laptop_hooks::LaptopRuntime,
+}
+
+/// The version a refused envelope claims, read without trusting it (for `status`).
+fn claimed_version(bytes: &[u8]) -> Option<u64> {
+    let payload = roost_common::Envelope::unverified_payload(bytes)?;
+    let v: serde_json::Value = serde_json::from_slice(&payload).ok()?;
+    v["version"].as_u64()
 }
 
 fn ms(since: Instant) -> Option<u64> {
@@ -126,6 +141,7 @@ impl Agent {
             ..written.clone().unwrap_or_default()
         };
         Ok(Self {
+            laptop: laptop_hooks::LaptopRuntime::new(cfg.laptop.notifications),
             cfg,
             dir,
             state,
@@ -135,6 +151,7 @@ impl Agent {
             poller,
             reporter,
             rejected: None,
+            refused_code: None,
             security_events: Vec::new(),
             live: Arc::new(Mutex::new(live)),
             written,
@@ -142,6 +159,7 @@ impl Agent {
             deferred: 0,
             fetch_ms: None,
             seen_etag: None,
+            refused_later: None,
             fresh: false,
         })
     }
@@ -184,13 +202,6 @@ impl Agent {
         self.dir.save(&self.state)
     }
 
-    /// Saves the progress of a deploy in flight.
-    fn checkpoint(&self) {
-        if let Err(e) = self.save() {
-            tracing::error!("cannot save the deploy's progress: {e}");
-        }
-    }
-
     fn update_live(&mut self, f: impl FnOnce(&mut Snapshot)) {
         let snap = match self.live.lock() {
             Ok(mut l) => {
@@ -206,7 +217,13 @@ impl Agent {
                 .last_poll_result
                 .clone()
                 .filter(|r| r.starts_with("failed"));
-            (s.phase, s.last_poll_result.is_some(), failed, s.long_poll)
+            (
+                s.phase,
+                s.last_poll_result.is_some(),
+                failed,
+                s.long_poll,
+                s.no_manifest,
+            )
         };
         if self.written.as_ref().map(key) != Some(key(&snap)) {
             match self.dir.save_snapshot(&snap) {
@@ -233,6 +250,33 @@ impl Agent {
             l.long_poll = long_poll;
             l.polling_since = None;
         });
+        self.note_poll_for_metrics(!result.starts_with("failed"));
+    }
+
+    /// Records whether the coordinator that answered the last poll had a manifest for this
+    /// node; a change is logged once (at warn when it has none: nothing will be deployed).
+    pub fn note_manifest_presence(&mut self, missing: bool) {
+        let was = self.live.lock().map(|l| l.no_manifest).unwrap_or(false);
+        if missing == was {
+            return;
+        }
+        if missing {
+            tracing::warn!(
+                node = %self.cfg.node,
+                "the coordinator has no manifest for node `{}`: nothing will be deployed here \
+                 until one is published for this name (is it in the flake's deploy.nodes, \
+                 spelt as this node's name?)",
+                self.cfg.node
+            );
+        } else {
+            tracing::info!(node = %self.cfg.node, "the coordinator has a manifest for this node again");
+        }
+        self.update_live(|l| l.no_manifest = missing);
+    }
+
+    /// Whether the coordinator had no manifest for this node at the last poll that reached it.
+    pub fn coordinator_has_no_manifest(&self) -> bool {
+        self.live.lock().map(|l| l.no_manifest).unwrap_or(false)
     }
 
     /// Marks the agent idle (after start-up reconciliation).
@@ -261,10 +305,16 @@ impl Agent {
         self.fresh = false;
         if let Poll::New(_, e) = &p {
             self.fetch_ms = ms(t);
-            self.fresh = e.is_none() || *e != etag;
+            // A manifest refused for now, fetched again, is not news: no quick re-poll.
+            self.fresh = (e.is_none() || *e != etag) && (e.is_none() || *e != self.refused_later);
             self.seen_etag = e.clone();
         }
         p
+    }
+
+    /// The refusal's code when the last manifest handled was refused.
+    pub fn last_manifest_refused(&self) -> Option<&'static str> {
+        self.refused_code
     }
 
     /// Whether the last poll brought a manifest with an ETag not seen before.
@@ -275,6 +325,7 @@ impl Agent {
     /// Steps 2–8 for a manifest envelope: verify, and deploy when it is new.
     pub async fn handle_manifest(&mut self, bytes: &[u8], etag: Option<String>) -> Verdict {
         let digest = verify::digest(bytes);
+        self.refused_code = None;
         let me = Identity {
             node: &self.cfg.node,
             system: &self.cfg.system,
@@ -319,18 +370,36 @@ impl Agent {
                 self.deploy_if_needed().await
             }
             Err(r) => {
+                if r.may_pass_later() {
+                    // Its ETag must not be waited on: a 304 would hide it for good once the
+                    // clock is right again. Polls send the accepted manifest's ETag instead
+                    // and fetch it again each interval until it passes (or a newer comes).
+                    self.seen_etag = None;
+                    self.refused_later = etag.clone();
+                }
+                self.refused_code = Some(r.code());
                 if self.rejected != Some(digest) {
                     self.rejected = Some(digest);
-                    self.reject(&r);
+                    self.reject(&r, bytes);
                 }
                 Verdict::NotConverged
             }
         }
     }
 
-    /// A refused manifest changes nothing on the node: only a report is queued.
-    fn reject(&mut self, r: &Rejection) {
+    /// A refused manifest changes nothing on the node: a report is queued, and the refusal is
+    /// recorded for `status`.
+    fn reject(&mut self, r: &Rejection, bytes: &[u8]) {
         tracing::warn!(code = r.code(), "manifest refused: {r}");
+        let refused = RefusedManifest {
+            at: Timestamp::from(self.clock.now()),
+            code: r.code().to_owned(),
+            message: r.to_string(),
+            claimed_version: claimed_version(bytes),
+        };
+        if let Err(e) = self.dir.save_refused(&refused) {
+            tracing::warn!("cannot record the refused manifest for `status`: {e}");
+        }
         if r.is_security_event() {
             self.security_events.push(format!("{}: {r}", r.code()));
         }
@@ -410,6 +479,7 @@ impl Agent {
                 tracing::error!("cannot save state: {e}");
             }
         }
+        self.write_metrics();
     }
 
     /// After a crash between recording an outcome and queueing its report: queue it now.
@@ -473,6 +543,7 @@ impl Agent {
             timings,
             profiles: self.positions(),
             security_events: std::mem::take(&mut self.security_events),
+            conditions: self.take_conditions(),
         };
         match self.reporter.queue(outcome) {
             Ok(seq) => Some(seq),

@@ -293,6 +293,145 @@ fn killed_by_a_fault_after_the_switch_the_agent_recovers_to_the_old_path() {
     assert_eq!(r.error.unwrap().phase, "recover");
 }
 
+/// Where a crash test kills the agent: a fault point, or inside `nix-env --set`.
+#[derive(Debug, Clone, Copy)]
+enum Crash {
+    At(&'static str),
+    InsideNixEnv,
+}
+
+/// Deploys v1, then kills the agent deploying v2 at `crash`, then runs it again (twice at
+/// most: a crash before the switch is retried) until v2 has an outcome. Checks what holds
+/// at every instant: the profile is exactly the old generation or the new one, no pending
+/// record is left, and `success` only where v2's activation really ran. Returns the outcome.
+fn crash_and_recover(f: &Fixtures, crash: Crash) -> String {
+    let (c, node) = setup(f);
+    deploy_v1(&c, &node, f);
+    publish(&c, &node, f, 2, f.profile("v2", json!({})));
+    let (v1, v2) = (f.get("v1").path.clone(), f.get("v2").path.clone());
+    let out = match crash {
+        Crash::At(point) => node.once(&[("ROOST_FAULT", point)]),
+        Crash::InsideNixEnv => {
+            // A nix-env that kills its caller, the agent, and then does its work: nix-env
+            // finishes after the agent died, as when a crash cuts the call.
+            let wrap = node.dir.path().join("wrap");
+            std::fs::create_dir_all(&wrap).unwrap();
+            let real = roost_preflight::which("nix-env").unwrap();
+            let done = node.dir.path().join("nix-env-done");
+            let script = format!(
+                "#!/bin/sh\nkill -9 \"$PPID\"\n{} \"$@\" </dev/null >/dev/null 2>&1\ntouch {}\n",
+                real.display(),
+                done.display()
+            );
+            let file = wrap.join("nix-env");
+            std::fs::write(&file, script).unwrap();
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o755)).unwrap();
+            let path = format!("{}:{}", wrap.display(), std::env::var("PATH").unwrap());
+            let out = node.once(&[("PATH", &path)]);
+            assert!(
+                node.wait_for(60, || done.exists()),
+                "the wrapped nix-env never finished"
+            );
+            assert_eq!(
+                node.system(),
+                Some((2, v2.clone())),
+                "nix-env did not switch after the agent died"
+            );
+            out
+        }
+    };
+    assert_eq!(
+        out.status.signal(),
+        Some(9),
+        "{crash:?}: the crash did not happen"
+    );
+    let outcome = (0..2)
+        .find_map(|_| {
+            node.once(&[]);
+            c.reports()
+                .into_iter()
+                .filter(|r| r.manifest_version.map(|v| v.0) == Some(2))
+                .map(|r| r.state.as_str().to_owned())
+                .find(|s| s == "success" || s == "rolled_back")
+        })
+        .unwrap_or_else(|| panic!("{crash:?}: no outcome for version 2"));
+    let (generation, path) = node.system().unwrap();
+    assert!(
+        node.status()["pending"].is_null(),
+        "{crash:?}: a pending record was left"
+    );
+    let v2_ran = node.activations().contains(&format!("switch {v2}"));
+    if outcome == "success" {
+        assert_eq!(path, v2, "{crash:?}: success, but the profile is not at v2");
+        assert!(
+            v2_ran,
+            "{crash:?}: reported success for a generation never activated"
+        );
+    } else {
+        assert_eq!(
+            (generation, path),
+            (1, v1),
+            "{crash:?}: rolled back, but not to v1"
+        );
+    }
+    outcome
+}
+
+#[test]
+fn a_crash_at_every_instant_between_two_saves_ends_old_or_activated_new() {
+    let f = require!(real_world());
+    // Before the switch is certain the deploy is tried again; from then on it is rolled back,
+    // unless it was activated and recorded, when it is confirmed.
+    for (crash, want) in [
+        (Crash::At("realise"), "success"),
+        (Crash::At("switch-intent"), "success"),
+        (Crash::At("set-profile"), "success"),
+        (Crash::InsideNixEnv, "rolled_back"),
+        (Crash::At("profile-set"), "rolled_back"),
+        (Crash::At("activate"), "rolled_back"),
+        (Crash::At("activation-spawned"), "rolled_back"),
+        (Crash::At("activated"), "rolled_back"),
+        (Crash::At("confirm"), "success"),
+    ] {
+        assert_eq!(crash_and_recover(f, crash), want, "{crash:?}");
+    }
+}
+
+#[test]
+fn a_crash_inside_nix_env_is_rolled_back_not_reported_as_a_success() {
+    let f = require!(real_world());
+    assert_eq!(crash_and_recover(f, Crash::InsideNixEnv), "rolled_back");
+}
+
+#[test]
+fn a_crash_before_the_activation_is_recorded_runs_nothing_and_rolls_back() {
+    let f = require!(real_world());
+    let (c, node) = setup(f);
+    deploy_v1(&c, &node, f);
+    publish(
+        &c,
+        &node,
+        f,
+        2,
+        f.profile("hang", json!({"activation_timeout_s": 600})),
+    );
+    // Killed with the activation spawned but its process group not yet on disk: recovery
+    // could not find it, so it must never have started.
+    let out = node.once(&[("ROOST_FAULT", "activation-spawned")]);
+    assert_eq!(out.status.signal(), Some(9), "the fault did not fire");
+    let out = node.once(&[]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        node.hang_pid().is_none(),
+        "the activation ran although the agent died before recording it"
+    );
+    assert_eq!(node.system(), Some((1, f.get("v1").path.clone())));
+    let r = last(&c);
+    assert_eq!(r.state.as_str(), "rolled_back");
+    assert_eq!(r.error.unwrap().phase, "recover");
+}
+
 #[test]
 fn sigkill_during_activation_ends_at_the_old_path_with_the_leftover_killed() {
     let f = require!(real_world());
@@ -369,8 +508,8 @@ fn reports_queue_while_the_coordinator_is_down_and_arrive_in_order_later() {
     let out = node.once(&[]);
     assert_eq!(
         out.status.code(),
-        Some(0),
-        "no manifest published: nothing to do"
+        Some(1),
+        "no manifest published: nothing deployed"
     );
     let got = c.reports();
     let seqs: Vec<u64> = got.iter().map(|r| r.seq).collect();
@@ -487,8 +626,8 @@ fn fallback_builds_from_drv_path_and_substitute_only_does_not() {
 fn status_json_has_every_field_and_once_exit_codes_follow_the_outcome() {
     let f = require!(real_world());
     let (c, node) = setup(f);
-    // No manifest published yet: nothing to do.
-    assert_eq!(node.once(&[]).status.code(), Some(0));
+    // No manifest published yet: nothing deployed, which needs a human.
+    assert_eq!(node.once(&[]).status.code(), Some(1));
     publish(&c, &node, f, 1, f.profile("v1", json!({})));
     assert_eq!(node.once(&[]).status.code(), Some(0));
     let st = node.status();
@@ -652,5 +791,96 @@ fn rollback_needs_no_publisher_key_and_an_unknown_profile_exits_2_changing_nothi
     assert_eq!(
         node.system().map(|(_, p)| p),
         Some(f.get("v1").path.clone())
+    );
+}
+
+/// `run --once` against a coordinator that has no manifest for the node's name.
+fn once_without_a_manifest(node: &Node) -> (Option<i32>, String, String) {
+    let out = node.once(&[]);
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn a_node_whose_coordinator_has_no_manifest_says_so_warns_and_run_once_exits_1() {
+    let f = require!(real_world());
+    let (c, node) = setup(f);
+    let (code, out, err) = once_without_a_manifest(&node);
+    assert_eq!(code, Some(1), "{out}{err}");
+    assert!(out.contains("no manifest for node `pi-kitchen`"), "{out}");
+    assert!(
+        err.lines()
+            .any(|l| l.contains("WARN") && l.contains("has no manifest for node")),
+        "{err}"
+    );
+    let st = node.status();
+    assert_eq!(st["coordinator_has_no_manifest"], true, "{st}");
+    let dir = node.state_dir().display().to_string();
+    let text = node.run(&["status", "--state-dir", &dir], &[]);
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(
+        text.contains("the coordinator has no manifest for this node"),
+        "{text}"
+    );
+    // Once one is published the node converges and the notice is gone.
+    publish(&c, &node, f, 1, f.profile("v1", json!({})));
+    assert_eq!(node.once(&[]).status.code(), Some(0));
+    assert_eq!(node.status()["coordinator_has_no_manifest"], false);
+}
+
+#[test]
+fn the_daemon_warns_once_while_the_coordinator_has_no_manifest() {
+    let f = require!(real_world());
+    let (c, node) = setup(f);
+    let mut args = vec!["run".to_owned(), "--interval".into(), "1s".into()];
+    args.extend(node.config_args());
+    let mut agent = node.spawn(&args, &[]);
+    // Several polls answered 404 (each is a GET the test coordinator counts).
+    let gets = || {
+        c.requests()
+            .iter()
+            .filter(|r| r.method == "GET" && r.target.contains("/manifest"))
+            .count()
+    };
+    let polled = node.wait_for(60, || gets() >= 4);
+    let _ = agent.kill();
+    let _ = agent.wait();
+    let log = node.agent_log();
+    assert!(polled, "too few polls: {log}");
+    let warnings = log
+        .lines()
+        .filter(|l| l.contains("WARN") && l.contains("has no manifest for node"))
+        .count();
+    assert_eq!(warnings, 1, "{log}");
+}
+
+#[test]
+fn a_refused_manifest_is_in_status_with_why() {
+    let f = require!(real_world());
+    let (c, node) = setup(f);
+    let stranger = Publisher::new("stranger-1");
+    c.publish(&stranger.sign(&f.manifest(7, vec![f.profile("v1", json!({}))])));
+    assert_eq!(node.once(&[]).status.code(), Some(1));
+    let st = node.status();
+    let r = &st["last_refused"];
+    assert_eq!(r["code"], "bad_signature", "{st}");
+    assert_eq!(r["claimed_version"], 7, "{st}");
+    assert!(r["message"].as_str().unwrap().contains("signature"), "{st}");
+    let dir = node.state_dir().display().to_string();
+    let text = node.run(&["status", "--state-dir", &dir], &[]);
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(
+        text.contains("last refused")
+            && text.contains("bad_signature")
+            && text.contains("version 7"),
+        "{text}"
+    );
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("last poll") && l.contains("manifest refused (bad_signature)")),
+        "the last poll does not pass for a new manifest: {text}"
     );
 }

@@ -168,27 +168,11 @@ fn build() -> Result<Fixtures, String> {
     let cache_url = format!("file://{}", cache.display());
     nix.copy_to(&cache_url, &to_cache)
         .map_err(|e| e.to_string())?;
-    // The derivations too (for build policies), as themselves: without `--derivation` a
-    // `.drv` installable means its outputs, and `local`'s output must stay out of the cache.
-    let drv_args = |sub: &[&str]| {
-        let mut a: Vec<String> = sub.iter().map(|s| (*s).to_owned()).collect();
-        a.extend(drvs.iter().map(|d| d.to_string()));
-        a
-    };
-    for args in [
-        drv_args(&[
-            "store",
-            "sign",
-            "--derivation",
-            "--recursive",
-            "--key-file",
-            sk.to_str().unwrap(),
-        ]),
-        drv_args(&["copy", "--derivation", "--to", &cache_url]),
-    ] {
-        nix.run(roost_common::nix::Tool::Nix, &args, None)
-            .map_err(|e| e.to_string())?;
-    }
+    // The derivations too (for build policies), as themselves: `local`'s output must stay
+    // out of the cache.
+    nix.sign_derivations(&sk, &drvs)
+        .and_then(|()| nix.copy_derivations_to(&cache_url, &drvs))
+        .map_err(|e| e.to_string())?;
     let outs: Vec<StorePath> = by_name.values().map(|f| f.path.parse().unwrap()).collect();
     for info in nix
         .path_info(&outs, None, true)
@@ -423,15 +407,4 @@ impl Drop for Node {
     }
 }
 
-/// Whether a process is still running (a zombie has finished).
-pub fn alive(pid: i32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|s| {
-            s[s.rfind(')')? + 1..]
-                .split_whitespace()
-                .next()
-                .map(str::to_owned)
-        })
-        .is_some_and(|state| state != "Z" && state != "X")
-}
+pub use roost_common::process::running as alive;

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use roost_agent::nixops::NixOps;
 use roost_agent::state::StateDir;
-use roost_agent::{Agent, FakeNix, SystemClock, Verdict};
+use roost_agent::{Agent, FakeNix, ShiftedClock, SystemClock, Verdict, WallClock};
 use roost_common::nix::profiles;
 use roost_common::{StorePath, Timestamp};
 use serde_json::{Value, json};
@@ -43,8 +43,12 @@ impl World {
     }
 
     fn agent(&self, coordinators: Vec<String>) -> Agent {
+        self.agent_with_clock(coordinators, Arc::new(SystemClock))
+    }
+
+    fn agent_with_clock(&self, coordinators: Vec<String>, clock: Arc<dyn WallClock>) -> Agent {
         let cfg = support::config(&self.state_dir(), coordinators, &self.publisher);
-        Agent::new(cfg, self.nix.clone(), Arc::new(SystemClock)).unwrap()
+        Agent::new(cfg, self.nix.clone(), clock).unwrap()
     }
 
     /// A profile whose closure is in the fake cache.
@@ -90,7 +94,7 @@ fn failing_check() -> Value {
     json!({"health_checks": [{"kind": "command", "argv": ["/bin/sh", "-c", "exit 3"], "timeout_s": 5}]})
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn an_accepted_manifest_is_realised_switched_and_reported() {
     let w = World::new();
     let mut agent = w.agent(vec![]);
@@ -143,7 +147,7 @@ async fn substituters_and_keys_are_the_manifests_plus_the_configs_only() {
     assert_eq!(c.timeout, Some(Duration::from_secs(90)));
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn a_failed_health_check_rolls_back_to_the_exact_previous_generation() {
     let w = World::new();
     let mut agent = w.agent(vec![]);
@@ -176,7 +180,7 @@ async fn a_failed_health_check_rolls_back_to_the_exact_previous_generation() {
     assert_eq!(last["health"][0]["ok"], false);
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn a_quarantined_version_is_not_retried_and_a_newer_one_deploys() {
     let w = World::new();
     let mut agent = w.agent(vec![]);
@@ -208,7 +212,7 @@ async fn a_quarantined_version_is_not_retried_and_a_newer_one_deploys() {
     assert!(agent.state().quarantined.is_empty());
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn a_failed_first_deploy_leaves_no_profile_behind() {
     let w = World::new();
     let mut agent = w.agent(vec![]);
@@ -232,7 +236,7 @@ async fn a_failed_first_deploy_leaves_no_profile_behind() {
     );
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn an_activation_that_cannot_start_is_rolled_back() {
     let w = World::new();
     let mut agent = w.agent(vec![]);
@@ -254,7 +258,7 @@ async fn an_activation_that_cannot_start_is_rolled_back() {
     assert_eq!(last["error"]["phase"], "activate");
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn without_auto_rollback_a_failure_stays_on_the_new_version_and_says_so() {
     let w = World::new();
     let mut agent = w.agent(vec![]);
@@ -272,6 +276,52 @@ async fn without_auto_rollback_a_failure_stays_on_the_new_version_and_says_so() 
 }
 
 #[tokio::test]
+async fn each_profile_rolls_back_by_its_own_auto_rollback_as_in_deploy_rs() {
+    let w = World::new();
+    let mut agent = w.agent(vec![]);
+    let home_link = w.dir.path().join("profiles/home");
+    let home = |name: &str, extra: Value| {
+        let mut p = w.profile(name, extra);
+        p["name"] = json!("home");
+        p["profile_path"] = json!(home_link);
+        p
+    };
+    let home_at = || {
+        profiles::current(&home_link)
+            .unwrap()
+            .map(|g| g.target.display().to_string())
+    };
+    agent
+        .handle_manifest(
+            &w.signed(
+                1,
+                vec![w.profile("sys-1", json!({})), home("home-1", json!({}))],
+            ),
+            None,
+        )
+        .await;
+    // `home` keeps what it gets (auto_rollback off); the system's check fails.
+    let v2 = vec![
+        w.profile("sys-2", failing_check()),
+        home("home-2", json!({"auto_rollback": false})),
+    ];
+    agent.handle_manifest(&w.signed(2, v2), None).await;
+    assert_eq!(
+        w.current(),
+        Some((1, fake_store_path("sys-1"))),
+        "system rolled back"
+    );
+    assert_eq!(home_at(), Some(fake_store_path("home-2")), "home stays");
+    let last = w.reports().pop().unwrap().1;
+    assert_eq!(
+        last["state"], "failed",
+        "not every profile went back: {last}"
+    );
+    let msg = last["error"]["message"].as_str().unwrap();
+    assert!(msg.contains("auto_rollback is off for home"), "{msg}");
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_closure_missing_from_the_cache_is_deferred_reported_once_and_retried() {
     let w = World::new();
     let mut agent = w.agent(vec![]);
@@ -297,7 +347,7 @@ async fn a_closure_missing_from_the_cache_is_deferred_reported_once_and_retried(
     assert_eq!(w.current(), Some((1, path)));
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn a_nar_hash_mismatch_quarantines_without_touching_the_profile() {
     let w = World::new();
     let mut agent = w.agent(vec![]);
@@ -320,7 +370,7 @@ async fn a_nar_hash_mismatch_quarantines_without_touching_the_profile() {
 }
 
 /// Each bad manifest is refused, reported with its reason, and changes nothing else.
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn bad_manifests_are_refused_and_change_nothing_but_the_report_queue() {
     let w = World::new();
     let mut agent = w.agent(vec![]);
@@ -439,7 +489,7 @@ async fn bad_manifests_are_refused_and_change_nothing_but_the_report_queue() {
     assert!(events.iter().any(|e| e.starts_with("below_floor")));
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn the_same_refused_bytes_are_reported_once_per_run() {
     let w = World::new();
     let mut agent = w.agent(vec![]);
@@ -449,7 +499,7 @@ async fn the_same_refused_bytes_are_reported_once_per_run() {
     assert_eq!(w.reports().len(), 1);
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn the_floor_survives_a_restart() {
     let w = World::new();
     {
@@ -467,7 +517,7 @@ async fn the_floor_survives_a_restart() {
     assert_eq!(w.current().unwrap().1, fake_store_path("a"));
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn an_unchanged_manifest_does_nothing() {
     let w = World::new();
     let mut agent = w.agent(vec![]);
@@ -536,7 +586,7 @@ async fn crashed_mid_deploy(w: &World, activated: bool, deadline_passed: bool) -
     agent
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn recovery_confirms_a_deploy_that_was_activated_in_time() {
     let w = World::new();
     let mut agent = crashed_mid_deploy(&w, true, false).await;
@@ -546,7 +596,7 @@ async fn recovery_confirms_a_deploy_that_was_activated_in_time() {
     assert_eq!(w.reports().pop().unwrap().1["state"], "success");
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn recovery_rolls_back_a_deploy_interrupted_during_activation() {
     let w = World::new();
     let mut agent = crashed_mid_deploy(&w, false, false).await;
@@ -559,7 +609,7 @@ async fn recovery_rolls_back_a_deploy_interrupted_during_activation() {
     assert_eq!(last["error"]["phase"], "recover");
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn recovery_rolls_back_when_the_confirmation_deadline_passed() {
     let w = World::new();
     let mut agent = crashed_mid_deploy(&w, true, true).await;
@@ -573,7 +623,7 @@ async fn recovery_rolls_back_when_the_confirmation_deadline_passed() {
     );
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn an_outcome_recorded_but_never_queued_is_reported_at_start() {
     let w = World::new();
     let mut agent = w.agent(vec![]);
@@ -597,7 +647,7 @@ async fn an_outcome_recorded_but_never_queued_is_reported_at_start() {
     assert_eq!(reports[0].1["manifest_version"], 1);
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn manual_rollback_goes_to_the_previous_generation_and_quarantines() {
     let w = World::new();
     let mut agent = w.agent(vec![]);
@@ -755,8 +805,9 @@ async fn a_report_already_received_counts_as_delivered() {
     assert_eq!(c.reports().len(), 1);
 }
 
-#[tokio::test]
-async fn magic_rollback_when_the_coordinator_is_gone_after_the_switch() {
+/// Version 1, then version 2 (with `extra` profile settings) whose "switch" cuts the network
+/// (a health check stands in for the activation here); the reports flushed once it is back.
+async fn a_switch_that_cuts_the_coordinator_off(extra: Value) -> (World, TestCoordinator, Verdict) {
     let c = TestCoordinator::start();
     let w = World::new();
     let cut = w.dir.path().join("network-cut");
@@ -764,21 +815,34 @@ async fn magic_rollback_when_the_coordinator_is_gone_after_the_switch() {
     let mut agent = w.agent(vec![c.url()]);
     c.publish(&w.signed(1, vec![w.profile("a", json!({}))]));
     roost_agent::daemon::cycle(&mut agent, None).await;
-    // The "switch" cuts the network: a health check stands in for the activation here.
-    let breaks = w.profile(
-        "breaks-network",
-        json!({"health_checks": [{"kind": "command", "argv": ["/bin/sh", "-c", format!("touch {}", cut.display())]}],
-               "confirm_timeout_s": 3}),
-    );
-    c.publish(&w.signed(2, vec![breaks]));
+    let mut settings = json!({"health_checks": [{"kind": "command", "argv": ["/bin/sh", "-c", format!("touch {}", cut.display())]}],
+           "confirm_timeout_s": 3});
+    for (k, v) in extra.as_object().unwrap() {
+        settings[k] = v.clone();
+    }
+    c.publish(&w.signed(2, vec![w.profile("breaks-network", settings)]));
     let r = roost_agent::daemon::cycle(&mut agent, None).await;
-    assert_eq!(r.verdict, Verdict::NotConverged);
-    assert_eq!(w.current(), Some((1, fake_store_path("a"))));
     std::fs::remove_file(&cut).unwrap();
     agent.flush_reports().await;
+    (w, c, r.verdict)
+}
+
+#[tokio::test]
+async fn magic_rollback_when_the_coordinator_is_gone_after_the_switch() {
+    let (w, c, verdict) = a_switch_that_cuts_the_coordinator_off(json!({})).await;
+    assert_eq!(verdict, Verdict::NotConverged);
+    assert_eq!(w.current(), Some((1, fake_store_path("a"))));
     let last = c.reports().pop().unwrap();
     assert_eq!(last.state.as_str(), "rolled_back");
     assert!(last.error.unwrap().message.contains("magic rollback"));
+}
+
+#[tokio::test]
+async fn magic_rollback_rolls_back_even_without_auto_rollback_as_in_deploy_rs() {
+    // deploy-rs's activate-rs deactivates when confirmation never comes, autoRollback or not.
+    let (w, c, _) = a_switch_that_cuts_the_coordinator_off(json!({"auto_rollback": false})).await;
+    assert_eq!(w.current(), Some((1, fake_store_path("a"))));
+    assert_eq!(c.reports().pop().unwrap().state.as_str(), "rolled_back");
 }
 
 #[tokio::test]
@@ -823,7 +887,8 @@ async fn status_has_every_field_the_issue_lists() {
     c.publish(&w.signed(1, vec![w.profile("a", json!({}))]));
     let r = roost_agent::daemon::cycle(&mut agent, None).await;
     agent.note_poll(&r.poll, Some(Timestamp::now()), 0);
-    let doc = roost_agent::status::collect(&w.state_dir()).unwrap();
+    let typed = roost_agent::status::collect(&w.state_dir()).unwrap();
+    let doc = serde_json::to_value(&typed).unwrap();
     for key in [
         "node",
         "manifest_version",
@@ -846,7 +911,7 @@ async fn status_has_every_field_the_issue_lists() {
     assert_eq!(doc["manifest_version"], 1);
     assert_eq!(doc["last_poll"]["result"], "new manifest");
     assert_eq!(doc["last_deploy"]["state"], "success");
-    let text = roost_agent::status::render(&doc);
+    let text = roost_agent::status::render(&typed);
     assert!(text.contains("last poll"), "{text}");
     assert!(text.contains("ago: new manifest"), "{text}");
 }
@@ -872,6 +937,7 @@ async fn the_daemon_serves_its_live_view_and_stops_on_shutdown() {
             .await
             .unwrap()
             .unwrap();
+        let doc = serde_json::to_value(doc).unwrap();
         // The outcome is recorded before its report is sent: wait for both.
         if doc["daemon_running"] == true
             && doc["last_deploy"]["state"] == "success"
@@ -888,6 +954,14 @@ async fn the_daemon_serves_its_live_view_and_stops_on_shutdown() {
     };
     assert!(doc["last_poll"]["at"].is_string(), "{doc}");
     assert_eq!(c.reports().len(), 1);
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    let sock = std::fs::metadata(w.state_dir().join("agent.sock")).unwrap();
+    assert!(sock.file_type().is_socket());
+    assert_eq!(
+        sock.permissions().mode() & 0o777,
+        0o600,
+        "the status socket is root's only"
+    );
     stop.send(()).unwrap();
     tokio::time::timeout(Duration::from_secs(10), daemon)
         .await
@@ -946,7 +1020,8 @@ async fn polls_are_held_open_only_where_the_coordinator_offers_it() {
 #[tokio::test]
 async fn a_deferred_manifest_that_expires_is_not_applied_late() {
     let w = World::new();
-    let mut agent = w.agent(vec![]);
+    let clock = Arc::new(ShiftedClock::new(0));
+    let mut agent = w.agent_with_clock(vec![], clock.clone());
     let path = fake_store_path("late");
     let mut m = w.manifest(
         1,
@@ -959,7 +1034,7 @@ async fn a_deferred_manifest_that_expires_is_not_applied_late() {
         Verdict::NotConverged
     );
     w.nix.add_to_cache(&path.parse().unwrap(), NAR);
-    tokio::time::sleep(Duration::from_millis(3100)).await;
+    clock.shift(3);
     let calls = w.nix.counts();
     assert_eq!(agent.deploy_if_needed().await, Verdict::NotConverged);
     assert_eq!(w.nix.counts(), calls, "an expired manifest was realised");
@@ -972,4 +1047,76 @@ async fn a_deferred_manifest_that_expires_is_not_applied_late() {
             .unwrap()
             .contains("expired")
     );
+}
+
+#[tokio::test]
+async fn a_chunked_manifest_body_is_cut_off_at_the_cap_not_read_to_its_end() {
+    use std::io::{BufRead, BufReader, Write};
+    use std::sync::atomic::{AtomicU64, Ordering};
+    // A coordinator that answers with a chunked body of up to 1 GiB: no Content-Length to
+    // refuse it by.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let sent = Arc::new(AtomicU64::new(0));
+    let server = {
+        let sent = sent.clone();
+        std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            let mut r = BufReader::new(s.try_clone().unwrap());
+            let mut line = String::new();
+            while r.read_line(&mut line).unwrap() > 0 && line != "\r\n" {
+                line.clear();
+            }
+            let head = "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\netag: \"big\"\r\n\r\n";
+            s.write_all(head.as_bytes()).unwrap();
+            let chunk = vec![b'x'; 64 * 1024];
+            let frame = [format!("{:x}\r\n", chunk.len()).as_bytes(), &chunk, b"\r\n"].concat();
+            while sent.load(Ordering::SeqCst) < 1 << 30 {
+                if s.write_all(&frame).is_err() {
+                    break;
+                }
+                sent.fetch_add(chunk.len() as u64, Ordering::SeqCst);
+            }
+        })
+    };
+    let w = World::new();
+    let mut agent = w.agent(vec![url]);
+    let r = roost_agent::daemon::cycle(&mut agent, None).await;
+    assert!(r.poll.contains("over the limit"), "{}", r.poll);
+    drop(agent);
+    tokio::task::spawn_blocking(move || server.join().unwrap())
+        .await
+        .unwrap();
+    let sent = sent.load(Ordering::SeqCst);
+    // What the socket buffers held besides the 256 KiB read: a few MiB at most, not 1 GiB.
+    assert!(
+        sent < 32 << 20,
+        "the agent read {sent} bytes of a body capped at 256 KiB"
+    );
+}
+
+#[tokio::test]
+async fn a_manifest_refused_as_expired_by_a_clock_jump_is_applied_once_the_clock_is_right() {
+    let c = TestCoordinator::start();
+    let w = World::new();
+    let clock = Arc::new(ShiftedClock::new(0));
+    let mut agent = w.agent_with_clock(vec![c.url()], clock.clone());
+    c.publish(&w.signed(1, vec![w.profile("a", json!({}))]));
+    // The wall clock jumps a year ahead: the manifest (valid for a day) is refused.
+    clock.shift(365 * 86400);
+    let r = roost_agent::daemon::cycle(&mut agent, None).await;
+    assert_eq!(r.verdict, Verdict::NotConverged);
+    assert_eq!(agent.last_manifest_refused(), Some("expired"));
+    // Polled again, it is fetched again (not a 304 for its own ETag), and not as news.
+    let r = roost_agent::daemon::cycle(&mut agent, None).await;
+    assert_eq!(r.poll, "manifest refused (expired)", "not fetched again");
+    assert!(
+        !r.held,
+        "a refused manifest fetched again made the agent poll at once"
+    );
+    // The clock is set right: the same manifest, no new publish, no restart, is applied.
+    clock.shift(-365 * 86400);
+    let r = roost_agent::daemon::cycle(&mut agent, None).await;
+    assert_eq!(r.verdict, Verdict::Converged);
+    assert_eq!(w.current().unwrap().1, fake_store_path("a"));
 }

@@ -84,8 +84,9 @@ pub fn config(state_dir: &Path, coordinators: Vec<String>, publisher: &Publisher
     .unwrap()
 }
 
-/// Every file under `dir` except the report queue, with its content (bytes compared, shown
-/// as text when a test fails).
+/// Every file under `dir` except the report queue and the record of the last refused
+/// manifest (what a refusal writes, for the coordinator and for `status`), with its content
+/// (bytes compared, shown as text when a test fails).
 pub fn snapshot_without_reports(dir: &Path) -> BTreeMap<PathBuf, String> {
     let mut out = BTreeMap::new();
     fn walk(root: &Path, d: &Path, out: &mut BTreeMap<PathBuf, String>) {
@@ -95,7 +96,7 @@ pub fn snapshot_without_reports(dir: &Path) -> BTreeMap<PathBuf, String> {
         for e in entries.flatten() {
             let p = e.path();
             let rel = p.strip_prefix(root).unwrap().to_owned();
-            if rel.starts_with("reports") {
+            if rel.starts_with("reports") || rel == Path::new(roost_agent::state::REFUSED_FILE) {
                 continue;
             }
             let meta = std::fs::symlink_metadata(&p).unwrap();

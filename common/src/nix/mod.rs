@@ -1,6 +1,6 @@
 //! The one door to Nix: every `nix`, `nix-store` and `nix-env` call of both programs goes
 //! through [`Nix::run`], which counts invocations, captures stderr for errors, and enforces
-//! timeouts by killing the whole process group.
+//! timeouts by killing the whole process group (on [`crate::process`], the one runner).
 //!
 //! Every `nix` call asks for the experimental features it needs itself
 //! (`--extra-experimental-features`), so both programs work with Nix's default configuration
@@ -9,21 +9,23 @@
 //! JSON output is parsed tolerantly: Nix changes shapes between versions (2.8 prints
 //! `path-info` as an array, newer Nix as an object keyed by path).
 
+pub mod log;
 pub mod parse;
 pub mod profiles;
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::fmt;
-use std::io::{BufRead, BufReader, IsTerminal, Read, Write};
+use std::io::IsTerminal;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde::de::DeserializeOwned;
 
 use crate::names::StorePath;
+use crate::process;
 pub use parse::{BuildResult, FlakeMetadata, PathInfo};
 
 /// Which Nix command to run.
@@ -136,6 +138,9 @@ pub struct RealiseOptions {
     pub trusted_public_keys: Vec<String>,
     /// Kill the call after this long.
     pub timeout: Option<Duration>,
+    /// Build a derivation when substituting its outputs fails (Nix's `fallback`), rather
+    /// than stop: for realising `drv_path`s, where building is what was asked for.
+    pub fallback: bool,
 }
 
 /// The experimental feature every `nix` call needs: the new CLI itself.
@@ -148,8 +153,12 @@ pub struct Nix {
     flakes: bool,
     env: Vec<(OsString, OsString)>,
     progress: bool,
+    log: Option<LogFn>,
     counts: Arc<Mutex<BTreeMap<String, u64>>>,
 }
+
+/// Receives Nix's structured log events as they come (see [`Nix::with_log`]).
+pub type LogFn = Arc<dyn Fn(&log::Event) + Send + Sync>;
 
 impl fmt::Debug for Nix {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -157,6 +166,7 @@ impl fmt::Debug for Nix {
             .field("extra_args", &self.extra_args)
             .field("flakes", &self.flakes)
             .field("progress", &self.progress)
+            .field("log", &self.log.is_some())
             .finish_non_exhaustive()
     }
 }
@@ -201,6 +211,14 @@ impl Nix {
         self
     }
 
+    /// Every `nix` call logs in Nix's structured form (`--log-format internal-json`) and
+    /// `f` gets its events as they come (a progress display: builds, copies, bytes). Errors
+    /// read as in Nix's plain format, a failed build's last log lines included.
+    pub fn with_log(mut self, f: LogFn) -> Self {
+        self.log = Some(f);
+        self
+    }
+
     /// Invocations so far, keyed by command (`nix eval`, `nix-store --realise`, …).
     pub fn counts(&self) -> BTreeMap<String, u64> {
         self.counts.lock().map(|c| c.clone()).unwrap_or_default()
@@ -216,6 +234,9 @@ impl Nix {
         let mut argv = vec![tool.program().to_owned()];
         if tool == Tool::Nix {
             argv.extend(["--extra-experimental-features".to_owned(), self.features()]);
+            if self.log.is_some() {
+                argv.extend(["--log-format".to_owned(), "internal-json".to_owned()]);
+            }
         }
         argv.extend(args.iter().cloned());
         if tool == Tool::Nix {
@@ -244,94 +265,49 @@ impl Nix {
         argv: Vec<String>,
         timeout: Option<Duration>,
     ) -> Result<Vec<u8>, NixError> {
-        use std::os::unix::process::CommandExt;
-        let err = |argv: &[String], status, tail: String, kind| NixError {
-            argv: argv.to_vec(),
+        let mut cmd = Command::new(&argv[0]);
+        cmd.args(&argv[1..]);
+        for (k, v) in &self.env {
+            cmd.env(k, v);
+        }
+        // Only `nix` was asked for the structured log (the legacy tools keep theirs): its
+        // lines are decoded, events go to the observer, and the text they hold is kept.
+        let stderr_map = self
+            .log
+            .clone()
+            .filter(|_| argv[0] == Tool::Nix.program())
+            .map(|observer| {
+                let mut decoder = log::Decoder::new();
+                process::LineMap(Box::new(move |raw: String| {
+                    let d = decoder.line(&raw);
+                    if let Some(e) = &d.event {
+                        observer(e);
+                    }
+                    d.text
+                }))
+            });
+        let opts = process::Options {
+            timeout,
+            stderr_lines: STDERR_TAIL_LINES,
+            forward_stderr: self.progress,
+            stderr_map,
+            // Nix's helpers die with its group; a pipe still open after that is not Nix's.
+            output_grace: Duration::from_secs(10),
+            stdin_pipe: false,
+        };
+        let err = |status, tail, kind| NixError {
+            argv: argv.clone(),
             status,
             stderr_tail: tail,
             kind,
         };
-        let mut cmd = Command::new(&argv[0]);
-        cmd.args(&argv[1..])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .process_group(0);
-        for (k, v) in &self.env {
-            cmd.env(k, v);
+        let done = process::run(cmd, opts)
+            .map_err(|e| err(None, String::new(), NixErrorKind::Spawn(e.to_string())))?;
+        match done.status {
+            None => Err(err(None, done.stderr_tail, NixErrorKind::TimedOut)),
+            Some(s) if !s.success() => Err(err(s.code(), done.stderr_tail, NixErrorKind::Failed)),
+            Some(_) => Ok(done.stdout),
         }
-        let mut child = cmd.spawn().map_err(|e| {
-            err(
-                &argv,
-                None,
-                String::new(),
-                NixErrorKind::Spawn(e.to_string()),
-            )
-        })?;
-        let mut stdout = child.stdout.take().expect("stdout is piped");
-        let stderr = child.stderr.take().expect("stderr is piped");
-        let out_thread = std::thread::spawn(move || {
-            let mut buf = Vec::new();
-            let _ = stdout.read_to_end(&mut buf);
-            buf
-        });
-        let forward = self.progress;
-        let err_thread = std::thread::spawn(move || {
-            let mut tail = VecDeque::with_capacity(STDERR_TAIL_LINES);
-            let mut reader = BufReader::new(stderr);
-            let mut line = Vec::new();
-            while reader.read_until(b'\n', &mut line).unwrap_or(0) > 0 {
-                let text = String::from_utf8_lossy(&line).trim_end().to_owned();
-                if forward {
-                    let _ = writeln!(std::io::stderr(), "  {text}");
-                }
-                if tail.len() == STDERR_TAIL_LINES {
-                    tail.pop_front();
-                }
-                tail.push_back(text);
-                line.clear();
-            }
-            tail.into_iter().collect::<Vec<_>>().join("\n")
-        });
-        let deadline = timeout.map(|t| Instant::now() + t);
-        let mut timed_out = false;
-        let status = loop {
-            match child.try_wait() {
-                Ok(Some(status)) => break status,
-                Ok(None) => {}
-                Err(e) => {
-                    return Err(err(
-                        &argv,
-                        None,
-                        String::new(),
-                        NixErrorKind::Spawn(e.to_string()),
-                    ));
-                }
-            }
-            if deadline.is_some_and(|d| Instant::now() >= d) {
-                kill_group(child.id());
-                timed_out = true;
-                break child.wait().map_err(|e| {
-                    err(
-                        &argv,
-                        None,
-                        String::new(),
-                        NixErrorKind::Spawn(e.to_string()),
-                    )
-                })?;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        };
-        // Nix may leave helpers holding the pipes after a kill; don't wait on them forever.
-        let stdout = out_thread.join().unwrap_or_default();
-        let tail = err_thread.join().unwrap_or_default();
-        if timed_out {
-            return Err(err(&argv, status.code(), tail, NixErrorKind::TimedOut));
-        }
-        if !status.success() {
-            return Err(err(&argv, status.code(), tail, NixErrorKind::Failed));
-        }
-        Ok(stdout)
     }
 
     /// Runs a command and parses its stdout as JSON.
@@ -386,8 +362,22 @@ impl Nix {
     /// them; a cache that was emptied or replaced at the same URL would then never receive
     /// them again. The TTLs are set to 0 so the destination itself is asked.
     pub fn copy_to(&self, to: &str, paths: &[StorePath]) -> Result<(), NixError> {
-        let mut args = strings(&[
-            "copy",
+        self.copy_with(to, paths, false)
+    }
+
+    /// [`Nix::copy_to`] of the closures of derivations (`.drv` files, their input
+    /// derivations and sources; `--derivation`, so Nix does not take them for their
+    /// outputs), for nodes that may build.
+    pub fn copy_derivations_to(&self, to: &str, drvs: &[StorePath]) -> Result<(), NixError> {
+        self.copy_with(to, drvs, true)
+    }
+
+    fn copy_with(&self, to: &str, paths: &[StorePath], derivation: bool) -> Result<(), NixError> {
+        let mut args = strings(&["copy"]);
+        if derivation {
+            args.push("--derivation".into());
+        }
+        args.extend(strings(&[
             "--to",
             to,
             "--option",
@@ -396,16 +386,33 @@ impl Nix {
             "--option",
             "narinfo-cache-negative-ttl",
             "0",
-        ]);
+        ]));
         args.extend(paths.iter().map(|p| p.to_string()));
         self.run(Tool::Nix, &args, None).map(drop)
     }
 
     /// `nix store sign --key-file K --recursive PATHS…`.
     pub fn sign(&self, key_file: &Path, paths: &[StorePath]) -> Result<(), NixError> {
+        self.sign_with(key_file, paths, false)
+    }
+
+    /// [`Nix::sign`] of the closures of derivations (`--derivation`).
+    pub fn sign_derivations(&self, key_file: &Path, drvs: &[StorePath]) -> Result<(), NixError> {
+        self.sign_with(key_file, drvs, true)
+    }
+
+    fn sign_with(
+        &self,
+        key_file: &Path,
+        paths: &[StorePath],
+        derivation: bool,
+    ) -> Result<(), NixError> {
         let mut args = strings(&["store", "sign", "--key-file"]);
         args.push(key_file.display().to_string());
         args.push("--recursive".into());
+        if derivation {
+            args.push("--derivation".into());
+        }
         args.extend(paths.iter().map(|p| p.to_string()));
         self.run(Tool::Nix, &args, None).map(drop)
     }
@@ -460,6 +467,9 @@ impl Nix {
             ("download-attempts", "2".into()),
         ] {
             args.extend(["--option".to_owned(), k.to_owned(), v]);
+        }
+        if opts.fallback {
+            args.extend(strings(&["--option", "fallback", "true"]));
         }
         let out = self.run(Tool::NixStore, &args, opts.timeout)?;
         String::from_utf8_lossy(&out)
@@ -529,14 +539,6 @@ fn strings(a: &[&str]) -> Vec<String> {
 /// Whether our stderr is a terminal (progress bars and forwarded Nix output make sense).
 pub fn stderr_is_terminal() -> bool {
     std::io::stderr().is_terminal()
-}
-
-fn kill_group(pid: u32) {
-    // Nix spawns helpers (substituters, builders); the whole group must go.
-    let _ = ::nix::sys::signal::killpg(
-        ::nix::unistd::Pid::from_raw(pid as i32),
-        ::nix::sys::signal::Signal::SIGKILL,
-    );
 }
 
 #[cfg(test)]

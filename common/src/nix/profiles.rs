@@ -119,6 +119,27 @@ pub fn switch_to(profile: &Path, number: u64) -> io::Result<()> {
     fs::File::open(&dir)?.sync_all()
 }
 
+/// Deletes generation `number` of `profile` (its `NAME-N-link`), as
+/// `nix-env --delete-generations N` does: a failed deploy's generation must not stay a
+/// garbage-collector root, nor an entry of the boot menu. The current generation is never
+/// deleted; one already gone is fine.
+pub fn delete_generation(profile: &Path, number: u64) -> io::Result<()> {
+    if current(profile)?.is_some_and(|g| g.number == number) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!(
+                "{}: generation {number} is the current one",
+                profile.display()
+            ),
+        ));
+    }
+    let (dir, name) = split(profile)?;
+    match fs::remove_file(dir.join(format!("{name}-{number}-link"))) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+        _ => fs::File::open(&dir)?.sync_all(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -173,5 +194,18 @@ mod tests {
         let p = d.path().join("nothing/here");
         assert!(generations(&p).unwrap().is_empty());
         assert!(current(&p).unwrap().is_none());
+    }
+
+    #[test]
+    fn deleting_a_generation_keeps_the_others_and_never_the_current_one() {
+        let d = tempfile::tempdir().unwrap();
+        let p = fake_profile(d.path());
+        switch_to(&p, 2).unwrap();
+        delete_generation(&p, 10).unwrap();
+        let nums: Vec<u64> = generations(&p).unwrap().iter().map(|g| g.number).collect();
+        assert_eq!(nums, vec![1, 2]);
+        delete_generation(&p, 10).unwrap();
+        assert!(delete_generation(&p, 2).is_err());
+        assert_eq!(current(&p).unwrap().unwrap().number, 2);
     }
 }

@@ -102,6 +102,12 @@ pub struct PublishArgs {
     /// stops naming the missing ones otherwise.
     #[arg(long)]
     pub no_build: bool,
+    /// Do not push the derivations (`drv_path` and what building it needs) to --cache. By
+    /// default they go with the closures, so a node whose build policy lets it build
+    /// (`fallback`, the default, or `build`) can build a path the cache does not have.
+    /// Use it when every node is `substitute-only`.
+    #[arg(long)]
+    pub no_derivations: bool,
     /// How long the manifests stay valid; agents refuse an expired manifest and keep
     /// running what they have. Units: s, m, h, d (e.g. 12h, 30d).
     #[arg(long, default_value = "30d", value_parser = parse_duration, value_name = "DURATION")]
@@ -222,6 +228,8 @@ pub struct PublishOptions {
     pub substituters: Vec<Substituter>,
     /// Skip the build: every path must exist locally or in `cache`.
     pub no_build: bool,
+    /// Push the derivations' closures to `cache` too, for nodes that may build.
+    pub derivations: bool,
     /// Manifest lifetime.
     pub expires: Duration,
     /// Publish all or nothing.
@@ -245,6 +253,7 @@ impl PublishOptions {
             cache_key: None,
             substituters: Vec::new(),
             no_build: false,
+            derivations: true,
             expires: Duration::from_secs(30 * 86400),
             all_or_nothing: false,
             version: None,
@@ -470,6 +479,7 @@ pub fn options(args: &PublishArgs, progress: Progress) -> anyhow::Result<Publish
         cache_key: args.cache_key.clone(),
         substituters,
         no_build: args.no_build,
+        derivations: !args.no_derivations,
         expires: args.expires,
         all_or_nothing: args.all_or_nothing,
         version: args.manifest_version,

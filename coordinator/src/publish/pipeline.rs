@@ -354,7 +354,7 @@ async fn build(
     );
     let mut build_error: Option<NixError> = None;
     if !drvs.is_empty() {
-        let n = nix.clone();
+        let n = stage.nix(nix);
         build_error = blocking(move || {
             let caret = caret_installables(&n);
             let installables: Vec<String> = drvs
@@ -497,7 +497,7 @@ async fn copy(
         format!("copying {} closure(s) to {cache}", local.len()),
     );
     if let Some(k) = &opts.cache_key {
-        let (n, key, p) = (nix.clone(), k.clone(), local.to_vec());
+        let (n, key, p) = (stage.nix(nix), k.clone(), local.to_vec());
         blocking(move || n.sign(&key, &p))
             .await
             .map_err(|source| PublishError::Nix {
@@ -505,10 +505,10 @@ async fn copy(
                 source,
             })?;
     }
-    let (n, c, p) = (nix.clone(), cache.to_owned(), local.to_vec());
+    let (n, c, p) = (stage.nix(nix), cache.to_owned(), local.to_vec());
     let Err(whole) = blocking(move || n.copy_to(&c, &p)).await else {
         stage.done(format!("copied {} closure(s) to {cache}", local.len()));
-        return Ok(());
+        return copy_derivations(opts, nix, cache, specs, results).await;
     };
     let mut copied_any = false;
     let mut failures = 0;
@@ -528,7 +528,7 @@ async fn copy(
             results.insert(node.clone(), NodeResult::failed(&node, msg));
             continue;
         }
-        let (n, c) = (nix.clone(), cache.to_owned());
+        let (n, c) = (stage.nix(nix), cache.to_owned());
         match blocking(move || n.copy_to(&c, &mine)).await {
             Ok(()) => copied_any = true,
             Err(e) => {
@@ -539,6 +539,70 @@ async fn copy(
         }
     }
     stage.done(format!("copied to {cache}, {failures} node(s) refused"));
+    let copied: Vec<NodeSpec> = specs
+        .iter()
+        .filter(|s| !results.contains_key(s.node.as_str()))
+        .cloned()
+        .collect();
+    copy_derivations(opts, nix, cache, &copied, results).await
+}
+
+/// Signs and copies the derivations' closures (unless `--no-derivations`), so a node that
+/// may build finds what building needs; when that fails, every node with a derivation
+/// fails with the reason.
+async fn copy_derivations(
+    opts: &PublishOptions,
+    nix: &Nix,
+    cache: &str,
+    specs: &[NodeSpec],
+    results: &mut BTreeMap<String, NodeResult>,
+) -> Result<(), PublishError> {
+    let drvs: Vec<StorePath> = specs
+        .iter()
+        .flat_map(|s| s.profiles.iter().filter_map(|p| p.drv_path.clone()))
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    if !opts.derivations || drvs.is_empty() {
+        return Ok(());
+    }
+    let stage = Stage::start(
+        opts.progress,
+        format!(
+            "copying {} derivation(s) to {cache}, for nodes that may build",
+            drvs.len()
+        ),
+    );
+    let (n, c, key, d) = (
+        stage.nix(nix),
+        cache.to_owned(),
+        opts.cache_key.clone(),
+        drvs.clone(),
+    );
+    let copied = blocking(move || {
+        if let Some(k) = &key {
+            n.sign_derivations(k, &d)?;
+        }
+        n.copy_derivations_to(&c, &d)
+    })
+    .await;
+    match copied {
+        Ok(()) => stage.done(format!("copied {} derivation(s) to {cache}", drvs.len())),
+        Err(e) => {
+            stage.done(format!("copying the derivations to {cache} failed"));
+            for s in specs
+                .iter()
+                .filter(|s| s.profiles.iter().any(|p| p.drv_path.is_some()))
+            {
+                let node = s.node.to_string();
+                let msg = format!(
+                    "copying the derivations to {cache} (for nodes that may build; \
+                     --no-derivations skips it) failed:\n{e}"
+                );
+                results.insert(node.clone(), NodeResult::failed(&node, msg));
+            }
+        }
+    }
     Ok(())
 }
 
@@ -652,8 +716,27 @@ fn manifest(
         substituters: opts.substituters.clone(),
         node_key: s.node_key.clone(),
         profiles,
-        rollout: v1::Rollout { wave: s.wave },
+        rollout: v1::Rollout {
+            wave: s.wave,
+            id: None,
+            min_healthy: s.rollout.min_healthy,
+            max_failed: s.rollout.max_failed,
+            bake_time_s: s.rollout.bake_time_s,
+            waves: Vec::new(),
+        },
     }
+}
+
+/// How many of the nodes being published are in each wave, lowest wave first.
+fn wave_plan(specs: &[NodeSpec]) -> Vec<v1::WaveSize> {
+    let mut by_wave: BTreeMap<u32, u32> = BTreeMap::new();
+    for s in specs {
+        *by_wave.entry(s.wave).or_default() += 1;
+    }
+    by_wave
+        .into_iter()
+        .map(|(wave, nodes)| v1::WaveSize { wave, nodes })
+        .collect()
 }
 
 type StagedNode = (String, Result<(NodeResult, Staged), String>);
@@ -669,20 +752,17 @@ async fn stage_all(
     issued_at: Timestamp,
     wanted: u64,
 ) -> Vec<StagedNode> {
-    let mut jobs = tokio::task::JoinSet::new();
-    let mut out = Vec::new();
     let key = Arc::new(opts.key.clone());
-    for s in specs {
-        if jobs.len() >= PARALLEL_DELIVERIES {
-            if let Some(Ok(r)) = jobs.join_next().await {
-                out.push(r);
-            }
-        }
+    let plan = wave_plan(specs);
+    let jobs = specs.iter().map(|s| {
         let (d, s) = (delivery.clone(), s.clone());
         let mut m = manifest(opts, &s, info, activations, issued_at, wanted);
+        // One publish, one rollout: a coordinator releases it wave by wave (§6.9).
+        m.rollout.id = Some(wanted);
+        m.rollout.waves = plan.clone();
         let key = key.clone();
-        jobs.spawn(async move {
-            let node = s.node.to_string();
+        let node = s.node.to_string();
+        (node.clone(), async move {
             let r = async {
                 let current = d.current(&s.node).await?;
                 if let Some(c) = current {
@@ -714,14 +794,9 @@ async fn stage_all(
             }
             .await;
             (node, r)
-        });
-    }
-    while let Some(r) = jobs.join_next().await {
-        if let Ok(r) = r {
-            out.push(r);
-        }
-    }
-    out
+        })
+    });
+    bounded(jobs, |node, panic| (node, Err(panic))).await
 }
 
 fn activation_kind(a: &Activation) -> &'static str {
@@ -738,24 +813,69 @@ async fn commit_all(
     delivery: &Delivery,
     ready: Vec<(NodeResult, Staged)>,
 ) -> Vec<(NodeResult, Result<(), String>)> {
-    let mut jobs = tokio::task::JoinSet::new();
-    let mut out = Vec::new();
-    for (result, staged) in ready {
-        if jobs.len() >= PARALLEL_DELIVERIES {
-            if let Some(Ok(r)) = jobs.join_next().await {
-                out.push(r);
-            }
-        }
+    let jobs = ready.into_iter().map(|(result, staged)| {
         let d = delivery.clone();
-        jobs.spawn(async move {
+        (result.clone(), async move {
             let r = d.commit(staged).await;
             (result, r)
-        });
-    }
-    while let Some(r) = jobs.join_next().await {
-        if let Ok(r) = r {
-            out.push(r);
+        })
+    });
+    bounded(jobs, |result, panic| (result, Err(panic))).await
+}
+
+/// Runs `jobs` at most [`PARALLEL_DELIVERIES`] at a time and returns every outcome: a job
+/// that panics is not dropped but becomes `failed(its key, "… panicked: MESSAGE")`, so its
+/// node fails in the report instead of going missing.
+async fn bounded<K, T, F>(
+    jobs: impl IntoIterator<Item = (K, F)>,
+    failed: impl Fn(K, String) -> T,
+) -> Vec<T>
+where
+    K: Send + 'static,
+    T: Send + 'static,
+    F: Future<Output = T> + Send + 'static,
+{
+    let mut set = tokio::task::JoinSet::new();
+    let mut keys = std::collections::HashMap::new();
+    let mut out = Vec::new();
+    let mut collect =
+        |r: Result<(tokio::task::Id, T), tokio::task::JoinError>,
+         keys: &mut std::collections::HashMap<tokio::task::Id, K>| {
+            match r {
+                Ok((id, t)) => {
+                    keys.remove(&id);
+                    out.push(t);
+                }
+                Err(e) => {
+                    let Some(key) = keys.remove(&e.id()) else {
+                        return;
+                    };
+                    let why = if e.is_panic() {
+                        let p = e.into_panic();
+                        let msg = p
+                            .downcast_ref::<&str>()
+                            .map(|s| (*s).to_owned())
+                            .or_else(|| p.downcast_ref::<String>().cloned())
+                            .unwrap_or_else(|| "(no message)".into());
+                        format!("publishing this node panicked: {msg}")
+                    } else {
+                        "publishing this node was cancelled".to_owned()
+                    };
+                    tracing::error!("{why}");
+                    out.push(failed(key, why));
+                }
+            }
+        };
+    for (key, job) in jobs {
+        if set.len() >= PARALLEL_DELIVERIES {
+            if let Some(r) = set.join_next_with_id().await {
+                collect(r, &mut keys);
+            }
         }
+        keys.insert(set.spawn(job).id(), key);
+    }
+    while let Some(r) = set.join_next_with_id().await {
+        collect(r, &mut keys);
     }
     out
 }
@@ -764,6 +884,26 @@ async fn commit_all(
 mod tests {
     use super::*;
     use crate::publish::target::parse;
+
+    #[tokio::test]
+    async fn a_panicked_job_fails_its_node_with_the_panic_message_and_the_others_finish() {
+        let jobs = (0..40).map(|i| {
+            (format!("node-{i}"), async move {
+                if i == 7 {
+                    panic!("boom in node 7");
+                }
+                (format!("node-{i}"), Ok::<u32, String>(i))
+            })
+        });
+        let mut out = bounded(jobs, |node, why| (node, Err(why))).await;
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        assert_eq!(out.len(), 40, "a job went missing");
+        let failed: Vec<_> = out.iter().filter(|(_, r)| r.is_err()).collect();
+        assert_eq!(failed.len(), 1);
+        assert_eq!(failed[0].0, "node-7");
+        let why = failed[0].1.as_ref().unwrap_err();
+        assert!(why.contains("panicked: boom in node 7"), "{why}");
+    }
 
     #[test]
     fn targets_of_one_flake_merge_into_one_selection() {

@@ -247,8 +247,8 @@ struct SourceDoc<'a> {
 /// A node's last report refusing a manifest.
 #[derive(Serialize)]
 pub(super) struct Rejection {
-    at: Timestamp,
-    message: String,
+    pub at: Timestamp,
+    pub message: String,
 }
 
 /// A node in `GET /v1/fleet`. The manifest's fields are left out for a node that only

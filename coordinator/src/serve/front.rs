@@ -184,6 +184,18 @@ impl Front {
                 }
                 Next::Refuse { error, route } => {
                     self.app.count_request(&route, error.status().as_u16());
+                    // An upload or report refused before it was read is logged as those the
+                    // router refuses are (`observe.rs`).
+                    if route.starts_with("PUT ") || route.starts_with("POST ") {
+                        let status = error.status().as_u16();
+                        tracing::warn!(
+                            route,
+                            status,
+                            code = error.code,
+                            "refused: {}",
+                            error.message
+                        );
+                    }
                     return Box::pin(self.refuse(io, &error)).await;
                 }
                 Next::CacheFile { .. } => unreachable!("answered above"),

@@ -20,14 +20,17 @@
 
 mod auth;
 mod cache;
+mod dashboard;
 mod error;
 mod fleet;
 mod front;
+mod gate;
 mod live;
 mod manifests;
 mod observe;
 mod pins;
 mod reports;
+mod rollout;
 mod server;
 mod state;
 pub mod store;
@@ -62,8 +65,10 @@ Endpoints:
                                          the fleet as JSON with each node's flags and
                                          reasons (what `status` shows)
   GET  /metrics                          Prometheus text
-The fleet's data (/v1/fleet, report histories, /metrics) needs the read, admin or upload
-token unless --public-read; an agent's manifest polls and reports need none.
+  GET  /                                 the dashboard (HTML, live updates; /nodes/NODE for
+                                         one node, /events the server-sent change events)
+The fleet's data (/v1/fleet, report histories, /metrics, the dashboard) needs the read, admin
+or upload token unless --public-read; an agent's manifest polls and reports need none.
   GET|PUT /cache/...                     a Nix binary cache: substituter URL and the target
                                          of `nix copy --to http://HOST:PORT/cache`
 

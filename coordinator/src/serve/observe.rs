@@ -71,6 +71,11 @@ impl Observed {
         self.changes.send_modify(|n| *n = n.wrapping_add(1));
     }
 
+    /// A receiver of the change counter (the dashboard's live updates).
+    pub fn watch(&self) -> watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+
     /// A report for `node` (which has a manifest) was refused.
     pub fn refused(&self, node: NodeName, code: &'static str, message: String, now: Timestamp) {
         lock(&self.refusals).insert(

@@ -55,6 +55,10 @@ pub fn report_payload(node: &str, seq: u64, state: ReportState) -> Report {
         timings_ms: Default::default(),
         security_events: vec![],
         node_key: None,
+        needs_reboot: false,
+        deferred_until: None,
+        gc_freed_bytes: None,
+        generations_removed: None,
     }
 }
 

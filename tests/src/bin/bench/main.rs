@@ -354,6 +354,10 @@ fn report(fleet: &Fleet, i: usize) -> Vec<u8> {
         timings_ms: Default::default(),
         security_events: vec![],
         node_key: None,
+        needs_reboot: false,
+        deferred_until: None,
+        gc_freed_bytes: None,
+        generations_removed: None,
     };
     Envelope::seal(
         Ctx::Report,
@@ -476,11 +480,14 @@ async fn capacity(nodes: usize, conns: usize, seconds: u64) -> anyhow::Result<()
 
     // The fleet views over every node (what a dashboard or Prometheus scrape costs).
     let mut c = Conn::connect(&fleet.addr).await?;
+    let bearer = format!("Bearer {}", coordinator.token);
     for path in [api::route::FLEET, api::route::METRICS] {
         let rss0 = rss_kib(pid);
         let cpu0 = cpu_ms(pid);
         let t = Instant::now();
-        let r = c.request("GET", path, &[], &[]).await?;
+        let r = c
+            .request("GET", path, &[("authorization", &bearer)], &[])
+            .await?;
         let took = t.elapsed();
         anyhow::ensure!(r.status == 200, "GET {path}: {}", r.status);
         println!(

@@ -216,6 +216,8 @@ pub async fn run(n: usize, interval_s: u64) -> anyhow::Result<()> {
         let mut activating: Vec<Option<Instant>> = vec![None; n];
         let mut success: Vec<Option<Instant>> = vec![None; n];
         let mut fleet = Conn::connect(&addr).await?;
+        let bearer = format!("Bearer {}", coordinator.token);
+        let auth = ("authorization", bearer.as_str());
         let index: BTreeMap<&str, usize> = nodes
             .iter()
             .enumerate()
@@ -227,7 +229,9 @@ pub async fn run(n: usize, interval_s: u64) -> anyhow::Result<()> {
                     activating[i] = node.nix.switched_to(&node.path(2));
                 }
             }
-            let r = fleet.request("GET", api::route::FLEET, &[], &[]).await?;
+            let r = fleet
+                .request("GET", api::route::FLEET, &[auth], &[])
+                .await?;
             let doc: serde_json::Value = serde_json::from_slice(&r.body)?;
             let now = Instant::now();
             for e in doc["nodes"].as_array().into_iter().flatten() {

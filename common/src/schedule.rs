@@ -1,4 +1,5 @@
-//! Apply windows (docs/protocol.md §7.13): when a node may switch, in its own local time.
+//! Apply windows (docs/protocol.md §4.1, §7.13): when a node may switch, in its own local
+//! time.
 //! A window is `[DAYS] HH:MM-HH:MM`: `Mon-Fri 12:00-13:00`, `Sat,Sun 00:00-24:00`,
 //! `22:00-06:00` (every day, across midnight). An empty schedule is always open.
 
