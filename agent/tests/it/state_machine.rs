@@ -988,6 +988,14 @@ async fn polls_are_held_open_only_where_the_coordinator_offers_it() {
     c.set_long_poll(true);
     let r = roost_agent::daemon::cycle(&mut agent, None).await;
     assert!(agent.long_poll_offered());
+    // The plain poll that learns of long-polls is followed by one at once, not after an
+    // interval (at the default 5 min a fresh agent waited that long, and found its
+    // connection closed by the coordinator's idle timeout).
+    let d = roost_agent::daemon::next_delay(&agent, &r, 0);
+    assert!(
+        d < Duration::from_millis(800),
+        "the first long-poll waited an interval: {d:?}"
+    );
     let r2 = roost_agent::daemon::cycle(&mut agent, Some(1)).await;
     assert_eq!(r2.poll, "not modified");
     assert!(r2.held);
@@ -996,7 +1004,6 @@ async fn polls_are_held_open_only_where_the_coordinator_offers_it() {
         d < Duration::from_millis(800),
         "a held poll is followed at once: {d:?}"
     );
-    let _ = r;
     let unreachable = roost_agent::daemon::CycleResult {
         verdict: Verdict::Converged,
         poll: "failed: down".into(),
