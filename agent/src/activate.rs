@@ -4,13 +4,11 @@
 //! which a switch may cause, cannot kill it halfway.
 
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::time::Duration;
 
 use roost_common::StorePath;
+use roost_common::process;
 use roost_common::wire::v1::{Activation, Profile};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::task::JoinHandle;
 
 use crate::state::ActivationHandle;
 
@@ -18,6 +16,8 @@ use crate::state::ActivationHandle;
 const OUTPUT_GRACE: Duration = Duration::from_secs(2);
 /// Lines of output kept for reports.
 const TAIL_LINES: usize = 8;
+/// How long `systemctl stop` of a leftover unit may take.
+const STOP_UNIT_TIMEOUT: Duration = Duration::from_secs(90);
 
 /// How a command ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -99,12 +99,10 @@ pub fn systemd_is_pid1() -> bool {
 /// A started command: wait for it with [`Running::wait`].
 #[derive(Debug)]
 pub struct Running {
-    child: tokio::process::Child,
+    spawned: process::Spawned,
     /// The start gate: the command runs only once "go" arrives here (see [`GATE`]).
-    gate: Option<tokio::process::ChildStdin>,
+    gate: Option<std::process::ChildStdin>,
     handle: ActivationHandle,
-    output: JoinHandle<Vec<u8>>,
-    timeout: Duration,
 }
 
 /// Starts activating `path` as `profile` (its link at `profile_path`); `None` for kind
@@ -261,6 +259,7 @@ fn spawn(
     cwd: Option<&Path>,
     timeout: Duration,
 ) -> Result<Running, Outcome> {
+    use std::os::unix::process::CommandExt;
     let Some((program, args)) = argv.split_first() else {
         return Err(Outcome::SpawnFailed("empty command".into()));
     };
@@ -268,18 +267,13 @@ fn spawn(
     // it stays what it is, a command that could not be started.
     let program = executable(program, cwd)
         .ok_or_else(|| Outcome::SpawnFailed(format!("{program}: no such executable")))?;
-    let mut cmd = tokio::process::Command::new("/bin/sh");
+    let mut cmd = std::process::Command::new("/bin/sh");
     cmd.args(["-c", GATE, "roost-gate"])
         .arg(&program)
         .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .process_group(0)
         .env_remove("NOTIFY_SOCKET")
         .env_remove("WATCHDOG_USEC")
-        .env_remove("WATCHDOG_PID")
-        .kill_on_drop(true);
+        .env_remove("WATCHDOG_PID");
     for (k, v) in env {
         cmd.env(k, v);
     }
@@ -308,30 +302,27 @@ fn spawn(
             }
         }
     }
-    let mut child = cmd
-        .spawn()
+    let opts = process::Options {
+        timeout: Some(timeout),
+        stderr_lines: TAIL_LINES,
+        forward_stderr: false,
+        stderr_map: None,
+        output_grace: OUTPUT_GRACE,
+        stdin_pipe: true,
+    };
+    let mut spawned = process::spawn(cmd, opts)
         .map_err(|e| Outcome::SpawnFailed(format!("{}: {e}", program.display())))?;
-    let pid = child.id().unwrap_or(0) as i32;
-    let gate = child.stdin.take();
-    let mut stdout = child.stdout.take().expect("stdout is piped");
-    let mut stderr = child.stderr.take().expect("stderr is piped");
-    let output = tokio::spawn(async move {
-        let (mut a, mut b) = (Vec::new(), Vec::new());
-        let _ = tokio::join!(stdout.read_to_end(&mut a), stderr.read_to_end(&mut b));
-        a.extend_from_slice(&b);
-        a
-    });
+    let gate = spawned.take_stdin();
+    let pid = spawned.pid() as i32;
     Ok(Running {
-        child,
+        spawned,
         gate,
         handle: ActivationHandle {
             pgid: pid,
-            start_ticks: start_ticks(pid),
-            boot_id: boot_id(),
+            start_ticks: process::start_ticks(pid),
+            boot_id: process::boot_id(),
             unit: None,
         },
-        output,
-        timeout,
     })
 }
 
@@ -345,38 +336,40 @@ impl Running {
     /// neither a hang nor a child left running in the background outlives activation.
     /// Opens the start gate first: call it only once the [`handle`](Self::handle) is
     /// recorded where recovery will look.
-    pub async fn wait(mut self) -> Outcome {
-        if let Some(mut gate) = self.gate.take() {
-            // A failed write means the gate is gone already; the wait below says how.
-            let _ = gate.write_all(b"go\n").await;
+    pub async fn wait(self) -> Outcome {
+        let Running {
+            spawned,
+            gate,
+            handle,
+        } = self;
+        if let Some(mut gate) = gate {
+            use std::io::Write;
+            // A failed write means the gate is gone already; the wait below says how. Three
+            // bytes into an empty pipe never block.
+            let _ = gate.write_all(b"go\n");
         }
-        let waited = tokio::time::timeout(self.timeout, self.child.wait()).await;
-        kill_group(self.handle.pgid);
-        let status = match waited {
-            Ok(Ok(s)) => Some(s),
+        let done = match tokio::task::spawn_blocking(move || spawned.wait()).await {
+            Ok(Ok(done)) => done,
             Ok(Err(e)) => return Outcome::SpawnFailed(e.to_string()),
-            Err(_) => {
-                let _ = self.child.wait().await;
-                None
-            }
+            Err(e) => return Outcome::SpawnFailed(format!("waiting for it failed: {e}")),
         };
-        if let Some(unit) = &self.handle.unit {
-            if status.is_none() {
+        if let Some(unit) = &handle.unit {
+            if done.timed_out() {
                 stop_unit(unit).await;
             }
         }
-        let output = tokio::time::timeout(OUTPUT_GRACE, &mut self.output)
-            .await
-            .ok()
-            .and_then(Result::ok)
-            .unwrap_or_default();
-        match status {
+        match done.status {
             None => Outcome::TimedOut,
             Some(s) if s.success() => Outcome::Ok,
-            Some(s) => Outcome::Failed {
-                code: s.code(),
-                output: tail(&output),
-            },
+            Some(s) => {
+                let mut output = String::from_utf8_lossy(&done.stdout).into_owned();
+                output.push('\n');
+                output.push_str(&done.stderr_tail);
+                Outcome::Failed {
+                    code: s.code(),
+                    output: tail(output.as_bytes()),
+                }
+            }
         }
     }
 }
@@ -388,57 +381,35 @@ pub async fn stop_leftover(h: &ActivationHandle) {
     if let Some(unit) = &h.unit {
         stop_unit(unit).await;
     }
-    if h.pgid <= 1 || h.boot_id != boot_id() {
+    if h.pgid <= 1 || h.boot_id != process::boot_id() {
         return;
     }
-    match start_ticks(h.pgid) {
+    match process::start_ticks(h.pgid) {
         Some(t) if Some(t) != h.start_ticks => {}
         _ => {
             tracing::warn!(
                 pgid = h.pgid,
                 "killing an activation left by a previous run"
             );
-            kill_group(h.pgid);
+            process::kill_group(h.pgid);
         }
     }
 }
 
 async fn stop_unit(unit: &str) {
-    let _ = tokio::process::Command::new("systemctl")
-        .args(["stop", unit])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .await;
+    let mut cmd = std::process::Command::new("systemctl");
+    cmd.args(["stop", unit]);
+    let opts = process::Options {
+        timeout: Some(STOP_UNIT_TIMEOUT),
+        ..process::Options::default()
+    };
+    if let Ok(Err(e)) = tokio::task::spawn_blocking(move || process::run(cmd, opts)).await {
+        tracing::warn!("systemctl stop {unit}: {e}");
+    }
 }
 
 fn running_as_root() -> bool {
     ::nix::unistd::geteuid().is_root()
-}
-
-fn kill_group(pgid: i32) {
-    if pgid > 1 {
-        let _ = ::nix::sys::signal::killpg(
-            ::nix::unistd::Pid::from_raw(pgid),
-            ::nix::sys::signal::Signal::SIGKILL,
-        );
-    }
-}
-
-/// Field 22 of `/proc/PID/stat`: when the process started, in clock ticks since boot.
-fn start_ticks(pid: i32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name (field 2) may hold spaces and parentheses; count from its end.
-    let rest = &stat[stat.rfind(')')? + 1..];
-    rest.split_whitespace().nth(19)?.parse().ok()
-}
-
-/// The kernel's id of this boot.
-pub fn boot_id() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
-        .map(|s| s.trim().to_owned())
-        .unwrap_or_default()
 }
 
 fn tail(output: &[u8]) -> String {
@@ -530,18 +501,7 @@ mod tests {
         vec!["/bin/sh".into(), "-c".into(), script.into()]
     }
 
-    fn alive(pid: i32) -> bool {
-        // A zombie has finished; only a process still running counts.
-        std::fs::read_to_string(format!("/proc/{pid}/stat"))
-            .ok()
-            .and_then(|s| {
-                s[s.rfind(')')? + 1..]
-                    .split_whitespace()
-                    .next()
-                    .map(str::to_owned)
-            })
-            .is_some_and(|state| state != "Z" && state != "X")
-    }
+    use roost_common::process::running as alive;
 
     #[tokio::test]
     async fn a_zero_exit_is_ok_and_a_nonzero_exit_is_a_failure_with_output() {
@@ -653,10 +613,8 @@ mod tests {
         let h = r.handle().clone();
         assert!(h.start_ticks.is_some());
         // Forget the Running (as a crashed agent would) without killing it.
-        let Running { child, output, .. } = r;
         let pid = h.pgid;
-        std::mem::forget(child);
-        output.abort();
+        std::mem::forget(r);
         assert!(alive(pid));
         stop_leftover(&h).await;
         for _ in 0..50 {
@@ -670,7 +628,7 @@ mod tests {
 
     #[tokio::test]
     async fn stop_leftover_spares_a_process_that_reused_the_pid() {
-        let mut r = start(&sh("sleep 1000"), &[], None, Duration::from_secs(100)).unwrap();
+        let r = start(&sh("sleep 1000"), &[], None, Duration::from_secs(100)).unwrap();
         let mut h = r.handle().clone();
         h.start_ticks = h.start_ticks.map(|t| t + 1);
         stop_leftover(&h).await;
@@ -679,8 +637,8 @@ mod tests {
             alive(h.pgid),
             "a different process with the same pid was killed"
         );
-        r.child.start_kill().unwrap();
-        kill_group(h.pgid);
+        process::kill_group(h.pgid);
+        drop(r);
     }
 
     #[test]

@@ -32,4 +32,4 @@ pub use roost_common::schedule;
 pub use agent::{Agent, AgentError, Verdict};
 pub use config::{BuildPolicy, Config, ConfigFile};
 pub use nixops::{FakeNix, NixOps};
-pub use poll::{SystemClock, WallClock};
+pub use poll::{ShiftedClock, SystemClock, WallClock};

@@ -44,37 +44,47 @@ pub fn process_clock() -> std::sync::Arc<dyn WallClock> {
     std::sync::Arc::new(SystemClock)
 }
 
-/// The system clock shifted by a fixed offset (debug builds: `ROOST_TEST_CLOCK`).
-#[cfg(debug_assertions)]
-#[derive(Debug, Clone, Copy)]
+/// The system's wall clock shifted by an offset that can change while it runs: tests jump
+/// it forward and back (a manifest refused as expired, accepted again once the clock is
+/// right); debug builds start one at `ROOST_TEST_CLOCK`.
+#[derive(Debug, Default)]
 pub struct ShiftedClock {
-    ahead: bool,
-    by: Duration,
+    offset_s: std::sync::atomic::AtomicI64,
 }
 
-#[cfg(debug_assertions)]
 impl ShiftedClock {
+    /// The system clock moved by `offset_s` seconds (negative: back).
+    pub fn new(offset_s: i64) -> Self {
+        Self {
+            offset_s: offset_s.into(),
+        }
+    }
+
     /// A clock that reads `start` now and runs on at the real rate.
     pub fn starting_at(start: SystemTime) -> Self {
         let now = SystemTime::now();
-        match start.duration_since(now) {
-            Ok(by) => Self { ahead: true, by },
-            Err(e) => Self {
-                ahead: false,
-                by: e.duration(),
-            },
-        }
+        let offset = match start.duration_since(now) {
+            Ok(ahead) => ahead.as_secs() as i64,
+            Err(e) => -(e.duration().as_secs() as i64),
+        };
+        Self::new(offset)
+    }
+
+    /// Moves it by `by_s` seconds more.
+    pub fn shift(&self, by_s: i64) {
+        self.offset_s
+            .fetch_add(by_s, std::sync::atomic::Ordering::SeqCst);
     }
 }
 
-#[cfg(debug_assertions)]
 impl WallClock for ShiftedClock {
     fn now(&self) -> SystemTime {
-        let now = SystemTime::now();
-        if self.ahead {
-            now + self.by
+        let off = self.offset_s.load(std::sync::atomic::Ordering::SeqCst);
+        let by = Duration::from_secs(off.unsigned_abs());
+        if off >= 0 {
+            SystemTime::now() + by
         } else {
-            now - self.by
+            SystemTime::now() - by
         }
     }
 }

@@ -82,9 +82,7 @@ impl Reporter {
             node: self.node.clone(),
             seq,
             sent_at: Timestamp::now(),
-            boot_id: std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
-                .map(|s| s.trim().to_owned())
-                .unwrap_or_default(),
+            boot_id: roost_common::process::boot_id(),
             agent_version: env!("CARGO_PKG_VERSION").into(),
             manifest_version: o.version,
             state: o.state,

@@ -407,15 +407,4 @@ impl Drop for Node {
     }
 }
 
-/// Whether a process is still running (a zombie has finished).
-pub fn alive(pid: i32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|s| {
-            s[s.rfind(')')? + 1..]
-                .split_whitespace()
-                .next()
-                .map(str::to_owned)
-        })
-        .is_some_and(|state| state != "Z" && state != "X")
-}
+pub use roost_common::process::running as alive;

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use roost_agent::nixops::NixOps;
 use roost_agent::state::StateDir;
-use roost_agent::{Agent, FakeNix, SystemClock, Verdict};
+use roost_agent::{Agent, FakeNix, ShiftedClock, SystemClock, Verdict, WallClock};
 use roost_common::nix::profiles;
 use roost_common::{StorePath, Timestamp};
 use serde_json::{Value, json};
@@ -43,8 +43,12 @@ impl World {
     }
 
     fn agent(&self, coordinators: Vec<String>) -> Agent {
+        self.agent_with_clock(coordinators, Arc::new(SystemClock))
+    }
+
+    fn agent_with_clock(&self, coordinators: Vec<String>, clock: Arc<dyn WallClock>) -> Agent {
         let cfg = support::config(&self.state_dir(), coordinators, &self.publisher);
-        Agent::new(cfg, self.nix.clone(), Arc::new(SystemClock)).unwrap()
+        Agent::new(cfg, self.nix.clone(), clock).unwrap()
     }
 
     /// A profile whose closure is in the fake cache.
@@ -90,7 +94,7 @@ fn failing_check() -> Value {
     json!({"health_checks": [{"kind": "command", "argv": ["/bin/sh", "-c", "exit 3"], "timeout_s": 5}]})
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn an_accepted_manifest_is_realised_switched_and_reported() {
     let w = World::new();
     let mut agent = w.agent(vec![]);
@@ -143,7 +147,7 @@ async fn substituters_and_keys_are_the_manifests_plus_the_configs_only() {
     assert_eq!(c.timeout, Some(Duration::from_secs(90)));
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn a_failed_health_check_rolls_back_to_the_exact_previous_generation() {
     let w = World::new();
     let mut agent = w.agent(vec![]);
@@ -176,7 +180,7 @@ async fn a_failed_health_check_rolls_back_to_the_exact_previous_generation() {
     assert_eq!(last["health"][0]["ok"], false);
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn a_quarantined_version_is_not_retried_and_a_newer_one_deploys() {
     let w = World::new();
     let mut agent = w.agent(vec![]);
@@ -208,7 +212,7 @@ async fn a_quarantined_version_is_not_retried_and_a_newer_one_deploys() {
     assert!(agent.state().quarantined.is_empty());
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn a_failed_first_deploy_leaves_no_profile_behind() {
     let w = World::new();
     let mut agent = w.agent(vec![]);
@@ -232,7 +236,7 @@ async fn a_failed_first_deploy_leaves_no_profile_behind() {
     );
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn an_activation_that_cannot_start_is_rolled_back() {
     let w = World::new();
     let mut agent = w.agent(vec![]);
@@ -254,7 +258,7 @@ async fn an_activation_that_cannot_start_is_rolled_back() {
     assert_eq!(last["error"]["phase"], "activate");
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn without_auto_rollback_a_failure_stays_on_the_new_version_and_says_so() {
     let w = World::new();
     let mut agent = w.agent(vec![]);
@@ -271,7 +275,7 @@ async fn without_auto_rollback_a_failure_stays_on_the_new_version_and_says_so() 
     assert!(agent.state().quarantined.contains(&2));
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn a_closure_missing_from_the_cache_is_deferred_reported_once_and_retried() {
     let w = World::new();
     let mut agent = w.agent(vec![]);
@@ -297,7 +301,7 @@ async fn a_closure_missing_from_the_cache_is_deferred_reported_once_and_retried(
     assert_eq!(w.current(), Some((1, path)));
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn a_nar_hash_mismatch_quarantines_without_touching_the_profile() {
     let w = World::new();
     let mut agent = w.agent(vec![]);
@@ -320,7 +324,7 @@ async fn a_nar_hash_mismatch_quarantines_without_touching_the_profile() {
 }
 
 /// Each bad manifest is refused, reported with its reason, and changes nothing else.
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn bad_manifests_are_refused_and_change_nothing_but_the_report_queue() {
     let w = World::new();
     let mut agent = w.agent(vec![]);
@@ -439,7 +443,7 @@ async fn bad_manifests_are_refused_and_change_nothing_but_the_report_queue() {
     assert!(events.iter().any(|e| e.starts_with("below_floor")));
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn the_same_refused_bytes_are_reported_once_per_run() {
     let w = World::new();
     let mut agent = w.agent(vec![]);
@@ -449,7 +453,7 @@ async fn the_same_refused_bytes_are_reported_once_per_run() {
     assert_eq!(w.reports().len(), 1);
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn the_floor_survives_a_restart() {
     let w = World::new();
     {
@@ -467,7 +471,7 @@ async fn the_floor_survives_a_restart() {
     assert_eq!(w.current().unwrap().1, fake_store_path("a"));
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn an_unchanged_manifest_does_nothing() {
     let w = World::new();
     let mut agent = w.agent(vec![]);
@@ -536,7 +540,7 @@ async fn crashed_mid_deploy(w: &World, activated: bool, deadline_passed: bool) -
     agent
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn recovery_confirms_a_deploy_that_was_activated_in_time() {
     let w = World::new();
     let mut agent = crashed_mid_deploy(&w, true, false).await;
@@ -546,7 +550,7 @@ async fn recovery_confirms_a_deploy_that_was_activated_in_time() {
     assert_eq!(w.reports().pop().unwrap().1["state"], "success");
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn recovery_rolls_back_a_deploy_interrupted_during_activation() {
     let w = World::new();
     let mut agent = crashed_mid_deploy(&w, false, false).await;
@@ -559,7 +563,7 @@ async fn recovery_rolls_back_a_deploy_interrupted_during_activation() {
     assert_eq!(last["error"]["phase"], "recover");
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn recovery_rolls_back_when_the_confirmation_deadline_passed() {
     let w = World::new();
     let mut agent = crashed_mid_deploy(&w, true, true).await;
@@ -573,7 +577,7 @@ async fn recovery_rolls_back_when_the_confirmation_deadline_passed() {
     );
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn an_outcome_recorded_but_never_queued_is_reported_at_start() {
     let w = World::new();
     let mut agent = w.agent(vec![]);
@@ -597,7 +601,7 @@ async fn an_outcome_recorded_but_never_queued_is_reported_at_start() {
     assert_eq!(reports[0].1["manifest_version"], 1);
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn manual_rollback_goes_to_the_previous_generation_and_quarantines() {
     let w = World::new();
     let mut agent = w.agent(vec![]);
@@ -963,7 +967,8 @@ async fn polls_are_held_open_only_where_the_coordinator_offers_it() {
 #[tokio::test]
 async fn a_deferred_manifest_that_expires_is_not_applied_late() {
     let w = World::new();
-    let mut agent = w.agent(vec![]);
+    let clock = Arc::new(ShiftedClock::new(0));
+    let mut agent = w.agent_with_clock(vec![], clock.clone());
     let path = fake_store_path("late");
     let mut m = w.manifest(
         1,
@@ -976,7 +981,7 @@ async fn a_deferred_manifest_that_expires_is_not_applied_late() {
         Verdict::NotConverged
     );
     w.nix.add_to_cache(&path.parse().unwrap(), NAR);
-    tokio::time::sleep(Duration::from_millis(3100)).await;
+    clock.shift(3);
     let calls = w.nix.counts();
     assert_eq!(agent.deploy_if_needed().await, Verdict::NotConverged);
     assert_eq!(w.nix.counts(), calls, "an expired manifest was realised");

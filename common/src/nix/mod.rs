@@ -1,6 +1,6 @@
 //! The one door to Nix: every `nix`, `nix-store` and `nix-env` call of both programs goes
 //! through [`Nix::run`], which counts invocations, captures stderr for errors, and enforces
-//! timeouts by killing the whole process group.
+//! timeouts by killing the whole process group (on [`crate::process`], the one runner).
 //!
 //! Every `nix` call asks for the experimental features it needs itself
 //! (`--extra-experimental-features`), so both programs work with Nix's default configuration
@@ -13,18 +13,19 @@ pub mod log;
 pub mod parse;
 pub mod profiles;
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::fmt;
-use std::io::{BufRead, BufReader, IsTerminal, Read, Write};
+use std::io::IsTerminal;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde::de::DeserializeOwned;
 
 use crate::names::StorePath;
+use crate::process;
 pub use parse::{BuildResult, FlakeMetadata, PathInfo};
 
 /// Which Nix command to run.
@@ -264,109 +265,49 @@ impl Nix {
         argv: Vec<String>,
         timeout: Option<Duration>,
     ) -> Result<Vec<u8>, NixError> {
-        use std::os::unix::process::CommandExt;
-        let err = |argv: &[String], status, tail: String, kind| NixError {
-            argv: argv.to_vec(),
+        let mut cmd = Command::new(&argv[0]);
+        cmd.args(&argv[1..]);
+        for (k, v) in &self.env {
+            cmd.env(k, v);
+        }
+        // Only `nix` was asked for the structured log (the legacy tools keep theirs): its
+        // lines are decoded, events go to the observer, and the text they hold is kept.
+        let stderr_map = self
+            .log
+            .clone()
+            .filter(|_| argv[0] == Tool::Nix.program())
+            .map(|observer| {
+                let mut decoder = log::Decoder::new();
+                process::LineMap(Box::new(move |raw: String| {
+                    let d = decoder.line(&raw);
+                    if let Some(e) = &d.event {
+                        observer(e);
+                    }
+                    d.text
+                }))
+            });
+        let opts = process::Options {
+            timeout,
+            stderr_lines: STDERR_TAIL_LINES,
+            forward_stderr: self.progress,
+            stderr_map,
+            // Nix's helpers die with its group; a pipe still open after that is not Nix's.
+            output_grace: Duration::from_secs(10),
+            stdin_pipe: false,
+        };
+        let err = |status, tail, kind| NixError {
+            argv: argv.clone(),
             status,
             stderr_tail: tail,
             kind,
         };
-        let mut cmd = Command::new(&argv[0]);
-        cmd.args(&argv[1..])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .process_group(0);
-        for (k, v) in &self.env {
-            cmd.env(k, v);
+        let done = process::run(cmd, opts)
+            .map_err(|e| err(None, String::new(), NixErrorKind::Spawn(e.to_string())))?;
+        match done.status {
+            None => Err(err(None, done.stderr_tail, NixErrorKind::TimedOut)),
+            Some(s) if !s.success() => Err(err(s.code(), done.stderr_tail, NixErrorKind::Failed)),
+            Some(_) => Ok(done.stdout),
         }
-        let mut child = cmd.spawn().map_err(|e| {
-            err(
-                &argv,
-                None,
-                String::new(),
-                NixErrorKind::Spawn(e.to_string()),
-            )
-        })?;
-        let mut stdout = child.stdout.take().expect("stdout is piped");
-        let stderr = child.stderr.take().expect("stderr is piped");
-        let out_thread = std::thread::spawn(move || {
-            let mut buf = Vec::new();
-            let _ = stdout.read_to_end(&mut buf);
-            buf
-        });
-        let forward = self.progress;
-        // Only `nix` was asked for the structured log (the legacy tools keep theirs).
-        let observer = self.log.clone().filter(|_| argv[0] == Tool::Nix.program());
-        let err_thread = std::thread::spawn(move || {
-            let mut tail = VecDeque::with_capacity(STDERR_TAIL_LINES);
-            let mut reader = BufReader::new(stderr);
-            let mut line = Vec::new();
-            let mut decoder = log::Decoder::new();
-            while reader.read_until(b'\n', &mut line).unwrap_or(0) > 0 {
-                let raw = String::from_utf8_lossy(&line).trim_end().to_owned();
-                line.clear();
-                let texts = match &observer {
-                    Some(f) => {
-                        let d = decoder.line(&raw);
-                        if let Some(e) = &d.event {
-                            f(e);
-                        }
-                        d.text
-                    }
-                    None => vec![raw],
-                };
-                for text in texts {
-                    if forward {
-                        let _ = writeln!(std::io::stderr(), "  {text}");
-                    }
-                    if tail.len() == STDERR_TAIL_LINES {
-                        tail.pop_front();
-                    }
-                    tail.push_back(text);
-                }
-            }
-            tail.into_iter().collect::<Vec<_>>().join("\n")
-        });
-        let deadline = timeout.map(|t| Instant::now() + t);
-        let mut timed_out = false;
-        let status = loop {
-            match child.try_wait() {
-                Ok(Some(status)) => break status,
-                Ok(None) => {}
-                Err(e) => {
-                    return Err(err(
-                        &argv,
-                        None,
-                        String::new(),
-                        NixErrorKind::Spawn(e.to_string()),
-                    ));
-                }
-            }
-            if deadline.is_some_and(|d| Instant::now() >= d) {
-                kill_group(child.id());
-                timed_out = true;
-                break child.wait().map_err(|e| {
-                    err(
-                        &argv,
-                        None,
-                        String::new(),
-                        NixErrorKind::Spawn(e.to_string()),
-                    )
-                })?;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        };
-        // Nix may leave helpers holding the pipes after a kill; don't wait on them forever.
-        let stdout = out_thread.join().unwrap_or_default();
-        let tail = err_thread.join().unwrap_or_default();
-        if timed_out {
-            return Err(err(&argv, status.code(), tail, NixErrorKind::TimedOut));
-        }
-        if !status.success() {
-            return Err(err(&argv, status.code(), tail, NixErrorKind::Failed));
-        }
-        Ok(stdout)
     }
 
     /// Runs a command and parses its stdout as JSON.
@@ -598,14 +539,6 @@ fn strings(a: &[&str]) -> Vec<String> {
 /// Whether our stderr is a terminal (progress bars and forwarded Nix output make sense).
 pub fn stderr_is_terminal() -> bool {
     std::io::stderr().is_terminal()
-}
-
-fn kill_group(pid: u32) {
-    // Nix spawns helpers (substituters, builders); the whole group must go.
-    let _ = ::nix::sys::signal::killpg(
-        ::nix::unistd::Pid::from_raw(pid as i32),
-        ::nix::sys::signal::Signal::SIGKILL,
-    );
 }
 
 #[cfg(test)]
