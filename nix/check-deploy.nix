@@ -115,6 +115,30 @@ let
     else
       [ "${where}.kind: expected \"nixos\", \"deploy-rs\", \"command\" or \"none\", got ${show (a.kind or null)}" ];
 
+  # `deploy.roost.rollout`: how a coordinator releases a publish wave by wave.
+  checkRollout =
+    where: r':
+    let
+      r = present r';
+    in
+    if !isAttrs r' then
+      [ "${where}: expected an attribute set { minHealthy; maxFailed; bakeTime; }, got ${show r'}" ]
+    else
+      unknown where [ "minHealthy" "maxFailed" "bakeTime" ] r
+      ++ (
+        if r ? minHealthy then
+          expect (f: (isInt f || builtins.isFloat f) && f >= 0 && f <= 1) "a number from 0 to 1" "${where}.minHealthy" r.minHealthy
+        else
+          [ ]
+      )
+      ++ (if r ? maxFailed then expect (n: isInt n && n >= 0) "a whole number of nodes" "${where}.maxFailed" r.maxFailed else [ ])
+      ++ (
+        if r ? bakeTime then
+          expect (d: isString d || isInt d && d >= 0) "a duration such as \"10min\" or whole seconds" "${where}.bakeTime" r.bakeTime
+        else
+          [ ]
+      );
+
   # roost's own keys; `level` is "deploy", "node" or "profile".
   checkRoost =
     level: where: r':
@@ -124,7 +148,7 @@ let
     if !isAttrs r' then
       [ "${where}: expected an attribute set, got ${show r'}" ]
     else
-      unknown where [ "nodeKey" "system" "healthChecks" "activation" "wave" "applyWindow" ] r
+      unknown where [ "nodeKey" "system" "healthChecks" "activation" "wave" "rollout" "applyWindow" ] r
       ++ (
         if r ? nodeKey then
           if level == "profile" then
@@ -149,6 +173,15 @@ let
             [ "${where}.wave: belongs to the node (or deploy), not to a profile" ]
           else
             expect (w: isInt w && w >= 0) "a whole number (0 goes first)" "${where}.wave" r.wave
+        else
+          [ ]
+      )
+      ++ (
+        if r ? rollout then
+          if level != "deploy" then
+            [ "${where}.rollout: belongs to deploy (one policy per publish), not to a ${level}" ]
+          else
+            checkRollout "${where}.rollout" r.rollout
         else
           [ ]
       )

@@ -1,6 +1,7 @@
 //! The daemon loop (DESIGN §7.1): recover, tell systemd we are ready, then poll — long-polls
 //! where the coordinator offers them, else every interval ± 20 % — back off exponentially to
-//! an hour on errors, and poll at once after a wall-clock jump (resume from suspend).
+//! an hour on errors, and poll at once after a wall-clock jump (resume from suspend). Between
+//! polls the daemon sleeps on one timer (no periodic wake-ups).
 //!
 //! The status document is served on `STATE/agent.sock` (one JSON document per connection,
 //! mode 0600) and the live view mirrored to `status.json` when it changes; `roost-agent
@@ -21,8 +22,6 @@ use crate::status;
 
 /// How long to wait between long-polls that came back unchanged.
 const LONG_POLL_GAP: Duration = Duration::from_millis(500);
-/// Sleeps are cut into steps this long to notice wall-clock jumps.
-const CLOCK_STEP: Duration = Duration::from_secs(5);
 /// The status socket's mode: root only (see [`serve_status`]).
 const SOCKET_MODE: u32 = 0o600;
 /// After a failed accept on the status socket, wait this long before the next.
@@ -39,24 +38,24 @@ pub struct CycleResult {
     pub poll: String,
     /// Whether the coordinators could be reached.
     pub reachable: bool,
-    /// Whether the coordinator held the poll open or answered with something new: either
-    /// way the next long-poll can start at once.
+    /// Whether the next long-poll can start at once: the coordinator held this poll open,
+    /// answered with something new, or (on a plain poll's 304) said that it holds polls.
     pub held: bool,
 }
 
 /// One poll-and-apply cycle: `wait` asks for a long-poll of that many seconds.
 pub async fn cycle(agent: &mut Agent, wait: Option<u64>) -> CycleResult {
     let poll = agent.poll(wait).await;
-    apply(agent, poll, wait).await
+    apply(agent, poll).await
 }
 
 /// The apply half of a cycle: whatever the poll brought is verified and deployed, and
 /// queued reports are sent.
-pub async fn apply(agent: &mut Agent, poll: Poll, wait: Option<u64>) -> CycleResult {
+pub async fn apply(agent: &mut Agent, poll: Poll) -> CycleResult {
     let text = poll.describe();
     let is_new = matches!(poll, Poll::New(..));
     let held = match &poll {
-        Poll::NotModified => wait.is_some(),
+        Poll::NotModified => true,
         Poll::New(..) => agent.last_poll_fresh(),
         _ => false,
     };
@@ -129,6 +128,7 @@ pub async fn run(
     ]);
     tracing::info!(node = %agent.config().node, coordinators = ?agent.config().coordinators, "roost-agent running");
     let mut failures: u32 = 0;
+    let mut clock_watch = clock.watch();
     let long_wait = agent
         .config()
         .interval
@@ -149,7 +149,7 @@ pub async fn run(
             p = agent.poll(wait) => p,
             _ = &mut shutdown => break,
         };
-        let r = apply(&mut agent, polled, wait).await;
+        let r = apply(&mut agent, polled).await;
         if r.reachable {
             failures = 0;
         } else {
@@ -160,10 +160,10 @@ pub async fn run(
         let next = Timestamp::from(SystemTime::now() + delay);
         agent.note_poll(&r.poll, Some(next), failures);
         notify(&[NotifyState::Status(&format!("last poll: {}", r.poll))]);
+        // The watchdog keeps pinging through the whole sleep: no need to wake to promise.
         agent.progress().within(delay);
-        let progress = agent.progress();
         let slept = tokio::select! {
-            w = poll::sleep_watching_clock(delay, CLOCK_STEP, clock.as_ref(), || progress.within(CLOCK_STEP)) => w,
+            w = poll::sleep_watching_clock(delay, clock.as_ref(), clock_watch.as_mut()) => w,
             _ = &mut shutdown => break,
         };
         if slept == Wake::ClockJumped {

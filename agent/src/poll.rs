@@ -1,8 +1,13 @@
 //! Polling (docs/protocol.md §7.3): conditional GETs with the stored ETag against the coordinators in
 //! order, long-polls where the coordinator offers them, ±20 % jitter, exponential backoff to
 //! an hour, and waking early when the wall clock jumps (resume from suspend).
+//!
+//! A sleep between polls is one timer: the kernel says when the wall clock is set or the
+//! machine resumes ([`ClockWatch`]), so an idle node does not wake every few seconds to look.
 
 use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
 use std::time::{Duration, SystemTime};
 
 use reqwest::header::{ETAG, IF_NONE_MATCH};
@@ -14,10 +19,37 @@ use tokio::time::Instant;
 pub const MAX_BACKOFF: Duration = Duration::from_secs(3600);
 /// A wall clock running this much ahead of the monotonic one means the machine slept.
 pub const CLOCK_JUMP: Duration = Duration::from_secs(30);
+/// How often a clock without a kernel notification is looked at during a sleep.
+pub const CLOCK_STEP: Duration = Duration::from_secs(5);
+
 /// The wall clock, a parameter so tests can jump it.
 pub trait WallClock: Send + Sync + fmt::Debug {
     /// Now.
     fn now(&self) -> SystemTime;
+
+    /// What tells a sleeper that this clock may have jumped. By default it is looked at
+    /// every [`CLOCK_STEP`].
+    fn watch(&self) -> Box<dyn ClockWatch> {
+        Box::new(Stepping(CLOCK_STEP))
+    }
+}
+
+/// Wakes a sleeper when the wall clock may have jumped; [`sleep_watching_clock`] then compares
+/// the clocks to tell a jump from noise.
+pub trait ClockWatch: Send + fmt::Debug {
+    /// Resolves at the next moment the wall clock may have jumped.
+    fn changed(&mut self) -> Pin<Box<dyn Future<Output = ()> + Send + '_>>;
+}
+
+/// A watch that looks every so often: for clocks the kernel does not watch (tests, or a
+/// kernel without timerfd).
+#[derive(Debug, Clone, Copy)]
+pub struct Stepping(pub Duration);
+
+impl ClockWatch for Stepping {
+    fn changed(&mut self) -> Pin<Box<dyn Future<Output = ()> + Send + '_>> {
+        Box::pin(tokio::time::sleep(self.0))
+    }
 }
 
 /// The system's wall clock.
@@ -27,6 +59,93 @@ pub struct SystemClock;
 impl WallClock for SystemClock {
     fn now(&self) -> SystemTime {
         SystemTime::now()
+    }
+
+    fn watch(&self) -> Box<dyn ClockWatch> {
+        match KernelClockWatch::new() {
+            Ok(w) => Box::new(w),
+            Err(e) => {
+                tracing::warn!(
+                    "no timerfd clock notification ({e}): looking at the clock every {} s instead",
+                    CLOCK_STEP.as_secs()
+                );
+                Box::new(Stepping(CLOCK_STEP))
+            }
+        }
+    }
+}
+
+/// A `CLOCK_REALTIME` timerfd armed far in the future with `TFD_TIMER_CANCEL_ON_SET`: the
+/// kernel cancels it (the read fails with `ECANCELED`) whenever the wall clock is set and
+/// when the machine resumes from suspend, and at no other time. Re-armed after each.
+#[derive(Debug)]
+pub struct KernelClockWatch {
+    fd: tokio::io::unix::AsyncFd<Timer>,
+}
+
+/// The timerfd, owned: only its `AsyncFd` can close it.
+#[derive(Debug)]
+struct Timer(nix::sys::timerfd::TimerFd);
+
+impl std::os::fd::AsRawFd for Timer {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        use std::os::fd::AsFd;
+        self.0.as_fd().as_raw_fd()
+    }
+}
+
+impl KernelClockWatch {
+    /// Opens and arms the timer; needs a tokio runtime with I/O enabled.
+    pub fn new() -> std::io::Result<Self> {
+        use nix::sys::timerfd::{ClockId, TimerFd, TimerFlags};
+        let fd = TimerFd::new(
+            ClockId::CLOCK_REALTIME,
+            TimerFlags::TFD_NONBLOCK | TimerFlags::TFD_CLOEXEC,
+        )?;
+        arm(&fd)?;
+        // Deprecated because a borrowed descriptor could be closed while registered; this one
+        // is owned by the AsyncFd for its whole life.
+        #[allow(deprecated)]
+        let fd = tokio::io::unix::AsyncFd::with_interest(Timer(fd), tokio::io::Interest::READABLE)?;
+        Ok(Self { fd })
+    }
+}
+
+fn arm(fd: &nix::sys::timerfd::TimerFd) -> nix::Result<()> {
+    use nix::sys::time::TimeSpec;
+    use nix::sys::timerfd::{Expiration, TimerSetTimeFlags};
+    // Far enough never to expire (year 2242), near enough for every time_t.
+    let never = TimeSpec::new(i64::from(i32::MAX) * 4, 0);
+    fd.set(
+        Expiration::OneShot(never),
+        TimerSetTimeFlags::TFD_TIMER_ABSTIME | TimerSetTimeFlags::TFD_TIMER_CANCEL_ON_SET,
+    )
+}
+
+impl ClockWatch for KernelClockWatch {
+    fn changed(&mut self) -> Pin<Box<dyn Future<Output = ()> + Send + '_>> {
+        Box::pin(async move {
+            loop {
+                let Ok(mut ready) = self.fd.readable().await else {
+                    return std::future::pending().await;
+                };
+                // `wait` reads the timer: Ok once cancelled by a clock change (or, never, at
+                // expiry), EAGAIN while it is armed.
+                match ready.try_io(|fd| fd.get_ref().0.wait().map_err(std::io::Error::from)) {
+                    Ok(Ok(())) => {
+                        if let Err(e) = arm(&self.fd.get_ref().0) {
+                            tracing::warn!("cannot re-arm the clock watch: {e}");
+                        }
+                        return;
+                    }
+                    Ok(Err(e)) => {
+                        tracing::warn!("clock watch: {e}");
+                        return std::future::pending().await;
+                    }
+                    Err(_would_block) => continue,
+                }
+            }
+        })
     }
 }
 
@@ -191,13 +310,10 @@ impl Poller {
                         errors.push(format!("{base}: manifest is over the size limit"));
                         continue;
                     }
-                    match r.bytes().await {
-                        Ok(b) if b.len() <= MAX_MANIFEST_BYTES => {
-                            return Poll::New(b.to_vec(), etag);
-                        }
-                        Ok(b) => errors.push(format!(
-                            "{base}: manifest of {} bytes is over the limit",
-                            b.len()
+                    match read_capped(r, MAX_MANIFEST_BYTES).await {
+                        Ok(Some(b)) => return Poll::New(b, etag),
+                        Ok(None) => errors.push(format!(
+                            "{base}: manifest over the limit of {MAX_MANIFEST_BYTES} bytes"
                         )),
                         Err(e) => errors.push(format!("{base}: {}", error_chain(&e))),
                     }
@@ -224,6 +340,22 @@ impl Poller {
         }
         false
     }
+}
+
+/// Reads a body chunk by chunk and stops as soon as it passes `cap` bytes, whatever the
+/// framing (a chunked body has no length to check first): `None` when it is over.
+pub async fn read_capped(
+    mut r: reqwest::Response,
+    cap: usize,
+) -> Result<Option<Vec<u8>>, reqwest::Error> {
+    let mut body = Vec::new();
+    while let Some(chunk) = r.chunk().await? {
+        if body.len() + chunk.len() > cap {
+            return Ok(None);
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(Some(body))
 }
 
 /// reqwest's errors hide the useful part (connection refused, timed out) in their sources.
@@ -278,26 +410,25 @@ pub enum Wake {
     ClockJumped,
 }
 
-/// Sleeps `d` in steps of at most `step`, waking early on a wall-clock jump; `tick` runs
-/// after each step (the watchdog ping).
+/// Sleeps `d`, waking early when the wall clock jumps ahead: one timer, plus `watch`, which
+/// fires only when the clock may have changed.
 pub async fn sleep_watching_clock(
     d: Duration,
-    step: Duration,
     clock: &dyn WallClock,
-    mut tick: impl FnMut(),
+    watch: &mut dyn ClockWatch,
 ) -> Wake {
     let start = Instant::now();
     let wall_start = clock.now();
+    let until = start + d;
     loop {
-        let elapsed = start.elapsed();
-        if elapsed >= d {
-            return Wake::Elapsed;
-        }
-        tokio::time::sleep((d - elapsed).min(step)).await;
-        tick();
-        let wall = clock.now().duration_since(wall_start).unwrap_or_default();
-        if clock_jumped(start.elapsed(), wall) {
-            return Wake::ClockJumped;
+        tokio::select! {
+            _ = tokio::time::sleep_until(until) => return Wake::Elapsed,
+            _ = watch.changed() => {
+                let wall = clock.now().duration_since(wall_start).unwrap_or_default();
+                if clock_jumped(start.elapsed(), wall) {
+                    return Wake::ClockJumped;
+                }
+            }
         }
     }
 }
@@ -370,32 +501,59 @@ mod tests {
             calls: Mutex::new(0),
         };
         let t = Instant::now();
-        let mut ticks = 0;
         let wake = sleep_watching_clock(
             Duration::from_secs(3600),
-            Duration::from_secs(5),
             &clock,
-            || ticks += 1,
+            &mut Stepping(Duration::from_secs(5)),
         )
         .await;
         assert_eq!(wake, Wake::ClockJumped);
-        assert_eq!(ticks, 2);
-        assert!(t.elapsed() < Duration::from_secs(60), "{:?}", t.elapsed());
+        assert_eq!(t.elapsed(), Duration::from_secs(10));
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_sleep_without_a_jump_lasts_its_whole_delay() {
         let t = Instant::now();
-        let mut ticks = 0;
         let wake = sleep_watching_clock(
             Duration::from_secs(60),
-            Duration::from_secs(5),
             &SystemClock,
-            || ticks += 1,
+            &mut Stepping(Duration::from_secs(5)),
         )
         .await;
         assert_eq!(wake, Wake::Elapsed);
         assert_eq!(t.elapsed(), Duration::from_secs(60));
-        assert_eq!(ticks, 12);
+    }
+
+    /// Counts how often a sleeper is woken.
+    #[derive(Debug, Default)]
+    struct CountingWatch(u32);
+
+    impl ClockWatch for CountingWatch {
+        fn changed(&mut self) -> Pin<Box<dyn Future<Output = ()> + Send + '_>> {
+            Box::pin(async move {
+                self.0 += 1;
+                std::future::pending().await
+            })
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_quiet_clock_costs_a_sleep_no_wake_up() {
+        let mut watch = CountingWatch::default();
+        let wake = sleep_watching_clock(Duration::from_secs(300), &SystemClock, &mut watch).await;
+        assert_eq!(wake, Wake::Elapsed);
+        assert_eq!(
+            watch.0, 1,
+            "the watch was polled again: the sleeper woke up"
+        );
+    }
+
+    #[tokio::test]
+    async fn the_system_clock_is_watched_by_the_kernel_not_by_steps() {
+        let watch = SystemClock.watch();
+        assert!(
+            format!("{watch:?}").starts_with("KernelClockWatch"),
+            "{watch:?}"
+        );
     }
 }

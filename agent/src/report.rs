@@ -1,7 +1,8 @@
 //! Reports (DESIGN §6): built from the node's position, signed with the node key, queued on
 //! disk under a strictly increasing `seq`, and sent in order when a coordinator answers.
 
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
 
 use roost_common::envelope::{Context, Envelope};
 use roost_common::wire::v1::{
@@ -54,6 +55,17 @@ pub struct Reporter {
     node: NodeName,
     http: reqwest::Client,
     coordinators: Vec<String>,
+    /// The queue folder's modification time when it was last seen empty: while it has not
+    /// changed, an idle poll's flush looks at one `stat` instead of listing the folder.
+    empty_at: Arc<Mutex<Option<SystemTime>>>,
+}
+
+/// A folder's modification time, trusted only when it is older than the file system's
+/// timestamp granularity could hide (a file added in the same tick would leave it unchanged).
+fn settled_mtime(dir: &std::path::Path) -> Option<SystemTime> {
+    let m = std::fs::metadata(dir).ok()?.modified().ok()?;
+    let age = SystemTime::now().duration_since(m).ok()?;
+    (age > Duration::from_secs(1)).then_some(m)
 }
 
 impl Reporter {
@@ -71,6 +83,7 @@ impl Reporter {
             node,
             http,
             coordinators,
+            empty_at: Arc::default(),
         }
     }
 
@@ -112,7 +125,16 @@ impl Reporter {
     /// another 4xx is a permanent refusal: that report moves to `reports/refused/` instead
     /// of blocking the queue forever. Returns how many are still queued.
     pub async fn flush(&self) -> usize {
+        let dir = self.dir.queue_dir();
+        let seen_empty = *self.empty_at.lock().unwrap_or_else(|e| e.into_inner());
+        let mtime = std::fs::metadata(&dir).and_then(|m| m.modified()).ok();
+        if seen_empty.is_some() && seen_empty == mtime {
+            return 0;
+        }
         let queued = self.dir.queued_reports();
+        if queued.is_empty() {
+            *self.empty_at.lock().unwrap_or_else(|e| e.into_inner()) = settled_mtime(&dir);
+        }
         if queued.is_empty() || self.coordinators.is_empty() {
             return queued.len();
         }
@@ -173,5 +195,52 @@ impl Reporter {
             break;
         }
         left
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reporter(dir: &std::path::Path) -> Reporter {
+        Reporter::new(
+            StateDir::new(dir),
+            SecretKey::generate("n1").unwrap(),
+            "n1".parse().unwrap(),
+            reqwest::Client::new(),
+            vec![],
+        )
+    }
+
+    #[tokio::test]
+    async fn a_report_queued_after_the_queue_was_seen_empty_is_still_found() {
+        let d = tempfile::tempdir().unwrap();
+        let r = reporter(d.path());
+        let queue = StateDir::new(d.path()).queue_dir();
+        std::fs::create_dir_all(&queue).unwrap();
+        // An old, settled folder: its emptiness is remembered.
+        let old = SystemTime::now() - Duration::from_secs(60);
+        std::fs::File::open(&queue)
+            .unwrap()
+            .set_modified(old)
+            .unwrap();
+        assert_eq!(r.flush().await, 0);
+        assert_eq!(*r.empty_at.lock().unwrap(), Some(old));
+        // Another process (`roost-agent apply`) queues a report.
+        StateDir::new(d.path()).queue_report(1, b"{}").unwrap();
+        assert_eq!(
+            r.flush().await,
+            1,
+            "the remembered empty folder hid a report"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_folder_changed_within_the_last_second_is_not_remembered_empty() {
+        let d = tempfile::tempdir().unwrap();
+        let r = reporter(d.path());
+        std::fs::create_dir_all(StateDir::new(d.path()).queue_dir()).unwrap();
+        assert_eq!(r.flush().await, 0);
+        assert_eq!(*r.empty_at.lock().unwrap(), None);
     }
 }

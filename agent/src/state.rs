@@ -105,7 +105,8 @@ pub struct PendingProfile {
     /// The generation this deploy made, once the profile was switched.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub new_generation: Option<u64>,
-    /// Whether the profile link was switched.
+    /// Whether the profile link may have been switched: set and saved before `nix-env --set`
+    /// runs (recovery then asks the profile itself whether it moved).
     pub switched: bool,
     /// Whether its activation finished successfully.
     pub activated: bool,

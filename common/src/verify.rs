@@ -138,6 +138,12 @@ pub enum Rejection {
 }
 
 impl Rejection {
+    /// Whether the same bytes may be accepted later without a new publish: an expiry judged
+    /// by a clock that was wrong (jumped ahead) passes once the clock is right again.
+    pub fn may_pass_later(&self) -> bool {
+        matches!(self, Rejection::Expired { .. })
+    }
+
     /// Whether this refusal is a security event (forgery, replay, reuse) rather than a mistake.
     pub fn is_security_event(&self) -> bool {
         matches!(

@@ -1,7 +1,7 @@
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use roost_coordinator::{exit, keygen, node_key, publish, serve, status};
+use roost_coordinator::{exit, keygen, node_key, publish, rollout, serve, status};
 
 /// roost's coordinator: publish signed manifests from a flake, and serve them to the fleet.
 ///
@@ -26,6 +26,9 @@ enum Cmd {
     Status(status::StatusArgs),
     /// Pin, replace or clear the key a coordinator checks a node's reports with.
     NodeKey(node_key::NodeKeyArgs),
+    /// Show or steer the rollout of the last publish: waves, health, halts; pause, resume,
+    /// abort, promote.
+    Rollout(rollout::RolloutArgs),
 }
 
 fn main() -> ExitCode {
@@ -43,6 +46,7 @@ fn main() -> ExitCode {
         Cmd::Serve(a) => block_on(serve::run(a)),
         Cmd::Status(a) => block_on(status::run(a)),
         Cmd::NodeKey(a) => block_on(node_key::run(a)),
+        Cmd::Rollout(a) => block_on(rollout::run(a)),
     };
     ExitCode::from(code)
 }

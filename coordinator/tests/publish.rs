@@ -382,6 +382,23 @@ async fn a_deploy_rs_fleet_publishes_manifests_exactly_as_design_section_3() {
     assert!(!source.dirty && source.rev.is_none());
     assert_eq!(web.node_key, Some(fleet.node_key.public()));
     assert_eq!(web.rollout.wave, 2);
+    // One rollout for the whole run, with its plan and the default policy.
+    assert_eq!(web.rollout.id, Some(web.version.0));
+    let plan: Vec<(u32, u32)> = web
+        .rollout
+        .waves
+        .iter()
+        .map(|w| (w.wave, w.nodes))
+        .collect();
+    assert_eq!(plan, [(0, 2), (2, 1)]);
+    assert_eq!(
+        (
+            web.rollout.min_healthy.get(),
+            web.rollout.max_failed,
+            web.rollout.bake_time_s
+        ),
+        (1.0, 0, 0)
+    );
     assert_eq!(web.substituters.len(), 1);
     assert_eq!(
         web.substituters[0].public_keys,
@@ -701,12 +718,15 @@ async fn out_and_to_produce_byte_identical_envelope_layouts() {
     let files = layout(&out);
     assert_eq!(files.len(), 3);
     for (node, bytes) in &files {
-        let served = reqwest::get(v1::manifest_url(&server.url(), node))
-            .await
-            .unwrap()
-            .bytes()
+        let r = reqwest::get(v1::manifest_url(&server.url(), node))
             .await
             .unwrap();
+        // web.prod is in wave 2: the coordinator holds it back (and serves it byte for
+        // byte once its wave is released).
+        let served = match r.status().as_u16() {
+            404 => std::fs::read(state.join("staged").join(v1::manifest_file(node))).unwrap(),
+            _ => r.bytes().await.unwrap().to_vec(),
+        };
         assert_eq!(&served[..], &bytes[..], "{node}");
     }
     server.stop().await.unwrap();
@@ -800,6 +820,25 @@ async fn an_unknown_node_or_profile_is_a_usage_error_listing_what_exists_and_cha
     assert!(err.contains("no profile `nope`"), "{err}");
     assert!(err.contains("app, system"), "{err}");
     assert_eq!(layout(&out), before, "nothing changed, not even kiosk");
+}
+
+#[tokio::test]
+async fn a_bad_rollout_policy_is_refused_naming_the_attribute_and_publishes_nothing() {
+    require!(nix_ready());
+    let fleet = Fleet::new("");
+    let file = fleet.flake.join("flake.nix");
+    let text = std::fs::read_to_string(&file).unwrap().replace(
+        "fastConnection = true;",
+        "fastConnection = true;\n        roost.rollout = { minHealthy = 1.5; bakeTime = \"1h\"; };",
+    );
+    std::fs::write(&file, text).unwrap();
+    let out = fleet.path("out");
+    let run = fleet.cli(&[], &["--out", out.to_str().unwrap()]);
+    assert_eq!(run.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&run.stderr);
+    assert!(err.contains("deploy.roost.rollout.minHealthy"), "{err}");
+    assert!(err.contains("1.5"), "{err}");
+    assert!(layout(&out).is_empty(), "nothing was published");
 }
 
 #[test]

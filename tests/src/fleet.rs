@@ -157,10 +157,17 @@ impl Fleet {
         fs::write(self.flake.join(rel), content).with_context(|| format!("editing {rel}"))
     }
 
-    /// `roost-coordinator publish` of `targets` (`#node`, … relative to the flake; all when
-    /// empty) to the coordinator and its cache; returns the `--json` summary.
+    /// `roost-coordinator publish` of `targets` (`#node`, … relative to the flake; this
+    /// fleet's nodes when empty) to the coordinator and its cache; returns the `--json`
+    /// summary. Only the fleet's own nodes, so that a rollout (docs/protocol.md §6.9) never
+    /// waits for a node of the flake that has no agent here.
     pub fn publish(&self, targets: &[&str]) -> anyhow::Result<Value> {
-        let out = self.publish_command(targets).output()?;
+        let own: Vec<String> = self.nodes.iter().map(|n| format!("#{}", n.name)).collect();
+        let targets: Vec<&str> = match targets.is_empty() {
+            true => own.iter().map(String::as_str).collect(),
+            false => targets.to_vec(),
+        };
+        let out = self.publish_command(&targets).output()?;
         let summary: Value = serde_json::from_slice(&out.stdout).with_context(|| {
             format!(
                 "publish printed no JSON ({}):\n{}",

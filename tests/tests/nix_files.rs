@@ -96,6 +96,17 @@ fn check_deploy(deploy: &str) -> Vec<String> {
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
+/// `problems` are exactly `expected`, each matched by its start.
+fn assert_problems(problems: &[String], expected: &[&str]) {
+    for e in expected {
+        assert!(
+            problems.iter().any(|p| p.starts_with(e)),
+            "no problem starting with {e:?} in {problems:#?}"
+        );
+    }
+    assert_eq!(problems.len(), expected.len(), "{problems:#?}");
+}
+
 #[test]
 fn check_deploy_accepts_the_offline_fleet() {
     require!(nix());
@@ -143,13 +154,37 @@ fn check_deploy_names_each_problem_with_its_node_and_profile() {
         "deploy.nodes.pi.profilePath: read per profile only",
         "deploy.nodes.laptop.profiles.system: neither `user` nor `sshUser` is set",
     ];
-    for e in expected {
-        assert!(
-            problems.iter().any(|p| p.starts_with(e)),
-            "no problem starting with {e:?} in {problems:#?}"
-        );
-    }
-    assert_eq!(problems.len(), expected.len(), "{problems:#?}");
+    assert_problems(&problems, &expected);
+}
+
+#[test]
+fn check_deploy_checks_the_rollout_policy_at_deploy_level_only() {
+    require!(nix());
+    let problems = check_deploy(
+        r#"{
+          user = "root";
+          roost.rollout = { minHealthy = 1.5; maxFailed = -1; bakeTime = "10min"; maxFailures = 1; };
+          nodes.pi = {
+            roost.rollout = { };
+            profiles.system.path = "/nix/store/00000000000000000000000000000000-system";
+          };
+        }"#,
+    );
+    let expected = [
+        "deploy.roost.rollout.minHealthy: expected a number from 0 to 1",
+        "deploy.roost.rollout.maxFailed: expected a whole number",
+        "deploy.roost.rollout.maxFailures: unknown key",
+        "deploy.nodes.pi.roost.rollout: belongs to deploy",
+    ];
+    assert_problems(&problems, &expected);
+    let fine = check_deploy(
+        r#"{
+          user = "root";
+          roost.rollout = { minHealthy = 0.5; maxFailed = 1; bakeTime = "10min"; };
+          nodes.pi.profiles.system.path = "/nix/store/00000000000000000000000000000000-system";
+        }"#,
+    );
+    assert!(fine.is_empty(), "{fine:#?}");
 }
 
 fn copy_dir(from: &Path, to: &Path) {

@@ -309,15 +309,38 @@ impl Agent {
                     break;
                 }
             }
+            fault::point("activated");
             self.pending_profile_mut(i).activated = true;
-            self.checkpoint();
+            if let Err(e) = self.save() {
+                // Unrecorded, a crash would roll back an activation that succeeded: stop here
+                // and roll back now, while the agent still knows what happened.
+                done = Err(DeployFailure::Save {
+                    what: "that a profile was activated",
+                    source: e,
+                });
+                break;
+            }
         }
         timings.activate = ms(t);
         done
     }
 
     /// `nix-env --set`: a new generation of profile `i` at `p.path`.
+    ///
+    /// The intent is saved first (`switched`: the link may move from now on), so a crash
+    /// while nix-env runs, or after it and before its result is saved, is recovered from
+    /// what the profile then is ([`Agent::reconcile_pending`]), never taken for a profile
+    /// that was already there.
     async fn switch_profile(&mut self, i: usize, p: &v1::Profile) -> Result<(), DeployFailure> {
+        fault::point("switch-intent");
+        self.pending_profile_mut(i).switched = true;
+        if let Err(e) = self.save() {
+            self.pending_profile_mut(i).switched = false;
+            return Err(DeployFailure::Save {
+                what: "that a profile is about to be switched",
+                source: e,
+            });
+        }
         fault::point("set-profile");
         let link = self.pending_profile(i).profile_path.clone();
         if let Err(e) = activate::make_profile_dir(&link, &p.user) {
@@ -328,6 +351,7 @@ impl Agent {
             .await
             .map_err(|e| e.to_string())
             .and_then(|r| r.map_err(|e| e.to_string()));
+        fault::point("profile-set");
         // Even a failed set may have made a generation: roll back whatever happened.
         let now_at = profiles::current(&link).ok().flatten();
         if let Some(g) = &now_at {
@@ -337,16 +361,19 @@ impl Agent {
         }
         {
             let pp = self.pending_profile_mut(i);
-            pp.switched = true;
             pp.new_generation = now_at
                 .filter(|g| Some(g.number) != pp.previous_generation)
                 .map(|g| g.number);
         }
-        self.checkpoint();
+        let saved = self.save();
         set.map_err(|message| DeployFailure::SetProfile {
             profile: p.name.to_string(),
             link,
             message,
+        })?;
+        saved.map_err(|source| DeployFailure::Save {
+            what: "the new generation of a profile",
+            source,
         })
     }
 

@@ -189,6 +189,15 @@ pub enum DeployFailure {
         /// The confirm timeout.
         confirm_s: u64,
     },
+    /// The deploy's progress could not be saved: it is stopped and rolled back rather than
+    /// go on with a record a crash would be recovered from wrongly.
+    #[error("cannot record {what} in the state folder: {source}")]
+    Save {
+        /// What was to be recorded.
+        what: &'static str,
+        /// Why the write failed.
+        source: std::io::Error,
+    },
     /// Confirmation after a restart of the agent failed.
     #[error("after a restart of the agent: {0}")]
     AfterRestart(Box<DeployFailure>),
@@ -211,6 +220,7 @@ impl DeployFailure {
     pub fn step(&self) -> Step {
         match self {
             DeployFailure::SetProfile { .. } => Step::SetProfile,
+            DeployFailure::Save { .. } => Step::Record,
             DeployFailure::Activation(_) => Step::Activate,
             DeployFailure::Health { .. }
             | DeployFailure::Unreachable { .. }

@@ -65,6 +65,9 @@ pub struct Agent {
     /// ETag of the last manifest served, accepted or not (memory only): polls send it, so
     /// a refused manifest is not downloaded again and again.
     seen_etag: Option<String>,
+    /// ETag of the last manifest refused for a reason that may pass (expired by a clock
+    /// that jumped ahead): never sent as If-None-Match.
+    refused_later: Option<String>,
     /// Whether the last poll brought bytes not seen before.
     fresh: bool,
     /// The code of the refusal of the last manifest handled, if it was refused.
@@ -156,6 +159,7 @@ impl Agent {
             deferred: 0,
             fetch_ms: None,
             seen_etag: None,
+            refused_later: None,
             fresh: false,
         })
     }
@@ -196,13 +200,6 @@ impl Agent {
 
     fn save(&self) -> std::io::Result<()> {
         self.dir.save(&self.state)
-    }
-
-    /// Saves the progress of a deploy in flight.
-    fn checkpoint(&self) {
-        if let Err(e) = self.save() {
-            tracing::error!("cannot save the deploy's progress: {e}");
-        }
     }
 
     fn update_live(&mut self, f: impl FnOnce(&mut Snapshot)) {
@@ -308,7 +305,8 @@ impl Agent {
         self.fresh = false;
         if let Poll::New(_, e) = &p {
             self.fetch_ms = ms(t);
-            self.fresh = e.is_none() || *e != etag;
+            // A manifest refused for now, fetched again, is not news: no quick re-poll.
+            self.fresh = (e.is_none() || *e != etag) && (e.is_none() || *e != self.refused_later);
             self.seen_etag = e.clone();
         }
         p
@@ -372,6 +370,13 @@ impl Agent {
                 self.deploy_if_needed().await
             }
             Err(r) => {
+                if r.may_pass_later() {
+                    // Its ETag must not be waited on: a 304 would hide it for good once the
+                    // clock is right again. Polls send the accepted manifest's ETag instead
+                    // and fetch it again each interval until it passes (or a newer comes).
+                    self.seen_etag = None;
+                    self.refused_later = etag.clone();
+                }
                 self.refused_code = Some(r.code());
                 if self.rejected != Some(digest) {
                     self.rejected = Some(digest);

@@ -2,6 +2,7 @@
 //! generations, recovery at start of a deploy a crash interrupted, and the operator's
 //! `roost-agent rollback`.
 
+use std::collections::BTreeSet;
 use std::time::Duration;
 
 use roost_common::nix::profiles;
@@ -24,8 +25,9 @@ fn with_notes(notes: &[String]) -> String {
 }
 
 impl Agent {
-    /// A deploy that began switching failed: roll back (unless auto_rollback is off),
-    /// quarantine the version, record and report.
+    /// A deploy that began switching failed: roll back each switched profile whose
+    /// auto_rollback is on (deploy-rs decides per profile too), quarantine the version,
+    /// record and report.
     pub(super) async fn fail_and_roll_back(
         &mut self,
         m: &Manifest,
@@ -38,12 +40,40 @@ impl Agent {
         tracing::error!(version = %m.version, phase = step.as_str(), "deploy failed: {message}");
         // deploy-rs rolls back a failed magic-rollback confirmation whatever autoRollback says:
         // the switch cut the node off, and staying there would leave it unreachable.
-        let auto = m.profiles.iter().all(|p| p.auto_rollback) || failure.is_magic_rollback();
-        let (state, message) = if auto {
-            match self.roll_back_pending(Some(m)).await {
-                Ok(notes) => (
+        let keep: BTreeSet<String> = if failure.is_magic_rollback() {
+            BTreeSet::new()
+        } else {
+            m.profiles
+                .iter()
+                .filter(|p| !p.auto_rollback)
+                .map(|p| p.name.to_string())
+                .collect()
+        };
+        let switched: Vec<String> = self
+            .state
+            .pending
+            .iter()
+            .flat_map(|p| p.profiles.iter().filter(|pp| pp.switched))
+            .map(|pp| pp.name.clone())
+            .collect();
+        let kept: Vec<&str> = switched
+            .iter()
+            .filter(|n| keep.contains(*n))
+            .map(String::as_str)
+            .collect();
+        let (state, message) = if kept.len() < switched.len() || keep.is_empty() {
+            match self.roll_back_pending(Some(m), &keep).await {
+                Ok(notes) if kept.is_empty() => (
                     ReportState::RolledBack,
                     format!("{message}{}", with_notes(&notes)),
+                ),
+                Ok(notes) => (
+                    ReportState::Failed,
+                    format!(
+                        "{message}{}; auto_rollback is off for {}: it stays on the new version",
+                        with_notes(&notes),
+                        kept.join(", ")
+                    ),
                 ),
                 Err(e) => (
                     ReportState::Failed,
@@ -69,9 +99,11 @@ impl Agent {
     /// whose activation runs again. A profile that had no generation before this deploy
     /// loses its link and the generation this deploy made: it is back to not existing.
     /// Returns notes on what could not be re-activated.
+    /// Profiles named in `keep` stay as they are.
     async fn roll_back_pending(
         &mut self,
         m: Option<&Manifest>,
+        keep: &BTreeSet<String>,
     ) -> Result<Vec<String>, RollbackFailed> {
         fault::point("rollback");
         self.set_phase(Phase::RollingBack);
@@ -80,7 +112,12 @@ impl Agent {
         };
         let mut errors = Vec::new();
         let mut notes = Vec::new();
-        for pp in pending.profiles.iter().rev().filter(|p| p.switched) {
+        for pp in pending
+            .profiles
+            .iter()
+            .rev()
+            .filter(|p| p.switched && !keep.contains(&p.name))
+        {
             let spec = pp.previous_spec.clone().or_else(|| {
                 m.or(self.state.desired.as_ref()).and_then(|m| {
                     m.profiles
@@ -160,6 +197,10 @@ impl Agent {
         {
             activate::stop_leftover(h).await;
         }
+        self.reconcile_pending();
+        let Some(pending) = self.state.pending.clone() else {
+            return Verdict::NotConverged;
+        };
         let m = self
             .state
             .desired
@@ -201,7 +242,7 @@ impl Agent {
                     .await
             }
             None => {
-                let (st, msg) = match self.roll_back_pending(None).await {
+                let (st, msg) = match self.roll_back_pending(None, &BTreeSet::new()).await {
                     Ok(notes) => (
                         ReportState::RolledBack,
                         format!(
@@ -223,6 +264,43 @@ impl Agent {
                     timings,
                 );
                 Verdict::NotConverged
+            }
+        }
+    }
+
+    /// Makes the pending record say what each profile really is, not only what was saved
+    /// before the crash: a link that moved off its previous generation was switched (a
+    /// crash inside `nix-env --set`, or after it and before its result was saved); one still
+    /// at it whose activation never started was not (the generation `nix-env` may have made
+    /// without moving the link is removed). What cannot be read is left as recorded.
+    fn reconcile_pending(&mut self) {
+        let Some(pending) = self.state.pending.as_mut() else {
+            return;
+        };
+        let mut changed = false;
+        for pp in &mut pending.profiles {
+            let Ok(cur) = profiles::current(&pp.profile_path) else {
+                continue;
+            };
+            let at = cur.as_ref().map(|g| g.number);
+            if at != pp.previous_generation {
+                if !pp.switched || pp.new_generation != at {
+                    tracing::warn!(profile = %pp.name, generation = ?at,
+                        "the profile moved during the interrupted deploy; it will be rolled back");
+                    changed = true;
+                }
+                pp.switched = true;
+                pp.new_generation = at;
+            } else if pp.switched && !pp.activated && pp.activation.is_none() {
+                remove_stray_generations(pp);
+                pp.switched = false;
+                pp.new_generation = None;
+                changed = true;
+            }
+        }
+        if changed {
+            if let Err(e) = self.save() {
+                tracing::error!("cannot save the reconciled pending record: {e}");
             }
         }
     }
@@ -340,6 +418,19 @@ fn delete_failed_generation(pp: &PendingProfile, previous: u64) -> std::io::Resu
     match pp.new_generation {
         Some(g) if g != previous => profiles::delete_generation(&pp.profile_path, g),
         _ => Ok(()),
+    }
+}
+
+/// Generations after the previous one that point at this deploy's path while the link
+/// never moved to them: `nix-env` made them and was cut off before it switched.
+fn remove_stray_generations(pp: &PendingProfile) {
+    let after = pp.previous_generation.unwrap_or(0);
+    for g in profiles::generations(&pp.profile_path).unwrap_or_default() {
+        if g.number > after && g.target.as_os_str() == pp.new_path.as_str() {
+            if let Err(e) = std::fs::remove_file(&g.link) {
+                tracing::warn!("cannot remove {}: {e}", g.link.display());
+            }
+        }
     }
 }
 

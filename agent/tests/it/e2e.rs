@@ -293,6 +293,117 @@ fn killed_by_a_fault_after_the_switch_the_agent_recovers_to_the_old_path() {
     assert_eq!(r.error.unwrap().phase, "recover");
 }
 
+/// Where a crash test kills the agent: a fault point, or inside `nix-env --set`.
+#[derive(Debug, Clone, Copy)]
+enum Crash {
+    At(&'static str),
+    InsideNixEnv,
+}
+
+/// Deploys v1, then kills the agent deploying v2 at `crash`, then runs it again (twice at
+/// most: a crash before the switch is retried) until v2 has an outcome. Checks what holds
+/// at every instant: the profile is exactly the old generation or the new one, no pending
+/// record is left, and `success` only where v2's activation really ran. Returns the outcome.
+fn crash_and_recover(f: &Fixtures, crash: Crash) -> String {
+    let (c, node) = setup(f);
+    deploy_v1(&c, &node, f);
+    publish(&c, &node, f, 2, f.profile("v2", json!({})));
+    let (v1, v2) = (f.get("v1").path.clone(), f.get("v2").path.clone());
+    let out = match crash {
+        Crash::At(point) => node.once(&[("ROOST_FAULT", point)]),
+        Crash::InsideNixEnv => {
+            // A nix-env that kills its caller, the agent, and then does its work: nix-env
+            // finishes after the agent died, as when a crash cuts the call.
+            let wrap = node.dir.path().join("wrap");
+            std::fs::create_dir_all(&wrap).unwrap();
+            let real = roost_preflight::which("nix-env").unwrap();
+            let done = node.dir.path().join("nix-env-done");
+            let script = format!(
+                "#!/bin/sh\nkill -9 \"$PPID\"\n{} \"$@\" </dev/null >/dev/null 2>&1\ntouch {}\n",
+                real.display(),
+                done.display()
+            );
+            let file = wrap.join("nix-env");
+            std::fs::write(&file, script).unwrap();
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o755)).unwrap();
+            let path = format!("{}:{}", wrap.display(), std::env::var("PATH").unwrap());
+            let out = node.once(&[("PATH", &path)]);
+            assert!(
+                node.wait_for(60, || done.exists()),
+                "the wrapped nix-env never finished"
+            );
+            assert_eq!(
+                node.system(),
+                Some((2, v2.clone())),
+                "nix-env did not switch after the agent died"
+            );
+            out
+        }
+    };
+    assert_eq!(
+        out.status.signal(),
+        Some(9),
+        "{crash:?}: the crash did not happen"
+    );
+    let outcome = (0..2)
+        .find_map(|_| {
+            node.once(&[]);
+            c.reports()
+                .into_iter()
+                .filter(|r| r.manifest_version.map(|v| v.0) == Some(2))
+                .map(|r| r.state.as_str().to_owned())
+                .find(|s| s == "success" || s == "rolled_back")
+        })
+        .unwrap_or_else(|| panic!("{crash:?}: no outcome for version 2"));
+    let (generation, path) = node.system().unwrap();
+    assert!(
+        node.status()["pending"].is_null(),
+        "{crash:?}: a pending record was left"
+    );
+    let v2_ran = node.activations().contains(&format!("switch {v2}"));
+    if outcome == "success" {
+        assert_eq!(path, v2, "{crash:?}: success, but the profile is not at v2");
+        assert!(
+            v2_ran,
+            "{crash:?}: reported success for a generation never activated"
+        );
+    } else {
+        assert_eq!(
+            (generation, path),
+            (1, v1),
+            "{crash:?}: rolled back, but not to v1"
+        );
+    }
+    outcome
+}
+
+#[test]
+fn a_crash_at_every_instant_between_two_saves_ends_old_or_activated_new() {
+    let f = require!(real_world());
+    // Before the switch is certain the deploy is tried again; from then on it is rolled back,
+    // unless it was activated and recorded, when it is confirmed.
+    for (crash, want) in [
+        (Crash::At("realise"), "success"),
+        (Crash::At("switch-intent"), "success"),
+        (Crash::At("set-profile"), "success"),
+        (Crash::InsideNixEnv, "rolled_back"),
+        (Crash::At("profile-set"), "rolled_back"),
+        (Crash::At("activate"), "rolled_back"),
+        (Crash::At("activation-spawned"), "rolled_back"),
+        (Crash::At("activated"), "rolled_back"),
+        (Crash::At("confirm"), "success"),
+    ] {
+        assert_eq!(crash_and_recover(f, crash), want, "{crash:?}");
+    }
+}
+
+#[test]
+fn a_crash_inside_nix_env_is_rolled_back_not_reported_as_a_success() {
+    let f = require!(real_world());
+    assert_eq!(crash_and_recover(f, Crash::InsideNixEnv), "rolled_back");
+}
+
 #[test]
 fn a_crash_before_the_activation_is_recorded_runs_nothing_and_rolls_back() {
     let f = require!(real_world());

@@ -275,6 +275,52 @@ async fn without_auto_rollback_a_failure_stays_on_the_new_version_and_says_so() 
     assert!(agent.state().quarantined.contains(&2));
 }
 
+#[tokio::test]
+async fn each_profile_rolls_back_by_its_own_auto_rollback_as_in_deploy_rs() {
+    let w = World::new();
+    let mut agent = w.agent(vec![]);
+    let home_link = w.dir.path().join("profiles/home");
+    let home = |name: &str, extra: Value| {
+        let mut p = w.profile(name, extra);
+        p["name"] = json!("home");
+        p["profile_path"] = json!(home_link);
+        p
+    };
+    let home_at = || {
+        profiles::current(&home_link)
+            .unwrap()
+            .map(|g| g.target.display().to_string())
+    };
+    agent
+        .handle_manifest(
+            &w.signed(
+                1,
+                vec![w.profile("sys-1", json!({})), home("home-1", json!({}))],
+            ),
+            None,
+        )
+        .await;
+    // `home` keeps what it gets (auto_rollback off); the system's check fails.
+    let v2 = vec![
+        w.profile("sys-2", failing_check()),
+        home("home-2", json!({"auto_rollback": false})),
+    ];
+    agent.handle_manifest(&w.signed(2, v2), None).await;
+    assert_eq!(
+        w.current(),
+        Some((1, fake_store_path("sys-1"))),
+        "system rolled back"
+    );
+    assert_eq!(home_at(), Some(fake_store_path("home-2")), "home stays");
+    let last = w.reports().pop().unwrap().1;
+    assert_eq!(
+        last["state"], "failed",
+        "not every profile went back: {last}"
+    );
+    let msg = last["error"]["message"].as_str().unwrap();
+    assert!(msg.contains("auto_rollback is off for home"), "{msg}");
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_closure_missing_from_the_cache_is_deferred_reported_once_and_retried() {
     let w = World::new();
@@ -942,6 +988,14 @@ async fn polls_are_held_open_only_where_the_coordinator_offers_it() {
     c.set_long_poll(true);
     let r = roost_agent::daemon::cycle(&mut agent, None).await;
     assert!(agent.long_poll_offered());
+    // The plain poll that learns of long-polls is followed by one at once, not after an
+    // interval (at the default 5 min a fresh agent waited that long, and found its
+    // connection closed by the coordinator's idle timeout).
+    let d = roost_agent::daemon::next_delay(&agent, &r, 0);
+    assert!(
+        d < Duration::from_millis(800),
+        "the first long-poll waited an interval: {d:?}"
+    );
     let r2 = roost_agent::daemon::cycle(&mut agent, Some(1)).await;
     assert_eq!(r2.poll, "not modified");
     assert!(r2.held);
@@ -950,7 +1004,6 @@ async fn polls_are_held_open_only_where_the_coordinator_offers_it() {
         d < Duration::from_millis(800),
         "a held poll is followed at once: {d:?}"
     );
-    let _ = r;
     let unreachable = roost_agent::daemon::CycleResult {
         verdict: Verdict::Converged,
         poll: "failed: down".into(),
@@ -994,4 +1047,76 @@ async fn a_deferred_manifest_that_expires_is_not_applied_late() {
             .unwrap()
             .contains("expired")
     );
+}
+
+#[tokio::test]
+async fn a_chunked_manifest_body_is_cut_off_at_the_cap_not_read_to_its_end() {
+    use std::io::{BufRead, BufReader, Write};
+    use std::sync::atomic::{AtomicU64, Ordering};
+    // A coordinator that answers with a chunked body of up to 1 GiB: no Content-Length to
+    // refuse it by.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let sent = Arc::new(AtomicU64::new(0));
+    let server = {
+        let sent = sent.clone();
+        std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            let mut r = BufReader::new(s.try_clone().unwrap());
+            let mut line = String::new();
+            while r.read_line(&mut line).unwrap() > 0 && line != "\r\n" {
+                line.clear();
+            }
+            let head = "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\netag: \"big\"\r\n\r\n";
+            s.write_all(head.as_bytes()).unwrap();
+            let chunk = vec![b'x'; 64 * 1024];
+            let frame = [format!("{:x}\r\n", chunk.len()).as_bytes(), &chunk, b"\r\n"].concat();
+            while sent.load(Ordering::SeqCst) < 1 << 30 {
+                if s.write_all(&frame).is_err() {
+                    break;
+                }
+                sent.fetch_add(chunk.len() as u64, Ordering::SeqCst);
+            }
+        })
+    };
+    let w = World::new();
+    let mut agent = w.agent(vec![url]);
+    let r = roost_agent::daemon::cycle(&mut agent, None).await;
+    assert!(r.poll.contains("over the limit"), "{}", r.poll);
+    drop(agent);
+    tokio::task::spawn_blocking(move || server.join().unwrap())
+        .await
+        .unwrap();
+    let sent = sent.load(Ordering::SeqCst);
+    // What the socket buffers held besides the 256 KiB read: a few MiB at most, not 1 GiB.
+    assert!(
+        sent < 32 << 20,
+        "the agent read {sent} bytes of a body capped at 256 KiB"
+    );
+}
+
+#[tokio::test]
+async fn a_manifest_refused_as_expired_by_a_clock_jump_is_applied_once_the_clock_is_right() {
+    let c = TestCoordinator::start();
+    let w = World::new();
+    let clock = Arc::new(ShiftedClock::new(0));
+    let mut agent = w.agent_with_clock(vec![c.url()], clock.clone());
+    c.publish(&w.signed(1, vec![w.profile("a", json!({}))]));
+    // The wall clock jumps a year ahead: the manifest (valid for a day) is refused.
+    clock.shift(365 * 86400);
+    let r = roost_agent::daemon::cycle(&mut agent, None).await;
+    assert_eq!(r.verdict, Verdict::NotConverged);
+    assert_eq!(agent.last_manifest_refused(), Some("expired"));
+    // Polled again, it is fetched again (not a 304 for its own ETag), and not as news.
+    let r = roost_agent::daemon::cycle(&mut agent, None).await;
+    assert_eq!(r.poll, "manifest refused (expired)", "not fetched again");
+    assert!(
+        !r.held,
+        "a refused manifest fetched again made the agent poll at once"
+    );
+    // The clock is set right: the same manifest, no new publish, no restart, is applied.
+    clock.shift(-365 * 86400);
+    let r = roost_agent::daemon::cycle(&mut agent, None).await;
+    assert_eq!(r.verdict, Verdict::Converged);
+    assert_eq!(w.current().unwrap().1, fake_store_path("a"));
 }

@@ -12,6 +12,7 @@ use crate::schedule::Window;
 use crate::time::Timestamp;
 
 pub mod http;
+pub mod rollout;
 
 /// The only manifest and report format this module reads and writes.
 pub const FORMAT: u64 = 1;
@@ -222,12 +223,79 @@ impl HealthCheck {
     }
 }
 
-/// Rollout hints.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+/// A manifest's place in a rollout (docs/protocol.md §6.9): its wave, the publish it
+/// belongs to, and that publish's policy and plan, the same in every manifest of one publish.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 pub struct Rollout {
     /// Lower waves go first.
     #[serde(default)]
     pub wave: u32,
+    /// The publish this manifest is part of (its base version); absent: not gated, a
+    /// coordinator serves it at once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<u64>,
+    /// The fraction of a wave's nodes that must report `success` before the next wave.
+    #[serde(default)]
+    pub min_healthy: Fraction,
+    /// The most nodes of a wave that may fail before the rollout halts.
+    #[serde(default)]
+    pub max_failed: u32,
+    /// Seconds the wave must stay above `min_healthy` before the next one is released.
+    #[serde(default)]
+    pub bake_time_s: u64,
+    /// How many nodes the publish has in each wave, lowest wave first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub waves: Vec<WaveSize>,
+}
+
+/// One wave of a publish and how many nodes it has.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WaveSize {
+    /// The wave.
+    pub wave: u32,
+    /// Nodes published in it.
+    pub nodes: u32,
+}
+
+/// A number from 0 to 1 (`min_healthy`); anything else is refused when read.
+#[derive(Debug, Clone, Copy, PartialEq, PartialOrd, Serialize)]
+#[serde(transparent)]
+pub struct Fraction(f64);
+
+impl Fraction {
+    /// The whole: 1.0.
+    pub const ONE: Fraction = Fraction(1.0);
+
+    /// `f` when it is a number from 0 to 1.
+    pub fn new(f: f64) -> Option<Self> {
+        (f.is_finite() && (0.0..=1.0).contains(&f)).then_some(Self(f))
+    }
+
+    /// The value.
+    pub fn get(self) -> f64 {
+        self.0
+    }
+
+    /// How many of `n` this fraction asks for, rounded up (0.5 of 3 is 2).
+    pub fn of(self, n: u32) -> u32 {
+        // A hair below the product, so 0.3 of 10 is 3 despite binary floating point.
+        let want = self.0 * f64::from(n) - 1e-9;
+        (want.ceil().max(0.0) as u32).min(n)
+    }
+}
+
+impl Default for Fraction {
+    fn default() -> Self {
+        Self::ONE
+    }
+}
+
+impl<'de> Deserialize<'de> for Fraction {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let f = f64::deserialize(d)?;
+        Fraction::new(f)
+            .ok_or_else(|| serde::de::Error::custom(format!("{f} is not a fraction from 0 to 1")))
+    }
 }
 
 /// What a node reports after each attempt (DESIGN §6).
@@ -402,6 +470,29 @@ mod tests {
         assert!(p.auto_rollback && p.magic_rollback);
         assert_eq!(p.activation, Activation::Nixos { goal: Goal::Switch });
         assert_eq!(m.rollout.wave, 0);
+        assert_eq!(m.rollout.id, None);
+        assert_eq!(m.rollout.min_healthy, Fraction::ONE);
+    }
+
+    #[test]
+    fn min_healthy_outside_zero_to_one_is_refused() {
+        for bad in ["1.5", "-0.1"] {
+            let e = serde_json::from_str::<Rollout>(&format!(r#"{{"min_healthy": {bad}}}"#))
+                .unwrap_err();
+            assert!(e.to_string().contains("not a fraction"), "{bad}: {e}");
+        }
+        let r: Rollout = serde_json::from_str(r#"{"wave": 2, "min_healthy": 0.5}"#).unwrap();
+        assert_eq!((r.wave, r.min_healthy.get()), (2, 0.5));
+    }
+
+    #[test]
+    fn a_fraction_of_a_wave_rounds_up() {
+        let f = |x| Fraction::new(x).unwrap();
+        assert_eq!(f(0.5).of(3), 2);
+        assert_eq!(f(0.3).of(10), 3);
+        assert_eq!(f(1.0).of(7), 7);
+        assert_eq!(f(0.0).of(7), 0);
+        assert_eq!(f(0.01).of(1), 1);
     }
 
     #[test]

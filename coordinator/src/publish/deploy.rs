@@ -15,7 +15,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use roost_common::nix::{Nix, NixError};
 use roost_common::schedule::Window;
-use roost_common::wire::v1::{Activation, HealthCheck, Profile, Source};
+use roost_common::wire::v1::{Activation, Fraction, HealthCheck, Profile, Source};
 use roost_common::{NodeName, ProfileName, ProfilePath, PublicKey, StorePath};
 use serde_json::{Map, Value};
 
@@ -35,10 +35,75 @@ pub struct NodeSpec {
     pub node_key: Option<PublicKey>,
     /// `roost.wave`.
     pub wave: u32,
+    /// `roost.rollout` of its flake's `deploy`.
+    pub rollout: RolloutPolicy,
     /// Profiles in activation order.
     pub profiles: Vec<ProfileSpec>,
     /// The flake it came from.
     pub source: Source,
+}
+
+/// `deploy.roost.rollout`: how a coordinator releases the publish wave by wave.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct RolloutPolicy {
+    /// `minHealthy`: the fraction of a wave that must report success.
+    pub min_healthy: Fraction,
+    /// `maxFailed`: failures a wave may have before the rollout halts.
+    pub max_failed: u32,
+    /// `bakeTime`, in seconds.
+    pub bake_time_s: u64,
+}
+
+/// Reads `deploy.roost.rollout`; an error names the attribute and what it must be.
+pub fn rollout_policy(deploy: &Map<String, Value>) -> Result<RolloutPolicy, String> {
+    const AT: &str = "deploy.roost.rollout";
+    let mut p = RolloutPolicy::default();
+    let Some(r) = deploy
+        .get("roost")
+        .and_then(|r| r.get("rollout"))
+        .filter(|v| !v.is_null())
+    else {
+        return Ok(p);
+    };
+    let Some(r) = r.as_object() else {
+        return Err(format!(
+            "{AT} must be an attribute set {{ minHealthy; maxFailed; bakeTime; }}, not {r}"
+        ));
+    };
+    for (k, v) in r {
+        let bad = |what: &str| format!("{AT}.{k} must be {what}, not {v}");
+        match k.as_str() {
+            _ if v.is_null() => {}
+            "minHealthy" => {
+                p.min_healthy = v
+                    .as_f64()
+                    .and_then(Fraction::new)
+                    .ok_or_else(|| bad("a number from 0 to 1 (a fraction of the wave's nodes)"))?;
+            }
+            "maxFailed" => {
+                p.max_failed = v
+                    .as_u64()
+                    .and_then(|n| u32::try_from(n).ok())
+                    .ok_or_else(|| bad("a whole number of nodes (0 or more)"))?;
+            }
+            "bakeTime" => {
+                p.bake_time_s = match v {
+                    Value::String(d) => roost_common::time::parse_duration(d)
+                        .map(|d| d.as_secs())
+                        .map_err(|e| format!("{AT}.bakeTime: {e}"))?,
+                    _ => v
+                        .as_u64()
+                        .ok_or_else(|| bad("a duration such as \"10min\" or whole seconds"))?,
+                };
+            }
+            _ => {
+                return Err(format!(
+                    "{AT}.{k} is not a rollout setting (minHealthy, maxFailed, bakeTime)"
+                ));
+            }
+        }
+    }
+    Ok(p)
 }
 
 /// A profile ready to be published: everything but what only the built output tells.
@@ -274,6 +339,8 @@ pub fn evaluate(
     }
     let empty = Map::new();
     let deploy_settings = settings.as_object().unwrap_or(&empty);
+    let rollout = rollout_policy(deploy_settings)
+        .map_err(|e| PublishError::Usage(format!("{flake}: {e}")))?;
     let mut out = Evaluated {
         nodes: Vec::new(),
         failures: BTreeMap::new(),
@@ -303,7 +370,7 @@ pub fn evaluate(
         }
         let wanted_profiles = selection.and_then(|s| s.get(name)).and_then(|p| p.as_ref());
         match node_spec(name, r, deploy_settings, wanted_profiles, source) {
-            Ok(spec) => out.nodes.push(spec),
+            Ok(spec) => out.nodes.push(NodeSpec { rollout, ..spec }),
             Err(NodeProblem::Usage(e)) => {
                 return Err(PublishError::Usage(format!("{flake}#\"{name}\": {e}")));
             }
@@ -578,6 +645,7 @@ fn node_spec(
         })?,
         node_key,
         wave,
+        rollout: RolloutPolicy::default(),
         profiles: specs,
         source: source.clone(),
     })
@@ -787,6 +855,52 @@ mod tests {
         }))
         .unwrap_err();
         assert_eq!(e, "profile `system` has no `path`");
+    }
+
+    #[test]
+    fn the_rollout_policy_is_read_with_its_defaults() {
+        let p =
+            |v: Value| rollout_policy(json!({ "roost": { "rollout": v } }).as_object().unwrap());
+        assert_eq!(
+            rollout_policy(&Map::new()).unwrap(),
+            RolloutPolicy::default()
+        );
+        let got = p(json!({ "minHealthy": 0.5, "maxFailed": 2, "bakeTime": "10min" })).unwrap();
+        assert_eq!(
+            (got.min_healthy.get(), got.max_failed, got.bake_time_s),
+            (0.5, 2, 600)
+        );
+        assert_eq!(p(json!({ "bakeTime": 30 })).unwrap().bake_time_s, 30);
+    }
+
+    #[test]
+    fn a_bad_rollout_value_names_the_attribute() {
+        let p = |v: Value| {
+            rollout_policy(json!({ "roost": { "rollout": v } }).as_object().unwrap()).unwrap_err()
+        };
+        for (v, attr) in [
+            (
+                json!({ "minHealthy": 1.5 }),
+                "deploy.roost.rollout.minHealthy",
+            ),
+            (
+                json!({ "minHealthy": "all" }),
+                "deploy.roost.rollout.minHealthy",
+            ),
+            (json!({ "maxFailed": -1 }), "deploy.roost.rollout.maxFailed"),
+            (
+                json!({ "bakeTime": "soon" }),
+                "deploy.roost.rollout.bakeTime",
+            ),
+            (
+                json!({ "maxFailures": 1 }),
+                "deploy.roost.rollout.maxFailures",
+            ),
+            (json!(3), "deploy.roost.rollout"),
+        ] {
+            let e = p(v.clone());
+            assert!(e.starts_with(attr), "{v}: {e}");
+        }
     }
 
     #[test]

@@ -716,8 +716,27 @@ fn manifest(
         substituters: opts.substituters.clone(),
         node_key: s.node_key.clone(),
         profiles,
-        rollout: v1::Rollout { wave: s.wave },
+        rollout: v1::Rollout {
+            wave: s.wave,
+            id: None,
+            min_healthy: s.rollout.min_healthy,
+            max_failed: s.rollout.max_failed,
+            bake_time_s: s.rollout.bake_time_s,
+            waves: Vec::new(),
+        },
     }
+}
+
+/// How many of the nodes being published are in each wave, lowest wave first.
+fn wave_plan(specs: &[NodeSpec]) -> Vec<v1::WaveSize> {
+    let mut by_wave: BTreeMap<u32, u32> = BTreeMap::new();
+    for s in specs {
+        *by_wave.entry(s.wave).or_default() += 1;
+    }
+    by_wave
+        .into_iter()
+        .map(|(wave, nodes)| v1::WaveSize { wave, nodes })
+        .collect()
 }
 
 type StagedNode = (String, Result<(NodeResult, Staged), String>);
@@ -734,9 +753,13 @@ async fn stage_all(
     wanted: u64,
 ) -> Vec<StagedNode> {
     let key = Arc::new(opts.key.clone());
+    let plan = wave_plan(specs);
     let jobs = specs.iter().map(|s| {
         let (d, s) = (delivery.clone(), s.clone());
         let mut m = manifest(opts, &s, info, activations, issued_at, wanted);
+        // One publish, one rollout: a coordinator releases it wave by wave (§6.9).
+        m.rollout.id = Some(wanted);
+        m.rollout.waves = plan.clone();
         let key = key.clone();
         let node = s.node.to_string();
         (node.clone(), async move {

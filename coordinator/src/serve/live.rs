@@ -1,5 +1,6 @@
 //! The live manifest table: each node's current manifest as served (exact bytes, ETag,
-//! parsed payload) and the `watch` channel its long-polls wait on. It is what the manifest
+//! parsed payload), the newer one its rollout wave may hold back (`staged`), and the `watch`
+//! channel its long-polls wait on. It is what the manifest
 //! handlers and the connection front answer from, and what the fleet views read; the files
 //! under `manifests/` (see `store.rs`) are its durable copy.
 
@@ -60,23 +61,38 @@ impl Current {
     }
 }
 
-/// A node known to this coordinator: its current manifest and the channel waiters watch.
+/// A node known to this coordinator: the manifest it is served, a newer one its rollout
+/// wave holds back, and the channel waiters watch (carrying the served version).
 struct Slot {
-    current: Arc<Current>,
+    current: Option<Arc<Current>>,
+    staged: Option<Arc<Current>>,
     tx: watch::Sender<u64>,
     /// Unix seconds of the node's last manifest poll; 0 before the first.
     polled: AtomicU64,
 }
 
 impl Slot {
-    fn new(current: Current) -> Self {
-        let (tx, _) = watch::channel(current.manifest.version.0);
+    fn empty() -> Self {
+        let (tx, _) = watch::channel(0);
         Self {
-            current: Arc::new(current),
+            current: None,
+            staged: None,
             tx,
             polled: AtomicU64::new(0),
         }
     }
+
+    fn serve(&mut self, cur: Arc<Current>) {
+        let version = cur.manifest.version.0;
+        self.current = Some(cur);
+        self.tx.send_replace(version);
+    }
+}
+
+/// A node's served manifest and the one held back for it.
+pub(super) struct Both {
+    pub served: Option<Arc<Current>>,
+    pub staged: Option<Arc<Current>>,
 }
 
 /// The ETag of a manifest version: the version, quoted.
@@ -92,10 +108,24 @@ pub(super) struct Live {
 }
 
 impl Live {
-    /// The node's current manifest.
+    /// The node's current manifest: the one it is served.
     pub fn get(&self, node: &NodeName) -> Option<Arc<Current>> {
         let map = self.nodes.read().unwrap_or_else(|p| p.into_inner());
-        map.get(node).map(|s| s.current.clone())
+        map.get(node).and_then(|s| s.current.clone())
+    }
+
+    /// The newest manifest stored for the node, served or held back: the floor of the next
+    /// upload.
+    pub fn latest(&self, node: &NodeName) -> Option<Arc<Current>> {
+        let map = self.nodes.read().unwrap_or_else(|p| p.into_inner());
+        map.get(node)
+            .and_then(|s| s.staged.clone().or_else(|| s.current.clone()))
+    }
+
+    /// The manifest held back for the node, if any.
+    pub fn staged(&self, node: &NodeName) -> Option<Arc<Current>> {
+        let map = self.nodes.read().unwrap_or_else(|p| p.into_inner());
+        map.get(node).and_then(|s| s.staged.clone())
     }
 
     /// The node's current manifest, for a poll: the poll's time is recorded (liveness for
@@ -105,7 +135,7 @@ impl Live {
         let slot = map.get(node)?;
         slot.polled
             .store(Timestamp::now().unix(), Ordering::Relaxed);
-        Some(slot.current.clone())
+        slot.current.clone()
     }
 
     /// A receiver that sees the node's versions from now on (for a long-poll; an answered
@@ -119,31 +149,64 @@ impl Live {
     pub fn all_polled(&self) -> Vec<(NodeName, Arc<Current>, Option<Timestamp>)> {
         let map = self.nodes.read().unwrap_or_else(|p| p.into_inner());
         map.iter()
-            .map(|(n, s)| {
+            .filter_map(|(n, s)| {
                 let polled = s.polled.load(Ordering::Relaxed);
                 let polled = (polled != 0).then(|| Timestamp::from_unix(polled));
-                (n.clone(), s.current.clone(), polled)
+                Some((n.clone(), s.current.clone()?, polled))
             })
             .collect()
     }
 
-    /// Replaces the node's manifest and wakes its waiters.
-    pub fn set(&self, node: &NodeName, cur: Current) {
-        let version = cur.manifest.version.0;
-        let mut map = self.nodes.write().unwrap_or_else(|p| p.into_inner());
-        match map.get_mut(node) {
-            Some(slot) => {
-                slot.current = Arc::new(cur);
-                slot.tx.send_replace(version);
-            }
-            None => {
-                map.insert(node.clone(), Slot::new(cur));
-            }
-        }
+    /// Every node with a manifest: the served one and the one held back.
+    pub fn all_with_staged(&self) -> Vec<(NodeName, Both)> {
+        let map = self.nodes.read().unwrap_or_else(|p| p.into_inner());
+        map.iter()
+            .map(|(n, s)| {
+                let both = Both {
+                    served: s.current.clone(),
+                    staged: s.staged.clone(),
+                };
+                (n.clone(), both)
+            })
+            .collect()
     }
 
-    /// How many nodes have a manifest.
+    /// Serves `cur` to the node at once (dropping what was held back) and wakes its waiters.
+    pub fn set(&self, node: &NodeName, cur: Current) {
+        let mut map = self.nodes.write().unwrap_or_else(|p| p.into_inner());
+        let slot = map.entry(node.clone()).or_insert_with(Slot::empty);
+        slot.staged = None;
+        slot.serve(Arc::new(cur));
+    }
+
+    /// Holds `cur` back: the node keeps being served what it was until [`Live::release`].
+    pub fn stage(&self, node: &NodeName, cur: Current) {
+        let mut map = self.nodes.write().unwrap_or_else(|p| p.into_inner());
+        let slot = map.entry(node.clone()).or_insert_with(Slot::empty);
+        slot.staged = Some(Arc::new(cur));
+    }
+
+    /// Serves the manifest held back for the node and wakes its waiters; the manifest now
+    /// served (stored, as the fleet views see it, `at` its release), or `None` when nothing
+    /// was held back.
+    pub fn release(&self, node: &NodeName, at: Timestamp) -> Option<Arc<Current>> {
+        let mut map = self.nodes.write().unwrap_or_else(|p| p.into_inner());
+        let slot = map.get_mut(node)?;
+        let held = slot.staged.take()?;
+        let cur = Arc::new(Current {
+            bytes: held.bytes.clone(),
+            etag: held.etag.clone(),
+            manifest: held.manifest.clone(),
+            digest: held.digest,
+            stored_at: at,
+        });
+        slot.serve(cur.clone());
+        Some(cur)
+    }
+
+    /// How many nodes have a manifest served.
     pub fn len(&self) -> usize {
-        self.nodes.read().unwrap_or_else(|p| p.into_inner()).len()
+        let map = self.nodes.read().unwrap_or_else(|p| p.into_inner());
+        map.values().filter(|s| s.current.is_some()).count()
     }
 }

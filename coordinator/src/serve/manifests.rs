@@ -21,6 +21,7 @@ use serde::Deserialize;
 use tokio::sync::watch;
 
 use super::error::{ApiError, ApiResult};
+use super::gate::Placement;
 use super::live::{Current, etag_for};
 use super::state::{App, blocking, parse_node, read_body};
 
@@ -244,7 +245,8 @@ pub(super) async fn put_manifest(
         .system;
     let lock = app.write_lock(&node);
     let _guard = lock.lock().await;
-    let floor = app.live.get(&node).map(|c| Floor {
+    // The floor is the newest upload, served or held back for its wave.
+    let floor = app.live.latest(&node).map(|c| Floor {
         version: c.manifest.version,
         digest: c.digest,
     });
@@ -278,11 +280,19 @@ pub(super) async fn put_manifest(
     let store_bytes = bytes.clone();
     let app2 = app.clone();
     let node2 = node.clone();
+    let manifest = verified.manifest.clone();
     let version = verified.manifest.version.0;
     let source = verified.manifest.source.clone().unwrap_or_default();
     let stored_at = Timestamp::now();
-    blocking("storing the manifest", move || {
-        app2.store.save_manifest(&node2, &store_bytes)?;
+    let placement = blocking("storing the manifest", move || {
+        let p = app2.gate.place(&app2.store, &node2, &manifest, stored_at)?;
+        match p {
+            Placement::Serve => {
+                app2.store.save_manifest(&node2, &store_bytes)?;
+                app2.store.remove_staged(&node2)?;
+            }
+            Placement::Hold => app2.store.save_staged(&node2, &store_bytes)?,
+        }
         // Only names the revision a node reports running: a failure costs the fleet views
         // a column, not the upload.
         let (rev, dirty) = (source.rev.as_deref(), source.dirty);
@@ -292,10 +302,11 @@ pub(super) async fn put_manifest(
         {
             tracing::warn!(node = %node2, version, "cannot record the manifest's source: {e}");
         }
-        Ok(())
+        Ok(p)
     })
     .await
     .map_err(|e| with_node(e, &node))?;
+    let wave = verified.manifest.rollout.wave;
     let cur = Current {
         etag: etag_for(version),
         digest: verified.digest,
@@ -303,12 +314,17 @@ pub(super) async fn put_manifest(
         bytes,
         stored_at,
     };
-    app.live.set(&node, cur);
-    tracing::info!(%node, version, "manifest stored");
+    let served = placement == Placement::Serve;
+    if served {
+        app.live.set(&node, cur);
+    } else {
+        app.live.stage(&node, cur);
+    }
+    tracing::info!(%node, version, wave, served, "manifest stored");
     Ok((
         StatusCode::OK,
         [(header::CONTENT_TYPE, "application/json")],
-        serde_json::json!({"node": node, "version": version}).to_string(),
+        serde_json::json!({"node": node, "version": version, "served": served}).to_string(),
     )
         .into_response())
 }

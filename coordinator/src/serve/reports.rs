@@ -182,6 +182,21 @@ pub(super) async fn post_report(
         }
     }
     tracing::info!(%node, seq, state = report.state.as_str(), "report received");
+    let released = if !app.gate.is_member(&node) {
+        Ok(Vec::new())
+    } else {
+        let (app, node) = (app.clone(), node.clone());
+        blocking("saving the rollout state", move || {
+            app.gate
+                .observe(&app.store, &node, &report, Timestamp::now())
+        })
+        .await
+    };
+    match released {
+        Ok(nodes) => super::gate::release(&app, nodes).await,
+        // The report is stored; the rollout takes it in again at the next start.
+        Err(e) => tracing::error!(%node, "rollout: {}", e.message),
+    }
     Ok((
         StatusCode::OK,
         [(header::CONTENT_TYPE, "application/json")],

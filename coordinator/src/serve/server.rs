@@ -19,7 +19,7 @@ use super::front::Front;
 use super::manifests::MANIFEST_ROUTE;
 use super::state::{App, ServerConfig};
 use super::store::StoreError;
-use super::{cache, dashboard, fleet, manifests, observe, pins, reports};
+use super::{cache, dashboard, fleet, gate, manifests, observe, pins, reports};
 
 /// Why the server could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -60,6 +60,8 @@ fn router(app: Arc<App>) -> Router {
             pins::KEY_ROUTE,
             axum::routing::put(pins::put_key).delete(pins::delete_key),
         )
+        .route(gate::ROLLOUT_ROUTE, get(gate::get_rollout))
+        .route(gate::ACTION_ROUTE, axum::routing::post(gate::post_action))
         .route(v1::route::FLEET, get(fleet::get_fleet))
         .route(v1::route::METRICS, get(fleet::get_metrics))
         .route(dashboard::INDEX_ROUTE, get(dashboard::get_index))
@@ -137,6 +139,7 @@ impl Coordinator {
         let mut conns = tokio::task::JoinSet::new();
         tracing::info!(%addr, tls = acceptor.is_some(), "roost-coordinator serving");
         tokio::pin!(shutdown);
+        let timer = tokio::spawn(gate::timer(app.clone()));
         loop {
             let (tcp, _peer) = tokio::select! {
                 r = listener.accept() => match r {
@@ -181,6 +184,7 @@ impl Coordinator {
             );
         }
         conns.abort_all();
+        timer.abort();
         Ok(())
     }
 }

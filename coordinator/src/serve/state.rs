@@ -15,6 +15,7 @@ use roost_common::{NodeName, TrustedKeys};
 use tokio_util::sync::CancellationToken;
 
 use super::error::ApiError;
+use super::gate::Gate;
 use super::live::{Current, Live};
 use super::observe::Observed;
 use super::store::{Store, StoreError};
@@ -80,6 +81,8 @@ pub(super) struct App {
     pub store: Store,
     /// Every node's current manifest, in memory.
     pub live: Live,
+    /// The current rollout: which held-back manifests may be served.
+    pub gate: Gate,
     write_locks: Mutex<HashMap<NodeName, Arc<tokio::sync::Mutex<()>>>>,
     /// Answered requests by `METHOD ROUTE`, then status. Keyed by the route first so that
     /// counting one (every poll does) is a lookup by `&str`, without an allocation.
@@ -109,11 +112,13 @@ impl App {
                 ),
             }
         }
+        let gate = load_rollout(&cfg, &store, &live)?;
         tracing::info!(nodes = live.len(), state_dir = %cfg.state_dir.display(), "state loaded");
         Ok(Self {
             cfg,
             store,
             live,
+            gate,
             write_locks: Mutex::new(HashMap::new()),
             requests: Mutex::new(HashMap::new()),
             waiting: AtomicU64::new(0),
@@ -138,6 +143,49 @@ impl App {
         let mut locks = self.write_locks.lock().unwrap_or_else(|p| p.into_inner());
         locks.entry(node.clone()).or_default().clone()
     }
+}
+
+/// Loads the manifests rollouts hold back and the current rollout, and serves those whose
+/// wave was released (a crash may have come between saving that and writing them).
+fn load_rollout(cfg: &ServerConfig, store: &Store, live: &Live) -> Result<Gate, StoreError> {
+    for (node, bytes) in store.load_staged()? {
+        let stored_at = std::fs::metadata(store.staged_path(&node))
+            .and_then(|m| m.modified())
+            .map_or_else(|_| roost_common::Timestamp::now(), Into::into);
+        match Current::from_stored(bytes, &cfg.publishers, &node, stored_at) {
+            Ok(cur)
+                if live
+                    .get(&node)
+                    .is_none_or(|c| cur.manifest.version > c.manifest.version) =>
+            {
+                live.stage(&node, cur)
+            }
+            Ok(_) => store.remove_staged(&node)?,
+            Err(e) => tracing::error!(
+                %node,
+                "not using the held-back manifest {}: {e}",
+                store.staged_path(&node).display()
+            ),
+        }
+    }
+    let latest: Vec<_> = live
+        .all_with_staged()
+        .into_iter()
+        .filter_map(|(n, b)| Some((n, b.staged.or(b.served)?.manifest.clone())))
+        .collect();
+    let records = match store.nodes() {
+        Err(StoreError::ReportsUnavailable(_)) => Vec::new(),
+        r => r?,
+    };
+    let gate = Gate::default();
+    let now = roost_common::Timestamp::now();
+    for node in gate.load(store, &latest, &records, now)? {
+        if let Some(cur) = live.release(&node, now) {
+            store.save_manifest(&node, &cur.bytes)?;
+            store.remove_staged(&node)?;
+        }
+    }
+    Ok(gate)
 }
 
 /// Runs a blocking state-folder call (SQLite, file writes) off the async threads; its

@@ -14,6 +14,12 @@ use rusqlite::{Connection, OptionalExtension, params};
 /// The manifests' folder in the state folder; below it, the static layout of `publish --out`.
 const MANIFESTS: &str = "manifests";
 
+/// Manifests a rollout holds back, in the same layout: not served until their wave is.
+const STAGED: &str = "staged";
+
+/// The current rollout's state (docs/protocol.md §8.2).
+const ROLLOUT_FILE: &str = "rollout.json";
+
 /// What can go wrong with the state folder.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -325,7 +331,55 @@ impl Store {
     /// a node name or a manifest that cannot be read is logged and skipped; only an
     /// unreadable manifests folder is an error.
     pub fn load_manifests(&self) -> Result<Vec<(NodeName, Vec<u8>)>, StoreError> {
-        let dir = self.root.join(MANIFESTS).join(v1::nodes_dir());
+        self.load_layout(MANIFESTS)
+    }
+
+    /// Every manifest a rollout holds back, as [`Store::load_manifests`] reads them.
+    pub fn load_staged(&self) -> Result<Vec<(NodeName, Vec<u8>)>, StoreError> {
+        match self.root.join(STAGED).join(v1::nodes_dir()).exists() {
+            true => self.load_layout(STAGED),
+            false => Ok(Vec::new()),
+        }
+    }
+
+    /// Where `node`'s held-back manifest lives.
+    pub fn staged_path(&self, node: &NodeName) -> PathBuf {
+        self.root.join(STAGED).join(v1::manifest_file(node))
+    }
+
+    /// Stores a manifest its rollout holds back, atomically.
+    pub fn save_staged(&self, node: &NodeName, bytes: &[u8]) -> Result<(), StoreError> {
+        write_atomic(&self.staged_path(node), bytes)
+    }
+
+    /// Forgets `node`'s held-back manifest (served now, or replaced by a newer upload). A
+    /// crash before this leaves a file that the next start drops as no newer than what is
+    /// served.
+    pub fn remove_staged(&self, node: &NodeName) -> Result<(), StoreError> {
+        let path = self.staged_path(node);
+        match std::fs::remove_file(&path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(io(&path)(e)),
+            _ => Ok(()),
+        }
+    }
+
+    /// The saved rollout state, when there is one.
+    pub fn load_rollout(&self) -> Result<Option<Vec<u8>>, StoreError> {
+        let path = self.root.join(ROLLOUT_FILE);
+        match std::fs::read(&path) {
+            Ok(b) => Ok(Some(b)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(io(&path)(e)),
+        }
+    }
+
+    /// Saves the rollout state atomically.
+    pub fn save_rollout(&self, bytes: &[u8]) -> Result<(), StoreError> {
+        write_atomic(&self.root.join(ROLLOUT_FILE), bytes)
+    }
+
+    fn load_layout(&self, folder: &str) -> Result<Vec<(NodeName, Vec<u8>)>, StoreError> {
+        let dir = self.root.join(folder).join(v1::nodes_dir());
         let mut out = Vec::new();
         for e in std::fs::read_dir(&dir).map_err(io(&dir))? {
             let e = e.map_err(io(&dir))?;

@@ -42,6 +42,10 @@ pub mod route {
     /// The key a node's reports are checked with when its manifest names none: PUT pins
     /// one, DELETE clears it (an operator's, with the admin token).
     pub const NODE_KEY: &str = "/v1/nodes/{node}/key";
+    /// The current rollout (GET).
+    pub const ROLLOUT: &str = "/v1/rollout";
+    /// An operator's action on it (POST): `pause`, `resume`, `abort`, `promote`.
+    pub const ROLLOUT_ACTION: &str = "/v1/rollout/{action}";
 }
 
 /// Where nodes live, below a server's root or a static folder.
@@ -88,6 +92,16 @@ pub fn report_history_url(base: &str, node: impl Display, limit: u64) -> String 
 /// `BASE/v1/fleet`.
 pub fn fleet_url(base: &str) -> String {
     format!("{base}{}", route::FLEET)
+}
+
+/// `BASE/v1/rollout`.
+pub fn rollout_url(base: &str) -> String {
+    format!("{base}{}", route::ROLLOUT)
+}
+
+/// `BASE/v1/rollout/ACTION`.
+pub fn rollout_action_url(base: &str, action: impl Display) -> String {
+    format!("{base}{}/{action}", route::ROLLOUT)
 }
 
 /// What the URL path of a file in the embedded binary cache starts with.
@@ -167,6 +181,13 @@ mod tests {
             "https://roost.example.org/v1/nodes/pi/reports?limit=10"
         );
         assert_eq!(fleet_url(base), "https://roost.example.org/v1/fleet");
+        assert_eq!(
+            format!(
+                "{base}{}",
+                route::ROLLOUT_ACTION.replace("{action}", "pause")
+            ),
+            rollout_action_url(base, "pause")
+        );
         assert_eq!(cache_url(base), "https://roost.example.org/cache");
         assert_eq!(format!("{}/", cache_url("")), CACHE_PREFIX);
         assert!(route::CACHE.starts_with(CACHE_PREFIX));

@@ -56,7 +56,14 @@ fn main() -> anyhow::Result<()> {
             opt("--conns", 64) as usize,
             opt("--seconds", 10),
         )),
-        "idle-poll" => rt.block_on(idle_poll(opt("--seconds", 60))),
+        "idle-poll" => rt.block_on(idle_poll(
+            opt("--seconds", 60),
+            args.iter().any(|a| a == "--default-interval"),
+            args.iter()
+                .position(|a| a == "--only")
+                .and_then(|i| args.get(i + 1))
+                .cloned(),
+        )),
         "convergence" => convergence(opt("--nodes", 10) as usize, opt("--interval", 60)),
         "held-tls" => rt.block_on(held_tls::run(opt("--nodes", 10_000) as usize)),
         "convergence-sim" => rt.block_on(sim::run(
@@ -104,7 +111,7 @@ fn main() -> anyhow::Result<()> {
             );
             eprintln!("       bench publish-scaling [--sizes 10,100,1000] [--baseline-max 100]");
             eprintln!(
-                "       bench idle-poll [--seconds 60]   (root: a namespaced node with real Nix)"
+                "       bench idle-poll [--seconds 60] [--default-interval] [--only MODE]   (root: a namespaced node with real Nix)"
             );
             eprintln!(
                 "       bench convergence [--nodes 10] [--interval 60]   (root: namespaced nodes, real Nix)"
@@ -662,9 +669,25 @@ fn conditional_gets_304(coordinator: &roost_tests::Coordinator) -> u64 {
     )
 }
 
+/// One way of polling that `idle-poll` measures.
+struct IdleMode {
+    name: &'static str,
+    /// The agent's `--interval`, in seconds (a long-poll's `wait` is the same).
+    interval_s: u64,
+    long_poll: bool,
+    tls: bool,
+}
+
 /// What one idle node pays: the real agent, on a namespaced node, polling through a counting
-/// proxy, with CPU from /proc and polls counted by the coordinator.
-async fn idle_poll(seconds: u64) -> anyhow::Result<()> {
+/// proxy, with CPU from /proc and polls counted by the coordinator. Long-polls are measured
+/// at a short interval (1 s, the worst case: a request every 1.5 s), at 30 s and, with
+/// `--default-interval`, at the agent's default of 5 minutes (`wait=300`), each over at least
+/// four of its cycles.
+async fn idle_poll(
+    seconds: u64,
+    default_interval: bool,
+    only: Option<String>,
+) -> anyhow::Result<()> {
     use roost_tests::Fleet;
     use roost_tests::proxy::CountingProxy;
     roost_tests::preflight().map_err(|e| anyhow::anyhow!("{e}"))?;
@@ -689,17 +712,49 @@ async fn idle_poll(seconds: u64) -> anyhow::Result<()> {
         &key,
     )
     .await?;
-    for (mode, long_poll, tls) in [
-        ("plain polling, 1 s interval, keep-alive", false, false),
-        ("long-poll (wait = interval = 2 s)", true, false),
-        (
+    let mode = |name, interval_s, long_poll, tls| IdleMode {
+        name,
+        interval_s,
+        long_poll,
+        tls,
+    };
+    let mut modes = vec![
+        mode("plain polling, 1 s interval, keep-alive", 1, false, false),
+        mode("long-poll, 1 s interval (wait=1)", 1, true, false),
+        mode("long-poll, 30 s interval (wait=30)", 30, true, false),
+        mode(
             "HTTPS (rustls), plain polling, 1 s interval, keep-alive",
+            1,
             false,
             true,
         ),
-    ] {
-        let proxy = if tls { &tls_proxy } else { &proxy };
-        let node_url = if tls {
+        // The coordinator closes a connection idle for --header-timeout (30 s): every poll
+        // is a new TCP and TLS connection.
+        mode(
+            "HTTPS (rustls), plain polling, 60 s interval, a new connection per poll",
+            60,
+            false,
+            true,
+        ),
+    ];
+    if default_interval {
+        modes.push(mode(
+            "long-poll, default 5 min interval (wait=300)",
+            300,
+            true,
+            false,
+        ));
+        modes.push(mode(
+            "plain polling, default 5 min interval",
+            300,
+            false,
+            false,
+        ));
+    }
+    modes.retain(|m| only.as_deref().is_none_or(|o| m.name.contains(o)));
+    for m in modes {
+        let proxy = if m.tls { &tls_proxy } else { &proxy };
+        let node_url = if m.tls {
             format!("https://{}", proxy.addr)
         } else {
             format!("http://{}", proxy.addr)
@@ -714,11 +769,11 @@ async fn idle_poll(seconds: u64) -> anyhow::Result<()> {
             .iter()
             .position(|a| a == "--interval")
             .context("args")?;
-        args[j + 1] = if long_poll { "2s".into() } else { "1s".into() };
-        if !long_poll {
+        args[j + 1] = format!("{}s", m.interval_s);
+        if !m.long_poll {
             args.push("--no-long-poll".into());
         }
-        if tls {
+        if m.tls {
             args.push("--ca-cert".into());
             args.push(ca.display().to_string());
         }
@@ -729,38 +784,48 @@ async fn idle_poll(seconds: u64) -> anyhow::Result<()> {
                 f.wait_report("pi-kitchen", version, "success", Duration::from_secs(120))
             })?;
         }
+        // Settle: the first long-poll of a fresh agent is a plain poll (it learns that the
+        // coordinator holds polls from the answer).
         tokio::time::sleep(Duration::from_secs(3)).await;
         let pid = fleet.node("pi-kitchen").agent_pid().context("agent pid")?;
+        let window = seconds.max(if m.long_poll {
+            4 * m.interval_s + 5
+        } else {
+            2 * m.interval_s
+        });
         let (cpu0, (up0, down0, conns0), polls0) = (
             cpu_ns(pid),
             proxy.counters.snapshot(),
             conditional_gets_304(&fleet.coordinator),
         );
         let t0 = Instant::now();
-        tokio::time::sleep(Duration::from_secs(seconds)).await;
+        tokio::time::sleep(Duration::from_secs(window)).await;
         let (cpu1, (up1, down1, conns1), polls1) = (
             cpu_ns(pid),
             proxy.counters.snapshot(),
             conditional_gets_304(&fleet.coordinator),
         );
         let polls = (polls1 - polls0).max(1);
+        let elapsed = t0.elapsed().as_secs_f64();
+        let cpu_ms = (cpu1 - cpu0) as f64 / 1e6;
         println!(
             "{}",
-            json!({"scenario": "idle_poll", "mode": mode, "seconds": t0.elapsed().as_secs_f64(), "polls": polls,
-                   "cpu_ms_per_poll": (cpu1 - cpu0) as f64 / 1e6 / polls as f64,
+            json!({"scenario": "idle_poll", "mode": m.name, "seconds": elapsed, "polls": polls,
+                   "cpu_ms_per_poll": cpu_ms / polls as f64,
+                   "cpu_ms_per_hour": cpu_ms / elapsed * 3600.0,
                    "bytes_sent_per_poll": (up1 - up0) as f64 / polls as f64,
                    "bytes_received_per_poll": (down1 - down0) as f64 / polls as f64,
                    "new_connections": conns1 - conns0,
                    "agent_rss_mib": rss_kib(pid) as f64 / 1024.0,
                    "cpu_source": "/proc/PID/task/*/schedstat (ns on CPU, all threads)"})
         );
-        if tls && polls < 5 {
+        if polls < (window / (m.interval_s + 1)).max(2) {
             eprintln!(
-                "HTTPS polls failed? agent log:\n{}",
+                "fewer polls than expected: agent log:\n{}",
                 roost_tests::fleet::tail(&fleet.node("pi-kitchen").log(), 15)
             );
         }
-        if !long_poll && !tls {
+        if !m.long_poll && !m.tls && m.interval_s == 1 {
             // A poll that brings a new manifest for a closure the node already has.
             let before = cpu_ns(pid);
             let again = {
