@@ -50,14 +50,40 @@ pub fn short_duration(d: Duration) -> String {
     }
 }
 
-impl Wait {
-    /// The reason's kind, as in reports and metrics: `window`, `power`, `metered`, `defer`.
-    pub fn kind(&self) -> &'static str {
+/// What kind of wait, as reports (`error.phase`), `state.json` and metrics name it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WaitKind {
+    /// An apply window.
+    Window,
+    /// Power.
+    Power,
+    /// A metered network.
+    Metered,
+    /// The user's deferral.
+    Defer,
+}
+
+impl WaitKind {
+    /// Its name: `window`, `power`, `metered`, `defer`.
+    pub fn as_str(self) -> &'static str {
         match self {
-            Wait::Window { .. } => "window",
-            Wait::Power(_) => "power",
-            Wait::Metered { .. } => "metered",
-            Wait::Deferred { .. } => "defer",
+            WaitKind::Window => "window",
+            WaitKind::Power => "power",
+            WaitKind::Metered => "metered",
+            WaitKind::Defer => "defer",
+        }
+    }
+}
+
+impl Wait {
+    /// The reason's kind.
+    pub fn kind(&self) -> WaitKind {
+        match self {
+            Wait::Window { .. } => WaitKind::Window,
+            Wait::Power(_) => WaitKind::Power,
+            Wait::Metered { .. } => WaitKind::Metered,
+            Wait::Deferred { .. } => WaitKind::Defer,
         }
     }
 
@@ -101,15 +127,15 @@ impl Wait {
 /// A wait's summary with the time left at `now`: `… (opens in 3h12m)` for a window, `… (in
 /// 4h00m)` for a deferral.
 pub fn with_time_left(
-    kind: &str,
+    kind: WaitKind,
     summary: &str,
     until: Option<Timestamp>,
     now: Timestamp,
 ) -> String {
     let left = |t: Timestamp| short_duration(Duration::from_secs(t.secs_since(now)));
     match (kind, until) {
-        ("window", Some(t)) => format!("{summary} (opens in {})", left(t)),
-        ("defer", Some(t)) => format!("{summary} (in {})", left(t)),
+        (WaitKind::Window, Some(t)) => format!("{summary} (opens in {})", left(t)),
+        (WaitKind::Defer, Some(t)) => format!("{summary} (in {})", left(t)),
         _ => summary.to_owned(),
     }
 }
@@ -170,7 +196,7 @@ mod tests {
         let s = [Schedule::parse(&["Mon-Fri 12:00-13:00"]).unwrap()];
         let now = utc("2026-12-07T08:48:00Z");
         let w = before_apply(now, &TimeZone::UTC, &s, None).unwrap();
-        assert_eq!(w.kind(), "window");
+        assert_eq!(w.kind(), WaitKind::Window);
         assert_eq!(w.until(), Some("2026-12-07T12:00:00Z".parse().unwrap()));
         assert_eq!(
             w.describe(Timestamp::from(now)),
@@ -199,7 +225,7 @@ mod tests {
         let now = utc("2026-12-07T12:00:00Z");
         let until = Timestamp::from(now).plus(Duration::from_secs(4 * 3600));
         let w = before_apply(now, &TimeZone::UTC, &[], Some(until)).unwrap();
-        assert_eq!(w.kind(), "defer");
+        assert_eq!(w.kind(), WaitKind::Defer);
         assert!(w.describe(Timestamp::from(now)).contains("(in 4h00m)"));
         let later = until.to_system_time();
         assert_eq!(before_apply(later, &TimeZone::UTC, &[], Some(until)), None);
@@ -214,7 +240,7 @@ mod tests {
         let p = PowerPolicy::default();
         assert_eq!(
             before_download(low, p, true, 1 << 30, 1 << 20).map(|w| w.kind()),
-            Some("power")
+            Some(WaitKind::Power)
         );
         let mains = PowerState::MAINS;
         let w = before_download(mains, p, true, 1 << 30, 100 << 20).unwrap();

@@ -21,7 +21,7 @@ pub struct Waiting {
     /// The version that waits.
     pub version: u64,
     /// `window`, `power`, `metered` or `defer`.
-    pub kind: String,
+    pub kind: crate::gate::WaitKind,
     /// When the wait ends by itself, when known.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub until: Option<Timestamp>,
@@ -32,7 +32,7 @@ pub struct Waiting {
 impl Waiting {
     /// For people, at `now`: the summary with the time left.
     pub fn message(&self, now: Timestamp) -> String {
-        crate::gate::with_time_left(&self.kind, &self.summary, self.until, now)
+        crate::gate::with_time_left(self.kind, &self.summary, self.until, now)
     }
 }
 

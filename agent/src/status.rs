@@ -15,6 +15,7 @@ use roost_common::{ProfileName, StorePath, Timestamp, Version};
 use serde::{Deserialize, Serialize};
 
 use crate::activate::default_profile_path;
+use crate::gate::WaitKind;
 use crate::laptop;
 use crate::retention::GcRecord;
 use crate::state::{DeployRecord, Pending, Phase, RefusedManifest, Snapshot, StateDir};
@@ -90,7 +91,7 @@ pub struct WaitingView {
     /// The version that waits.
     pub version: u64,
     /// `window`, `power`, `metered` or `defer`.
-    pub kind: String,
+    pub kind: WaitKind,
     /// When the wait ends by itself, when known.
     pub until: Option<Timestamp>,
     /// For people: `waiting for window Mon-Fri 12:00-13:00 (opens in 3h12m)`.
@@ -162,7 +163,7 @@ pub fn document(dir: &Path, live: Option<Snapshot>) -> anyhow::Result<StatusDoc>
         .filter(|_| state.current_version != desired.map(|m| m.version))
         .map(|w| WaitingView {
             version: w.version,
-            kind: w.kind.clone(),
+            kind: w.kind,
             until: w.until,
             message: w.message(now),
         });
@@ -469,7 +470,7 @@ mod tests {
         let mut d = doc(None, None);
         d.waiting = Some(WaitingView {
             version: 7,
-            kind: "window".into(),
+            kind: WaitKind::Window,
             until: None,
             message: "waiting for window Mon-Fri 12:00-13:00 (opens in 3h12m)".into(),
         });

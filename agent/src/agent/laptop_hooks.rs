@@ -169,7 +169,7 @@ impl Agent {
         tracing::info!(%version, "{message}");
         self.state.laptop.waiting = Some(Waiting {
             version,
-            kind: wait.kind().to_owned(),
+            kind: wait.kind(),
             until: wait.until(),
             summary: wait.summary(),
         });
@@ -421,7 +421,7 @@ impl Agent {
                 .map(|d| d.state.as_str().to_owned()),
             deferred_reason: self
                 .waiting()
-                .map(|w| w.kind.clone())
+                .map(|w| w.kind.as_str().to_owned())
                 .or_else(|| {
                     self.state
                         .last_deploy
