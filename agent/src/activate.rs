@@ -919,15 +919,18 @@ mod tests {
         );
     }
 
+    /// The user `nobody`, for tests that switch to another user.
+    fn nobody() -> Result<::nix::unistd::User, &'static str> {
+        ::nix::unistd::User::from_name("nobody")
+            .ok()
+            .flatten()
+            .ok_or("there is no user `nobody` to switch to")
+    }
+
     #[tokio::test]
     async fn a_command_runs_as_the_named_user() {
         roost_preflight::require!(roost_preflight::root("switching users"));
-        let nobody = roost_preflight::require!(
-            ::nix::unistd::User::from_name("nobody")
-                .ok()
-                .flatten()
-                .ok_or("there is no user `nobody` to switch to")
-        );
+        let nobody = roost_preflight::require!(nobody());
         let dir = tempfile::tempdir().unwrap();
         std::fs::set_permissions(
             dir.path(),
@@ -966,12 +969,7 @@ mod tests {
     fn a_user_profile_link_and_its_generation_belong_to_the_user() {
         use std::os::unix::fs::MetadataExt;
         roost_preflight::require!(roost_preflight::root("changing owners"));
-        let nobody = roost_preflight::require!(
-            ::nix::unistd::User::from_name("nobody")
-                .ok()
-                .flatten()
-                .ok_or("there is no user `nobody`")
-        );
+        let nobody = roost_preflight::require!(nobody());
         let dir = tempfile::tempdir().unwrap();
         let link = dir.path().join("profiles/tools");
         make_profile_dir(&link, "nobody").unwrap();

@@ -162,12 +162,17 @@ impl Fleet {
     /// summary. Only the fleet's own nodes, so that a rollout (docs/protocol.md §6.9) never
     /// waits for a node of the flake that has no agent here.
     pub fn publish(&self, targets: &[&str]) -> anyhow::Result<Value> {
+        self.publish_with(targets, &[])
+    }
+
+    /// [`publish`](Self::publish) with `extra` arguments after the harness's own.
+    pub fn publish_with(&self, targets: &[&str], extra: &[&str]) -> anyhow::Result<Value> {
         let own: Vec<String> = self.nodes.iter().map(|n| format!("#{}", n.name)).collect();
         let targets: Vec<&str> = match targets.is_empty() {
             true => own.iter().map(String::as_str).collect(),
             false => targets.to_vec(),
         };
-        let out = self.publish_command(&targets).output()?;
+        let out = self.publish_command(&targets).args(extra).output()?;
         let summary: Value = serde_json::from_slice(&out.stdout).with_context(|| {
             format!(
                 "publish printed no JSON ({}):\n{}",

@@ -8,7 +8,6 @@ use std::process::Output;
 
 use roost_tests::fleet::{Settings, tail};
 use roost_tests::{Fleet, preflight, require};
-use serde_json::Value;
 
 const NODE: &str = "pi-kitchen";
 
@@ -19,14 +18,7 @@ fn publish(f: &Fleet, g: u32, extra: &[&str]) -> (String, u64) {
         ..Settings::default()
     })
     .unwrap();
-    let target = format!("#{NODE}");
-    let out = f.publish_command(&[&target]).args(extra).output().unwrap();
-    assert!(
-        out.status.success(),
-        "publish: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let summary: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let summary = f.publish_with(&[&format!("#{NODE}")], extra).unwrap();
     let n = &summary["nodes"][0];
     let path = n["profiles"][0]["path"].as_str().unwrap().to_owned();
     (path, n["version"].as_u64().unwrap())

@@ -36,15 +36,7 @@ fn publish(f: &Fleet, generation: u32, blob_kib: u64, extra: &[&str]) -> (u64, S
 /// Publishes the fixture with `settings`; returns the version and the system's store path.
 fn publish_settings(f: &Fleet, settings: &Settings, extra: &[&str]) -> (u64, String) {
     f.settings(settings).unwrap();
-    let mut cmd = f.publish_command(&[&format!("#{NODE}")]);
-    cmd.args(extra);
-    let out = cmd.output().unwrap();
-    assert!(
-        out.status.success(),
-        "publish: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let summary: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let summary = f.publish_with(&[&format!("#{NODE}")], extra).unwrap();
     let n = &summary["nodes"][0];
     (
         n["version"].as_u64().unwrap(),

@@ -404,9 +404,8 @@ fn a_crash_inside_nix_env_is_rolled_back_not_reported_as_a_success() {
     assert_eq!(crash_and_recover(f, Crash::InsideNixEnv), "rolled_back");
 }
 
-#[test]
-fn a_crash_before_the_activation_is_recorded_runs_nothing_and_rolls_back() {
-    let f = require!(real_world());
+/// A node converged on v1, with v2 (an activation that hangs for ten minutes) published.
+fn at_v1_with_a_hanging_v2_published(f: &Fixtures) -> (TestCoordinator, Node) {
     let (c, node) = setup(f);
     deploy_v1(&c, &node, f);
     publish(
@@ -416,6 +415,13 @@ fn a_crash_before_the_activation_is_recorded_runs_nothing_and_rolls_back() {
         2,
         f.profile("hang", json!({"activation_timeout_s": 600})),
     );
+    (c, node)
+}
+
+#[test]
+fn a_crash_before_the_activation_is_recorded_runs_nothing_and_rolls_back() {
+    let f = require!(real_world());
+    let (c, node) = at_v1_with_a_hanging_v2_published(f);
     // Killed with the activation spawned but its process group not yet on disk: recovery
     // could not find it, so it must never have started.
     let out = node.once(&[("ROOST_FAULT", "activation-spawned")]);
@@ -435,15 +441,7 @@ fn a_crash_before_the_activation_is_recorded_runs_nothing_and_rolls_back() {
 #[test]
 fn sigkill_during_activation_ends_at_the_old_path_with_the_leftover_killed() {
     let f = require!(real_world());
-    let (c, node) = setup(f);
-    deploy_v1(&c, &node, f);
-    publish(
-        &c,
-        &node,
-        f,
-        2,
-        f.profile("hang", json!({"activation_timeout_s": 600})),
-    );
+    let (c, node) = at_v1_with_a_hanging_v2_published(f);
     let mut args = vec!["run".to_owned(), "--once".into()];
     args.extend(node.config_args());
     let mut agent = node.spawn(&args, &[]);
