@@ -355,6 +355,7 @@ fn report(fleet: &Fleet, i: usize) -> Vec<u8> {
         security_events: vec![],
         node_key: None,
         needs_reboot: false,
+        reboot_reasons: vec![],
         deferred_until: None,
         gc_freed_bytes: None,
         generations_removed: None,
