@@ -110,7 +110,9 @@ fn a_failure_in_wave_one_halts_the_rollout_and_wave_two_never_sees_the_version()
     let (code, text) = rollout_cli(&f, &["status"]);
     assert_eq!(code, Some(0), "{text}");
     assert!(text.contains(": complete"), "{text}");
-    let garage_before = f.node("pi-garage").profile_target("var/nix/profiles/system");
+    let garage_before = f
+        .node("pi-garage")
+        .profile_target("var/nix/profiles/system");
     assert_eq!(
         garage_before.as_deref(),
         Some(system_path(&first, "pi-garage").as_str())
@@ -126,7 +128,11 @@ fn a_failure_in_wave_one_halts_the_rollout_and_wave_two_never_sees_the_version()
     let second = f.publish(&[]).unwrap();
     let v2 = version(&second);
     assert!(v2 > v1);
-    assert_eq!(served(&f, "pi-kitchen"), Some(v1), "wave 1 waits for wave 0");
+    assert_eq!(
+        served(&f, "pi-kitchen"),
+        Some(v1),
+        "wave 1 waits for wave 0"
+    );
     assert_eq!(served(&f, "pi-garage"), Some(v1));
     f.wait_report("laptop", v2, "success", LONG).unwrap();
     assert_eq!(
@@ -163,10 +169,7 @@ fn a_failure_in_wave_one_halts_the_rollout_and_wave_two_never_sees_the_version()
         .lines()
         .find(|l| l.trim_start().starts_with("pi-kitchen"))
         .unwrap_or_else(|| panic!("no pi-kitchen line in\n{text}"));
-    assert!(
-        line.contains("rolled_back") && line.contains(why),
-        "{text}"
-    );
+    assert!(line.contains("rolled_back") && line.contains(why), "{text}");
 
     // Wave 2 goes on polling and is never served the new version.
     let polls_after_halt = |n: u64| {
@@ -180,7 +183,11 @@ fn a_failure_in_wave_one_halts_the_rollout_and_wave_two_never_sees_the_version()
         }
     };
     polls_after_halt(2);
-    assert_eq!(served(&f, "pi-garage"), Some(v1), "wave 2 is still served v1");
+    assert_eq!(
+        served(&f, "pi-garage"),
+        Some(v1),
+        "wave 2 is still served v1"
+    );
     assert_eq!(
         f.node("pi-garage")
             .profile_target("var/nix/profiles/system"),
