@@ -360,3 +360,63 @@ async fn the_next_wave_waits_out_the_bake_time_and_is_then_released_without_a_re
     assert_eq!(served(&s.url, "a2").await, Some(50), "wave 2 waits for a1");
     s.stop().await;
 }
+
+#[tokio::test]
+async fn the_fleet_and_the_metrics_show_each_nodes_wave_and_the_halted_rollout() {
+    let dir = tempfile::tempdir().unwrap();
+    let (f, s) = fleet_at_50(dir.path()).await;
+    f.publish(&s.url, 100, 1.0).await;
+    f.report(&s.url, "a0", 1, 100, ReportState::Success).await;
+    f.report(&s.url, "b0", 1, 100, ReportState::Success).await;
+    f.report(&s.url, "a1", 1, 100, ReportState::Failed).await;
+    let fleet: Value = reqwest::get(v1::fleet_url(&s.url))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(fleet["rollout"], rollout(&s.url).await["rollout"]);
+    assert_eq!(fleet["rollout"]["state"], "halted", "{fleet}");
+    let node = |n: &str| {
+        fleet["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|x| x["node"] == n)
+            .unwrap()
+            .clone()
+    };
+    let a2 = node("a2");
+    assert_eq!(a2["wave"], 2, "{a2}");
+    assert_eq!(a2["desired_version"], 50, "served what it had: {a2}");
+    assert_eq!(a2["rollout"]["version"], 100, "{a2}");
+    assert_eq!(a2["rollout"]["released"], false, "{a2}");
+    assert_eq!(a2["rollout"]["outcome"], "pending", "{a2}");
+    assert_eq!(node("a1")["rollout"]["outcome"], "failed");
+    assert_eq!(node("a0")["rollout"]["outcome"], "healthy");
+    assert_eq!(node("a0")["rollout"]["released"], true);
+
+    let metrics = reqwest::get(format!("{}/metrics", s.url))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for line in [
+        "roost_node_wave{node=\"a2\"} 2",
+        "roost_node_rollout_released{node=\"a2\"} 0",
+        "roost_node_rollout_released{node=\"a1\"} 1",
+        "roost_rollout_id 100",
+        "roost_rollout_state{state=\"halted\"} 1",
+        "roost_rollout_state{state=\"running\"} 0",
+        "roost_rollout_halted 1",
+        "roost_rollout_wave_released{wave=\"1\"} 1",
+        "roost_rollout_wave_released{wave=\"2\"} 0",
+        "roost_rollout_wave_nodes{wave=\"0\",outcome=\"healthy\"} 2",
+        "roost_rollout_wave_nodes{wave=\"1\",outcome=\"failed\"} 1",
+        "roost_rollout_wave_nodes{wave=\"2\",outcome=\"pending\"} 1",
+    ] {
+        assert!(metrics.lines().any(|l| l == line), "no `{line}` in\n{metrics}");
+    }
+    s.stop().await;
+}

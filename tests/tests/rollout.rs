@@ -171,6 +171,21 @@ fn a_failure_in_wave_one_halts_the_rollout_and_wave_two_never_sees_the_version()
         .unwrap_or_else(|| panic!("no pi-kitchen line in\n{text}"));
     assert!(line.contains("rolled_back") && line.contains(why), "{text}");
 
+    // So does the fleet's status: exit 1, pi-garage's wave held, and the halt under the table.
+    let out = std::process::Command::new(bin("roost-coordinator"))
+        .args(["status", "--coordinator", &f.coordinator.url()])
+        .env("ROOST_READ_TOKEN_FILE", &f.keys.token_file)
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{table}");
+    let garage = table
+        .lines()
+        .find(|l| l.starts_with("pi-garage "))
+        .unwrap_or_else(|| panic!("no pi-garage line in\n{table}"));
+    assert!(garage.contains("2 held"), "{table}");
+    assert!(table.contains(&format!("rollout {v2}: halted")), "{table}");
+
     // Wave 2 goes on polling and is never served the new version.
     let polls_after_halt = |n: u64| {
         for _ in 0..n {
