@@ -1308,7 +1308,10 @@ fn waves_writes_only_those_waves_for_a_static_host_and_refuses_bad_ranges() {
         .clone();
     assert_eq!(web["result"], "held", "{web}");
     assert!(
-        web["error"].as_str().unwrap().contains("wave 2 is outside --waves 0..1"),
+        web["error"]
+            .as_str()
+            .unwrap()
+            .contains("wave 2 is outside --waves 0..1"),
         "{web}"
     );
     let before = layout(&out);
@@ -1316,7 +1319,10 @@ fn waves_writes_only_those_waves_for_a_static_host_and_refuses_bad_ranges() {
     let run = fleet.cli(&[], &["--out", out_s, "--waves", "2"]);
     assert_eq!(run.status.code(), Some(0));
     let after = layout(&out);
-    assert_eq!(after.keys().collect::<Vec<_>>(), ["db", "kiosk", "web.prod"]);
+    assert_eq!(
+        after.keys().collect::<Vec<_>>(),
+        ["db", "kiosk", "web.prod"]
+    );
     assert_eq!(after["db"], before["db"], "db untouched by --waves 2");
     // Bad ranges are refused before anything is evaluated, saying what is expected.
     for (bad, says) in [

@@ -416,7 +416,10 @@ async fn the_fleet_and_the_metrics_show_each_nodes_wave_and_the_halted_rollout()
         "roost_rollout_wave_nodes{wave=\"1\",outcome=\"failed\"} 1",
         "roost_rollout_wave_nodes{wave=\"2\",outcome=\"pending\"} 1",
     ] {
-        assert!(metrics.lines().any(|l| l == line), "no `{line}` in\n{metrics}");
+        assert!(
+            metrics.lines().any(|l| l == line),
+            "no `{line}` in\n{metrics}"
+        );
     }
     s.stop().await;
 }

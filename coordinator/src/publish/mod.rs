@@ -153,7 +153,9 @@ impl WaveRange {
     pub fn parse(s: &str) -> Result<Self, String> {
         let wave = |w: &str| {
             w.trim().parse::<u32>().map_err(|_| {
-                format!("`{s}`: expected a wave number K or a range A..B of wave numbers (e.g. 0..1)")
+                format!(
+                    "`{s}`: expected a wave number K or a range A..B of wave numbers (e.g. 0..1)"
+                )
             })
         };
         let (from, to) = match s.split_once("..") {
