@@ -33,7 +33,10 @@ struct Answered {
 
 /// `disk`: the coordinator's state on the disk (its fsyncs measured too), else on tmpfs.
 pub async fn run(nodes: usize, waves: u32, disk: bool) -> anyhow::Result<()> {
-    anyhow::ensure!(waves >= 2 && nodes >= waves as usize, "need 2+ waves of 1+ node");
+    anyhow::ensure!(
+        waves >= 2 && nodes >= waves as usize,
+        "need 2+ waves of 1+ node"
+    );
     let dir = match disk {
         true => tempfile::tempdir_in("/var/tmp")?,
         false => tempfile::tempdir_in("/dev/shm")?,
@@ -60,7 +63,9 @@ pub async fn run(nodes: usize, waves: u32, disk: bool) -> anyhow::Result<()> {
     let (uploaded, upload_done) = tokio::sync::watch::channel(false);
     let reporting = Arc::new(Reporting {
         upload_done,
-        acked: (0..waves).map(|_| tokio::sync::watch::channel(0).0).collect(),
+        acked: (0..waves)
+            .map(|_| tokio::sync::watch::channel(0).0)
+            .collect(),
         per_wave,
     });
     let agents = hold(&fleet, "\"1\"", Some(reporting), &coordinator).await?;
@@ -86,7 +91,14 @@ pub async fn run(nodes: usize, waves: u32, disk: bool) -> anyhow::Result<()> {
         (node, m)
     };
     let t = Instant::now();
-    upload(&fleet.addr, fleet.publisher.clone(), nodes, 8, Arc::new(gated)).await?;
+    upload(
+        &fleet.addr,
+        fleet.publisher.clone(),
+        nodes,
+        8,
+        Arc::new(gated),
+    )
+    .await?;
     let upload_s = t.elapsed().as_secs_f64();
     uploaded.send_replace(true);
     let answered = join(agents).await?;
@@ -136,7 +148,14 @@ pub async fn run(nodes: usize, waves: u32, disk: bool) -> anyhow::Result<()> {
         let m = manifest_in(&node, 3, Some(&f.node_keys[i]), v1::Rollout::default());
         (node, m)
     };
-    upload(&fleet.addr, fleet.publisher.clone(), nodes, 8, Arc::new(plain)).await?;
+    upload(
+        &fleet.addr,
+        fleet.publisher.clone(),
+        nodes,
+        8,
+        Arc::new(plain),
+    )
+    .await?;
     let answered = join(agents).await?;
     let whole_s = base.elapsed().as_secs_f64();
     let mut lat = Latencies::default();
