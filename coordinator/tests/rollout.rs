@@ -305,6 +305,12 @@ async fn an_upload_older_than_the_held_back_one_is_refused() {
     f.publish(&s.url, 100, 1.0).await;
     let (st, e) = put(&s.url, "a2", f.envelope("a2", 60, None, 1.0)).await;
     assert_eq!((st, e["error"].as_str()), (409, Some("below_floor")), "{e}");
+    let message = e["message"].as_str().unwrap();
+    assert!(
+        message.contains("not newer than the stored version 100")
+            && message.contains("holds back for its wave"),
+        "{e}"
+    );
     s.stop().await;
 }
 

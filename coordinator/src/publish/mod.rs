@@ -127,7 +127,8 @@ pub struct PublishArgs {
     #[arg(long)]
     pub json: bool,
     /// Use this manifest version instead of the current time in milliseconds (still raised
-    /// above the version at the destination). For reproducible output in tests.
+    /// above the version the destination serves; a coordinator also refuses, 409, one not
+    /// above a manifest it holds back for a rollout wave). For reproducible output in tests.
     #[arg(long, hide = true)]
     pub manifest_version: Option<u64>,
     /// Use this issue time (RFC 3339) instead of now. For reproducible output in tests.
