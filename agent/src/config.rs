@@ -199,9 +199,29 @@ pub struct Config {
 #[error("{0}")]
 pub struct ConfigError(pub String);
 
-/// The system this agent was built for, in Nix's spelling.
+/// The system this agent was built for, in Nix's spelling (`armv7l-linux`, not Rust's
+/// `arm-linux`: a manifest for a 32-bit Pi names the former).
 pub fn build_system() -> String {
-    format!("{}-{}", std::env::consts::ARCH, std::env::consts::OS)
+    nix_system(
+        std::env::consts::ARCH,
+        std::env::consts::OS,
+        cfg!(target_feature = "v7"),
+        cfg!(target_endian = "little"),
+    )
+}
+
+/// Rust's target architecture and OS in Nix's spelling of a system.
+fn nix_system(arch: &str, os: &str, armv7: bool, little_endian: bool) -> String {
+    let arch = match arch {
+        "arm" if armv7 => "armv7l",
+        "arm" => "armv6l",
+        "x86" => "i686",
+        "powerpc64" if little_endian => "powerpc64le",
+        "mips64" if little_endian => "mips64el",
+        "mips" if little_endian => "mipsel",
+        other => other,
+    };
+    format!("{arch}-{os}")
 }
 
 /// The kernel's host name, when set.
@@ -550,6 +570,22 @@ mod tests {
             f.node = Some("lap".into());
             let e = f.resolve().unwrap_err().to_string();
             assert!(e.contains(want), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn the_build_system_is_spelled_as_nix_spells_it() {
+        for (arch, armv7, le, want) in [
+            ("x86_64", false, true, "x86_64-linux"),
+            ("aarch64", false, true, "aarch64-linux"),
+            ("arm", true, true, "armv7l-linux"),
+            ("arm", false, true, "armv6l-linux"),
+            ("x86", false, true, "i686-linux"),
+            ("riscv64", false, true, "riscv64-linux"),
+            ("powerpc64", false, true, "powerpc64le-linux"),
+            ("powerpc64", false, false, "powerpc64-linux"),
+        ] {
+            assert_eq!(nix_system(arch, "linux", armv7, le), want, "{arch}");
         }
     }
 }

@@ -71,6 +71,8 @@ struct FakeStore {
     /// Substituter lists seen by `realise`, in order.
     realised_with: Vec<RealiseOptions>,
     counts: BTreeMap<String, u64>,
+    /// How many of the next `path_info` calls fail.
+    path_info_failures: u32,
 }
 
 /// An in-memory Nix for tests: a cache to substitute from, a set of valid paths, and real
@@ -110,6 +112,11 @@ impl FakeNix {
         self.with(|s| s.valid.contains(path))
     }
 
+    /// The next `n` `path_info` calls fail as a Nix that cannot be run would.
+    pub fn fail_path_info(&self, n: u32) {
+        self.with(|s| s.path_info_failures = n);
+    }
+
     /// The options of every `realise` call so far.
     pub fn realise_calls(&self) -> Vec<RealiseOptions> {
         self.with(|s| s.realised_with.clone())
@@ -144,6 +151,13 @@ impl NixOps for FakeNix {
     fn path_info(&self, paths: &[StorePath]) -> Result<Vec<PathInfo>, NixError> {
         self.with(|s| {
             Self::count(s, "nix path-info");
+            if s.path_info_failures > 0 {
+                s.path_info_failures -= 1;
+                return Err(fake_error(
+                    "nix path-info",
+                    "error: cannot connect to socket at '/nix/var/nix/daemon-socket/socket'".into(),
+                ));
+            }
             Ok(paths
                 .iter()
                 .filter(|p| s.valid.contains(*p))

@@ -229,6 +229,44 @@ pub fn render(doc: &RolloutDoc, now: Timestamp) -> String {
     out
 }
 
+/// The rollout in a line or a few, under `roost-coordinator status`'s table: its state, the
+/// waves released, and why it halted.
+pub fn brief(r: &RolloutStatus) -> String {
+    let released: Vec<String> = r
+        .waves
+        .iter()
+        .filter(|w| w.released)
+        .map(|w| w.wave.to_string())
+        .collect();
+    let mut out = format!(
+        "rollout {}: {}, wave(s) released: {} of {}",
+        r.id,
+        r.state.as_str(),
+        if released.is_empty() {
+            "none".to_owned()
+        } else {
+            released.join(", ")
+        },
+        r.waves.len()
+    );
+    match &r.halt {
+        Some(h) => {
+            out.push_str(&format!("\nhalted: {}\n", h.reason));
+            for n in &h.nodes {
+                out.push_str(&format!(
+                    "  {}  {}  {}\n",
+                    n.node,
+                    n.state,
+                    n.error.as_deref().unwrap_or("(no error message)")
+                ));
+            }
+            out.push_str("see `roost-coordinator rollout status`; then resume, promote or abort\n");
+        }
+        None => out.push('\n'),
+    }
+    out
+}
+
 fn summary(r: &RolloutStatus, now: Timestamp) -> String {
     let p = &r.policy;
     format!(

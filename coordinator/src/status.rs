@@ -13,12 +13,15 @@ use roost_common::time::{human_duration, parse_duration};
 use roost_common::wire::v1::http as v1;
 use serde_json::Value;
 
+use roost_common::wire::v1::rollout::{RolloutState, RolloutStatus};
+
 use crate::flags::{Flag, Flagged};
 
 /// Arguments of `status`.
 #[derive(Debug, Args)]
 #[command(after_help = "\
-Columns: NODE; DESIRED, the source revision (short; `+` when the tree was dirty) of its
+Columns: NODE; WAVE, its rollout wave (`held` after it while the current rollout holds its new
+manifest back); DESIRED, the source revision (short; `+` when the tree was dirty) of its
 current manifest, or its version when it names none; REPORTED, the same for the version of its
 last report; STATE of that report; SEEN, its last report or manifest poll; FLAGS; and REASON,
 why the first flag is raised (or the last report's error), cut to the terminal's width.
@@ -40,9 +43,11 @@ Flags, with the `code` their reason carries in --json and /metrics:
 With NODE: that node in full (manifest, paths, positions, flags with reasons, refusals) and its
 report history, newest first.
 
-Exit status: 0 when no node carries a flag other than BEHIND and TOFU, 1 when some do (or NODE
-does) or the coordinator cannot be read, 2 for bad usage (a --coordinator that is not an
-http(s) URL, an unreadable --ca-cert or --token-file).")]
+Under the table: the current rollout (state, waves released, and why it halted).
+
+Exit status: 0 when no node carries a flag other than BEHIND and TOFU and the rollout is not
+halted, 1 when some do or it is (or NODE does) or the coordinator cannot be read, 2 for bad
+usage (a --coordinator that is not an http(s) URL, an unreadable --ca-cert or --token-file).")]
 pub struct StatusArgs {
     /// Show this node in full, with its report history.
     pub node: Option<String>,
@@ -86,6 +91,8 @@ pub struct StatusArgs {
 pub struct Row {
     /// The node.
     pub node: String,
+    /// Its wave, `held` after it while the current rollout holds its new manifest back.
+    pub wave: String,
     /// Its manifest: short revision, or version.
     pub desired: String,
     /// Its last report's version: short revision, or version.
@@ -157,8 +164,14 @@ pub fn rows(doc: &Value) -> Vec<Row> {
                     Some(p) if !p.is_empty() => format!("{p}: {m}"),
                     _ => m.to_owned(),
                 });
+            let held = n["rollout"]["released"] == false;
             Row {
                 node: n["node"].as_str().unwrap_or("?").to_owned(),
+                wave: match (n["wave"].as_u64(), held) {
+                    (Some(w), false) => w.to_string(),
+                    (Some(w), true) => format!("{w} held"),
+                    (None, _) => "-".into(),
+                },
                 desired: version_cell(&n["source"], &n["desired_version"]),
                 reported: version_cell(&n["reported_source"], &n["reported_version"]),
                 state: n["state"].as_str().map(str::to_owned),
@@ -197,7 +210,11 @@ pub async fn run(args: StatusArgs) -> u8 {
         },
         None => {
             let rows = rows(&doc);
-            let ok = !rows.iter().any(Row::is_bad);
+            let rollout = rollout_of(&doc);
+            let halted = rollout
+                .as_ref()
+                .is_some_and(|r| r.state == RolloutState::Halted);
+            let ok = !rows.iter().any(Row::is_bad) && !halted;
             if args.json {
                 doc["ok"] = Value::Bool(ok);
                 println!("{}", serde_json::to_string_pretty(&doc).unwrap_or_default());
@@ -206,6 +223,9 @@ pub async fn run(args: StatusArgs) -> u8 {
             } else {
                 print!("{}", table(&rows, terminal_width()));
                 println!("\n{}", summary(&doc, &rows));
+                if let Some(r) = &rollout {
+                    print!("{}", crate::rollout::brief(r));
+                }
             }
             ok
         }
@@ -215,6 +235,11 @@ pub async fn run(args: StatusArgs) -> u8 {
     } else {
         crate::exit::FAILED
     }
+}
+
+/// The current rollout of a fleet document, when there is one.
+fn rollout_of(doc: &Value) -> Option<RolloutStatus> {
+    serde_json::from_value(doc.get("rollout")?.clone()).ok()
 }
 
 /// `N node(s), M need attention: 2 STUCK, 1 REFUSED (stale after 1 hour, …)`.
@@ -573,13 +598,14 @@ const MIN_REASON: usize = 24;
 /// characters (`None`: not cut).
 pub fn table(rows: &[Row], width: Option<usize>) -> String {
     let headers = [
-        "NODE", "DESIRED", "REPORTED", "STATE", "SEEN", "FLAGS", "REASON",
+        "NODE", "WAVE", "DESIRED", "REPORTED", "STATE", "SEEN", "FLAGS", "REASON",
     ];
-    let mut cells: Vec<[String; 7]> = rows
+    let mut cells: Vec<[String; 8]> = rows
         .iter()
         .map(|r| {
             [
                 r.node.clone(),
+                r.wave.clone(),
                 r.desired.clone(),
                 r.reported.clone(),
                 r.state.clone().unwrap_or_else(|| "-".into()),
@@ -597,7 +623,7 @@ pub fn table(rows: &[Row], width: Option<usize>) -> String {
         .collect();
     if let Some(width) = width {
         // Every column but the last, with the two spaces after each.
-        let before: usize = (0..6)
+        let before: usize = (0..7)
             .map(|i| {
                 cells
                     .iter()
@@ -610,7 +636,7 @@ pub fn table(rows: &[Row], width: Option<usize>) -> String {
             .sum();
         let room = width.saturating_sub(before).max(MIN_REASON);
         for c in &mut cells {
-            c[6] = cut(&c[6], room);
+            c[7] = cut(&c[7], room);
         }
     }
     format_table(&headers, &cells)

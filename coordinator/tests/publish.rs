@@ -1281,3 +1281,67 @@ fn a_short_expiry_and_a_dirty_tree_are_warned_about() {
         "{err}"
     );
 }
+
+#[test]
+fn waves_writes_only_those_waves_for_a_static_host_and_refuses_bad_ranges() {
+    require!(nix_ready());
+    let fleet = Fleet::new("{ }");
+    fleet.fresh_generation();
+    let out = fleet.path("out");
+    let out_s = out.to_str().unwrap();
+    // db and kiosk are in wave 0, web.prod in wave 2.
+    let run = fleet.cli(&[], &["--out", out_s, "--waves", "0..1", "--json"]);
+    assert_eq!(
+        run.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    assert_eq!(layout(&out).keys().collect::<Vec<_>>(), ["db", "kiosk"]);
+    let summary = json_out(&run);
+    let web = summary["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["node"] == "web.prod")
+        .unwrap()
+        .clone();
+    assert_eq!(web["result"], "held", "{web}");
+    assert!(
+        web["error"]
+            .as_str()
+            .unwrap()
+            .contains("wave 2 is outside --waves 0..1"),
+        "{web}"
+    );
+    let before = layout(&out);
+    // The next stage: wave 2 alone; waves 0's files stay as they were.
+    let run = fleet.cli(&[], &["--out", out_s, "--waves", "2"]);
+    assert_eq!(run.status.code(), Some(0));
+    let after = layout(&out);
+    assert_eq!(
+        after.keys().collect::<Vec<_>>(),
+        ["db", "kiosk", "web.prod"]
+    );
+    assert_eq!(after["db"], before["db"], "db untouched by --waves 2");
+    // Bad ranges are refused before anything is evaluated, saying what is expected.
+    for (bad, says) in [
+        ("2..1", "the range is empty"),
+        ("x", "expected a wave number K or a range A..B"),
+        ("0..", "expected a wave number K or a range A..B"),
+        ("-1", "expected a wave number"),
+    ] {
+        let run = fleet.cli(&[], &["--out", out_s, &format!("--waves={bad}")]);
+        let err = String::from_utf8_lossy(&run.stderr);
+        assert_eq!(run.status.code(), Some(2), "--waves {bad}: {err}");
+        assert!(err.contains(says), "--waves {bad}: {err}");
+    }
+    // A coordinator gates waves itself: --waves is for --out only.
+    let run = fleet.cli(&[], &["--to", "http://127.0.0.1:9", "--waves", "0"]);
+    assert_eq!(run.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&run.stderr).contains("--out"),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+}

@@ -17,6 +17,8 @@ const TOKEN: &str = "an-upload-token-of-some-length";
 struct Fleet {
     publisher: SecretKey,
     nodes: Vec<(&'static str, u32, SecretKey)>,
+    /// `bakeTime` of every publish, in seconds.
+    bake_time_s: u64,
 }
 
 impl Fleet {
@@ -29,6 +31,7 @@ impl Fleet {
         Self {
             publisher: SecretKey::generate("pub").unwrap(),
             nodes,
+            bake_time_s: 0,
         }
     }
 
@@ -45,7 +48,7 @@ impl Fleet {
             id,
             min_healthy: Fraction::new(min_healthy).unwrap(),
             max_failed: 0,
-            bake_time_s: 0,
+            bake_time_s: self.bake_time_s,
             waves: vec![
                 WaveSize { wave: 0, nodes: 2 },
                 WaveSize { wave: 1, nodes: 1 },
@@ -302,5 +305,127 @@ async fn an_upload_older_than_the_held_back_one_is_refused() {
     f.publish(&s.url, 100, 1.0).await;
     let (st, e) = put(&s.url, "a2", f.envelope("a2", 60, None, 1.0)).await;
     assert_eq!((st, e["error"].as_str()), (409, Some("below_floor")), "{e}");
+    let message = e["message"].as_str().unwrap();
+    assert!(
+        message.contains("not newer than the stored version 100")
+            && message.contains("holds back for its wave"),
+        "{e}"
+    );
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn an_offline_wave_zero_node_does_not_hold_back_the_next_wave_under_min_healthy_below_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let (f, s) = fleet_at_50(dir.path()).await;
+    // minHealthy 0.5 of wave 0's two nodes: one success is enough; b0 never reports.
+    f.publish(&s.url, 100, 0.5).await;
+    assert_eq!(served(&s.url, "a1").await, Some(50), "nothing reported yet");
+    let doc = rollout(&s.url).await;
+    assert_eq!(doc["rollout"]["waves"][0]["needed"], 1, "{doc}");
+    f.report(&s.url, "a0", 1, 100, ReportState::Success).await;
+    assert_eq!(served(&s.url, "a1").await, Some(100), "b0 is offline");
+    let doc = rollout(&s.url).await;
+    assert_eq!(doc["rollout"]["waves"][0]["pending"], 1, "{doc}");
+    assert_eq!(doc["rollout"]["waves"][1]["released"], true, "{doc}");
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn the_next_wave_waits_out_the_bake_time_and_is_then_released_without_a_report() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut f, s) = fleet_at_50(dir.path()).await;
+    f.bake_time_s = 2;
+    f.publish(&s.url, 100, 1.0).await;
+    f.report(&s.url, "a0", 1, 100, ReportState::Success).await;
+    f.report(&s.url, "b0", 1, 100, ReportState::Success).await;
+    assert_eq!(served(&s.url, "a1").await, Some(50), "baking");
+    let doc = rollout(&s.url).await;
+    let w0 = &doc["rollout"]["waves"][0];
+    assert!(w0["threshold_met_at"].is_string(), "{doc}");
+    let waiting = w0["waiting_for"].as_str().unwrap_or_default();
+    assert!(waiting.contains("bake"), "{doc}");
+    // The timer releases it: nothing else happens meanwhile.
+    let mut released = None;
+    for _ in 0..100 {
+        if served(&s.url, "a1").await == Some(100) {
+            released = Some(rollout(&s.url).await);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let doc = released.expect("wave 1 released once the bake time passed");
+    let r = &doc["rollout"];
+    let met = r["waves"][0]["threshold_met_at"].as_str().unwrap();
+    let out = r["waves"][1]["released_at"].as_str().unwrap();
+    let secs = |t: &str| t.parse::<roost_common::Timestamp>().unwrap().unix();
+    assert!(
+        secs(out) >= secs(met) + 2,
+        "released {out}, threshold met {met}: {doc}"
+    );
+    assert_eq!(served(&s.url, "a2").await, Some(50), "wave 2 waits for a1");
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn the_fleet_and_the_metrics_show_each_nodes_wave_and_the_halted_rollout() {
+    let dir = tempfile::tempdir().unwrap();
+    let (f, s) = fleet_at_50(dir.path()).await;
+    f.publish(&s.url, 100, 1.0).await;
+    f.report(&s.url, "a0", 1, 100, ReportState::Success).await;
+    f.report(&s.url, "b0", 1, 100, ReportState::Success).await;
+    f.report(&s.url, "a1", 1, 100, ReportState::Failed).await;
+    let fleet: Value = reqwest::get(v1::fleet_url(&s.url))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(fleet["rollout"], rollout(&s.url).await["rollout"]);
+    assert_eq!(fleet["rollout"]["state"], "halted", "{fleet}");
+    let node = |n: &str| {
+        fleet["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|x| x["node"] == n)
+            .unwrap()
+            .clone()
+    };
+    let a2 = node("a2");
+    assert_eq!(a2["wave"], 2, "{a2}");
+    assert_eq!(a2["desired_version"], 50, "served what it had: {a2}");
+    assert_eq!(a2["rollout"]["version"], 100, "{a2}");
+    assert_eq!(a2["rollout"]["released"], false, "{a2}");
+    assert_eq!(a2["rollout"]["outcome"], "pending", "{a2}");
+    assert_eq!(node("a1")["rollout"]["outcome"], "failed");
+    assert_eq!(node("a0")["rollout"]["outcome"], "healthy");
+    assert_eq!(node("a0")["rollout"]["released"], true);
+
+    let metrics = reqwest::get(format!("{}/metrics", s.url))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for line in [
+        "roost_node_wave{node=\"a2\"} 2",
+        "roost_node_rollout_released{node=\"a2\"} 0",
+        "roost_node_rollout_released{node=\"a1\"} 1",
+        "roost_rollout_id 100",
+        "roost_rollout_state{state=\"halted\"} 1",
+        "roost_rollout_state{state=\"running\"} 0",
+        "roost_rollout_halted 1",
+        "roost_rollout_wave_released{wave=\"1\"} 1",
+        "roost_rollout_wave_released{wave=\"2\"} 0",
+        "roost_rollout_wave_nodes{wave=\"0\",outcome=\"healthy\"} 2",
+        "roost_rollout_wave_nodes{wave=\"1\",outcome=\"failed\"} 1",
+        "roost_rollout_wave_nodes{wave=\"2\",outcome=\"pending\"} 1",
+    ] {
+        assert!(
+            metrics.lines().any(|l| l == line),
+            "no `{line}` in\n{metrics}"
+        );
+    }
     s.stop().await;
 }

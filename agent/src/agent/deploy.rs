@@ -41,12 +41,20 @@ impl Agent {
         };
         tracing::info!(%version, phase = "realise", "deploying");
         if let Err(e) = self.fetch_closures(m, &mut timings).await {
-            self.defer(m, e, timings);
+            self.defer(m, Step::Realise, &e, timings);
             return Verdict::NotConverged;
         }
-        if let Err(e) = self.verify_closure(m).await {
-            self.quarantine_closure(m, e, timings);
-            return Verdict::NotConverged;
+        match self.verify_closure(m).await {
+            Ok(()) => {}
+            // Nix could not be asked: says nothing about the closure, so it is retried.
+            Err(e @ (ClosureError::Nix(_) | ClosureError::Task(_))) => {
+                self.defer(m, Step::VerifyClosure, &e, timings);
+                return Verdict::NotConverged;
+            }
+            Err(e) => {
+                self.quarantine_closure(m, e, timings);
+                return Verdict::NotConverged;
+            }
         }
         self.deferred = 0;
         if let Some(v) = self.wait_before_apply(m).await {
@@ -113,12 +121,12 @@ impl Agent {
         realised
     }
 
-    /// A deploy that could not fetch its closures is retried later; the same failure again
-    /// is not reported again.
-    fn defer(&mut self, m: &Manifest, e: RealiseError, timings: Timings) {
+    /// A deploy that could not fetch its closures, or not check them, is retried later; the
+    /// same failure again is not reported again.
+    fn defer(&mut self, m: &Manifest, step: Step, e: &dyn std::fmt::Display, timings: Timings) {
         let version = m.version;
         self.deferred += 1;
-        tracing::warn!(%version, "realisation failed (retried later): {e}");
+        tracing::warn!(%version, step = step.as_str(), "deploy deferred (retried later): {e}");
         let message = e.to_string();
         let same = self.state.last_deploy.as_ref().is_some_and(|d| {
             d.version == Some(version)
@@ -129,7 +137,7 @@ impl Agent {
             self.finish(
                 version,
                 ReportState::Deferred,
-                Some(err(Step::Realise, message)),
+                Some(err(step, message)),
                 vec![],
                 timings,
             );

@@ -181,6 +181,33 @@ async fn a_failed_health_check_rolls_back_to_the_exact_previous_generation() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_nix_that_cannot_check_the_closure_defers_and_never_quarantines() {
+    let w = World::new();
+    let mut agent = w.agent(vec![]);
+    let p = w.profile("good", json!({}));
+    let bytes = w.signed(1, vec![p]);
+    w.nix.fail_path_info(1);
+    assert_eq!(
+        agent.handle_manifest(&bytes, None).await,
+        Verdict::NotConverged
+    );
+    assert!(agent.state().quarantined.is_empty());
+    assert_eq!(w.current(), None, "switched before the closure was checked");
+    let last = w.reports().pop().unwrap().1;
+    assert_eq!(last["state"], "deferred", "{last}");
+    assert_eq!(last["error"]["phase"], "verify-closure", "{last}");
+    assert!(
+        last["security_events"]
+            .as_array()
+            .is_none_or(|e| e.is_empty()),
+        "{last}"
+    );
+    // Nix works again: the same version deploys.
+    assert_eq!(agent.deploy_if_needed().await, Verdict::Converged);
+    assert_eq!(w.current().unwrap().1, fake_store_path("good"));
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_quarantined_version_is_not_retried_and_a_newer_one_deploys() {
     let w = World::new();
     let mut agent = w.agent(vec![]);

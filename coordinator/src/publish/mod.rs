@@ -67,6 +67,12 @@ pub struct PublishArgs {
     /// (nginx, S3, a CDN). Each file is replaced atomically.
     #[arg(long, value_name = "DIR")]
     pub out: Option<PathBuf>,
+    /// With --out: write only the manifests of nodes in these waves (`roost.wave`): `K`, or
+    /// `A..B` for A to B inclusive. A static host cannot gate on reports, so stage by hand:
+    /// `--waves 0`, check the canaries, then `--waves 0..1`, and so on. The other nodes are
+    /// listed as `held` and their files are left as they are.
+    #[arg(long, value_name = "K|A..B", value_parser = WaveRange::parse)]
+    pub waves: Option<WaveRange>,
     /// Push every closure to this Nix store URL with `nix copy --to` (file://…,
     /// http(s)://…, s3://…; a coordinator's URL/cache). Also the substituter the manifests
     /// name, unless --substituter is given. For an http(s) cache that wants an upload token
@@ -121,7 +127,8 @@ pub struct PublishArgs {
     #[arg(long)]
     pub json: bool,
     /// Use this manifest version instead of the current time in milliseconds (still raised
-    /// above the version at the destination). For reproducible output in tests.
+    /// above the version the destination serves; a coordinator also refuses, 409, one not
+    /// above a manifest it holds back for a rollout wave). For reproducible output in tests.
     #[arg(long, hide = true)]
     pub manifest_version: Option<u64>,
     /// Use this issue time (RFC 3339) instead of now. For reproducible output in tests.
@@ -133,13 +140,60 @@ pub struct PublishArgs {
     pub nix_args: Vec<String>,
 }
 
+/// The waves `publish --out DIR --waves` writes: `from` to `to`, inclusive.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WaveRange {
+    /// The lowest wave written.
+    pub from: u32,
+    /// The highest wave written.
+    pub to: u32,
+}
+
+impl WaveRange {
+    /// `K` or `A..B` (`A` ≤ `B`).
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let wave = |w: &str| {
+            w.trim().parse::<u32>().map_err(|_| {
+                format!(
+                    "`{s}`: expected a wave number K or a range A..B of wave numbers (e.g. 0..1)"
+                )
+            })
+        };
+        let (from, to) = match s.split_once("..") {
+            Some((a, b)) => (wave(a)?, wave(b.strip_prefix('=').unwrap_or(b))?),
+            None => (wave(s)?, wave(s)?),
+        };
+        if from > to {
+            return Err(format!(
+                "`{s}`: the range is empty ({from} is above {to}); write the lower wave first, e.g. {to}..{from}"
+            ));
+        }
+        Ok(Self { from, to })
+    }
+
+    /// Whether it holds `wave`.
+    pub fn contains(self, wave: u32) -> bool {
+        (self.from..=self.to).contains(&wave)
+    }
+}
+
+impl std::fmt::Display for WaveRange {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.from == self.to {
+            write!(f, "{}", self.from)
+        } else {
+            write!(f, "{}..{}", self.from, self.to)
+        }
+    }
+}
+
 /// One node's outcome.
 #[derive(Debug, Clone, Serialize)]
 pub struct NodeResult {
     /// The node.
     pub node: String,
-    /// `published`, `failed` or `skipped` (not published because another node failed under
-    /// `--all-or-nothing`).
+    /// `published`, `failed`, `skipped` (not published because another node failed under
+    /// `--all-or-nothing`) or `held` (its wave is outside `--waves`: not written).
     pub result: &'static str,
     /// The published version.
     pub version: Option<u64>,
@@ -173,6 +227,16 @@ impl NodeResult {
             ..Self::failed(node, String::new())
         }
     }
+
+    fn held(node: &str, wave: u32, range: WaveRange) -> Self {
+        Self {
+            result: "held",
+            error: Some(format!(
+                "not written: its wave {wave} is outside --waves {range}"
+            )),
+            ..Self::failed(node, String::new())
+        }
+    }
 }
 
 /// A profile as published.
@@ -202,7 +266,9 @@ pub struct PublishReport {
 impl PublishReport {
     /// Whether every node was published.
     pub fn all_published(&self) -> bool {
-        self.nodes.iter().all(|n| n.result == "published")
+        self.nodes
+            .iter()
+            .all(|n| n.result == "published" || n.result == "held")
     }
 
     /// The node's result, if it was selected.
@@ -220,6 +286,8 @@ pub struct PublishOptions {
     pub key: SecretKey,
     /// Where manifests go.
     pub dest: Destination,
+    /// Only nodes of these waves (`--waves`, with a folder destination).
+    pub waves: Option<WaveRange>,
     /// Nix store URL to copy closures to.
     pub cache: Option<String>,
     /// Key file to sign closures with before copying.
@@ -249,6 +317,7 @@ impl PublishOptions {
             targets,
             key,
             dest,
+            waves: None,
             cache: None,
             cache_key: None,
             substituters: Vec::new(),
@@ -430,6 +499,12 @@ pub fn options(args: &PublishArgs, progress: Progress) -> anyhow::Result<Publish
         (None, Some(d)) => Destination::Folder(d.clone()),
         _ => anyhow::bail!("give exactly one of --to URL or --out DIR"),
     };
+    if let (Some(w), Destination::Coordinator(_)) = (args.waves, &dest) {
+        anyhow::bail!(
+            "--waves {w} is for --out DIR (a static host, staged by hand); a coordinator (--to) \
+             releases the waves itself as their nodes report (roost.rollout)"
+        );
+    }
     for t in &targets {
         // A local path without a flake: say so now rather than through Nix. (A bare word
         // may be a registry name, so only path-looking references are checked.)
@@ -489,6 +564,7 @@ pub fn options(args: &PublishArgs, progress: Progress) -> anyhow::Result<Publish
         targets,
         key,
         dest,
+        waves: args.waves,
         cache: args.cache.clone(),
         cache_key: args.cache_key.clone(),
         substituters,

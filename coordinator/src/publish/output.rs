@@ -216,6 +216,18 @@ pub fn print(report: &PublishReport, json: bool) {
             report.destination
         );
     }
+    let held: Vec<&str> = report
+        .nodes
+        .iter()
+        .filter(|n| n.result == "held")
+        .map(|n| n.node.as_str())
+        .collect();
+    if !held.is_empty() {
+        eprintln!(
+            "\nheld (their wave is outside --waves, their files are unchanged): {}",
+            held.join(", ")
+        );
+    }
     for n in report.nodes.iter().filter(|n| n.result == "failed") {
         eprintln!("\n{} failed: {}", n.node, n.error.as_deref().unwrap_or(""));
     }

@@ -38,6 +38,9 @@ pub async fn publish(opts: &PublishOptions, nix: &Nix) -> Result<PublishReport, 
 
     let mut results: BTreeMap<String, NodeResult> = BTreeMap::new();
     let mut specs = evaluate_all(opts, nix, &mut results).await?;
+    if let Some(range) = opts.waves {
+        hold_outside(range, &mut specs, &mut results);
+    }
     warn_without_node_key(&specs);
 
     let missing = if opts.no_build {
@@ -101,7 +104,7 @@ pub async fn publish(opts: &PublishOptions, nix: &Nix) -> Result<PublishReport, 
             }
         }
     }
-    if opts.all_or_nothing && !results.is_empty() {
+    if opts.all_or_nothing && any_failed(&results) {
         for (result, staged) in ready {
             staged.discard();
             results.insert(result.node.clone(), NodeResult::skipped(&result.node));
@@ -125,6 +128,32 @@ pub async fn publish(opts: &PublishOptions, nix: &Nix) -> Result<PublishReport, 
     }
     stage.done(format!("delivered to {}", opts.dest));
     Ok(report(results, nix, opts))
+}
+
+/// Whether some node failed (a node `held` by `--waves` did not).
+fn any_failed(results: &BTreeMap<String, NodeResult>) -> bool {
+    results.values().any(|r| r.result != "held")
+}
+
+/// `--waves`: nodes of other waves are neither built nor written (`held`).
+fn hold_outside(
+    range: super::WaveRange,
+    specs: &mut Vec<NodeSpec>,
+    results: &mut BTreeMap<String, NodeResult>,
+) {
+    specs.retain(|s| {
+        let keep = range.contains(s.wave);
+        if !keep {
+            let node = s.node.to_string();
+            results.insert(node.clone(), NodeResult::held(&node, s.wave, range));
+        }
+        keep
+    });
+    tracing::info!(
+        "--waves {range}: {} node(s) to write, {} held",
+        specs.len(),
+        results.values().filter(|r| r.result == "held").count()
+    );
 }
 
 /// Nodes without `roost.nodeKey` get their report key pinned by whoever reports first for
@@ -159,7 +188,7 @@ fn give_up(
     specs: &[NodeSpec],
     results: &mut BTreeMap<String, NodeResult>,
 ) -> bool {
-    if !opts.all_or_nothing || results.is_empty() {
+    if !opts.all_or_nothing || !any_failed(results) {
         return false;
     }
     for s in specs {

@@ -20,10 +20,11 @@ use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use roost_common::Timestamp;
 use roost_common::time::human_duration;
+use roost_common::wire::v1::rollout::RolloutStatus;
 
 use super::auth;
 use super::error::ApiError;
-use super::fleet::{Row, rows};
+use super::fleet::{Row, rows, view};
 use super::state::{App, blocking, parse_node};
 use crate::flags::{Flag, Flagged};
 
@@ -169,7 +170,7 @@ fn reported_cell(r: &Row) -> String {
 
 /// `/`: the fleet.
 fn index(app: &App) -> Result<String, ApiError> {
-    let rows = rows(app)?;
+    let (rows, rollout) = view(app)?;
     let now = Timestamp::now();
     let t = app.cfg.thresholds;
     let judged: Vec<(&Row, Vec<Flagged>)> = rows.iter().map(|r| (r, r.flags(now, &t))).collect();
@@ -215,7 +216,10 @@ fn index(app: &App) -> Result<String, ApiError> {
         );
     }
     main.push_str("</div>");
-    main.push_str(&waves(&judged));
+    main.push_str(&match &rollout {
+        Some(r) => rollout_waves(r),
+        None => waves(&judged),
+    });
     main.push_str(
         "<h2>Nodes</h2><table id=\"nodes\"><tr><th>node</th><th>desired</th><th>reported</th>\
          <th>state</th><th>seen</th><th>flags</th><th>reason</th></tr>",
@@ -263,13 +267,63 @@ fn index(app: &App) -> Result<String, ApiError> {
     Ok(page("fleet", &main))
 }
 
-/// Each rollout wave (`roost.wave` of the manifests): how many nodes run their desired
-/// version, how many need attention.
+/// The current rollout wave by wave, as `GET /v1/rollout` has it: released or not, healthy
+/// of needed, failed, pending, what it waits for; and why it halted.
+fn rollout_waves(r: &RolloutStatus) -> String {
+    let mut out = format!(
+        "<h2>Rollout {} <span id=\"rollout-state\">{}</span></h2>",
+        r.id,
+        r.state.as_str()
+    );
+    if let Some(h) = &r.halt {
+        let _ = write!(out, "<p class=\"reason\" id=\"halt\">{}", esc(&h.reason));
+        for n in &h.nodes {
+            let _ = write!(
+                out,
+                "<br><b>{}</b> {}: {}",
+                esc(&n.node),
+                esc(&n.state),
+                esc(n.error.as_deref().unwrap_or("(no error message)"))
+            );
+        }
+        out.push_str("</p>");
+    }
+    out.push_str(
+        "<table id=\"waves\"><tr><th>wave</th><th>nodes</th><th>released</th>\
+         <th>healthy / needed</th><th>failed</th><th>pending</th><th>progress</th>\
+         <th>waiting for</th></tr>",
+    );
+    for w in &r.waves {
+        let pct = (w.healthy * 100).checked_div(w.nodes).unwrap_or(0);
+        let _ = write!(
+            out,
+            "<tr data-wave=\"{wave}\"><td>{wave}</td><td>{n}</td><td>{}</td><td>{}/{}</td>\
+             <td>{}</td><td>{}</td><td><progress max=\"{n}\" value=\"{}\">{pct} %</progress> \
+             {pct} %</td><td>{}</td></tr>",
+            if w.released { "yes" } else { "no" },
+            w.healthy,
+            w.needed,
+            w.failed,
+            w.pending,
+            w.healthy,
+            esc(w.waiting_for.as_deref().unwrap_or("-")),
+            wave = w.wave,
+            n = w.nodes,
+        );
+    }
+    out.push_str("</table>");
+    out
+}
+
+/// Without a gated publish, each wave (`roost.wave` of the served manifests): how many nodes
+/// run their desired version, how many need attention.
 fn waves(judged: &[(&Row, Vec<Flagged>)]) -> String {
     let mut by_wave: BTreeMap<u32, (usize, usize, usize)> = BTreeMap::new();
     for (r, flags) in judged {
-        let Some(cur) = &r.cur else { continue };
-        let e = by_wave.entry(cur.manifest.rollout.wave).or_default();
+        let (Some(cur), Some(wave)) = (&r.cur, r.wave()) else {
+            continue;
+        };
+        let e = by_wave.entry(wave).or_default();
         e.0 += 1;
         let converged = r.gist.as_ref().is_some_and(|g| {
             g.manifest_version == Some(cur.manifest.version.0)

@@ -11,6 +11,7 @@ use axum::extract::{Query, State};
 use axum::http::{HeaderMap, header};
 use axum::response::{IntoResponse, Response};
 use roost_common::wire::v1::Source;
+use roost_common::wire::v1::rollout::{NodeOutcome, NodeRollout, RolloutState, RolloutStatus};
 use roost_common::{StorePath, Timestamp, Version};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
@@ -73,6 +74,8 @@ pub(super) struct Row {
     pub unknown: Option<UnknownName>,
     /// The last `rejected` report.
     pub rejection: Option<Rejection>,
+    /// Its place in the current rollout.
+    pub rollout: Option<NodeRollout>,
 }
 
 impl Row {
@@ -86,7 +89,15 @@ impl Row {
             refusal: None,
             unknown: None,
             rejection: None,
+            rollout: None,
         }
+    }
+
+    /// Its wave: in the current rollout, else its served manifest's.
+    pub fn wave(&self) -> Option<u32> {
+        self.rollout
+            .map(|r| r.wave)
+            .or_else(|| self.cur.as_ref().map(|c| c.manifest.rollout.wave))
     }
 
     fn seconds_since_report(&self, now: Timestamp) -> Option<u64> {
@@ -167,6 +178,13 @@ impl Row {
 /// `serde_json::Value`s took about 60 MiB (and twice that for `/metrics`), which the
 /// allocator then kept.
 pub(super) fn rows(app: &App) -> Result<Vec<Row>, ApiError> {
+    view(app).map(|(rows, _)| rows)
+}
+
+/// [`rows`], each with its place in the current rollout, and the rollout's status: what
+/// every fleet view shows of waves and rollouts comes from here.
+pub(super) fn view(app: &App) -> Result<(Vec<Row>, Option<RolloutStatus>), ApiError> {
+    let mut rollout = app.gate.view(Timestamp::now());
     // Without the report database the views still show every node's manifest.
     let records = match app.store.nodes() {
         Err(StoreError::ReportsUnavailable(_)) => Vec::new(),
@@ -209,7 +227,12 @@ pub(super) fn rows(app: &App) -> Result<Vec<Row>, ApiError> {
             row.unknown = Some(u);
         }
     }
-    Ok(rows.into_values().collect())
+    for (name, place) in rollout.nodes.drain() {
+        if let Some(row) = rows.get_mut(&name) {
+            row.rollout = Some(place);
+        }
+    }
+    Ok((rows.into_values().collect(), rollout.status))
 }
 
 #[derive(Serialize)]
@@ -222,6 +245,8 @@ struct FleetDoc<'a> {
     thresholds: ThresholdsDoc,
     /// How many nodes carry each flag.
     flagged: BTreeMap<&'static str, usize>,
+    /// The current rollout, as `GET /v1/rollout` shows it.
+    rollout: Option<RolloutStatus>,
     nodes: Vec<NodeDoc<'a>>,
 }
 
@@ -258,6 +283,10 @@ pub(super) struct Rejection {
 struct NodeDoc<'a> {
     node: &'a str,
     desired_version: Option<Version>,
+    /// Its wave: in the current rollout, else its served manifest's.
+    wave: Option<u32>,
+    /// Its place in the current rollout; `null` when it is not in it.
+    rollout: Option<NodeRollout>,
     #[serde(skip_serializing_if = "Option::is_none")]
     issued_at: Option<Timestamp>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -330,6 +359,8 @@ fn node_doc<'a>(row: &'a Row, now: Timestamp, t: &Thresholds) -> NodeDoc<'a> {
     NodeDoc {
         node: &row.name,
         desired_version: m.map(|m| m.version),
+        wave: row.wave(),
+        rollout: row.rollout,
         issued_at: m.map(|m| m.issued_at),
         expires_at: m.map(|m| m.expires_at),
         stored_at: row.cur.as_ref().map(|c| c.stored_at),
@@ -374,7 +405,7 @@ fn node_doc<'a>(row: &'a Row, now: Timestamp, t: &Thresholds) -> NodeDoc<'a> {
 
 /// The fleet document, serialised.
 fn fleet_json(app: &App, t: &Thresholds) -> Result<Vec<u8>, ApiError> {
-    let rows = rows(app)?;
+    let (rows, rollout) = view(app)?;
     let now = Timestamp::now();
     let nodes: Vec<NodeDoc<'_>> = rows.iter().map(|r| node_doc(r, now, t)).collect();
     let mut flagged = BTreeMap::new();
@@ -392,6 +423,7 @@ fn fleet_json(app: &App, t: &Thresholds) -> Result<Vec<u8>, ApiError> {
             expiring_s: t.expiring.as_secs(),
         },
         flagged,
+        rollout,
         nodes,
     };
     serde_json::to_vec(&doc).map_err(|e| ApiError::internal("writing the fleet document", e))
@@ -485,13 +517,90 @@ fn flag_metrics(out: &mut String, rows: &[Row], now: Timestamp, t: &Thresholds) 
     }
 }
 
+/// Each node's wave, and the current rollout: its state, which waves are released, and
+/// how many nodes of each wave are pending, healthy or failed (as `GET /v1/rollout` counts).
+fn rollout_metrics(out: &mut String, rows: &[Row], r: Option<&RolloutStatus>) {
+    gauge(
+        out,
+        "roost_node_wave",
+        "The node's wave: in the current rollout, else its manifest's.",
+        rows,
+        |r| r.wave().map(|w| (String::new(), w)),
+    );
+    gauge(
+        out,
+        "roost_node_rollout_released",
+        "1 when the node's wave of the current rollout is released, 0 while it is held back.",
+        rows,
+        |r| r.rollout.map(|p| (String::new(), u8::from(p.released))),
+    );
+    let _ = writeln!(
+        out,
+        "# HELP roost_rollout_id The current rollout (its publish's rollout.id); absent before the first gated publish.\n# TYPE roost_rollout_id gauge"
+    );
+    if let Some(r) = r {
+        let _ = writeln!(out, "roost_rollout_id {}", r.id);
+    }
+    let _ = writeln!(
+        out,
+        "# HELP roost_rollout_state 1 for the current rollout's state (every state listed, 0 included).\n# TYPE roost_rollout_state gauge"
+    );
+    for s in RolloutState::ALL {
+        let on = r.is_some_and(|r| r.state == s);
+        let _ = writeln!(
+            out,
+            "roost_rollout_state{{state=\"{}\"}} {}",
+            s.as_str(),
+            u8::from(on)
+        );
+    }
+    let halted = r.is_some_and(|r| r.state == RolloutState::Halted);
+    let _ = writeln!(
+        out,
+        "# HELP roost_rollout_halted 1 while the current rollout is halted (an operator must act).\n# TYPE roost_rollout_halted gauge\nroost_rollout_halted {}",
+        u8::from(halted)
+    );
+    let _ = writeln!(
+        out,
+        "# HELP roost_rollout_wave_released 1 for each released wave of the current rollout, 0 for one held back.\n# TYPE roost_rollout_wave_released gauge"
+    );
+    let waves = r.map(|r| r.waves.as_slice()).unwrap_or_default();
+    for w in waves {
+        let _ = writeln!(
+            out,
+            "roost_rollout_wave_released{{wave=\"{}\"}} {}",
+            w.wave,
+            u8::from(w.released)
+        );
+    }
+    let _ = writeln!(
+        out,
+        "# HELP roost_rollout_wave_nodes Nodes of each wave of the current rollout by outcome.\n# TYPE roost_rollout_wave_nodes gauge"
+    );
+    for w in waves {
+        for o in NodeOutcome::ALL {
+            let n = match o {
+                NodeOutcome::Pending => w.pending,
+                NodeOutcome::Healthy => w.healthy,
+                NodeOutcome::Failed => w.failed,
+            };
+            let _ = writeln!(
+                out,
+                "roost_rollout_wave_nodes{{wave=\"{}\",outcome=\"{}\"}} {n}",
+                w.wave,
+                o.as_str()
+            );
+        }
+    }
+}
+
 pub(super) async fn get_metrics(
     State(app): State<Arc<App>>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     auth::check_read(&app, &headers)?;
     let app2 = app.clone();
-    let rows = tokio::task::spawn_blocking(move || rows(&app2))
+    let (rows, rollout) = tokio::task::spawn_blocking(move || view(&app2))
         .await
         .map_err(|e| ApiError::internal("building the fleet view", e))??;
     let now = Timestamp::now();
@@ -542,6 +651,7 @@ pub(super) async fn get_metrics(
         |r| r.polled.map(|p| (String::new(), now.secs_since(p))),
     );
     flag_metrics(&mut out, &rows, now, &app.cfg.thresholds);
+    rollout_metrics(&mut out, &rows, rollout.as_ref());
     let _ = writeln!(
         out,
         "# HELP roost_long_polls_held Manifest long-polls being held open.\n# TYPE roost_long_polls_held gauge\nroost_long_polls_held {}",

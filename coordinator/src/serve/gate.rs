@@ -8,6 +8,7 @@
 //! Withholding is all a coordinator can do (it holds no key): a node of an unreleased wave
 //! keeps being served the manifest it had (304 for its ETag, 404 if it never had one).
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -15,7 +16,9 @@ use axum::body::Body;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::IntoResponse;
-use roost_common::wire::v1::rollout::{Action, PromoteRequest, RolloutDoc};
+use roost_common::wire::v1::rollout::{
+    Action, NodeRollout, PromoteRequest, RolloutDoc, RolloutStatus,
+};
 use roost_common::wire::v1::{Manifest, Report};
 use roost_common::{NodeName, Timestamp};
 
@@ -37,6 +40,15 @@ pub(super) enum Placement {
     Serve,
     /// Held back until its wave is released (or for good, when its rollout was superseded).
     Hold,
+}
+
+/// The rollout as the fleet views (`/v1/fleet`, `/metrics`, the dashboard) show it.
+#[derive(Debug, Default)]
+pub(super) struct RolloutView {
+    /// `GET /v1/rollout`'s document; `None` before the first gated publish.
+    pub status: Option<RolloutStatus>,
+    /// Each member's place, by node name.
+    pub nodes: HashMap<String, NodeRollout>,
 }
 
 /// The current rollout, shared by every handler.
@@ -236,6 +248,19 @@ impl Gate {
     /// When the bake-time timer must fire next.
     pub fn next_deadline(&self) -> Option<Timestamp> {
         self.lock().as_ref()?.next_deadline()
+    }
+
+    /// What the fleet views show of the rollout: its status and every member's place, read
+    /// under one lock so the two agree.
+    pub fn view(&self, now: Timestamp) -> RolloutView {
+        let g = self.lock();
+        let Some(r) = g.as_ref() else {
+            return RolloutView::default();
+        };
+        RolloutView {
+            status: Some(r.status(now)),
+            nodes: r.node_rollouts().map(|(n, p)| (n.to_string(), p)).collect(),
+        }
     }
 
     /// The document `GET /v1/rollout` shows.

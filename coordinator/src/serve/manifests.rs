@@ -273,6 +273,16 @@ pub(super) async fn put_manifest(
                 format!("manifest is for node `{got}` but was uploaded to `{expected}`"),
             ));
         }
+        Err(r @ Rejection::BelowFloor { .. }) if app.live.staged(&node).is_some() => {
+            // The floor is a manifest the nodes do not see yet: a publish that read the
+            // served version (an older one) and chose its own version below it ends here.
+            let mut e = rejection_to_error(r);
+            e.message.push_str(
+                ", which the current rollout holds back for its wave (GET serves an older one): \
+                 publish with a higher version (publish's default, the time in milliseconds, is)",
+            );
+            return Err(with_node(e, &node));
+        }
         Err(r) => return Err(with_node(rejection_to_error(r), &node)),
     };
     // `read_body` copied the envelope out of hyper's read buffer, which a stored slice

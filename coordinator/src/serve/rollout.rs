@@ -7,7 +7,8 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use roost_common::wire::v1::rollout::{
-    Action, FailedNode, Halt, Policy, RolloutState, RolloutStatus, WaveStatus,
+    Action, FailedNode, Halt, NodeOutcome, NodeRollout, Policy, RolloutState, RolloutStatus,
+    WaveStatus,
 };
 use roost_common::wire::v1::{self, Fraction, ReportState, WaveSize};
 use roost_common::{NodeName, Timestamp};
@@ -496,6 +497,25 @@ impl Rollout {
             .filter(|(_, m)| waves.contains(&m.wave))
             .map(|(n, _)| n.clone())
             .collect()
+    }
+
+    /// Every member's place in the rollout, for the fleet views.
+    pub fn node_rollouts(&self) -> impl Iterator<Item = (&NodeName, NodeRollout)> {
+        self.members.iter().map(|(n, m)| {
+            let outcome = match m.outcome {
+                Outcome::Pending => NodeOutcome::Pending,
+                Outcome::Healthy => NodeOutcome::Healthy,
+                Outcome::Failed { .. } => NodeOutcome::Failed,
+            };
+            let place = NodeRollout {
+                id: self.saved.id,
+                wave: m.wave,
+                version: m.version,
+                released: self.wave_released(m.wave),
+                outcome,
+            };
+            (n, place)
+        })
     }
 
     /// When [`Rollout::step`] must run again although nothing happens: the end of the

@@ -179,3 +179,59 @@ pub struct PromoteRequest {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub wave: Option<u32>,
 }
+
+/// A node's place in the current rollout: `rollout` of a node in `GET /v1/fleet`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeRollout {
+    /// The rollout (`rollout.id` of its newest manifest).
+    pub id: u64,
+    /// Its wave.
+    pub wave: u32,
+    /// The version of its manifest of this rollout.
+    pub version: u64,
+    /// Whether its wave is released (false: it is served the manifest it had before).
+    pub released: bool,
+    /// What its reports said about that version.
+    pub outcome: NodeOutcome,
+}
+
+/// What a node's reports said about its manifest of the rollout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NodeOutcome {
+    /// Nothing yet.
+    Pending,
+    /// `success` for that version.
+    Healthy,
+    /// `failed`, `rolled_back`, or `rejected` after its release.
+    Failed,
+}
+
+impl NodeOutcome {
+    /// Every outcome, for metrics.
+    pub const ALL: [NodeOutcome; 3] = [
+        NodeOutcome::Pending,
+        NodeOutcome::Healthy,
+        NodeOutcome::Failed,
+    ];
+
+    /// The wire name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NodeOutcome::Pending => "pending",
+            NodeOutcome::Healthy => "healthy",
+            NodeOutcome::Failed => "failed",
+        }
+    }
+}
+
+impl RolloutState {
+    /// Every state, for metrics.
+    pub const ALL: [RolloutState; 5] = [
+        RolloutState::Running,
+        RolloutState::Paused,
+        RolloutState::Halted,
+        RolloutState::Aborted,
+        RolloutState::Complete,
+    ];
+}

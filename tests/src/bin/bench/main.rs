@@ -22,6 +22,7 @@ use serde_json::json;
 use tokio::sync::Mutex;
 
 mod held_tls;
+mod rollout;
 mod sim;
 mod storage;
 mod vs_nginx;
@@ -66,6 +67,11 @@ fn main() -> anyhow::Result<()> {
         )),
         "convergence" => convergence(opt("--nodes", 10) as usize, opt("--interval", 60)),
         "held-tls" => rt.block_on(held_tls::run(opt("--nodes", 10_000) as usize)),
+        "rollout" => rt.block_on(rollout::run(
+            opt("--nodes", 10_000) as usize,
+            opt("--waves", 5) as u32,
+            args.iter().any(|a| a == "--disk"),
+        )),
         "convergence-sim" => rt.block_on(sim::run(
             opt("--agents", 1000) as usize,
             opt("--interval", 60),
@@ -100,6 +106,9 @@ fn main() -> anyhow::Result<()> {
         _ => {
             eprintln!("usage: bench capacity [--nodes N] [--conns C] [--seconds S]");
             eprintln!("       bench held-tls [--nodes N]   (held long-polls over HTTPS: memory)");
+            eprintln!(
+                "       bench rollout [--nodes 10000] [--waves 5] [--disk]   (wave release to held long-polls)"
+            );
             eprintln!(
                 "       bench vs-nginx [--nar-mib 300] [--clients 1,20] [--seconds 8] [--rounds 3] [--conns 64] [--nodes 1000]"
             );
@@ -221,6 +230,16 @@ fn node_name(i: usize) -> String {
 }
 
 fn manifest(node: &str, version: u64, node_key: Option<&SecretKey>) -> Vec<u8> {
+    manifest_in(node, version, node_key, v1::Rollout::default())
+}
+
+/// [`manifest`] with a rollout (`rollout.id`, wave, policy) of a gated publish.
+fn manifest_in(
+    node: &str,
+    version: u64,
+    node_key: Option<&SecretKey>,
+    rollout: v1::Rollout,
+) -> Vec<u8> {
     let now = Timestamp::now();
     let m = Manifest {
         format: v1::FORMAT,
@@ -240,7 +259,7 @@ fn manifest(node: &str, version: u64, node_key: Option<&SecretKey>) -> Vec<u8> {
             "health_checks": [{"kind": "command", "argv": ["systemctl", "is-system-running", "--wait"], "timeout_s": 60}]
         }))
         .unwrap()],
-        rollout: Default::default(),
+        rollout,
     };
     serde_json::to_vec(&m).unwrap()
 }
@@ -337,6 +356,11 @@ async fn learn_etags(fleet: &Arc<Fleet>) -> anyhow::Result<()> {
 }
 
 fn report(fleet: &Fleet, i: usize) -> Vec<u8> {
+    report_as(fleet, i, 1, ReportState::Idle)
+}
+
+/// Node `i`'s next report, in `state` for manifest `version`, signed with its key.
+fn report_as(fleet: &Fleet, i: usize, version: u64, state: ReportState) -> Vec<u8> {
     let seq = fleet.seqs[i].fetch_add(1, Ordering::Relaxed) + 1;
     let r = Report {
         format: v1::FORMAT,
@@ -345,8 +369,8 @@ fn report(fleet: &Fleet, i: usize) -> Vec<u8> {
         sent_at: Timestamp::now(),
         boot_id: "bench".into(),
         agent_version: "bench".into(),
-        manifest_version: Some(Version(1)),
-        state: ReportState::Idle,
+        manifest_version: Some(Version(version)),
+        state,
         profiles: vec![],
         booted_system: None,
         error: None,
