@@ -14,6 +14,7 @@ use axum::http::StatusCode;
 use roost_common::{NodeName, TrustedKeys};
 use tokio_util::sync::CancellationToken;
 
+use super::cache::NarSyncs;
 use super::error::ApiError;
 use super::gate::Gate;
 use super::leases::Leases;
@@ -101,6 +102,8 @@ pub(super) struct App {
     /// Reboot leases.
     pub leases: Leases,
     pub shutdown: CancellationToken,
+    /// NAR uploads being synced in the background (`cache.rs`).
+    pub nar_syncs: NarSyncs,
 }
 
 impl App {
@@ -147,6 +150,7 @@ impl App {
             observed: Observed::default(),
             leases,
             shutdown: CancellationToken::new(),
+            nar_syncs: NarSyncs::default(),
         })
     }
 
