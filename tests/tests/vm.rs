@@ -76,3 +76,231 @@ fn a_vm_node_converges_tells_systemd_it_is_ready_and_logs_structured_fields_to_t
             .join("\n")
     );
 }
+
+/// A slow version: its activation sleeps `seconds`.
+fn slow(generation: u32, seconds: u32) -> Version {
+    Version {
+        activation: "slow",
+        activation_seconds: seconds,
+        ..Version::new(generation)
+    }
+}
+
+/// After a final report for `v`: it is the only one for that version once the agent has
+/// settled (nothing pending, every report delivered), and it says `state`.
+fn assert_one_final(f: &VmFleet, v: &vm::Published, state: &str) -> Value {
+    f.wait_settled(DEPLOY).unwrap();
+    let finals = f.final_reports(v.version).unwrap();
+    assert_eq!(
+        finals.len(),
+        1,
+        "final reports for version {}: {finals:?}\n{}",
+        v.version,
+        f.diagnose()
+    );
+    assert_eq!(finals[0]["state"], state, "{}\n{}", finals[0], f.diagnose());
+    finals[0].clone()
+}
+
+/// Journal lines the agent's run with main pid `pid` wrote.
+fn agent_journal(f: &VmFleet, pid: u32) -> String {
+    f.machine
+        .sh(&format!(
+            "journalctl _SYSTEMD_UNIT=roost-agent.service _PID={pid} --no-pager -o cat"
+        ))
+        .unwrap()
+}
+
+#[test]
+fn an_activation_outlives_a_restart_and_a_kill_9_of_the_agent_and_is_confirmed_and_reported_once() {
+    require!(vm::preflight());
+    let mut f = fleet("2s");
+    let v1 = f.publish(&Version::new(1)).unwrap();
+    f.machine.boot().unwrap();
+    f.wait_final(v1.version, DEPLOY).unwrap();
+    // A stopping agent finishes the deploy it is in (protocol §7.2) unless systemd's stop
+    // timeout (90 s by default) runs out first, and then the agent is SIGKILLed with the
+    // rest of its cgroup. The test shortens that timeout with a drop-in so the restart
+    // kills the agent in the middle of its 30 s activation, as a stop that times out on a
+    // longer activation would.
+    f.agent_drop_in("stop-soon", "TimeoutStopSec=2s").unwrap();
+
+    for (generation, interruption) in [(2, "restart"), (3, "kill -9")] {
+        let v = f.publish(&slow(generation, 30)).unwrap();
+        f.wait_event("activate-start", &v.path, DEPLOY).unwrap();
+        let before = f.agent_pid().unwrap();
+        match interruption {
+            "restart" => f.machine.sh("systemctl restart --no-block roost-agent"),
+            _ => f.machine.sh(&format!("kill -9 {before}")),
+        }
+        .unwrap();
+        let r = f.wait_final(v.version, DEPLOY).unwrap();
+        let context = format!("after a {interruption} during the activation of {}", v.path);
+        assert_eq!(r["state"], "success", "{context}: {r}\n{}", f.diagnose());
+        assert_one_final(&f, &v, "success");
+        assert_eq!(f.system_profile().unwrap(), v.path, "{context}");
+
+        // The activation ran once, to its end, in its own unit; the health check once.
+        for (event, times) in [
+            ("activate-start", 1),
+            ("activate-end", 1),
+            ("health-start", 1),
+        ] {
+            assert_eq!(
+                f.count_events(event, &v.path).unwrap(),
+                times,
+                "{context}: {event}\n{:?}",
+                f.events().unwrap()
+            );
+        }
+        // A new agent did the confirming: it found the interrupted deploy and waited for the
+        // activation that outlived its predecessor.
+        let after = f.agent_pid().unwrap();
+        assert_ne!(after, before, "{context}: the agent was not replaced");
+        let journal = agent_journal(&f, after);
+        for want in [
+            "found an interrupted deploy; recovering",
+            "an activation that outlived the previous run of the agent",
+        ] {
+            assert!(
+                journal.contains(want),
+                "{context}: `{want}` not in the new agent's journal:\n{journal}"
+            );
+        }
+        // systemd ran it in its transient unit, started once, ended well.
+        let unit = format!("roost-activate-system-{}.service", v.version);
+        let units = f
+            .machine
+            .sh(&format!("journalctl -b UNIT={unit} --no-pager -o cat"))
+            .unwrap();
+        assert_eq!(
+            units.matches("Started ").count(),
+            1,
+            "{context}: systemd about {unit}:\n{units}"
+        );
+        assert!(
+            !units.contains("Failed") && !units.contains("Killing"),
+            "{context}: systemd about {unit}:\n{units}"
+        );
+    }
+}
+
+#[test]
+fn a_hung_agent_is_restarted_by_the_watchdog_and_resumes_polling() {
+    require!(vm::preflight());
+    let mut f = fleet("2s");
+    let v1 = f.publish(&Version::new(1)).unwrap();
+    f.machine.boot().unwrap();
+    f.wait_final(v1.version, DEPLOY).unwrap();
+    // The module's WatchdogSec is 5 min; a drop-in makes it 20 s so the test does not wait
+    // that long. The agent pings at half the period, as it does with 5 min.
+    f.agent_drop_in("watchdog-soon", "WatchdogSec=20s").unwrap();
+    f.machine.sh("systemctl restart roost-agent").unwrap();
+    f.wait_settled(DEPLOY).unwrap();
+    let show = f
+        .machine
+        .sh("systemctl show roost-agent -p WatchdogUSec")
+        .unwrap();
+    assert!(show.contains("WatchdogUSec=20s"), "{show}");
+    // Still alive one watchdog period later: a live agent's pings keep it.
+    let hung = f.agent_pid().unwrap();
+    std::thread::sleep(Duration::from_secs(25));
+    assert_eq!(f.agent_pid().unwrap(), hung, "restarted while it was well");
+
+    f.machine.sh(&format!("kill -STOP {hung}")).unwrap();
+    vm::wait_guest("the watchdog to replace the hung agent", DEPLOY, || {
+        let pid = f.agent_pid()?;
+        Ok(pid != 0 && pid != hung)
+    })
+    .unwrap();
+    let systemd = f
+        .machine
+        .sh("journalctl -b UNIT=roost-agent.service --no-pager -o cat")
+        .unwrap();
+    assert!(
+        systemd.contains("Watchdog timeout"),
+        "systemd did not say it was the watchdog:\n{systemd}"
+    );
+    // It polls again: a new version is deployed.
+    let v2 = f.publish(&Version::new(2)).unwrap();
+    let r = f.wait_final(v2.version, DEPLOY).unwrap();
+    assert_eq!(r["state"], "success", "{r}\n{}", f.diagnose());
+    assert_eq!(f.system_profile().unwrap(), v2.path);
+    assert_one_final(&f, &v2, "success");
+}
+
+#[test]
+fn an_activation_that_reboots_the_machine_is_rolled_back_after_the_boot_and_reported_once() {
+    require!(vm::preflight());
+    let mut f = fleet("2s");
+    let v1 = f.publish(&Version::new(1)).unwrap();
+    f.machine.boot().unwrap();
+    f.wait_final(v1.version, DEPLOY).unwrap();
+    let first_boot = f.machine.boot_id().unwrap();
+
+    let v2 = f
+        .publish(&Version {
+            activation: "reboot",
+            ..Version::new(2)
+        })
+        .unwrap();
+    let second_boot = f.machine.wait_rebooted(&first_boot, DEPLOY).unwrap();
+    let r = f.wait_final(v2.version, DEPLOY).unwrap();
+    // The shutdown stopped the activation's unit before it ended, so the agent left its
+    // pending record for the next boot; there the unit is gone, the activation never
+    // finished, and recovery rolls back (protocol §7.10, 4).
+    assert_eq!(r["state"], "rolled_back", "{r}\n{}", f.diagnose());
+    assert_eq!(r["error"]["phase"], "recover", "{r}");
+    let r = assert_one_final(&f, &v2, "rolled_back");
+    assert_eq!(f.system_profile().unwrap(), v1.path, "{r}");
+    let status = f.status().unwrap();
+    assert_eq!(status["current_version"], v1.version, "{status}");
+    assert!(
+        status["quarantined"]
+            .as_array()
+            .is_some_and(|q| q.contains(&Value::from(v2.version))),
+        "{status}"
+    );
+    // What ran where: v2's activation started and rebooted in the first boot, never ended;
+    // v1's activation ran again in the second (the rollback).
+    let events = f.events().unwrap();
+    let has = |event: &str, boot: &str, path: &str| {
+        events
+            .iter()
+            .any(|e| *e == format!("{event} {boot} {path}"))
+    };
+    assert!(has("activate-reboot", &first_boot, &v2.path), "{events:?}");
+    assert_eq!(
+        f.count_events("activate-end", &v2.path).unwrap(),
+        0,
+        "{events:?}"
+    );
+    assert!(has("activate-start", &second_boot, &v1.path), "{events:?}");
+
+    // And the node goes on deploying.
+    let v3 = f.publish(&Version::new(3)).unwrap();
+    let r = f.wait_final(v3.version, DEPLOY).unwrap();
+    assert_eq!(r["state"], "success", "{r}\n{}", f.diagnose());
+    assert_eq!(f.system_profile().unwrap(), v3.path);
+    assert_one_final(&f, &v3, "success");
+    assert_seq_order(&f);
+}
+
+/// The coordinator's reports come in `seq` order, and the final ones in version order.
+fn assert_seq_order(f: &VmFleet) {
+    let reports = f.reports().unwrap();
+    let seqs: Vec<u64> = reports.iter().filter_map(|r| r["seq"].as_u64()).collect();
+    assert!(
+        seqs.windows(2).all(|w| w[0] < w[1]),
+        "reports out of seq order: {seqs:?}"
+    );
+    let versions: Vec<u64> = reports
+        .iter()
+        .filter(|r| vm::is_final(r))
+        .filter_map(|r| r["manifest_version"].as_u64())
+        .collect();
+    assert!(
+        versions.windows(2).all(|w| w[0] < w[1]),
+        "final reports not one per version in version order: {versions:?}"
+    );
+}

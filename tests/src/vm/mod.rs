@@ -248,8 +248,13 @@ impl VmFleet {
             .exec("journalctl -b -u roost-agent --no-pager -n 60 -o short-monotonic")
             .map(|(_, o)| o)
             .unwrap_or_else(|e| format!("(no journal: {e})"));
+        let system = self
+            .machine
+            .exec("journalctl -b --no-pager -n 40 -o short-monotonic")
+            .map(|(_, o)| o)
+            .unwrap_or_else(|e| format!("(no journal: {e})"));
         format!(
-            "reports: {:?}\nagent journal:\n{journal}\nconsole:\n{}",
+            "reports: {:?}\nagent journal:\n{journal}\nthe boot's last journal lines:\n{system}\nconsole:\n{}",
             self.reports()
                 .map(|r| r
                     .iter()
@@ -285,9 +290,118 @@ impl VmFleet {
         Ok(out.lines().map(str::to_owned).collect())
     }
 
+    /// Whether the agent starts at the guest's next boot: the unit's
+    /// `ConditionPathExists=/roost/agent.json` is met only while the share holds its
+    /// configuration. Held, a test can look at what a power cut left before recovery runs,
+    /// then [`VmFleet::start_agent`].
+    pub fn agent_starts_at_boot(&self, starts: bool) -> anyhow::Result<()> {
+        let share = self.machine.share();
+        let (from, to) = (share.join("agent.json.held"), share.join("agent.json"));
+        let (from, to) = if starts { (from, to) } else { (to, from) };
+        if from.exists() {
+            fs::rename(&from, &to)?;
+        }
+        Ok(())
+    }
+
+    /// Starts the agent's service (its configuration back in the share first), without
+    /// waiting for its start-up recovery.
+    pub fn start_agent(&self) -> anyhow::Result<()> {
+        self.agent_starts_at_boot(true)?;
+        self.machine.sh("systemctl start --no-block roost-agent")?;
+        Ok(())
+    }
+
+    /// The agent's main pid as systemd knows it (0: not running).
+    pub fn agent_pid(&self) -> anyhow::Result<u32> {
+        let out = self
+            .machine
+            .sh("systemctl show -p MainPID --value roost-agent")?;
+        out.trim()
+            .parse()
+            .with_context(|| format!("MainPID {out:?}"))
+    }
+
+    /// Adds a drop-in `NAME.conf` to the agent's unit (`[Service]` lines) and reloads
+    /// systemd; it applies from the agent's next start.
+    pub fn agent_drop_in(&self, name: &str, service_lines: &str) -> anyhow::Result<()> {
+        let dir = "/etc/systemd/system/roost-agent.service.d";
+        self.machine.sh(&format!(
+            "mkdir -p {dir}\ncat > {dir}/{name}.conf <<'EOF'\n[Service]\n{service_lines}\nEOF\nsystemctl daemon-reload"
+        ))?;
+        Ok(())
+    }
+
+    /// The agent's `state.json` in the guest (§8.1 of the protocol).
+    pub fn state(&self) -> anyhow::Result<Value> {
+        let out = self.machine.sh("cat /var/lib/roost/state.json")?;
+        serde_json::from_str(&out).with_context(|| format!("state.json holds {out:?}"))
+    }
+
+    /// How many `event` lines the fixture logged for the system at `path`.
+    pub fn count_events(&self, event: &str, path: &str) -> anyhow::Result<usize> {
+        Ok(self
+            .events()?
+            .iter()
+            .filter(|e| e.starts_with(&format!("{event} ")) && e.ends_with(path))
+            .count())
+    }
+
+    /// Waits until the fixture logs `event` for the system at `path`.
+    pub fn wait_event(&self, event: &str, path: &str, timeout: Duration) -> anyhow::Result<()> {
+        wait_guest(&format!("`{event}` of {path}"), timeout, || {
+            Ok(self.count_events(event, path)? > 0)
+        })
+        .with_context(|| self.diagnose())
+    }
+
+    /// Waits until the agent is idle with nothing pending and every report delivered.
+    pub fn wait_settled(&self, timeout: Duration) -> anyhow::Result<Value> {
+        let mut last = Value::Null;
+        wait_guest("the agent to settle", timeout, || {
+            last = self.status()?;
+            Ok(last["daemon_running"] == true
+                && last["phase"] == "idle"
+                && last["pending"].is_null()
+                && last["pending_reports"]
+                    .as_array()
+                    .is_some_and(|q| q.is_empty()))
+        })
+        .with_context(|| format!("last status: {last}\n{}", self.diagnose()))?;
+        Ok(last)
+    }
+
     /// The test's folder on the host.
     pub fn dir(&self) -> &std::path::Path {
         self.dir.path()
+    }
+}
+
+/// Polls `done` in the guest once a second (each call runs commands there, so more often
+/// would take the guest's one CPU from what is being tested) until it says true. Errors
+/// count as not yet: the guest may be busy or booting.
+pub fn wait_guest(
+    what: &str,
+    timeout: Duration,
+    mut done: impl FnMut() -> anyhow::Result<bool>,
+) -> anyhow::Result<()> {
+    let start = std::time::Instant::now();
+    let mut last_err = None;
+    loop {
+        match done() {
+            Ok(true) => return Ok(()),
+            Ok(false) => {}
+            Err(e) => last_err = Some(e),
+        }
+        if start.elapsed() > timeout {
+            bail!(
+                "timed out after {timeout:?} waiting for {what}{}",
+                last_err
+                    .map(|e| format!(" (last error: {e:#})"))
+                    .unwrap_or_default()
+            );
+        }
+        std::thread::sleep(Duration::from_secs(1));
     }
 }
 
