@@ -185,11 +185,9 @@ fn a_kernel_change_switches_live_and_reports_that_the_kernel_waits_for_a_reboot(
     );
 }
 
-#[test]
-fn policy_auto_takes_a_lease_reboots_and_back_on_the_new_system_reports_success_and_gives_it_back()
-{
-    require!(preflight());
-    let (f, run_dir, _) = booted_on_v1();
+/// A reboot command that only records that it ran (in the node's `reboots`); returns the
+/// agent arguments that configure it.
+fn fake_reboot(f: &Fleet) -> [String; 2] {
     let dir = f.node(NODE).dir.clone();
     let script = dir.join("fake-reboot");
     std::fs::write(
@@ -207,7 +205,71 @@ fn policy_auto_takes_a_lease_reboots_and_back_on_the_new_system_reports_success_
         serde_json::json!({ "reboot_command": [script.display().to_string()] }).to_string(),
     )
     .unwrap();
-    let extra = ["--config".to_owned(), cfg.display().to_string()];
+    ["--config".to_owned(), cfg.display().to_string()]
+}
+
+#[test]
+fn a_machine_that_comes_back_on_the_old_system_gets_it_back_as_boot_default_and_reports_rolled_back()
+ {
+    require!(preflight());
+    let (f, run_dir, p1) = booted_on_v1();
+    let dir = f.node(NODE).dir.clone();
+    let extra = fake_reboot(&f);
+    let boot_file = dir.join("boot-id");
+    let env = [("ROOST_TEST_BOOT_ID_FILE", boot_file.to_str().unwrap())];
+    let (v2, _) = publish_policy(&f, 2, "6.12", "257", Some("auto"));
+    once_with(&f, &extra, &env);
+    f.wait_report(NODE, v2, "success", LONG).unwrap();
+    assert_eq!(
+        std::fs::read_to_string(dir.join("reboots")).unwrap(),
+        "reboot\n"
+    );
+    // The new kernel did not come up: the boot loader fell back to the old system.
+    std::fs::write(&boot_file, "boot-2\n").unwrap();
+    point(&run_dir.join("booted-system"), &p1);
+    point(&run_dir.join("current-system"), &p1);
+    once_with(&f, &extra, &env);
+    let r = f.wait_report(NODE, v2, "rolled_back", LONG).unwrap();
+    assert_eq!(r["error"]["phase"], "reboot", "{r:#}");
+    let msg = r["error"]["message"].as_str().unwrap();
+    assert!(
+        msg.contains(&format!("came back on {p1}")) && msg.contains("is the boot default again"),
+        "{msg}"
+    );
+    assert_eq!(
+        f.node(NODE).profile_target("var/nix/profiles/system"),
+        Some(p1.clone())
+    );
+    assert_eq!(
+        f.node(NODE).activations().last(),
+        Some(&format!("boot {p1}")),
+        "the old system is the boot default again"
+    );
+    assert_eq!(
+        std::fs::read_to_string(dir.join("reboots")).unwrap(),
+        "reboot\n",
+        "already on the old system: no second reboot"
+    );
+    let st = f.node(NODE).status_json().unwrap();
+    assert_eq!(st["quarantined"], serde_json::json!([v2]), "{st:#}");
+    let doc: Value = serde_json::from_slice(
+        &f.coordinator
+            .read(&roost_common::wire::v1::http::reboot_leases_url(
+                &f.coordinator.url(),
+            ))
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(doc["holders"], serde_json::json!([]), "{doc:#}");
+}
+
+#[test]
+fn policy_auto_takes_a_lease_reboots_and_back_on_the_new_system_reports_success_and_gives_it_back()
+{
+    require!(preflight());
+    let (f, run_dir, _) = booted_on_v1();
+    let dir = f.node(NODE).dir.clone();
+    let extra = fake_reboot(&f);
     let boot_file = dir.join("boot-id");
     let env = [("ROOST_TEST_BOOT_ID_FILE", boot_file.to_str().unwrap())];
     let (v2, p2) = publish_policy(&f, 2, "6.12", "257", Some("auto"));
