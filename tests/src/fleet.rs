@@ -29,7 +29,7 @@ pub struct Settings {
     pub kernel: Vec<(&'static str, &'static str)>,
     /// Per node: the systemd its `switch-inhibitors` names; none: no such file.
     pub systemd: Vec<(&'static str, &'static str)>,
-    /// Per node (the fixture reads it for pi-kitchen only): its `roost.reboot` policy.
+    /// Per node: its `roost.reboot` policy.
     pub reboot: Vec<(&'static str, &'static str)>,
 }
 

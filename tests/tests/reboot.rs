@@ -79,13 +79,18 @@ fn once(f: &Fleet) {
 
 /// One cycle of the agent with `extra` arguments and `env`.
 fn once_with(f: &Fleet, extra: &[String], env: &[(&str, &str)]) {
-    let mut args = f.agent_args(f.node(NODE), true);
+    once_on(f, NODE, extra, env);
+}
+
+/// One cycle of `node`'s agent with `extra` arguments and `env`.
+fn once_on(f: &Fleet, node: &str, extra: &[String], env: &[(&str, &str)]) {
+    let mut args = f.agent_args(f.node(node), true);
     args.extend(extra.iter().cloned());
-    let out = f.node(NODE).run_agent(&args, env).unwrap();
+    let out = f.node(node).run_agent(&args, env).unwrap();
     assert_eq!(
         out.status.code(),
         Some(0),
-        "{}",
+        "{node}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
 }
@@ -188,7 +193,12 @@ fn a_kernel_change_switches_live_and_reports_that_the_kernel_waits_for_a_reboot(
 /// A reboot command that only records that it ran (in the node's `reboots`); returns the
 /// agent arguments that configure it.
 fn fake_reboot(f: &Fleet) -> [String; 2] {
-    let dir = f.node(NODE).dir.clone();
+    fake_reboot_on(f, NODE)
+}
+
+/// [`fake_reboot`] for `node`.
+fn fake_reboot_on(f: &Fleet, node: &str) -> [String; 2] {
+    let dir = f.node(node).dir.clone();
     let script = dir.join("fake-reboot");
     std::fs::write(
         &script,
@@ -323,4 +333,128 @@ fn policy_auto_takes_a_lease_reboots_and_back_on_the_new_system_reports_success_
     assert_eq!(last["state"], "success", "{last:#}");
     assert_eq!(last.get("needs_reboot"), None, "{last:#}");
     assert!(last["seq"].as_u64().unwrap() > r["seq"].as_u64().unwrap());
+}
+
+#[test]
+fn three_nodes_with_a_budget_of_one_reboot_one_at_a_time() {
+    require!(preflight());
+    const NODES: [&str; 3] = ["laptop", "pi-kitchen", "pi-garage"];
+    let mut f = Fleet::new(&NODES).unwrap();
+    for n in NODES {
+        let run_dir = f.node(n).dir.join("run");
+        std::fs::create_dir_all(&run_dir).unwrap();
+        f.node_mut(n).bind(&run_dir, "/run");
+        std::fs::write(f.node(n).dir.join("boot-id"), "boot-1\n").unwrap();
+    }
+    let publish_all = |generation: u32, kernel: &'static str, reboot: Option<&'static str>| {
+        f.settings(&Settings {
+            generation,
+            kernel: NODES.iter().map(|n| (*n, kernel)).collect(),
+            reboot: reboot
+                .map(|r| NODES.iter().map(|n| (*n, r)).collect())
+                .unwrap_or_default(),
+            ..Settings::default()
+        })
+        .unwrap();
+        let summary = f.publish(&[]).unwrap();
+        NODES
+            .iter()
+            .map(|n| {
+                let node = summary["nodes"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .find(|x| x["node"] == *n)
+                    .unwrap();
+                (
+                    node["version"].as_u64().unwrap(),
+                    node["profiles"][0]["path"].as_str().unwrap().to_owned(),
+                )
+            })
+            .collect::<Vec<_>>()
+    };
+    let v1 = publish_all(1, "6.6", None);
+    for (n, (v, p)) in NODES.iter().zip(&v1) {
+        let run_dir = f.node(n).dir.join("run");
+        point(&run_dir.join("booted-system"), p);
+        point(&run_dir.join("current-system"), p);
+        once_on(&f, n, &[], &[]);
+        f.wait_report(n, *v, "success", LONG).unwrap();
+    }
+    let v2 = publish_all(2, "6.12", Some("auto"));
+    let extras: Vec<[String; 2]> = NODES.iter().map(|n| fake_reboot_on(&f, n)).collect();
+    let boot_files: Vec<String> = NODES
+        .iter()
+        .map(|n| f.node(n).dir.join("boot-id").display().to_string())
+        .collect();
+    let reboots = |n: &str| {
+        std::fs::read_to_string(f.node(n).dir.join("reboots"))
+            .unwrap_or_default()
+            .lines()
+            .count()
+    };
+    let mut back = [false; 3];
+    for _round in 0..4 {
+        for (i, n) in NODES.iter().enumerate() {
+            let env = [("ROOST_TEST_BOOT_ID_FILE", boot_files[i].as_str())];
+            once_on(&f, n, &extras[i], &env);
+            if reboots(n) == 1 && !back[i] {
+                // It rebooted: it comes back on the new system.
+                let run_dir = f.node(n).dir.join("run");
+                std::fs::write(&boot_files[i], "boot-2\n").unwrap();
+                point(&run_dir.join("booted-system"), &v2[i].1);
+                point(&run_dir.join("current-system"), &v2[i].1);
+                back[i] = true;
+            }
+        }
+    }
+    for n in NODES {
+        assert_eq!(reboots(n), 1, "{n} rebooted once");
+    }
+    let doc: Value = serde_json::from_slice(
+        &f.coordinator
+            .read(&roost_common::wire::v1::http::reboot_leases_url(
+                &f.coordinator.url(),
+            ))
+            .unwrap(),
+    )
+    .unwrap();
+    let log: Vec<String> = doc["log"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            format!(
+                "{} {}",
+                e["node"].as_str().unwrap(),
+                e["event"].as_str().unwrap()
+            )
+        })
+        .collect();
+    let mut held = 0;
+    for e in &log {
+        if e.ends_with(" acquired") {
+            held += 1;
+        } else if e.ends_with(" released") || e.ends_with(" expired") {
+            held -= 1;
+        }
+        assert!(held <= 1, "two nodes held a lease at once: {log:#?}");
+    }
+    for n in NODES {
+        assert_eq!(
+            log.iter()
+                .filter(|e| **e == format!("{n} acquired"))
+                .count(),
+            1,
+            "{log:#?}"
+        );
+        assert!(log.contains(&format!("{n} released")), "{log:#?}");
+        let st = f.node(n).status_json().unwrap();
+        assert_eq!(st["needs_reboot"], false, "{n}: {st:#}");
+    }
+    assert!(
+        log.iter().any(|e| e.ends_with(" refused")),
+        "someone had to wait: {log:#?}"
+    );
+    assert_eq!(doc["holders"], serde_json::json!([]), "{doc:#}");
 }
