@@ -14,6 +14,7 @@
       nodeKey = node: (settings.nodeKeys or { }).${node} or null;
       # roost.reboot, from settings.nix; null: the default ("never").
       reboot = node: (settings.reboot or { }).${node} or null;
+      rebootWindow = node: (settings.rebootWindow or { }).${node} or null;
       # The system's own health script, plus any HTTP checks settings.nix asks for.
       checks = node:
         [ { kind = "command"; argv = [ "/nix/var/nix/profiles/system/bin/health" ]; timeout_s = 10; } ]
@@ -41,6 +42,7 @@
             hostname = "laptop.lan";
             roost.nodeKey = nodeKey "laptop";
             roost.reboot = reboot "laptop";
+            roost.rebootWindow = rebootWindow "laptop";
             # node-level settings override deploy-level ones
             magicRollback = true;
             profilesOrder = [ "system" "home" ];
@@ -59,6 +61,7 @@
             hostname = "pi-kitchen.lan";
             roost.nodeKey = nodeKey "pi-kitchen";
             roost.reboot = reboot "pi-kitchen";
+            roost.rebootWindow = rebootWindow "pi-kitchen";
             roost.wave = 1;
             roost.healthChecks = checks "pi-kitchen";
             profiles.system.path = system "pi-kitchen";
@@ -68,6 +71,7 @@
             hostname = "pi-garage.lan";
             roost.nodeKey = nodeKey "pi-garage";
             roost.reboot = reboot "pi-garage";
+            roost.rebootWindow = rebootWindow "pi-garage";
             roost.wave = 1;
             roost.healthChecks = checks "pi-garage";
             profiles.system = {

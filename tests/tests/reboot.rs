@@ -9,6 +9,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use roost_common::Timestamp;
 use roost_tests::fleet::Settings;
 use roost_tests::{Fleet, preflight, require};
 use serde_json::Value;
@@ -457,4 +458,63 @@ fn three_nodes_with_a_budget_of_one_reboot_one_at_a_time() {
         "someone had to wait: {log:#?}"
     );
     assert_eq!(doc["holders"], serde_json::json!([]), "{doc:#}");
+}
+
+#[test]
+fn policy_window_waits_while_the_window_is_closed_and_reboots_once_it_is_open() {
+    require!(preflight());
+    let (f, _, _) = booted_on_v1();
+    let dir = f.node(NODE).dir.clone();
+    let extra = fake_reboot(&f);
+    let boot_file = dir.join("boot-id");
+    f.settings(&Settings {
+        generation: 2,
+        kernel: vec![(NODE, "6.12")],
+        systemd: vec![(NODE, "257")],
+        reboot: vec![(NODE, "window")],
+        reboot_window: vec![(NODE, "02:00-03:00")],
+        ..Settings::default()
+    })
+    .unwrap();
+    let v2 = f.publish(&[&format!("#{NODE}")]).unwrap()["nodes"][0]["version"]
+        .as_u64()
+        .unwrap();
+    // Tomorrow, 30 s before the window opens, then 30 s after (node clock, UTC).
+    let now = Timestamp::now().unix();
+    let two = now - now % 86_400 + 86_400 + 2 * 3600;
+    let before = Timestamp::from_unix(two - 30).to_string();
+    let inside = Timestamp::from_unix(two + 30).to_string();
+    let leases = || -> Value {
+        serde_json::from_slice(
+            &f.coordinator
+                .read(&roost_common::wire::v1::http::reboot_leases_url(
+                    &f.coordinator.url(),
+                ))
+                .unwrap(),
+        )
+        .unwrap()
+    };
+    let reboots = || std::fs::read_to_string(dir.join("reboots")).unwrap_or_default();
+    let env = |clock: &str| {
+        vec![
+            ("ROOST_TEST_BOOT_ID_FILE", boot_file.display().to_string()),
+            ("ROOST_TEST_CLOCK", clock.to_owned()),
+            ("TZ", "UTC".to_owned()),
+        ]
+    };
+    let run_at = |clock: &str| {
+        let e = env(clock);
+        let e: Vec<(&str, &str)> = e.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        once_with(&f, &extra, &e);
+    };
+    run_at(&before);
+    let r = f.wait_report(NODE, v2, "success", LONG).unwrap();
+    assert_eq!(r["needs_reboot"], true, "{r:#}");
+    assert_eq!(reboots(), "", "the window is closed: no reboot");
+    assert_eq!(leases()["log"], serde_json::json!([]), "and no lease taken");
+    run_at(&before);
+    assert_eq!(reboots(), "");
+    run_at(&inside);
+    assert_eq!(reboots(), "reboot\n", "the window is open");
+    assert_eq!(leases()["holders"][0]["node"], NODE);
 }
