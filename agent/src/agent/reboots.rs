@@ -65,6 +65,7 @@ impl Agent {
     /// logged-in users (`wall`), saves the [`RebootRecord`] and runs the reboot command. Back
     /// from the reboot (another boot id), [`Agent::back_from_reboot`] checks the outcome.
     pub async fn reboot_if_due(&mut self) {
+        self.reboot_wake = None;
         let boot = roost_common::process::boot_id();
         if let Some(r) = self.state.reboot.clone() {
             if r.boot_id != boot {
@@ -109,6 +110,7 @@ impl Agent {
         match decision {
             Decision::Stay => return,
             Decision::WaitUntil(t) => {
+                self.reboot_wake = Some(t);
                 tracing::info!(
                     policy = policy.as_str(),
                     "a reboot is due; waiting for the reboot window at {t}"
