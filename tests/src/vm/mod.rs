@@ -60,6 +60,10 @@ pub struct Version {
     pub health_seconds: u32,
     /// KiB of random data in the closure (a longer realise).
     pub blob_kib: u64,
+    /// The kernel version the system links (`kernel`), if any.
+    pub kernel: Option<&'static str>,
+    /// `roost.reboot` of the node, if set.
+    pub reboot: Option<&'static str>,
 }
 
 impl Version {
@@ -72,8 +76,15 @@ impl Version {
             activation_timeout: 120,
             health_seconds: 0,
             blob_kib: 0,
+            kernel: None,
+            reboot: None,
         }
     }
+}
+
+/// `"value"`, or `null`.
+fn nix_string(v: Option<&str>) -> String {
+    v.map_or_else(|| "null".to_owned(), |v| format!("{v:?}"))
 }
 
 /// What a publish made.
@@ -156,13 +167,15 @@ impl VmFleet {
         fs::write(
             self.flake.join("settings.nix"),
             format!(
-                "{{\n  system = \"x86_64-linux\";\n  generation = {};\n  activation = \"{}\";\n  activationSeconds = {};\n  activationTimeout = {};\n  healthSeconds = {};\n  blobKiB = {};\n}}\n",
+                "{{\n  system = \"x86_64-linux\";\n  generation = {};\n  activation = \"{}\";\n  activationSeconds = {};\n  activationTimeout = {};\n  healthSeconds = {};\n  blobKiB = {};\n  kernel = {};\n  reboot = {};\n}}\n",
                 v.generation,
                 v.activation,
                 v.activation_seconds,
                 v.activation_timeout,
                 v.health_seconds,
-                v.blob_kib
+                v.blob_kib,
+                nix_string(v.kernel),
+                nix_string(v.reboot),
             ),
         )?;
         let url = self.coordinator.url();
