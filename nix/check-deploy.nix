@@ -148,7 +148,7 @@ let
     if !isAttrs r' then
       [ "${where}: expected an attribute set, got ${show r'}" ]
     else
-      unknown where [ "nodeKey" "system" "healthChecks" "activation" "wave" "rollout" "applyWindow" ] r
+      unknown where [ "nodeKey" "system" "healthChecks" "activation" "wave" "rollout" "applyWindow" "reboot" "rebootWindow" ] r
       ++ (
         if r ? nodeKey then
           if level == "profile" then
@@ -164,6 +164,20 @@ let
           expect (
             w: isString w || (isList w && all isString w)
           ) "a window like \"Mon-Fri 12:00-13:00\", or a list of them" "${where}.applyWindow" r.applyWindow
+        else
+          [ ]
+      )
+      ++ (
+        if r ? rebootWindow then
+          expect (
+            w: isString w || (isList w && all isString w)
+          ) "a window like \"Sat 02:00-05:00\", or a list of them" "${where}.rebootWindow" r.rebootWindow
+        else
+          [ ]
+      )
+      ++ (
+        if r ? reboot then
+          expect (p: builtins.elem p [ "never" "window" "auto" ]) "\"never\", \"window\" or \"auto\"" "${where}.reboot" r.reboot
         else
           [ ]
       )

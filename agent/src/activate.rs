@@ -167,13 +167,20 @@ pub fn start_activation(
 }
 
 /// What deploy-rs's `activate-rs` gives an activation: `PROFILE` (the link), and
-/// `DRY_ACTIVATE=0`, `BOOT=0` (its `lib.activate.custom` scripts branch on them).
+/// `DRY_ACTIVATE=0`, `BOOT=0` (its `lib.activate.custom` scripts branch on them). The
+/// agent's own `NIXOS_NO_CHECK` is passed on, also into a transient unit (whose environment
+/// is systemd's), so `switch-to-configuration` skips its checks exactly when roost did
+/// (§7.16).
 pub fn activation_env(profile_path: &Path) -> Vec<(String, String)> {
-    vec![
+    let mut env = vec![
         ("PROFILE".to_owned(), profile_path.display().to_string()),
         ("DRY_ACTIVATE".to_owned(), "0".to_owned()),
         ("BOOT".to_owned(), "0".to_owned()),
-    ]
+    ];
+    if let Ok(v) = std::env::var(crate::reboot::NO_CHECK_ENV) {
+        env.push((crate::reboot::NO_CHECK_ENV.to_owned(), v));
+    }
+    env
 }
 
 /// The working directory of an activation: the profile link, as deploy-rs runs it (so

@@ -131,18 +131,6 @@ pub fn write_defer(state_dir: &Path, until: Option<Timestamp>) -> std::io::Resul
     }
 }
 
-/// Whether the `system` profile's current generation is not the booted system: a new
-/// system waits for the next boot. False when there is no `/run/booted-system`.
-pub fn needs_reboot(system_link: &Path, booted: &Path) -> bool {
-    match (
-        std::fs::canonicalize(booted),
-        std::fs::canonicalize(system_link),
-    ) {
-        (Ok(b), Ok(c)) => b != c,
-        _ => false,
-    }
-}
-
 /// Why `defer` did nothing.
 #[derive(Debug, thiserror::Error)]
 pub enum DeferError {
@@ -233,23 +221,6 @@ mod tests {
         write_defer(d.path(), None).unwrap();
         assert_eq!(read_defer(d.path()), None);
         write_defer(d.path(), None).unwrap();
-    }
-
-    #[test]
-    fn a_system_not_booted_needs_a_reboot() {
-        let d = tempfile::tempdir().unwrap();
-        let (old, new) = (d.path().join("old"), d.path().join("new"));
-        std::fs::create_dir_all(&old).unwrap();
-        std::fs::create_dir_all(&new).unwrap();
-        let booted = d.path().join("booted-system");
-        std::os::unix::fs::symlink(&old, &booted).unwrap();
-        let system = d.path().join("system");
-        std::os::unix::fs::symlink(&old, &system).unwrap();
-        assert!(!needs_reboot(&system, &booted));
-        std::fs::remove_file(&system).unwrap();
-        std::os::unix::fs::symlink(&new, &system).unwrap();
-        assert!(needs_reboot(&system, &booted));
-        assert!(!needs_reboot(&system, &d.path().join("no-booted-system")));
     }
 
     #[test]

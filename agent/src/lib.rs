@@ -22,6 +22,7 @@ pub mod notifications;
 pub mod notify;
 pub mod poll;
 pub mod power;
+pub mod reboot;
 pub mod report;
 pub mod retention;
 pub mod state;

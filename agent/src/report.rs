@@ -35,10 +35,10 @@ pub struct Outcome {
 }
 
 /// What a laptop or Pi adds to a report (docs/protocol.md §5).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Conditions {
-    /// A new system waits for the next boot.
-    pub needs_reboot: bool,
+    /// Why the system is not fully in use until the next boot (none: it is).
+    pub reboot_reasons: Vec<String>,
     /// When a deferral ends by itself.
     pub deferred_until: Option<Timestamp>,
     /// Bytes a garbage collection freed in this deploy.
@@ -108,7 +108,8 @@ impl Reporter {
             timings_ms: o.timings,
             security_events: o.security_events,
             node_key: Some(self.key.public()),
-            needs_reboot: o.conditions.needs_reboot,
+            needs_reboot: !o.conditions.reboot_reasons.is_empty(),
+            reboot_reasons: o.conditions.reboot_reasons,
             deferred_until: o.conditions.deferred_until,
             gc_freed_bytes: o.conditions.gc_freed_bytes,
             generations_removed: o.conditions.generations_removed,

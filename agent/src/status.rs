@@ -10,13 +10,14 @@ use std::time::Duration;
 
 use roost_common::nix::profiles;
 use roost_common::time::human_duration;
-use roost_common::wire::v1::{Activation, Manifest, Source};
+use roost_common::wire::v1::{Manifest, Source};
 use roost_common::{ProfileName, StorePath, Timestamp, Version};
 use serde::{Deserialize, Serialize};
 
 use crate::activate::default_profile_path;
 use crate::gate::WaitKind;
 use crate::laptop;
+use crate::reboot::{self, Running};
 use crate::retention::GcRecord;
 use crate::state::{DeployRecord, Pending, Phase, RefusedManifest, Snapshot, StateDir};
 
@@ -77,9 +78,12 @@ pub struct StatusDoc {
     /// The user's deferral (`roost-agent defer`), while it lasts.
     #[serde(default)]
     pub deferred_until: Option<Timestamp>,
-    /// The applied system is installed for the next boot and not running yet.
+    /// The applied system is not fully in use until the next boot (§7.16).
     #[serde(default)]
     pub needs_reboot: bool,
+    /// Why: installed for the next boot, kernel changed, a switch inhibitor, …
+    #[serde(default)]
+    pub reboot_reasons: Vec<String>,
     /// The last garbage collection.
     #[serde(default)]
     pub last_gc: Option<GcRecord>,
@@ -167,16 +171,16 @@ pub fn document(dir: &Path, live: Option<Snapshot>) -> anyhow::Result<StatusDoc>
             until: w.until,
             message: w.message(now),
         });
-    let needs_reboot = state.applied.as_ref().is_some_and(|m| {
-        m.profiles
-            .iter()
-            .filter(|p| matches!(p.activation, Activation::Nixos { .. }))
-            .any(|p| laptop::needs_reboot(&default_profile_path(p), Path::new(BOOTED_SYSTEM)))
-    });
+    let reboot_reasons = state
+        .applied
+        .as_ref()
+        .map(|m| reboot::manifest_reasons(m, &Running::default()))
+        .unwrap_or_default();
     Ok(StatusDoc {
         waiting,
         deferred_until: laptop::read_defer(dir).filter(|t| *t > now),
-        needs_reboot,
+        needs_reboot: !reboot_reasons.is_empty(),
+        reboot_reasons,
         last_gc: state.laptop.last_gc,
         node: desired.map(|m| m.node.to_string()),
         state_dir: dir.to_owned(),
@@ -210,9 +214,6 @@ pub fn document(dir: &Path, live: Option<Snapshot>) -> anyhow::Result<StatusDoc>
         coordinator_has_no_manifest: snap.is_some_and(|s| s.no_manifest),
     })
 }
-
-/// Where NixOS says which system it booted.
-pub const BOOTED_SYSTEM: &str = "/run/booted-system";
 
 /// Asks the running daemon for the status document. `Ok(None)`: no daemon runs.
 pub fn from_daemon(dir: &Path) -> anyhow::Result<Option<StatusDoc>> {
@@ -345,11 +346,23 @@ pub fn render(doc: &StatusDoc) -> String {
         );
     }
     if doc.needs_reboot {
+        let installed = doc
+            .reboot_reasons
+            .iter()
+            .any(|r| r.contains("installed for the next boot"));
+        let what = if installed {
+            "is installed, active after the next boot"
+        } else {
+            "runs, and needs a reboot to be fully in use"
+        };
         let _ = writeln!(
             o,
-            "REBOOT          version {} is installed, active after the next boot",
+            "REBOOT          version {} {what}",
             or_dash(doc.current_version)
         );
+        for r in &doc.reboot_reasons {
+            let _ = writeln!(o, "                {r}");
+        }
     }
     match &doc.last_gc {
         Some(g) => {
@@ -459,6 +472,7 @@ mod tests {
             waiting: None,
             deferred_until: None,
             needs_reboot: false,
+            reboot_reasons: vec![],
             last_gc: None,
             last_refused: None,
             coordinator_has_no_manifest: false,
@@ -475,6 +489,7 @@ mod tests {
             message: "waiting for window Mon-Fri 12:00-13:00 (opens in 3h12m)".into(),
         });
         d.needs_reboot = true;
+        d.reboot_reasons = vec!["kernel changed: /nix/store/a (booted) -> /nix/store/b".into()];
         d.current_version = Some(Version(7));
         d.last_gc = Some(GcRecord {
             at: Timestamp::now(),
@@ -489,7 +504,11 @@ mod tests {
             "{out}"
         );
         assert!(
-            out.contains("version 7 is installed, active after the next boot"),
+            out.contains("version 7 runs, and needs a reboot to be fully in use"),
+            "{out}"
+        );
+        assert!(
+            out.contains("                kernel changed: /nix/store/a (booted) -> /nix/store/b"),
             "{out}"
         );
         assert!(

@@ -30,11 +30,13 @@ pub enum Flag {
     Behind,
     /// The report key was pinned on first use.
     Tofu,
+    /// The node's system is not fully in use until its next boot (§7.16).
+    NeedsReboot,
 }
 
 impl Flag {
     /// Every flag, in the order they are shown.
-    pub const ALL: [Flag; 9] = [
+    pub const ALL: [Flag; 10] = [
         Flag::Unknown,
         Flag::Stale,
         Flag::Failed,
@@ -44,6 +46,7 @@ impl Flag {
         Flag::Expiring,
         Flag::Behind,
         Flag::Tofu,
+        Flag::NeedsReboot,
     ];
 
     /// The upper-case label of the table.
@@ -58,6 +61,7 @@ impl Flag {
             Flag::Expiring => "EXPIRING",
             Flag::Behind => "BEHIND",
             Flag::Tofu => "TOFU",
+            Flag::NeedsReboot => "REBOOT",
         }
     }
 
@@ -73,13 +77,15 @@ impl Flag {
             Flag::Expiring => "expiring",
             Flag::Behind => "behind",
             Flag::Tofu => "tofu",
+            Flag::NeedsReboot => "needs_reboot",
         }
     }
 
-    /// Whether it needs a human (makes `status` exit 1). BEHIND is a deploy under way and
-    /// TOFU a standing risk the operator chose; neither fails.
+    /// Whether it needs a human (makes `status` exit 1). BEHIND is a deploy under way,
+    /// TOFU a standing risk the operator chose and REBOOT what the reboot policy is for;
+    /// none fails.
     pub fn is_bad(self) -> bool {
-        !matches!(self, Flag::Behind | Flag::Tofu)
+        !matches!(self, Flag::Behind | Flag::Tofu | Flag::NeedsReboot)
     }
 }
 
@@ -143,6 +149,8 @@ pub struct ReportFacts<'a> {
     pub error: Option<(&'a str, &'a str)>,
     /// The first failing health check: name and detail.
     pub failing_check: Option<(&'a str, &'a str)>,
+    /// Why the node needs a reboot (empty: it does not).
+    pub reboot_reasons: &'a [String],
 }
 
 /// The coordinator's last refusal of a report posted for the node.
@@ -391,6 +399,16 @@ pub fn judge(f: &Facts<'_>, now: Timestamp, t: &Thresholds) -> Vec<Flagged> {
             format!("reports version {v}, desired {}", m.version),
         ));
     }
+    if let Some(r) = report.filter(|r| !r.reboot_reasons.is_empty()) {
+        out.push(flagged(
+            Flag::NeedsReboot,
+            "needs_reboot",
+            format!(
+                "needs a reboot to be fully on its system: {}",
+                r.reboot_reasons.join("; ")
+            ),
+        ));
+    }
     if f.key_source == Some("tofu") {
         out.push(flagged(
             Flag::Tofu,
@@ -426,6 +444,7 @@ mod tests {
             healthy: None,
             error: None,
             failing_check: None,
+            reboot_reasons: &[],
         }
     }
 
@@ -611,5 +630,34 @@ mod tests {
         let j = judge(&f, at(5000), &Thresholds::default());
         assert_eq!(j.len(), 1, "failing, not also stuck: {j:?}");
         assert_eq!(j[0].code, "health");
+    }
+
+    #[test]
+    fn a_success_that_needs_a_reboot_is_flagged_with_its_reasons_and_is_not_bad() {
+        let reasons = ["kernel changed: a (booted) -> b".to_owned()];
+        let mut r = report(10, "success", 5);
+        r.reboot_reasons = &reasons;
+        let f = Facts {
+            manifest: Some(manifest(0)),
+            report: Some(r),
+            ..Facts::default()
+        };
+        let j = judge(&f, at(20), &Thresholds::default());
+        assert_eq!(j.len(), 1, "{j:?}");
+        assert_eq!(
+            (j[0].flag, j[0].code.as_str()),
+            (Flag::NeedsReboot, "needs_reboot")
+        );
+        assert!(
+            j[0].reason.ends_with("kernel changed: a (booted) -> b"),
+            "{}",
+            j[0].reason
+        );
+        assert!(!Flag::NeedsReboot.is_bad());
+        let f = Facts {
+            report: Some(report(10, "success", 5)),
+            ..f
+        };
+        assert!(judge(&f, at(20), &Thresholds::default()).is_empty());
     }
 }

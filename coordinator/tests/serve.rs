@@ -1032,3 +1032,114 @@ async fn a_client_that_stops_reading_a_download_is_cut_off() {
     );
     s.stop().await;
 }
+
+/// PUTs `body` to the cache file `file` with the upload token: the status and the answer.
+async fn put_cache_file(url: &str, token: &str, file: &str, body: Vec<u8>) -> (u16, String) {
+    let r = reqwest::Client::new()
+        .put(format!("{}/{file}", v1::cache_url(url)))
+        .bearer_auth(token)
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    (r.status().as_u16(), r.text().await.unwrap())
+}
+
+fn narinfo_naming(nar: &str, size: usize) -> Vec<u8> {
+    format!(
+        "StorePath: /nix/store/00000000000000000000000000000000-x\nURL: {nar}\n\
+         Compression: none\nFileSize: {size}\nNarSize: {size}\n"
+    )
+    .into_bytes()
+}
+
+#[tokio::test]
+async fn a_narinfo_naming_a_nar_the_cache_does_not_hold_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = SecretKey::generate("pub").unwrap();
+    let token = "cache-token-0123456789";
+    let s = Server::start(dir.path(), &key, Some(token)).await;
+    let (status, body) =
+        put_cache_file(&s.url, token, "x.narinfo", narinfo_naming("nar/x.nar", 10)).await;
+    assert_eq!(status, 409, "{body}");
+    assert!(
+        body.contains("nar_missing") && body.contains("nar/x.nar"),
+        "{body}"
+    );
+    let r = reqwest::get(format!("{}/x.narinfo", v1::cache_url(&s.url)))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404, "a refused narinfo is not stored");
+    // Uploaded in Nix's order, NAR first, both are stored.
+    assert_eq!(
+        put_cache_file(&s.url, token, "nar/x.nar", vec![1; 10])
+            .await
+            .0,
+        200
+    );
+    assert_eq!(
+        put_cache_file(&s.url, token, "x.narinfo", narinfo_naming("nar/x.nar", 10))
+            .await
+            .0,
+        200
+    );
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn a_nar_cut_short_before_a_restart_is_removed_when_its_narinfo_comes() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = SecretKey::generate("pub").unwrap();
+    let token = "cache-token-0123456789";
+    // What a power loss can leave of a NAR acknowledged but not yet synced (no narinfo
+    // named it): the file under its name, shorter than uploaded.
+    let nar_dir = dir.path().join("cache/nar");
+    std::fs::create_dir_all(&nar_dir).unwrap();
+    std::fs::write(nar_dir.join("y.nar"), [1u8; 4]).unwrap();
+    let s = Server::start(dir.path(), &key, Some(token)).await;
+    let (status, body) = put_cache_file(
+        &s.url,
+        token,
+        "y.narinfo",
+        narinfo_naming("nar/y.nar", 4096),
+    )
+    .await;
+    assert_eq!(status, 409, "{body}");
+    assert!(
+        body.contains("nar_damaged") && body.contains("nix copy"),
+        "{body}"
+    );
+    // Removed, so that the next `nix copy`, which asks first, uploads it again.
+    let r = reqwest::Client::new()
+        .head(format!("{}/nar/y.nar", v1::cache_url(&s.url)))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    assert_eq!(
+        put_cache_file(&s.url, token, "nar/y.nar", vec![1; 4096])
+            .await
+            .0,
+        200
+    );
+    assert_eq!(
+        put_cache_file(
+            &s.url,
+            token,
+            "y.narinfo",
+            narinfo_naming("nar/y.nar", 4096)
+        )
+        .await
+        .0,
+        200
+    );
+    // A whole NAR stored before the restart is accepted as it is.
+    std::fs::write(nar_dir.join("z.nar"), [2u8; 64]).unwrap();
+    assert_eq!(
+        put_cache_file(&s.url, token, "z.narinfo", narinfo_naming("nar/z.nar", 64))
+            .await
+            .0,
+        200
+    );
+    s.stop().await;
+}

@@ -1,7 +1,7 @@
 //! What `serve` asks of the kernel, seen with strace: acknowledged reports, manifests and cache
-//! uploads are fsynced (file and folder) before the answer, so a power loss cannot take back
-//! what was acknowledged; and a cache download over plain HTTP goes out with sendfile(2),
-//! never read through the process.
+//! uploads are fsynced (file and folder) before the answer — a NAR before the answer of the
+//! narinfo that names it — so a power loss cannot take back what was acknowledged; and a
+//! cache download over plain HTTP goes out with sendfile(2), never read through the process.
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -170,21 +170,53 @@ async fn an_acknowledged_manifest_is_on_disk_file_and_folder_before_the_answer()
     );
 }
 
+/// Line numbers (0-based) at which calls of `syscall` on a path for which `path` holds
+/// returned: the call's line, or for a call strace shows `<unfinished ...>` (another thread
+/// ran meanwhile), its thread's `<... syscall resumed>` line.
+fn lines_of(log: &str, syscall: &str, path: impl Fn(&str) -> bool) -> Vec<usize> {
+    let lines: Vec<&str> = log.lines().collect();
+    let resumed = format!("<... {syscall} resumed>");
+    let mut out = Vec::new();
+    for (i, l) in lines.iter().enumerate() {
+        let Some((pid, call)) = l.split_once(' ') else {
+            continue;
+        };
+        let whole = l.replace(" <unfinished ...>", ")");
+        if calls(&whole, syscall, &path) == 0 {
+            continue;
+        }
+        if !call.contains("<unfinished") {
+            out.push(i);
+        } else if let Some(j) = (i + 1..lines.len())
+            .find(|&j| lines[j].starts_with(&format!("{pid} ")) && lines[j].contains(&resumed))
+        {
+            out.push(j);
+        }
+    }
+    out
+}
+
 #[tokio::test]
-async fn an_acknowledged_cache_upload_is_on_disk_file_and_folder_before_the_answer() {
-    let Some((dir, _key, t)) = traced("fsync,fdatasync") else {
+async fn an_acknowledged_narinfo_is_on_disk_with_its_nar_file_and_folders_before_the_answer() {
+    // The answers are traced too: each upload's 200 is one write to the socket.
+    let Some((dir, _key, t)) = traced("fsync,fdatasync,write,writev,sendto,sendmsg") else {
         return;
     };
     let c = reqwest::Client::new();
-    for (file, size) in [
-        ("nar/a.nar", 3 << 20),
-        ("nar/b.nar", 1000),
-        ("a.narinfo", 300),
+    let nar = 3usize << 20;
+    let narinfo = format!(
+        "StorePath: /nix/store/00000000000000000000000000000000-x\nURL: nar/a.nar\n\
+         Compression: none\nFileSize: {nar}\nNarSize: {nar}\n"
+    );
+    for (file, body) in [
+        ("nar/a.nar", vec![7u8; nar]),
+        ("nix-cache-info", b"StoreDir: /nix/store\n".to_vec()),
+        ("a.narinfo", narinfo.into_bytes()),
     ] {
         let r = c
             .put(format!("{}/cache/{file}", t.url))
             .bearer_auth("upload-token-0123456789")
-            .body(vec![7u8; size])
+            .body(body)
             .send()
             .await
             .unwrap();
@@ -193,12 +225,44 @@ async fn an_acknowledged_cache_upload_is_on_disk_file_and_folder_before_the_answ
     let log = t.stop();
     let cache = dir.path().join("state/cache");
     let cache = cache.to_str().unwrap();
-    let temps = syncs(&log, |p| p.contains("/.upload-") && p.starts_with(cache));
-    let nar_dir = syncs(&log, |p| p == format!("{cache}/nar"));
-    let top = syncs(&log, |p| p == cache);
+    let answers: Vec<usize> = log
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| l.contains("HTTP/1.1 200"))
+        .map(|(i, _)| i)
+        .collect();
+    assert_eq!(answers.len(), 3, "three answers written:\n{log}");
+    let narinfo_answer = answers[2];
+    let before = |lines: Vec<usize>| lines.iter().any(|&l| l < narinfo_answer);
+    let synced = |p: &dyn Fn(&str) -> bool| {
+        before(lines_of(&log, "fsync", p)) || before(lines_of(&log, "fdatasync", p))
+    };
+    // The NAR is synced under its final name (it was renamed before its sync).
+    let nar_file = format!("{cache}/nar/a.nar");
+    let nar_dir = format!("{cache}/nar");
     assert!(
-        temps >= 3 && nar_dir >= 2 && top >= 1,
-        "3 uploads acknowledged: {temps} file syncs, {nar_dir} of cache/nar, {top} of cache:\n{log}"
+        synced(&|p| p == nar_file),
+        "nar/a.nar not synced before the narinfo's answer:\n{log}"
+    );
+    assert!(
+        synced(&|p| p == nar_dir),
+        "cache/nar not synced before the narinfo's answer:\n{log}"
+    );
+    assert!(
+        synced(&|p| p.starts_with(cache) && p.contains("/.upload-")),
+        "the narinfo's temp file not synced before its answer:\n{log}"
+    );
+    let top = lines_of(&log, "fsync", |p| p == cache);
+    assert!(
+        top.iter().filter(|&&l| l < narinfo_answer).count() >= 2,
+        "cache/ synced fewer than twice (nix-cache-info, then the narinfo) before the \
+         narinfo's answer:\n{log}"
+    );
+    // Every other file is on disk before its own answer.
+    let info_answer = answers[1];
+    assert!(
+        top.iter().any(|&l| answers[0] < l && l < info_answer),
+        "nix-cache-info's folder not synced before its answer:\n{log}"
     );
 }
 

@@ -21,6 +21,8 @@
         inherit (settings) generation;
         behaviour = behaviour node;
         blobKiB = blob node;
+        kernel = (settings.kernel or { }).${node} or null;
+        systemd = (settings.systemd or { }).${node} or null;
       };
     in
     {

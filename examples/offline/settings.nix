@@ -14,4 +14,8 @@
   httpChecks = { };
   # Per node: the public key (`NAME:BASE64`) its reports must be signed with (roost.nodeKey).
   nodeKeys = { };
+  # Per node: the kernel version its system links (`kernel`), and the systemd its
+  # switch-inhibitors name (`systemd`; a change makes a live switch refused).
+  kernel = { };
+  systemd = { };
 }

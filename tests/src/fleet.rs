@@ -25,6 +25,10 @@ pub struct Settings {
     pub http_checks: Vec<(&'static str, String)>,
     /// Per node: its `roost.nodeKey` (`NAME:BASE64`); none: trust on first use.
     pub node_keys: Vec<(&'static str, String)>,
+    /// Per node: the kernel version its system links; none: no kernel.
+    pub kernel: Vec<(&'static str, &'static str)>,
+    /// Per node: the systemd its `switch-inhibitors` names; none: no such file.
+    pub systemd: Vec<(&'static str, &'static str)>,
 }
 
 impl Default for Settings {
@@ -35,6 +39,8 @@ impl Default for Settings {
             blob_kib: vec![],
             http_checks: vec![],
             node_keys: vec![],
+            kernel: vec![],
+            systemd: vec![],
         }
     }
 }
@@ -107,21 +113,27 @@ impl Fleet {
             .iter()
             .map(|(k, v)| (*k, format!("[ \"{v}\" ]")))
             .collect();
-        let keys: Vec<(&str, String)> = s
-            .node_keys
-            .iter()
-            .map(|(k, v)| (*k, format!("\"{v}\"")))
-            .collect();
+        let quoted = |m: &[(&'static str, String)]| -> Vec<(&'static str, String)> {
+            m.iter().map(|(k, v)| (*k, format!("\"{v}\""))).collect()
+        };
+        let keys = quoted(&s.node_keys);
+        let owned = |m: &[(&'static str, &'static str)]| -> Vec<(&'static str, String)> {
+            m.iter().map(|(k, v)| (*k, v.to_string())).collect()
+        };
+        let kernel = quoted(&owned(&s.kernel));
+        let systemd = quoted(&owned(&s.systemd));
         self.edit(
             "settings.nix",
             &format!(
-                "{{\n  system = \"{}-linux\";\n  generation = {};\n  behaviour = {{ {} }};\n  blobKiB = {{ {} }};\n  httpChecks = {{ {} }};\n  nodeKeys = {{ {} }};\n}}\n",
+                "{{\n  system = \"{}-linux\";\n  generation = {};\n  behaviour = {{ {} }};\n  blobKiB = {{ {} }};\n  httpChecks = {{ {} }};\n  nodeKeys = {{ {} }};\n  kernel = {{ {} }};\n  systemd = {{ {} }};\n}}\n",
                 std::env::consts::ARCH,
                 s.generation,
                 attrs(&behaviour),
                 attrs(&blobs),
                 attrs(&http),
-                attrs(&keys)
+                attrs(&keys),
+                attrs(&kernel),
+                attrs(&systemd)
             ),
         )
     }

@@ -187,6 +187,38 @@ fn check_deploy_checks_the_rollout_policy_at_deploy_level_only() {
     assert!(fine.is_empty(), "{fine:#?}");
 }
 
+#[test]
+fn check_deploy_checks_the_reboot_policy_and_its_windows() {
+    require!(nix());
+    let problems = check_deploy(
+        r#"{
+          user = "root";
+          roost.reboot = "sometimes";
+          nodes.pi = {
+            roost.rebootWindow = 3;
+            profiles.system.path = "/nix/store/00000000000000000000000000000000-system";
+          };
+        }"#,
+    );
+    let expected = [
+        "deploy.roost.reboot: expected \"never\", \"window\" or \"auto\"",
+        "deploy.nodes.pi.roost.rebootWindow: expected a window",
+    ];
+    assert_problems(&problems, &expected);
+    let fine = check_deploy(
+        r#"{
+          user = "root";
+          roost.reboot = "window";
+          roost.rebootWindow = [ "Sat 02:00-05:00" "Sun 02:00-05:00" ];
+          nodes.pi.profiles.system = {
+            path = "/nix/store/00000000000000000000000000000000-system";
+            roost.reboot = "auto";
+          };
+        }"#,
+    );
+    assert!(fine.is_empty(), "{fine:#?}");
+}
+
 fn copy_dir(from: &Path, to: &Path) {
     std::fs::create_dir_all(to).unwrap();
     for entry in std::fs::read_dir(from).unwrap() {

@@ -16,6 +16,7 @@ use crate::activate::{self, Outcome};
 use crate::config::BuildPolicy;
 use crate::fault;
 use crate::health;
+use crate::reboot;
 use crate::state::{Pending, PendingProfile, Phase};
 
 /// The confirm timeout of a manifest: its profiles' longest (30 s when it has none).
@@ -66,6 +67,7 @@ impl Agent {
         // a rollback after a cut whose old generation's activation could not be started).
         // The closure is made durable before anything points at it.
         let _ = tokio::task::spawn_blocking(sync_store).await;
+        let m = &self.with_inhibitors_checked(m);
         let reachable_before = self.poller.reachable(self.state.etag.as_deref()).await;
         if let Err(e) = self.record_pending(m, reachable_before) {
             self.finish(
@@ -440,6 +442,9 @@ impl Agent {
         }
         self.pending_profile_mut(i).activation = None;
         if outcome == Outcome::Ok {
+            Ok(())
+        } else if reboot::installed_for_boot(&p.activation, &outcome) {
+            tracing::warn!(profile = %p.name, phase = "activate", "switch-to-configuration: the new init cannot be switched to live (exit 100); installed for the next boot");
             Ok(())
         } else {
             let what = format!("activation of profile `{}` ({})", p.name, p.path);

@@ -4,7 +4,7 @@
 //! call these at a few well-marked points; everything they decide is in the standalone
 //! modules ([`crate::gate`], [`crate::retention`], …).
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use jiff::tz::TimeZone;
@@ -21,12 +21,11 @@ use crate::laptop::{self, Waiting};
 use crate::metrics::NodeMetrics;
 use crate::notifications::{Notice, Notifier, RUN_USER};
 use crate::power::PowerSupplies;
+use crate::reboot::{self, Running};
 use crate::report::Conditions;
 use crate::retention::{self, GcRecord, Keep};
 use crate::schedule::Schedule;
 use crate::state::Phase;
-
-use crate::status::BOOTED_SYSTEM;
 
 /// What the hooks keep in memory.
 #[derive(Debug)]
@@ -348,8 +347,9 @@ impl Agent {
                 tracing::warn!("{e}");
             }
         }
-        let reboot = self.needs_reboot(m);
-        self.laptop.conditions.needs_reboot = reboot;
+        let reasons = self.reboot_reasons(m);
+        let reboot = !reasons.is_empty();
+        self.laptop.conditions.reboot_reasons = reasons;
         let version = m.version.0;
         self.tell(if reboot {
             Notice::NeedsReboot { version }
@@ -371,21 +371,18 @@ impl Agent {
         }
     }
 
-    /// Whether the `system` profile's new generation waits for the next boot.
-    pub(super) fn needs_reboot(&self, m: &Manifest) -> bool {
-        m.profiles
-            .iter()
-            .filter(|p| matches!(p.activation, Activation::Nixos { .. }))
-            .any(|p| {
-                laptop::needs_reboot(&activate::default_profile_path(p), Path::new(BOOTED_SYSTEM))
-            })
+    /// Why the `nixos` profiles' current generations are not fully in use until the next
+    /// boot (§7.16).
+    pub(super) fn reboot_reasons(&self, m: &Manifest) -> Vec<String> {
+        reboot::manifest_reasons(m, &Running::default())
     }
 
-    /// What the next report adds (taken: each deploy's figures go into one report).
+    /// What the next report adds (taken: each deploy's figures go into one report). The
+    /// reboot reasons are the applied manifest's as the machine is now.
     pub(super) fn take_conditions(&mut self) -> Conditions {
         let mut c = std::mem::take(&mut self.laptop.conditions);
         if let Some(m) = &self.state.applied {
-            c.needs_reboot |= self.needs_reboot(m);
+            c.reboot_reasons = self.reboot_reasons(m);
         }
         c
     }
@@ -434,7 +431,7 @@ impl Agent {
                 .state
                 .applied
                 .as_ref()
-                .is_some_and(|m| self.needs_reboot(m)),
+                .is_some_and(|m| !self.reboot_reasons(m).is_empty()),
             rollbacks: self.state.laptop.rollbacks,
             fetched_bytes: self.state.laptop.fetched_bytes,
             last_gc: self.state.laptop.last_gc,

@@ -10,6 +10,7 @@
 mod deploy;
 pub mod error;
 mod laptop_hooks;
+mod reboots;
 mod rollback;
 
 use std::sync::{Arc, Mutex};

@@ -115,6 +115,41 @@ pub struct Profile {
     /// `apply_windows` wins over these.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub apply_windows: Vec<Window>,
+    /// Whether the node may reboot by itself when this profile needs it (`nixos` only).
+    #[serde(default, skip_serializing_if = "RebootPolicy::is_never")]
+    pub reboot: RebootPolicy,
+    /// When a `window` reboot may happen, node local time.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub reboot_windows: Vec<Window>,
+}
+
+/// When a node reboots by itself into a system that needs it (docs/protocol.md §7.16).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum RebootPolicy {
+    /// Never: `needs_reboot` is only reported.
+    #[default]
+    Never,
+    /// Inside one of the profile's `reboot_windows`.
+    Window,
+    /// As soon as the deploy is otherwise confirmed.
+    Auto,
+}
+
+impl RebootPolicy {
+    /// The flake and wire word.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RebootPolicy::Never => "never",
+            RebootPolicy::Window => "window",
+            RebootPolicy::Auto => "auto",
+        }
+    }
+
+    /// Whether it is the default, `never`.
+    pub fn is_never(&self) -> bool {
+        *self == RebootPolicy::Never
+    }
 }
 
 fn default_user() -> String {
@@ -342,9 +377,12 @@ pub struct Report {
     /// names no `node_key` (an addition to DESIGN §6; readers ignore it otherwise).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node_key: Option<PublicKey>,
-    /// A new system is installed and becomes active at the next boot.
+    /// The node's system is not fully in use until the next boot (docs/protocol.md §7.16).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub needs_reboot: bool,
+    /// Why it needs a reboot, for people: installed for the next boot, kernel changed, …
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub reboot_reasons: Vec<String>,
     /// For `deferred`: when the wait ends by itself (a window opens, a deferral ends).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deferred_until: Option<Timestamp>,

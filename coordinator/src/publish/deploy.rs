@@ -15,7 +15,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use roost_common::nix::{Nix, NixError};
 use roost_common::schedule::Window;
-use roost_common::wire::v1::{Activation, Fraction, HealthCheck, Profile, Source};
+use roost_common::wire::v1::{Activation, Fraction, HealthCheck, Profile, RebootPolicy, Source};
 use roost_common::{NodeName, ProfileName, ProfilePath, PublicKey, StorePath};
 use serde_json::{Map, Value};
 
@@ -125,6 +125,8 @@ pub struct ProfileSpec {
     magic_rollback: bool,
     health_checks: Vec<HealthCheck>,
     apply_windows: Vec<Window>,
+    reboot: RebootPolicy,
+    reboot_windows: Vec<Window>,
 }
 
 impl ProfileSpec {
@@ -150,6 +152,8 @@ impl ProfileSpec {
             magic_rollback: self.magic_rollback,
             health_checks: self.health_checks.clone(),
             apply_windows: self.apply_windows.clone(),
+            reboot: self.reboot,
+            reboot_windows: self.reboot_windows.clone(),
         }
     }
 }
@@ -583,21 +587,42 @@ fn node_spec(
             None => Vec::new(),
         };
         // One window as a string, or a list of them.
-        let apply_windows = match roost("applyWindow") {
-            None => Vec::new(),
-            Some(Value::String(w)) => vec![w.clone()],
-            Some(v) => serde_json::from_value::<Vec<String>>(v.clone()).map_err(|_| {
+        let windows = |key: &str| -> Result<Vec<Window>, NodeProblem> {
+            match roost(key) {
+                None => Vec::new(),
+                Some(Value::String(w)) => vec![w.clone()],
+                Some(v) => serde_json::from_value::<Vec<String>>(v.clone()).map_err(|_| {
+                    ctx(format!(
+                        "roost.{key} must be a window string or a list of them, not {v}"
+                    ))
+                })?,
+            }
+            .iter()
+            .map(|w| w.parse::<Window>())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| ctx(format!("roost.{key}: {e}")))
+        };
+        let apply_windows = windows("applyWindow")?;
+        let reboot_windows = windows("rebootWindow")?;
+        let reboot = match roost("reboot") {
+            None => RebootPolicy::Never,
+            Some(v) => serde_json::from_value::<RebootPolicy>(v.clone()).map_err(|_| {
                 ctx(format!(
-                    "roost.applyWindow must be a window string or a list of them, not {v}"
+                    "roost.reboot must be \"never\", \"window\" or \"auto\", not {v}"
                 ))
             })?,
+        };
+        if reboot == RebootPolicy::Window && reboot_windows.is_empty() {
+            return Err(ctx(
+                "roost.reboot is \"window\" but no roost.rebootWindow is set: add one \
+                 (e.g. \"Sat 02:00-05:00\") or use \"auto\" or \"never\""
+                    .to_owned(),
+            ));
         }
-        .iter()
-        .map(|w| w.parse::<Window>())
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| ctx(format!("roost.applyWindow: {e}")))?;
         specs.push(ProfileSpec {
             apply_windows,
+            reboot,
+            reboot_windows,
             name: pname.parse().map_err(|e| bad(format!("{e}")))?,
             path,
             drv_path,
@@ -752,6 +777,47 @@ mod tests {
             e.contains("roost.applyWindow") && e.contains("25:00"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn reboot_policy_and_windows_come_from_the_nearest_level_and_bad_values_name_the_key() {
+        let n = node(json!({
+            "profileNames": ["home", "system"],
+            "settings": { "roost": { "reboot": "window", "rebootWindow": "Sat 02:00-05:00" } },
+            "profiles": {
+                "home": { "path": P2, "system": "x86_64-linux", "settings": {} },
+                "system": { "path": P1, "system": "x86_64-linux",
+                    "settings": { "roost": { "reboot": "auto" } } }
+            }
+        }))
+        .unwrap();
+        let (home, sys) = (&n.profiles[0], &n.profiles[1]);
+        assert_eq!(home.reboot, RebootPolicy::Window);
+        assert_eq!(home.reboot_windows[0].to_string(), "Sat 02:00-05:00");
+        assert_eq!(sys.reboot, RebootPolicy::Auto);
+        let bad = |roost: Value| {
+            node(json!({
+                "profileNames": ["system"],
+                "profiles": { "system": { "path": P1, "system": "x86_64-linux",
+                    "settings": { "roost": roost } } }
+            }))
+            .unwrap_err()
+        };
+        let e = bad(json!({ "reboot": "sometimes" }));
+        assert!(e.contains("roost.reboot") && e.contains("sometimes"), "{e}");
+        let e = bad(json!({ "reboot": "window" }));
+        assert!(e.contains("roost.rebootWindow"), "{e}");
+        let e = bad(json!({ "reboot": "auto", "rebootWindow": "Sat 02:00" }));
+        assert!(
+            e.contains("roost.rebootWindow") && e.contains("Sat 02:00"),
+            "{e}"
+        );
+        let default = node(json!({
+            "profileNames": ["system"],
+            "profiles": { "system": { "path": P1, "system": "x86_64-linux", "settings": {} } }
+        }))
+        .unwrap();
+        assert_eq!(default.profiles[0].reboot, RebootPolicy::Never);
     }
 
     fn bare(deploy: Value, n: Value) -> Result<NodeSpec, String> {

@@ -455,14 +455,28 @@ fn upload_netrc(args: &PublishArgs) -> anyhow::Result<Option<Netrc>> {
         !token.is_empty() && !token.contains(char::is_whitespace),
         "$ROOST_UPLOAD_TOKEN is empty or contains whitespace"
     );
+    let line = netrc_line(cache, token)?;
     use std::io::Write;
     // NamedTempFile is created 0600: the token stays private.
     let mut f =
         tempfile::NamedTempFile::new().context("creating a netrc file for the upload token")?;
-    writeln!(f, "default login roost password {token}")
+    writeln!(f, "{line}")
         .and_then(|()| f.flush())
         .context("writing the netrc file for the upload token")?;
     Ok(Some(Netrc::Made(f)))
+}
+
+/// The netrc line that gives `token` to the cache's host only. Nix reads the netrc for every
+/// download it makes, so a `default` line would send the token to every host of the
+/// publish's Nix calls (the flake's inputs, other substituters).
+fn netrc_line(cache: &str, token: &str) -> anyhow::Result<String> {
+    let url = reqwest::Url::parse(cache).with_context(|| format!("--cache {cache}"))?;
+    let host = url
+        .host_str()
+        .with_context(|| format!("--cache {cache} names no host"))?;
+    // curl matches an IPv6 address without its brackets.
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    Ok(format!("machine {host} login roost password {token}"))
 }
 
 /// Resolves the command line into options; every error here is bad usage (exit 2).
@@ -562,4 +576,25 @@ pub fn options(args: &PublishArgs, progress: Progress) -> anyhow::Result<Publish
         issued_at: args.issued_at,
         progress,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::netrc_line;
+
+    #[test]
+    fn the_upload_token_goes_to_the_cache_host_only() {
+        for (cache, host) in [
+            ("https://roost.acme.org/cache", "roost.acme.org"),
+            ("http://127.0.0.1:8080/cache?compression=none", "127.0.0.1"),
+            ("https://[::1]:8443/cache", "::1"),
+        ] {
+            assert_eq!(
+                netrc_line(cache, "T0KEN").unwrap(),
+                format!("machine {host} login roost password T0KEN"),
+                "{cache}"
+            );
+        }
+        assert!(netrc_line("not a url", "T").is_err());
+    }
 }

@@ -4,9 +4,10 @@
 //! Uploads (`PUT`) need the upload token; files are streamed to a temporary name and renamed
 //! into place, so a reader never sees half a file.
 
+use std::collections::HashMap;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use axum::body::Body;
 use axum::extract::{Request, State};
@@ -173,14 +174,43 @@ pub(super) async fn get_cache(State(app): State<Arc<App>>, req: Request) -> ApiR
 /// instead of one per network read.
 const WRITE_CHUNK: usize = 1 << 20;
 
-/// `PUT /cache/…`: stores an upload from `nix copy --to http://…/cache`. The file is on disk
-/// (written to a temp name, fsynced, renamed, its folder fsynced) before the answer, so an
-/// acknowledged NAR or narinfo survives a power loss; on failure no temp file is left.
+/// What an upload is, for how it is made durable (docs/protocol.md §6.7).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    /// `nar/…`: stored at once, synced in the background; durable before the 200 of any
+    /// narinfo that names it.
+    Nar,
+    /// `HASH.narinfo`: the NAR it names, then itself, on disk before the 200.
+    Narinfo,
+    /// Anything else: on disk before its own 200.
+    Other,
+}
+
+impl Kind {
+    fn of(raw: &str) -> Self {
+        if raw.starts_with("nar/") {
+            Kind::Nar
+        } else if !raw.contains('/') && raw.ends_with(".narinfo") {
+            Kind::Narinfo
+        } else {
+            Kind::Other
+        }
+    }
+}
+
+/// `PUT /cache/…`: stores an upload from `nix copy --to http://…/cache`. Written to a temp
+/// name and renamed, so a reader never sees half a file; on failure no temp file is left.
+/// A narinfo, and the NAR it names, are on disk (fsynced, renamed, folders fsynced) before
+/// the narinfo's 200, so an acknowledged store path survives a power loss; any other file
+/// before its own 200. A NAR is synced in the background after its 200 (Nix uploads it
+/// just before its narinfo, and a NAR no narinfo names is invisible to substituters), so
+/// its sync overlaps the narinfo's upload and sync instead of adding to them.
 pub(super) async fn put_cache(State(app): State<Arc<App>>, req: Request) -> ApiResult {
     use futures_util::StreamExt;
     check_token(&app, req.headers())?;
     let raw = raw_cache_path(req.uri().path()).to_owned();
     let path = resolve_request(&app, &raw)?;
+    let kind = Kind::of(&raw);
     let limit = if raw.starts_with("nar/") || raw.starts_with("log/") {
         app.cfg.max_nar_bytes
     } else {
@@ -209,7 +239,8 @@ pub(super) async fn put_cache(State(app): State<Arc<App>>, req: Request) -> ApiR
                 total += chunk.len() as u64;
                 if total <= limit {
                     upload.buf.extend_from_slice(&chunk);
-                    if upload.buf.len() >= WRITE_CHUNK {
+                    // A narinfo (at most 1 MiB) stays whole in memory: it is read below.
+                    if upload.buf.len() >= WRITE_CHUNK && kind != Kind::Narinfo {
                         upload = upload
                             .flush()
                             .await
@@ -230,12 +261,206 @@ pub(super) async fn put_cache(State(app): State<Arc<App>>, req: Request) -> ApiR
         upload.abandon().await;
         return Err(refused);
     }
-    upload
-        .finish(path)
-        .await
-        .map_err(|e| ApiError::store(&what, e))?;
+    match kind {
+        Kind::Nar => {
+            let file = upload
+                .store_unsynced(path.clone())
+                .await
+                .map_err(|e| ApiError::store(&what, e))?;
+            app.nar_syncs.start(path, file, total);
+        }
+        Kind::Narinfo => {
+            let nar = named_nar(&app, &upload.buf);
+            let nar_ready = async {
+                match &nar {
+                    Some(n) => app.nar_syncs.durable(n).await,
+                    None => Ok(()),
+                }
+            };
+            let (nar_ready, synced) = tokio::join!(nar_ready, upload.sync());
+            let upload = match (nar_ready, synced) {
+                (Ok(()), Ok(u)) => u,
+                (Err(refused), Ok(u)) => {
+                    u.abandon().await;
+                    return Err(refused);
+                }
+                (_, Err(e)) => return Err(ApiError::store(&what, e)),
+            };
+            upload
+                .publish(path)
+                .await
+                .map_err(|e| ApiError::store(&what, e))?;
+        }
+        Kind::Other => {
+            let upload = upload.sync().await.map_err(|e| ApiError::store(&what, e))?;
+            upload
+                .publish(path)
+                .await
+                .map_err(|e| ApiError::store(&what, e))?;
+        }
+    }
     tracing::debug!(file = %raw, bytes = total, "cache upload stored");
     Ok(StatusCode::OK.into_response())
+}
+
+/// The NAR a narinfo names (its `URL:`, when that is a file of this cache's `nar/`) and the
+/// size it gives it (`FileSize:`).
+#[derive(Debug, PartialEq, Eq)]
+pub(super) struct NamedNar {
+    /// As written in the narinfo.
+    url: String,
+    path: PathBuf,
+    size: Option<u64>,
+}
+
+fn named_nar(app: &App, narinfo: &[u8]) -> Option<NamedNar> {
+    parse_named_nar(&app.store.cache_dir(), narinfo)
+}
+
+fn parse_named_nar(root: &Path, narinfo: &[u8]) -> Option<NamedNar> {
+    let text = std::str::from_utf8(narinfo).ok()?;
+    let field = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(": "))
+            .map(str::trim)
+    };
+    let url = field("URL")?;
+    if !url.starts_with("nar/") {
+        return None;
+    }
+    let path = resolve(root, url).ok()?;
+    Some(NamedNar {
+        url: url.to_owned(),
+        path,
+        size: field("FileSize").and_then(|s| s.parse().ok()),
+    })
+}
+
+/// NAR uploads whose sync is still running, by file, so that the narinfo naming one waits
+/// for it.
+#[derive(Default)]
+pub(super) struct NarSyncs {
+    running: Arc<Mutex<HashMap<PathBuf, Syncing>>>,
+}
+
+/// A NAR's background sync: its size and, once done, the outcome.
+#[derive(Clone)]
+struct Syncing {
+    size: u64,
+    done: tokio::sync::watch::Receiver<Option<Result<(), String>>>,
+}
+
+impl NarSyncs {
+    fn running(&self) -> std::sync::MutexGuard<'_, HashMap<PathBuf, Syncing>> {
+        self.running.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Syncs `file`, just renamed to `path`, and its folder, in the background. If that
+    /// fails the NAR is removed, so that no narinfo can be stored for it and the next
+    /// `nix copy` (which asks whether the NAR is there first) uploads it again.
+    fn start(&self, path: PathBuf, file: std::fs::File, size: u64) {
+        let (tx, done) = tokio::sync::watch::channel(None);
+        let me = Syncing { size, done };
+        self.running().insert(path.clone(), me.clone());
+        let running = self.running.clone();
+        tokio::task::spawn_blocking(move || {
+            let dir = path.parent().expect("a NAR has a folder");
+            let r = file
+                .sync_all()
+                .map_err(store_io(&path))
+                .and_then(|()| sync_dir(dir));
+            let r = r.map_err(|e| {
+                tracing::error!("syncing the uploaded {}: {e}; removed it", path.display());
+                let _ = std::fs::remove_file(&path);
+                e.to_string()
+            });
+            let mut running = running.lock().unwrap_or_else(|p| p.into_inner());
+            if running
+                .get(&path)
+                .is_some_and(|s| s.done.same_channel(&me.done))
+            {
+                running.remove(&path);
+            }
+            let _ = tx.send(Some(r));
+        });
+    }
+
+    /// Returns once `nar` is on disk, file and folder: at once when this process synced it
+    /// already, else after its background sync, else (stored before a restart, perhaps
+    /// before a power loss) after syncing it now. Refuses a NAR that is not there, or whose
+    /// size is not the narinfo's `FileSize` (one cut short by a power loss before any
+    /// narinfo named it: it is removed, so that the next `nix copy` uploads it again).
+    async fn durable(&self, nar: &NamedNar) -> Result<(), ApiError> {
+        let syncing = self.running().get(&nar.path).cloned();
+        if let Some(mut s) = syncing {
+            if nar.size.is_some_and(|want| want != s.size) {
+                return Err(nar_damaged(nar, s.size, false));
+            }
+            let outcome = s.done.wait_for(Option::is_some).await.map(|o| o.clone());
+            return match outcome {
+                Ok(Some(Ok(()))) => Ok(()),
+                Ok(Some(Err(e))) => Err(ApiError::internal(
+                    &format!("syncing {} to disk", nar.url),
+                    e,
+                )),
+                _ => Err(ApiError::internal(
+                    &format!("syncing {} to disk", nar.url),
+                    "the sync task stopped",
+                )),
+            };
+        }
+        let path = nar.path.clone();
+        let want = nar.size;
+        let checked = tokio::task::spawn_blocking(move || {
+            let file = match std::fs::File::open(&path) {
+                Ok(f) => f,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Err(None)),
+                Err(e) => return Err(store_io(&path)(e)),
+            };
+            let len = file.metadata().map_err(store_io(&path))?.len();
+            if want.is_some_and(|want| want != len) {
+                let _ = std::fs::remove_file(&path);
+                return Ok(Err(Some(len)));
+            }
+            file.sync_all().map_err(store_io(&path))?;
+            sync_dir(path.parent().expect("a NAR has a folder"))?;
+            Ok(Ok(()))
+        })
+        .await
+        .map_err(|e| ApiError::internal("checking a NAR", e))?;
+        let what = format!("syncing {} to disk", nar.url);
+        match checked.map_err(|e| ApiError::store(&what, e))? {
+            Ok(()) => Ok(()),
+            Err(None) => Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "nar_missing",
+                format!(
+                    "the narinfo names {}, which is not in the cache: upload the NAR first \
+                     (`nix copy` does)",
+                    nar.url
+                ),
+            )),
+            Err(Some(len)) => Err(nar_damaged(nar, len, true)),
+        }
+    }
+}
+
+fn nar_damaged(nar: &NamedNar, len: u64, removed: bool) -> ApiError {
+    let size = nar.size.unwrap_or_default();
+    let then = if removed {
+        "; it was removed (cut short by a power loss before its narinfo?): run `nix copy` \
+         again to upload it"
+    } else {
+        ""
+    };
+    ApiError::new(
+        StatusCode::CONFLICT,
+        "nar_damaged",
+        format!(
+            "the narinfo gives {} FileSize {size}, but the cache's file is {len} bytes{then}",
+            nar.url
+        ),
+    )
 }
 
 /// An upload being written to its temp file.
@@ -275,23 +500,48 @@ impl Upload {
         .await
     }
 
-    /// Writes the rest, fsyncs, renames to `path` and fsyncs the folder.
-    async fn finish(self, path: PathBuf) -> Result<(), StoreError> {
+    /// Writes the rest and fsyncs the temp file; on failure it is removed.
+    async fn sync(self) -> Result<Self, StoreError> {
+        blocking_io(move || {
+            let mut me = self;
+            let done = me.file.write_all(&me.buf).and_then(|()| me.file.sync_all());
+            if let Err(e) = done {
+                let _ = std::fs::remove_file(&me.tmp);
+                return Err(store_io(&me.tmp)(e));
+            }
+            me.buf.clear();
+            Ok(me)
+        })
+        .await
+    }
+
+    /// Renames the synced temp file to `path` and fsyncs the folder.
+    async fn publish(self, path: PathBuf) -> Result<(), StoreError> {
+        blocking_io(move || {
+            if let Err(e) = std::fs::rename(&self.tmp, &path) {
+                let _ = std::fs::remove_file(&self.tmp);
+                return Err(store_io(&path)(e));
+            }
+            sync_dir(&self.dir)
+        })
+        .await
+    }
+
+    /// Writes the rest and renames the file to `path`, without syncing anything; returns
+    /// the file, for [`NarSyncs::start`].
+    async fn store_unsynced(self, path: PathBuf) -> Result<std::fs::File, StoreError> {
         blocking_io(move || {
             let mut me = self;
             let done = me
                 .file
                 .write_all(&me.buf)
-                .and_then(|()| me.file.sync_all())
                 .map_err(store_io(&me.tmp))
                 .and_then(|()| std::fs::rename(&me.tmp, &path).map_err(store_io(&path)));
             if let Err(e) = done {
                 let _ = std::fs::remove_file(&me.tmp);
                 return Err(e);
             }
-            std::fs::File::open(&me.dir)
-                .and_then(|d| d.sync_all())
-                .map_err(store_io(&me.dir))
+            Ok(me.file)
         })
         .await
     }
@@ -300,6 +550,12 @@ impl Upload {
         let tmp = self.tmp;
         let _ = tokio::task::spawn_blocking(move || std::fs::remove_file(tmp)).await;
     }
+}
+
+fn sync_dir(dir: &Path) -> Result<(), StoreError> {
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(store_io(dir))
 }
 
 fn store_io(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {

@@ -34,7 +34,15 @@ pub(super) struct ReportGist {
     pub manifest_version: Option<u64>,
     pub health: Option<Vec<HealthGist>>,
     pub error: Option<ErrorGist>,
+    #[serde(default)]
+    pub needs_reboot: bool,
+    #[serde(default)]
+    pub reboot_reasons: Vec<String>,
 }
+
+/// The reason of a `needs_reboot` report without reasons (an agent from before them).
+static UNSPECIFIED_REBOOT: std::sync::LazyLock<String> =
+    std::sync::LazyLock::new(|| "the node says so (no reasons given)".to_owned());
 
 #[derive(Debug, Deserialize)]
 pub(super) struct HealthGist {
@@ -55,6 +63,14 @@ pub(super) struct ErrorGist {
 }
 
 impl ReportGist {
+    /// Its reboot reasons; one generic reason when it says `needs_reboot` without any.
+    fn reboot_reasons(&self) -> &[String] {
+        match (self.needs_reboot, self.reboot_reasons.is_empty()) {
+            (true, true) => std::slice::from_ref(&*UNSPECIFIED_REBOOT),
+            _ => &self.reboot_reasons,
+        }
+    }
+
     fn healthy(&self) -> Option<bool> {
         self.health
             .as_ref()
@@ -144,6 +160,7 @@ impl Row {
                         .and_then(|g| g.error.as_ref())
                         .map(|e| (e.phase.as_str(), e.message.as_str())),
                     failing_check: failing.map(|c| (c.name.as_str(), c.detail.as_str())),
+                    reboot_reasons: gist.map_or(&[][..], ReportGist::reboot_reasons),
                 }),
             last_poll: self.polled,
             key_source: self.key_source(),

@@ -14,6 +14,7 @@ use axum::http::StatusCode;
 use roost_common::{NodeName, TrustedKeys};
 use tokio_util::sync::CancellationToken;
 
+use super::cache::NarSyncs;
 use super::error::ApiError;
 use super::gate::Gate;
 use super::live::{Current, Live};
@@ -92,6 +93,8 @@ pub(super) struct App {
     /// Refusals, names without a manifest, and the change counter of the live views.
     pub observed: Observed,
     pub shutdown: CancellationToken,
+    /// NAR uploads being synced in the background (`cache.rs`).
+    pub nar_syncs: NarSyncs,
 }
 
 impl App {
@@ -124,6 +127,7 @@ impl App {
             waiting: AtomicU64::new(0),
             observed: Observed::default(),
             shutdown: CancellationToken::new(),
+            nar_syncs: NarSyncs::default(),
         })
     }
 

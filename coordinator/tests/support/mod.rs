@@ -56,6 +56,7 @@ pub fn report_payload(node: &str, seq: u64, state: ReportState) -> Report {
         security_events: vec![],
         node_key: None,
         needs_reboot: false,
+        reboot_reasons: vec![],
         deferred_until: None,
         gc_freed_bytes: None,
         generations_removed: None,

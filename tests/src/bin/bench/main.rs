@@ -379,6 +379,7 @@ fn report_as(fleet: &Fleet, i: usize, version: u64, state: ReportState) -> Vec<u
         security_events: vec![],
         node_key: None,
         needs_reboot: false,
+        reboot_reasons: vec![],
         deferred_until: None,
         gc_freed_bytes: None,
         generations_removed: None,
