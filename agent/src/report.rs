@@ -123,8 +123,10 @@ impl Reporter {
 
     /// Sends queued reports oldest first and stops at the first that cannot be delivered,
     /// so the coordinator sees them in order. A 409 (already received) counts as delivered;
-    /// another 4xx is a permanent refusal: that report moves to `reports/refused/` instead
-    /// of blocking the queue forever. Returns how many are still queued.
+    /// a coordinator's 404 `unknown_node` (it knows no such node) keeps the report queued
+    /// (a static host's 404 does not: it never takes reports); another 4xx is a
+    /// permanent refusal: that report moves to `reports/refused/` instead of blocking the
+    /// queue forever. Returns how many are still queued.
     pub async fn flush(&self) -> usize {
         let dir = self.dir.queue_dir();
         let seen_empty = *self.empty_at.lock().unwrap_or_else(|e| e.into_inner());
@@ -159,8 +161,11 @@ impl Reporter {
                     .timeout(Duration::from_secs(30))
                     .send()
                     .await;
-                let status = match sent {
-                    Ok(r) => r.status().as_u16(),
+                let (status, unknown_node) = match sent {
+                    Ok(r) if r.status() == reqwest::StatusCode::NOT_FOUND => {
+                        (404, is_unknown_node(r).await)
+                    }
+                    Ok(r) => (r.status().as_u16(), false),
                     Err(e) => {
                         tracing::debug!(seq, "cannot reach {base}: {}", error_chain(&e));
                         continue;
@@ -171,6 +176,20 @@ impl Reporter {
                     409 => {
                         tracing::debug!(seq, "{base} already has report {seq}");
                         self.dir.report_delivered(seq, &path)
+                    }
+                    // The coordinator has no manifest for this node (docs/protocol.md §6.4):
+                    // a fact about the coordinator (a fresh replica, one restored from an old
+                    // backup, a node not yet published there), not about the report, which
+                    // the node will be known for once it is published again.
+                    404 if unknown_node => {
+                        tracing::warn!(
+                            seq,
+                            "{base} answered 404 unknown_node: it knows no node {} (no \
+                             manifest published for it there); report {seq} stays queued and \
+                             is sent again later",
+                            self.node
+                        );
+                        continue;
                     }
                     400..=499 if status != 408 && status != 429 => {
                         tracing::error!(
@@ -196,6 +215,21 @@ impl Reporter {
             break;
         }
         left
+    }
+}
+
+/// Whether a 404 is a coordinator's `unknown_node` (its JSON error body says so), as opposed
+/// to a static host's or a proxy's 404, which will never take a report.
+async fn is_unknown_node(r: reqwest::Response) -> bool {
+    #[derive(serde::Deserialize)]
+    struct ErrorBody {
+        error: String,
+    }
+    match r.bytes().await {
+        Ok(b) if b.len() <= 64 * 1024 => {
+            serde_json::from_slice::<ErrorBody>(&b).is_ok_and(|e| e.error == "unknown_node")
+        }
+        _ => false,
     }
 }
 
@@ -234,6 +268,78 @@ mod tests {
             1,
             "the remembered empty folder hid a report"
         );
+    }
+
+    /// A coordinator on loopback answering every request with `status` and `body`.
+    async fn answering(status: u16, body: &'static str) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut c, _)) = listener.accept().await else {
+                    return;
+                };
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 64 * 1024];
+                    let mut got = Vec::new();
+                    // The head, then the body its Content-Length gives.
+                    loop {
+                        let n = c.read(&mut buf).await.unwrap_or(0);
+                        if n == 0 {
+                            return;
+                        }
+                        got.extend_from_slice(&buf[..n]);
+                        let text = String::from_utf8_lossy(&got).to_lowercase();
+                        if let Some(end) = text.find("\r\n\r\n") {
+                            let len = text
+                                .lines()
+                                .find_map(|l| l.strip_prefix("content-length:"))
+                                .and_then(|v| v.trim().parse::<usize>().ok())
+                                .unwrap_or(0);
+                            if got.len() >= end + 4 + len {
+                                break;
+                            }
+                        }
+                    }
+                    let answer = format!(
+                        "HTTP/1.1 {status} X\r\ncontent-type: application/json\r\n\
+                         content-length: {}\r\nconnection: close\r\n\r\n{body}",
+                        body.len()
+                    );
+                    let _ = c.write_all(answer.as_bytes()).await;
+                });
+            }
+        });
+        url
+    }
+
+    #[tokio::test]
+    async fn a_report_answered_unknown_node_stays_queued_and_other_refusals_move_aside() {
+        let unknown = r#"{"error":"unknown_node","message":"no manifest for n1"}"#;
+        let invalid = r#"{"error":"invalid_report","message":"x"}"#;
+        // A static host's 404 (no JSON error code): it will never take a report.
+        let plain = "<html>404 Not Found</html>";
+        for (status, body, queued) in [(404, unknown, 1), (404, plain, 0), (400, invalid, 0)] {
+            let d = tempfile::tempdir().unwrap();
+            let state = StateDir::new(d.path());
+            let r = Reporter::new(
+                StateDir::new(d.path()),
+                SecretKey::generate("n1").unwrap(),
+                "n1".parse().unwrap(),
+                reqwest::Client::new(),
+                vec![answering(status, body).await],
+            );
+            state.queue_report(1, b"{}").unwrap();
+            assert_eq!(r.flush().await, queued, "answered {status} {body}");
+            assert_eq!(
+                state.queued_reports().len(),
+                queued,
+                "answered {status} {body}"
+            );
+            let refused = std::fs::read_dir(state.refused_dir()).map_or(0, Iterator::count);
+            assert_eq!(refused, 1 - queued, "answered {status} {body}");
+        }
     }
 
     #[tokio::test]

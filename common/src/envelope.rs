@@ -21,6 +21,8 @@ pub enum Context {
     Manifest,
     /// `roost/report/v1`
     Report,
+    /// `roost/reboot-lease/v1`
+    RebootLease,
 }
 
 impl Context {
@@ -29,6 +31,7 @@ impl Context {
         match self {
             Context::Manifest => b"roost/manifest/v1\n",
             Context::Report => b"roost/report/v1\n",
+            Context::RebootLease => b"roost/reboot-lease/v1\n",
         }
     }
 

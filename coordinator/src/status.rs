@@ -13,7 +13,7 @@ use roost_common::time::{human_duration, parse_duration};
 use roost_common::wire::v1::http as v1;
 use serde_json::Value;
 
-use roost_common::wire::v1::rollout::{RolloutState, RolloutStatus};
+use roost_common::wire::v1::rollout::{NodeRollout, RolloutState, RolloutStatus};
 
 use crate::flags::{Flag, Flagged};
 
@@ -367,6 +367,11 @@ pub fn node_detail(n: &Value, history: &Value) -> String {
         s(&n["last_seq"])
     );
     let _ = writeln!(out, "last poll   {}", ago(&n["seconds_since_poll"]));
+    match serde_json::from_value::<NodeRollout>(n["rollout"].clone()) {
+        Ok(p) => _ = writeln!(out, "rollout     {p}"),
+        Err(_) if n["wave"].is_u64() => _ = writeln!(out, "wave        {}", n["wave"]),
+        Err(_) => {}
+    }
     let _ = writeln!(
         out,
         "report key  {} ({})",

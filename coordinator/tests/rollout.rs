@@ -427,5 +427,31 @@ async fn the_fleet_and_the_metrics_show_each_nodes_wave_and_the_halted_rollout()
             "no `{line}` in\n{metrics}"
         );
     }
+    // The dashboard shows the same rollout: its state, the halt, and wave 2 not released.
+    let page = reqwest::get(format!("{}/", s.url))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        page.contains("<span id=\"rollout-state\">halted</span>"),
+        "{page}"
+    );
+    assert!(page.contains("<b>a1</b> failed: a1 broke"), "{page}");
+    assert!(
+        page.contains("<tr data-wave=\"2\"><td>2</td><td>1</td><td>no</td>"),
+        "{page}"
+    );
+    let page = reqwest::get(format!("{}/nodes/a2", s.url))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        page.contains("wave 2 of rollout 100: version 100 held back until its wave is released"),
+        "{page}"
+    );
     s.stop().await;
 }

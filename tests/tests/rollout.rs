@@ -186,6 +186,20 @@ fn a_failure_in_wave_one_halts_the_rollout_and_wave_two_never_sees_the_version()
     assert!(garage.contains("2 held"), "{table}");
     assert!(table.contains(&format!("rollout {v2}: halted")), "{table}");
 
+    // And `status pi-garage` says why it stays where it is.
+    let out = std::process::Command::new(bin("roost-coordinator"))
+        .args(["status", "pi-garage", "--coordinator", &f.coordinator.url()])
+        .env("ROOST_READ_TOKEN_FILE", &f.keys.token_file)
+        .output()
+        .unwrap();
+    let detail = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        detail.contains(&format!(
+            "rollout     wave 2 of rollout {v2}: version {v2} held back until its wave is released"
+        )),
+        "{detail}"
+    );
+
     // Wave 2 goes on polling and is never served the new version.
     let polls_after_halt = |n: u64| {
         for _ in 0..n {

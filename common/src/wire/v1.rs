@@ -12,6 +12,7 @@ use crate::schedule::Window;
 use crate::time::Timestamp;
 
 pub mod http;
+pub mod lease;
 pub mod rollout;
 
 /// The only manifest and report format this module reads and writes.

@@ -336,8 +336,11 @@ fn parse_named_nar(root: &Path, narinfo: &[u8]) -> Option<NamedNar> {
     })
 }
 
-/// NAR uploads whose sync is still running, by file, so that the narinfo naming one waits
-/// for it.
+/// Most finished NAR syncs remembered for the narinfo still to come.
+const REMEMBERED_SYNCS: usize = 4096;
+
+/// NAR uploads whose sync is running or done, by file, until a narinfo names them: the
+/// narinfo waits for the sync.
 #[derive(Default)]
 pub(super) struct NarSyncs {
     running: Arc<Mutex<HashMap<PathBuf, Syncing>>>,
@@ -355,31 +358,45 @@ impl NarSyncs {
         self.running.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Syncs `file`, just renamed to `path`, and its folder, in the background. If that
-    /// fails the NAR is removed, so that no narinfo can be stored for it and the next
-    /// `nix copy` (which asks whether the NAR is there first) uploads it again.
+    /// Syncs `file`, just renamed to `path`, and its folder, in the background, the two at
+    /// once (the file system can then commit both in one go). If that fails the NAR is
+    /// removed, so that no narinfo can be stored for it and the next `nix copy` (which asks
+    /// whether the NAR is there first) uploads it again. A finished sync is remembered until
+    /// a narinfo names the NAR (so it is not synced again: even a sync with nothing to write
+    /// costs a disk cache flush), at most [`REMEMBERED_SYNCS`] of them.
     fn start(&self, path: PathBuf, file: std::fs::File, size: u64) {
         let (tx, done) = tokio::sync::watch::channel(None);
         let me = Syncing { size, done };
-        self.running().insert(path.clone(), me.clone());
+        {
+            let mut running = self.running();
+            if running.len() >= REMEMBERED_SYNCS {
+                running.retain(|_, s| s.done.borrow().is_none());
+            }
+            running.insert(path.clone(), me.clone());
+        }
         let running = self.running.clone();
-        tokio::task::spawn_blocking(move || {
-            let dir = path.parent().expect("a NAR has a folder");
-            let r = file
-                .sync_all()
-                .map_err(store_io(&path))
-                .and_then(|()| sync_dir(dir));
-            let r = r.map_err(|e| {
-                tracing::error!("syncing the uploaded {}: {e}; removed it", path.display());
-                let _ = std::fs::remove_file(&path);
-                e.to_string()
+        tokio::spawn(async move {
+            let dir = path.parent().expect("a NAR has a folder").to_owned();
+            let data = blocking_io({
+                let path = path.clone();
+                move || file.sync_all().map_err(store_io(&path))
             });
-            let mut running = running.lock().unwrap_or_else(|p| p.into_inner());
-            if running
-                .get(&path)
-                .is_some_and(|s| s.done.same_channel(&me.done))
-            {
-                running.remove(&path);
+            let name = blocking_io(move || sync_dir(&dir));
+            let r = match tokio::join!(data, name) {
+                (Ok(()), Ok(())) => Ok(()),
+                (Err(e), _) | (_, Err(e)) => Err(e.to_string()),
+            };
+            if let Err(e) = &r {
+                tracing::error!("syncing the uploaded {}: {e}; removed it", path.display());
+                let p = path.clone();
+                let _ = tokio::task::spawn_blocking(move || std::fs::remove_file(p)).await;
+                let mut running = running.lock().unwrap_or_else(|p| p.into_inner());
+                if running
+                    .get(&path)
+                    .is_some_and(|s| s.done.same_channel(&me.done))
+                {
+                    running.remove(&path);
+                }
             }
             let _ = tx.send(Some(r));
         });
@@ -398,7 +415,16 @@ impl NarSyncs {
             }
             let outcome = s.done.wait_for(Option::is_some).await.map(|o| o.clone());
             return match outcome {
-                Ok(Some(Ok(()))) => Ok(()),
+                Ok(Some(Ok(()))) => {
+                    let mut running = self.running();
+                    if running
+                        .get(&nar.path)
+                        .is_some_and(|r| r.done.same_channel(&s.done))
+                    {
+                        running.remove(&nar.path);
+                    }
+                    Ok(())
+                }
                 Ok(Some(Err(e))) => Err(ApiError::internal(
                     &format!("syncing {} to disk", nar.url),
                     e,

@@ -413,6 +413,9 @@ fn node_page(app: &App, node: &str, history: Vec<String>) -> Result<Option<Strin
         ),
         ("last poll", ago(now, r.polled)),
     ];
+    if let Some(p) = &r.rollout {
+        facts.push(("rollout", esc(&p.to_string())));
+    }
     if let Some(c) = &r.cur {
         facts.push(("manifest stored", c.stored_at.to_string()));
         facts.push(("expires", c.manifest.expires_at.to_string()));

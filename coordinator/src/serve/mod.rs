@@ -25,6 +25,7 @@ mod error;
 mod fleet;
 mod front;
 mod gate;
+mod leases;
 mod live;
 mod manifests;
 mod observe;
@@ -64,6 +65,9 @@ Endpoints:
   GET  /v1/fleet[?stale=D&stuck=D&expiring=D]
                                          the fleet as JSON with each node's flags and
                                          reasons (what `status` shows)
+  POST /v1/nodes/NODE/reboot-lease       take or give back a reboot lease (signed by the
+                                         node key; --max-concurrent-reboots at once)
+  GET  /v1/reboot-leases                 lease holders and the lease log
   GET  /metrics                          Prometheus text
   GET  /                                 the dashboard (HTML, live updates; /nodes/NODE for
                                          one node, /events the server-sent change events)
@@ -126,6 +130,14 @@ pub struct ServeArgs {
     /// ... EXPIRING when its manifest expires within this.
     #[arg(long, default_value = "7d", value_parser = roost_common::time::parse_duration)]
     pub expiring_within: Duration,
+    /// At most this many nodes of the fleet hold a reboot lease (reboot by themselves) at
+    /// once.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_concurrent_reboots: u32,
+    /// A reboot lease its node has not given back (it never came back healthy) expires after
+    /// this, freeing its place.
+    #[arg(long, default_value = "30m", value_parser = roost_common::time::parse_duration)]
+    pub reboot_lease_timeout: Duration,
     /// TLS certificate chain (PEM): serve HTTPS instead of HTTP. Needs --tls-key.
     #[arg(long, requires = "tls_key", value_name = "PEM")]
     pub tls_cert: Option<PathBuf>,
@@ -176,6 +188,8 @@ pub fn load_config(args: &ServeArgs) -> anyhow::Result<ServerConfig> {
         expiring: args.expiring_within,
     };
     cfg.max_nar_bytes = args.max_nar_bytes;
+    cfg.max_concurrent_reboots = args.max_concurrent_reboots;
+    cfg.reboot_lease_timeout = args.reboot_lease_timeout;
     cfg.header_timeout = args.header_timeout;
     cfg.body_timeout = args.body_timeout;
     Ok(cfg)

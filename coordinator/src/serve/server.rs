@@ -19,7 +19,7 @@ use super::front::Front;
 use super::manifests::MANIFEST_ROUTE;
 use super::state::{App, ServerConfig};
 use super::store::StoreError;
-use super::{cache, dashboard, fleet, gate, manifests, observe, pins, reports};
+use super::{cache, dashboard, fleet, gate, leases, manifests, observe, pins, reports};
 
 /// Why the server could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -63,6 +63,11 @@ fn router(app: Arc<App>) -> Router {
         .route(gate::ROLLOUT_ROUTE, get(gate::get_rollout))
         .route(gate::ACTION_ROUTE, axum::routing::post(gate::post_action))
         .route(v1::route::FLEET, get(fleet::get_fleet))
+        .route(
+            v1::route::REBOOT_LEASE,
+            axum::routing::post(leases::post_lease),
+        )
+        .route(v1::route::REBOOT_LEASES, get(leases::get_leases))
         .route(v1::route::METRICS, get(fleet::get_metrics))
         .route(dashboard::INDEX_ROUTE, get(dashboard::get_index))
         .route(dashboard::NODE_ROUTE, get(dashboard::get_node))

@@ -17,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 use super::cache::NarSyncs;
 use super::error::ApiError;
 use super::gate::Gate;
+use super::leases::Leases;
 use super::live::{Current, Live};
 use super::observe::Observed;
 use super::store::{Store, StoreError};
@@ -48,6 +49,10 @@ pub struct ServerConfig {
     pub public_read: bool,
     /// The limits of the fleet views' flags (a `/v1/fleet` query may change them).
     pub thresholds: crate::flags::Thresholds,
+    /// At most this many nodes hold a reboot lease at once.
+    pub max_concurrent_reboots: u32,
+    /// A reboot lease not given back expires after this.
+    pub reboot_lease_timeout: Duration,
 }
 
 impl ServerConfig {
@@ -66,6 +71,8 @@ impl ServerConfig {
             read_token: None,
             public_read: true,
             thresholds: crate::flags::Thresholds::default(),
+            max_concurrent_reboots: 1,
+            reboot_lease_timeout: Duration::from_secs(30 * 60),
         }
     }
 
@@ -92,6 +99,8 @@ pub(super) struct App {
     pub waiting: AtomicU64,
     /// Refusals, names without a manifest, and the change counter of the live views.
     pub observed: Observed,
+    /// Reboot leases.
+    pub leases: Leases,
     pub shutdown: CancellationToken,
     /// NAR uploads being synced in the background (`cache.rs`).
     pub nar_syncs: NarSyncs,
@@ -116,6 +125,19 @@ impl App {
             }
         }
         let gate = load_rollout(&cfg, &store, &live)?;
+        let leases = Leases::load(
+            &cfg.state_dir,
+            cfg.max_concurrent_reboots,
+            cfg.reboot_lease_timeout,
+        )
+        .map_err(|source| StoreError::Io {
+            path: cfg
+                .state_dir
+                .join(super::leases::LEASES_FILE)
+                .display()
+                .to_string(),
+            source,
+        })?;
         tracing::info!(nodes = live.len(), state_dir = %cfg.state_dir.display(), "state loaded");
         Ok(Self {
             cfg,
@@ -126,6 +148,7 @@ impl App {
             requests: Mutex::new(HashMap::new()),
             waiting: AtomicU64::new(0),
             observed: Observed::default(),
+            leases,
             shutdown: CancellationToken::new(),
             nar_syncs: NarSyncs::default(),
         })

@@ -46,6 +46,10 @@ pub mod route {
     pub const ROLLOUT: &str = "/v1/rollout";
     /// An operator's action on it (POST): `pause`, `resume`, `abort`, `promote`.
     pub const ROLLOUT_ACTION: &str = "/v1/rollout/{action}";
+    /// A node takes or gives back its reboot lease (POST, signed by the node key).
+    pub const REBOOT_LEASE: &str = "/v1/nodes/{node}/reboot-lease";
+    /// Who holds reboot leases, and the lease log (GET).
+    pub const REBOOT_LEASES: &str = "/v1/reboot-leases";
 }
 
 /// Where nodes live, below a server's root or a static folder.
@@ -92,6 +96,16 @@ pub fn report_history_url(base: &str, node: impl Display, limit: u64) -> String 
 /// `BASE/v1/fleet`.
 pub fn fleet_url(base: &str) -> String {
     format!("{base}{}", route::FLEET)
+}
+
+/// `BASE/v1/nodes/NODE/reboot-lease`.
+pub fn reboot_lease_url(base: &str, node: impl Display) -> String {
+    format!("{base}/v1/nodes/{node}/reboot-lease")
+}
+
+/// `BASE/v1/reboot-leases`.
+pub fn reboot_leases_url(base: &str) -> String {
+    format!("{base}{}", route::REBOOT_LEASES)
 }
 
 /// `BASE/v1/rollout`.

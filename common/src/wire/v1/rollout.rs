@@ -235,3 +235,19 @@ impl RolloutState {
         RolloutState::Complete,
     ];
 }
+
+/// `wave 2 of rollout 100: version 100 held back` — the node detail of `status NODE` and
+/// of the dashboard.
+impl std::fmt::Display for NodeRollout {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "wave {} of rollout {}: version {} ",
+            self.wave, self.id, self.version
+        )?;
+        match self.released {
+            false => write!(f, "held back until its wave is released"),
+            true => write!(f, "released, {}", self.outcome.as_str()),
+        }
+    }
+}

@@ -2,10 +2,11 @@
 //! before it is healthy. N simulated agents in this process, each one keep-alive connection
 //! holding a long-poll on its version-1 manifest, against the real coordinator (a separate
 //! process). A gated publish of version 2 in W equal waves is uploaded; each agent, once
-//! answered and once the whole upload is done (so that no wave waits for its uploads),
-//! posts a signed `success` report for version 2 on the same connection, except the last
-//! node of each wave, which reports once every other report of its wave is acknowledged: its
-//! report is the one that meets the threshold, with no backlog of reports before it. The
+//! its whole wave is answered (a deploy takes longer than a release's fan-out, so no report
+//! competes with it) and once the whole upload is done (so that no wave waits for its
+//! uploads), posts a signed `success` report for version 2 on the same connection, except
+//! the last node of each wave, which reports once every other report of its wave is
+//! acknowledged: its report is the one that meets the threshold, with no backlog before it. The
 //! figure: for each wave after the first, from the moment that last report of the wave
 //! before was sent until each of its nodes has the answer (so it includes that report's own
 //! handling: signature check, durable storage, the rollout state saved). Then the baseline: the same held long-polls answered by a plain
@@ -64,6 +65,9 @@ pub async fn run(nodes: usize, waves: u32, disk: bool) -> anyhow::Result<()> {
     let reporting = Arc::new(Reporting {
         upload_done,
         acked: (0..waves)
+            .map(|_| tokio::sync::watch::channel(0).0)
+            .collect(),
+        answered: (0..waves)
             .map(|_| tokio::sync::watch::channel(0).0)
             .collect(),
         per_wave,
@@ -125,7 +129,7 @@ pub async fn run(nodes: usize, waves: u32, disk: bool) -> anyhow::Result<()> {
         println!(
             "{}",
             json!({"scenario": "rollout", "wave": w, "nodes": sizes[w as usize].nodes,
-                   "p50_ms": lat.quantile_ms(0.5), "p99_ms": lat.quantile_ms(0.99),
+                   "min_ms": lat.quantile_ms(0.0), "p50_ms": lat.quantile_ms(0.5), "p99_ms": lat.quantile_ms(0.99),
                    "max_ms": lat.quantile_ms(1.0)})
         );
     }
@@ -166,7 +170,7 @@ pub async fn run(nodes: usize, waves: u32, disk: bool) -> anyhow::Result<()> {
     println!(
         "{}",
         json!({"scenario": "rollout_baseline_plain_publish", "nodes": nodes, "state_on_disk": disk,
-               "p50_ms": lat.quantile_ms(0.5), "p99_ms": lat.quantile_ms(0.99),
+               "min_ms": lat.quantile_ms(0.0), "p50_ms": lat.quantile_ms(0.5), "p99_ms": lat.quantile_ms(0.99),
                "max_ms": lat.quantile_ms(1.0), "publish_to_last_node_s": whole_s})
     );
     Ok(())
@@ -180,17 +184,24 @@ struct Reporting {
     upload_done: tokio::sync::watch::Receiver<bool>,
     /// Acknowledged reports, per wave.
     acked: Vec<tokio::sync::watch::Sender<usize>>,
+    /// Answered long-polls, per wave.
+    answered: Vec<tokio::sync::watch::Sender<usize>>,
     /// Nodes per wave (node `i` is in wave `i / per_wave`).
     per_wave: usize,
 }
 
 impl Reporting {
-    /// Waits until node `i` of `n` may report: the upload is done and, for the last node
-    /// of its wave, every other report of the wave is acknowledged.
+    /// Waits until node `i` of `n` may report: the upload is done, its wave answered and,
+    /// for the last node of its wave, every other report of the wave acknowledged.
     async fn wait_turn(&self, i: usize, n: usize) -> anyhow::Result<()> {
         self.upload_done.clone().wait_for(|d| *d).await?;
         let w = i / self.per_wave;
         let last = ((w + 1) * self.per_wave).min(n) - 1;
+        let size = last + 1 - w * self.per_wave;
+        self.answered[w]
+            .subscribe()
+            .wait_for(|c| *c >= size)
+            .await?;
         if i == last {
             let others = last - w * self.per_wave;
             self.acked[w].subscribe().wait_for(|c| *c >= others).await?;
@@ -233,6 +244,7 @@ async fn hold(
             };
             let mut reported = None;
             if let Some(turn) = &report {
+                turn.answered[i / turn.per_wave].send_modify(|c| *c += 1);
                 turn.wait_turn(i, n).await?;
                 let body = report_as(&fleet, i, version, ReportState::Success);
                 reported = Some(Instant::now());
