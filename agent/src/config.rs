@@ -84,6 +84,10 @@ pub struct ConfigFile {
     pub metrics_file: Option<PathBuf>,
     /// Desktop notifications to logged-in users (default true).
     pub notifications: Option<bool>,
+    /// What reboots the machine when the reboot policy says so (default
+    /// `["systemctl", "reboot"]`; docs/protocol.md §7.16).
+    #[serde(default)]
+    pub reboot_command: Vec<String>,
 }
 
 /// A size: bytes, or a string such as `"2GiB"`.
@@ -141,6 +145,8 @@ pub struct Laptop {
     pub metrics_file: Option<PathBuf>,
     /// Desktop notifications.
     pub notifications: bool,
+    /// What reboots the machine.
+    pub reboot_command: Vec<String>,
 }
 
 impl Default for Laptop {
@@ -156,6 +162,7 @@ impl Default for Laptop {
             gc_after_deploy: false,
             metrics_file: None,
             notifications: true,
+            reboot_command: vec!["systemctl".into(), "reboot".into()],
         }
     }
 }
@@ -380,6 +387,11 @@ impl ConfigFile {
             gc_after_deploy: self.gc_after_deploy.unwrap_or(false),
             metrics_file: self.metrics_file.clone(),
             notifications: self.notifications.unwrap_or(true),
+            reboot_command: if self.reboot_command.is_empty() {
+                d.reboot_command
+            } else {
+                self.reboot_command.clone()
+            },
         })
     }
 }

@@ -73,6 +73,9 @@ pub async fn apply(agent: &mut Agent, poll: Poll) -> CycleResult {
             (v, false)
         }
     };
+    if verdict == Verdict::Converged {
+        agent.reboot_if_due().await;
+    }
     if reachable {
         agent.flush_reports().await;
     }

@@ -12,7 +12,10 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use roost_common::wire::v1::{Activation, Goal, Manifest};
+use jiff::Zoned;
+use roost_common::Timestamp;
+use roost_common::schedule::Schedule;
+use roost_common::wire::v1::{Activation, Goal, Manifest, RebootPolicy};
 
 use crate::activate::{Outcome, default_profile_path};
 
@@ -187,6 +190,51 @@ pub fn installed_for_boot(activation: &Activation, outcome: &Outcome) -> bool {
                 ..
             }
         )
+}
+
+/// What the reboot policy says now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    /// Do not reboot (policy `never`, or nothing allows it).
+    Stay,
+    /// Not yet: a window opens then.
+    WaitUntil(Timestamp),
+    /// Reboot now (after taking a lease, where there are leases).
+    Now,
+}
+
+/// The policy's verdict at `now` for a node that needs a reboot. `leases`: whether the
+/// node's coordinators hand out reboot leases. Without leases (a static host) a node reboots
+/// only inside its windows, whatever the policy, since nothing bounds how many reboot at
+/// once; `auto` without windows then never reboots.
+pub fn decide(policy: RebootPolicy, windows: &Schedule, now: &Zoned, leases: bool) -> Decision {
+    let windowed = match policy {
+        RebootPolicy::Never => return Decision::Stay,
+        RebootPolicy::Auto if leases => return Decision::Now,
+        RebootPolicy::Auto | RebootPolicy::Window => windows,
+    };
+    if windowed.is_empty() {
+        return Decision::Stay;
+    }
+    if windowed.is_open(now) {
+        return Decision::Now;
+    }
+    match windowed.next_opening(now) {
+        Some((at, _)) => Decision::WaitUntil(Timestamp::from_unix(
+            at.timestamp().as_second().max(0) as u64,
+        )),
+        None => Decision::Stay,
+    }
+}
+
+/// The reboot policy of a manifest: that of its first `nixos` profile whose system needs a
+/// reboot, with that profile's windows.
+pub fn manifest_policy(m: &Manifest, run: &Running) -> Option<(RebootPolicy, Schedule)> {
+    m.profiles
+        .iter()
+        .filter(|p| matches!(p.activation, Activation::Nixos { .. }))
+        .find(|p| !reasons(&default_profile_path(p), run).is_empty())
+        .map(|p| (p.reboot, Schedule::new(p.reboot_windows.clone())))
 }
 
 #[cfg(test)]
@@ -391,5 +439,32 @@ mod tests {
         assert!(!installed_for_boot(&switch, &Outcome::Ok));
         assert!(!installed_for_boot(&test, &c100));
         assert!(!installed_for_boot(&Activation::DeployRs, &c100));
+    }
+
+    fn at(text: &str) -> Zoned {
+        format!("{text}[UTC]").parse().unwrap()
+    }
+
+    #[test]
+    fn the_policy_decides_with_windows_and_leases() {
+        let sat = Schedule::parse(&["Sat 02:00-05:00"]).unwrap();
+        let none = Schedule::default();
+        let open = at("2026-12-05T03:00:00");
+        let closed = at("2026-12-02T13:00:00");
+        use RebootPolicy::*;
+        assert_eq!(decide(Never, &sat, &open, true), Decision::Stay);
+        assert_eq!(decide(Auto, &none, &closed, true), Decision::Now);
+        assert_eq!(decide(Window, &sat, &open, true), Decision::Now);
+        assert_eq!(
+            decide(Window, &sat, &closed, true),
+            Decision::WaitUntil("2026-12-05T02:00:00Z".parse().unwrap())
+        );
+        // A static host: only inside a window, whatever the policy.
+        assert_eq!(decide(Auto, &none, &open, false), Decision::Stay);
+        assert_eq!(decide(Auto, &sat, &open, false), Decision::Now);
+        assert!(matches!(
+            decide(Auto, &sat, &closed, false),
+            Decision::WaitUntil(_)
+        ));
     }
 }

@@ -5,6 +5,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use roost_common::envelope::{Context, Envelope};
+use roost_common::wire::v1::lease::{LeaseAction, LeaseAnswer, LeaseRequest};
 use roost_common::wire::v1::{
     self, HealthResult, ProfileStatus, Report, ReportError, ReportState, Timings,
 };
@@ -216,6 +217,63 @@ impl Reporter {
         }
         left
     }
+
+    /// Asks each coordinator in turn for a reboot lease, or gives back `lease` (docs/protocol.md
+    /// §6.10), signed with the node key. The first coordinator that answers decides; a 404 or
+    /// 405 from all of them means they hand out no leases (static hosts).
+    pub async fn reboot_lease(&self, action: LeaseAction, lease: Option<&str>) -> LeaseOutcome {
+        let req = LeaseRequest {
+            format: v1::FORMAT,
+            node: self.node.clone(),
+            action,
+            sent_at: Timestamp::now(),
+            boot_id: roost_common::process::boot_id(),
+            lease: lease.map(str::to_owned),
+        };
+        let payload = serde_json::to_vec(&req).expect("a lease request always serialises");
+        let body = Envelope::seal(Context::RebootLease, &payload, &[&self.key]).to_bytes();
+        let mut no_leases = 0;
+        for base in &self.coordinators {
+            let url = roost_common::wire::v1::http::reboot_lease_url(base, &self.node);
+            let sent = self
+                .http
+                .post(&url)
+                .header("Content-Type", "application/json")
+                .body(body.clone())
+                .timeout(Duration::from_secs(30))
+                .send()
+                .await;
+            match sent {
+                Ok(r) if r.status().is_success() => match r.json::<LeaseAnswer>().await {
+                    Ok(a) => return LeaseOutcome::Answer(a),
+                    Err(e) => tracing::warn!("{base}: unreadable lease answer: {e}"),
+                },
+                Ok(r) if matches!(r.status().as_u16(), 404 | 405) => no_leases += 1,
+                Ok(r) => {
+                    let status = r.status();
+                    let text = r.text().await.unwrap_or_default();
+                    tracing::warn!(%status, "{base} refused the reboot lease request: {text}");
+                }
+                Err(e) => tracing::debug!("cannot reach {base}: {}", error_chain(&e)),
+            }
+        }
+        if no_leases == self.coordinators.len() {
+            LeaseOutcome::NoLeases
+        } else {
+            LeaseOutcome::Unreachable
+        }
+    }
+}
+
+/// How a reboot lease request ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LeaseOutcome {
+    /// A coordinator answered.
+    Answer(LeaseAnswer),
+    /// No coordinator hands out leases (static hosts, or none configured).
+    NoLeases,
+    /// None could be asked.
+    Unreachable,
 }
 
 /// Whether a 404 is a coordinator's `unknown_node` (its JSON error body says so), as opposed

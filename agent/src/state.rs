@@ -46,6 +46,24 @@ pub struct State {
     /// Waiting, healthy generations, the last GC, counters (docs/protocol.md §7.13–§7.15).
     #[serde(flatten)]
     pub laptop: crate::laptop::LaptopRecord,
+    /// A reboot the agent started (§7.16), saved before it ran the reboot command.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reboot: Option<RebootRecord>,
+}
+
+/// A reboot the agent asked for: what it rebooted into, and the lease it holds.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RebootRecord {
+    /// The applied version that needed it.
+    pub version: Version,
+    /// The system it should come back on.
+    pub system: String,
+    /// The boot id before the reboot.
+    pub boot_id: String,
+    /// The reboot lease taken for it (none on a static host).
+    pub lease: Option<String>,
+    /// When the reboot command ran.
+    pub at: Timestamp,
 }
 
 /// The record of the last refused manifest, in the state folder.

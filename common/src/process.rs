@@ -254,6 +254,13 @@ pub fn running(pid: i32) -> bool {
 
 /// The kernel's id of this boot (a reboot ends every process group).
 pub fn boot_id() -> String {
+    // Debug builds only: tests simulate a reboot by changing this file (docs/protocol.md §7.16).
+    #[cfg(debug_assertions)]
+    if let Some(f) = std::env::var_os("ROOST_TEST_BOOT_ID_FILE") {
+        if let Ok(s) = std::fs::read_to_string(f) {
+            return s.trim().to_owned();
+        }
+    }
     std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
         .map(|s| s.trim().to_owned())
         .unwrap_or_default()

@@ -443,6 +443,10 @@ async fn the_fleet_and_the_metrics_show_each_nodes_wave_and_the_halted_rollout()
         page.contains("<tr data-wave=\"2\"><td>2</td><td>1</td><td>no</td>"),
         "{page}"
     );
+    assert!(
+        page.contains("<a href=\"/nodes/a2\">a2</a></td><td>2 held</td>"),
+        "{page}"
+    );
     let page = reqwest::get(format!("{}/nodes/a2", s.url))
         .await
         .unwrap()

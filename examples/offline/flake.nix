@@ -55,6 +55,8 @@
           pi-kitchen = {
             hostname = "pi-kitchen.lan";
             roost.nodeKey = nodeKey "pi-kitchen";
+            # settings.nix may give it a reboot policy (null: the default, "never").
+            roost.reboot = (settings.reboot or { }).pi-kitchen or null;
             roost.wave = 1;
             roost.healthChecks = checks "pi-kitchen";
             profiles.system.path = system "pi-kitchen";

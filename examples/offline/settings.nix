@@ -18,4 +18,6 @@
   # switch-inhibitors name (`systemd`; a change makes a live switch refused).
   kernel = { };
   systemd = { };
+  # Per node (pi-kitchen only): its roost.reboot policy.
+  reboot = { };
 }

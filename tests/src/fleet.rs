@@ -29,6 +29,8 @@ pub struct Settings {
     pub kernel: Vec<(&'static str, &'static str)>,
     /// Per node: the systemd its `switch-inhibitors` names; none: no such file.
     pub systemd: Vec<(&'static str, &'static str)>,
+    /// Per node (the fixture reads it for pi-kitchen only): its `roost.reboot` policy.
+    pub reboot: Vec<(&'static str, &'static str)>,
 }
 
 impl Default for Settings {
@@ -41,6 +43,7 @@ impl Default for Settings {
             node_keys: vec![],
             kernel: vec![],
             systemd: vec![],
+            reboot: vec![],
         }
     }
 }
@@ -122,10 +125,11 @@ impl Fleet {
         };
         let kernel = quoted(&owned(&s.kernel));
         let systemd = quoted(&owned(&s.systemd));
+        let reboot = quoted(&owned(&s.reboot));
         self.edit(
             "settings.nix",
             &format!(
-                "{{\n  system = \"{}-linux\";\n  generation = {};\n  behaviour = {{ {} }};\n  blobKiB = {{ {} }};\n  httpChecks = {{ {} }};\n  nodeKeys = {{ {} }};\n  kernel = {{ {} }};\n  systemd = {{ {} }};\n}}\n",
+                "{{\n  system = \"{}-linux\";\n  generation = {};\n  behaviour = {{ {} }};\n  blobKiB = {{ {} }};\n  httpChecks = {{ {} }};\n  nodeKeys = {{ {} }};\n  kernel = {{ {} }};\n  systemd = {{ {} }};\n  reboot = {{ {} }};\n}}\n",
                 std::env::consts::ARCH,
                 s.generation,
                 attrs(&behaviour),
@@ -133,7 +137,8 @@ impl Fleet {
                 attrs(&http),
                 attrs(&keys),
                 attrs(&kernel),
-                attrs(&systemd)
+                attrs(&systemd),
+                attrs(&reboot)
             ),
         )
     }

@@ -1,7 +1,10 @@
 //! Reboot-aware activation (docs/protocol.md §7.16) on namespaced nodes with real Nix and
 //! real publish: a node's own `/run` holds `booted-system` and `current-system`, and the
 //! fixture's `switch-to-configuration` refuses a live switch whose switch-inhibitors changed,
-//! as NixOS 26.05's does. What needs a real reboot is in `vm_reboot.rs`.
+//! as NixOS 26.05's does. A reboot is simulated: the reboot command is a script that records
+//! it, and the boot id comes from a file (debug builds' `ROOST_TEST_BOOT_ID_FILE`) that the
+//! test changes, with `/run/booted-system`, as a real reboot would. No VM test of a real
+//! reboot exists yet.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -21,10 +24,22 @@ fn publish(
     kernel: &'static str,
     systemd: &'static str,
 ) -> (u64, String) {
+    publish_policy(f, generation, kernel, systemd, None)
+}
+
+/// [`publish`] with a `roost.reboot` policy.
+fn publish_policy(
+    f: &Fleet,
+    generation: u32,
+    kernel: &'static str,
+    systemd: &'static str,
+    reboot: Option<&'static str>,
+) -> (u64, String) {
     f.settings(&Settings {
         generation,
         kernel: vec![(NODE, kernel)],
         systemd: vec![(NODE, systemd)],
+        reboot: reboot.map(|r| vec![(NODE, r)]).unwrap_or_default(),
         ..Settings::default()
     })
     .unwrap();
@@ -49,6 +64,7 @@ fn booted_on_v1() -> (Fleet, PathBuf, String) {
     std::fs::create_dir_all(&run_dir).unwrap();
     f.node_mut(NODE).bind(&run_dir, "/run");
     let (v1, p1) = publish(&f, 1, "6.6", "257");
+    std::fs::write(f.node(NODE).dir.join("boot-id"), "boot-1\n").unwrap();
     point(&run_dir.join("booted-system"), &p1);
     point(&run_dir.join("current-system"), &p1);
     once(&f);
@@ -58,10 +74,14 @@ fn booted_on_v1() -> (Fleet, PathBuf, String) {
 }
 
 fn once(f: &Fleet) {
-    let out = f
-        .node(NODE)
-        .run_agent(&f.agent_args(f.node(NODE), true), &[])
-        .unwrap();
+    once_with(f, &[], &[]);
+}
+
+/// One cycle of the agent with `extra` arguments and `env`.
+fn once_with(f: &Fleet, extra: &[String], env: &[(&str, &str)]) {
+    let mut args = f.agent_args(f.node(NODE), true);
+    args.extend(extra.iter().cloned());
+    let out = f.node(NODE).run_agent(&args, env).unwrap();
     assert_eq!(
         out.status.code(),
         Some(0),
@@ -163,4 +183,82 @@ fn a_kernel_change_switches_live_and_reports_that_the_kernel_waits_for_a_reboot(
             && why[0].ends_with("linux-6.12"),
         "{why:?}"
     );
+}
+
+#[test]
+fn policy_auto_takes_a_lease_reboots_and_back_on_the_new_system_reports_success_and_gives_it_back()
+{
+    require!(preflight());
+    let (f, run_dir, _) = booted_on_v1();
+    let dir = f.node(NODE).dir.clone();
+    let script = dir.join("fake-reboot");
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\necho reboot >> {}\n",
+            dir.join("reboots").display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let cfg = dir.join("agent.json");
+    std::fs::write(
+        &cfg,
+        serde_json::json!({ "reboot_command": [script.display().to_string()] }).to_string(),
+    )
+    .unwrap();
+    let extra = ["--config".to_owned(), cfg.display().to_string()];
+    let boot_file = dir.join("boot-id");
+    let env = [("ROOST_TEST_BOOT_ID_FILE", boot_file.to_str().unwrap())];
+    let (v2, p2) = publish_policy(&f, 2, "6.12", "257", Some("auto"));
+    once_with(&f, &extra, &env);
+    let r = f.wait_report(NODE, v2, "success", LONG).unwrap();
+    assert_eq!(r["needs_reboot"], true, "{r:#}");
+    let reboots = || std::fs::read_to_string(dir.join("reboots")).unwrap_or_default();
+    assert_eq!(reboots(), "reboot\n", "the reboot command ran once");
+    let leases = || -> Value {
+        serde_json::from_slice(
+            &f.coordinator
+                .read(&roost_common::wire::v1::http::reboot_leases_url(
+                    &f.coordinator.url(),
+                ))
+                .unwrap(),
+        )
+        .unwrap()
+    };
+    let doc = leases();
+    assert_eq!(doc["holders"][0]["node"], NODE, "{doc:#}");
+    assert_eq!(doc["holders"][0]["boot_id"], "boot-1", "{doc:#}");
+    let state: Value = serde_json::from_slice(
+        &std::fs::read(f.node(NODE).state_dir().join("state.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(state["reboot"]["system"], p2, "{state:#}");
+    assert_eq!(state["reboot"]["boot_id"], "boot-1", "{state:#}");
+    // The same boot: nothing more happens.
+    once_with(&f, &extra, &env);
+    assert_eq!(reboots(), "reboot\n");
+    // The machine comes back on the new system.
+    std::fs::write(&boot_file, "boot-2\n").unwrap();
+    point(&run_dir.join("booted-system"), &p2);
+    point(&run_dir.join("current-system"), &p2);
+    once_with(&f, &extra, &env);
+    assert_eq!(reboots(), "reboot\n", "no second reboot");
+    let doc = leases();
+    assert_eq!(doc["holders"], serde_json::json!([]), "{doc:#}");
+    let events: Vec<&str> = doc["log"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["event"].as_str().unwrap())
+        .collect();
+    assert_eq!(events, ["acquired", "released"], "{doc:#}");
+    let st = f.node(NODE).status_json().unwrap();
+    assert_eq!(st["needs_reboot"], false, "{st:#}");
+    assert_eq!(st["last_deploy"]["state"], "success", "{st:#}");
+    let fleet = f.coordinator.fleet().unwrap();
+    let last = &fleet["nodes"][0]["last_report"];
+    assert_eq!(last["state"], "success", "{last:#}");
+    assert_eq!(last.get("needs_reboot"), None, "{last:#}");
+    assert!(last["seq"].as_u64().unwrap() > r["seq"].as_u64().unwrap());
 }

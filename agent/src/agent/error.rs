@@ -37,6 +37,8 @@ pub enum Step {
     Metered,
     /// Postponed by the user's `roost-agent defer` (deferred).
     Defer,
+    /// The machine did not come back healthy on the system it rebooted into (§7.16).
+    Reboot,
 }
 
 impl Step {
@@ -51,6 +53,7 @@ impl Step {
             Step::Activate => "activate",
             Step::Confirm => "confirm",
             Step::Recover => "recover",
+            Step::Reboot => "reboot",
             Step::ManualRollback => "manual-rollback",
             Step::Window => "window",
             Step::Power => "power",

@@ -221,8 +221,8 @@ fn index(app: &App) -> Result<String, ApiError> {
         None => waves(&judged),
     });
     main.push_str(
-        "<h2>Nodes</h2><table id=\"nodes\"><tr><th>node</th><th>desired</th><th>reported</th>\
-         <th>state</th><th>seen</th><th>flags</th><th>reason</th></tr>",
+        "<h2>Nodes</h2><table id=\"nodes\"><tr><th>node</th><th>wave</th><th>desired</th>\
+         <th>reported</th><th>state</th><th>seen</th><th>flags</th><th>reason</th></tr>",
     );
     for (r, flags) in &judged {
         let seen = match (r.rec.as_ref().and_then(|x| x.last_seen), r.polled) {
@@ -239,8 +239,9 @@ fn index(app: &App) -> Result<String, ApiError> {
         });
         let _ = write!(
             main,
-            "<tr data-node=\"{name}\"><td><a href=\"/nodes/{name}\">{name}</a></td><td>{}</td><td>{}</td>\
-             <td>{}</td><td>{}</td><td>{}</td><td class=\"reason\">{}</td></tr>",
+            "<tr data-node=\"{name}\"><td><a href=\"/nodes/{name}\">{name}</a></td><td>{}</td>\
+             <td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td class=\"reason\">{}</td></tr>",
+            wave_cell(r),
             desired_cell(r),
             reported_cell(r),
             esc(r
@@ -265,6 +266,16 @@ fn index(app: &App) -> Result<String, ApiError> {
         human_duration(t.expiring)
     );
     Ok(page("fleet", &main))
+}
+
+/// A node's wave, `held` after it while the current rollout holds its manifest back (as
+/// `roost-coordinator status` shows it).
+fn wave_cell(r: &Row) -> String {
+    match (r.wave(), r.rollout.is_some_and(|p| !p.released)) {
+        (Some(w), false) => w.to_string(),
+        (Some(w), true) => format!("{w} held"),
+        (None, _) => "-".into(),
+    }
 }
 
 /// The current rollout wave by wave, as `GET /v1/rollout` has it: released or not, healthy
