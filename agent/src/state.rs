@@ -64,6 +64,9 @@ pub struct RebootRecord {
     pub lease: Option<String>,
     /// When the reboot command ran.
     pub at: Timestamp,
+    /// For the second reboot, back onto the previous generation: why the first one failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rolling_back: Option<String>,
 }
 
 /// The record of the last refused manifest, in the state folder.

@@ -12,6 +12,9 @@
       blob = node: settings.blobKiB.${node} or 0;
       # roost.nodeKey pins the key a node signs its reports with; null: trust on first use.
       nodeKey = node: (settings.nodeKeys or { }).${node} or null;
+      # roost.reboot, from settings.nix; null: the default ("never").
+      reboot = node: (settings.reboot or { }).${node} or null;
+      rebootWindow = node: (settings.rebootWindow or { }).${node} or null;
       # The system's own health script, plus any HTTP checks settings.nix asks for.
       checks = node:
         [ { kind = "command"; argv = [ "/nix/var/nix/profiles/system/bin/health" ]; timeout_s = 10; } ]
@@ -38,6 +41,8 @@
           laptop = {
             hostname = "laptop.lan";
             roost.nodeKey = nodeKey "laptop";
+            roost.reboot = reboot "laptop";
+            roost.rebootWindow = rebootWindow "laptop";
             # node-level settings override deploy-level ones
             magicRollback = true;
             profilesOrder = [ "system" "home" ];
@@ -55,8 +60,8 @@
           pi-kitchen = {
             hostname = "pi-kitchen.lan";
             roost.nodeKey = nodeKey "pi-kitchen";
-            # settings.nix may give it a reboot policy (null: the default, "never").
-            roost.reboot = (settings.reboot or { }).pi-kitchen or null;
+            roost.reboot = reboot "pi-kitchen";
+            roost.rebootWindow = rebootWindow "pi-kitchen";
             roost.wave = 1;
             roost.healthChecks = checks "pi-kitchen";
             profiles.system.path = system "pi-kitchen";
@@ -65,6 +70,8 @@
           pi-garage = {
             hostname = "pi-garage.lan";
             roost.nodeKey = nodeKey "pi-garage";
+            roost.reboot = reboot "pi-garage";
+            roost.rebootWindow = rebootWindow "pi-garage";
             roost.wave = 1;
             roost.healthChecks = checks "pi-garage";
             profiles.system = {

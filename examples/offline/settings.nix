@@ -18,6 +18,7 @@
   # switch-inhibitors name (`systemd`; a change makes a live switch refused).
   kernel = { };
   systemd = { };
-  # Per node (pi-kitchen only): its roost.reboot policy.
+  # Per node: its roost.reboot policy, and its roost.rebootWindow.
   reboot = { };
+  rebootWindow = { };
 }

@@ -29,8 +29,10 @@ pub struct Settings {
     pub kernel: Vec<(&'static str, &'static str)>,
     /// Per node: the systemd its `switch-inhibitors` names; none: no such file.
     pub systemd: Vec<(&'static str, &'static str)>,
-    /// Per node (the fixture reads it for pi-kitchen only): its `roost.reboot` policy.
+    /// Per node: its `roost.reboot` policy.
     pub reboot: Vec<(&'static str, &'static str)>,
+    /// Per node: its `roost.rebootWindow`.
+    pub reboot_window: Vec<(&'static str, &'static str)>,
 }
 
 impl Default for Settings {
@@ -44,6 +46,7 @@ impl Default for Settings {
             kernel: vec![],
             systemd: vec![],
             reboot: vec![],
+            reboot_window: vec![],
         }
     }
 }
@@ -126,10 +129,11 @@ impl Fleet {
         let kernel = quoted(&owned(&s.kernel));
         let systemd = quoted(&owned(&s.systemd));
         let reboot = quoted(&owned(&s.reboot));
+        let reboot_window = quoted(&owned(&s.reboot_window));
         self.edit(
             "settings.nix",
             &format!(
-                "{{\n  system = \"{}-linux\";\n  generation = {};\n  behaviour = {{ {} }};\n  blobKiB = {{ {} }};\n  httpChecks = {{ {} }};\n  nodeKeys = {{ {} }};\n  kernel = {{ {} }};\n  systemd = {{ {} }};\n  reboot = {{ {} }};\n}}\n",
+                "{{\n  system = \"{}-linux\";\n  generation = {};\n  behaviour = {{ {} }};\n  blobKiB = {{ {} }};\n  httpChecks = {{ {} }};\n  nodeKeys = {{ {} }};\n  kernel = {{ {} }};\n  systemd = {{ {} }};\n  reboot = {{ {} }};\n  rebootWindow = {{ {} }};\n}}\n",
                 std::env::consts::ARCH,
                 s.generation,
                 attrs(&behaviour),
@@ -138,7 +142,8 @@ impl Fleet {
                 attrs(&keys),
                 attrs(&kernel),
                 attrs(&systemd),
-                attrs(&reboot)
+                attrs(&reboot),
+                attrs(&reboot_window)
             ),
         )
     }

@@ -197,14 +197,15 @@ impl Agent {
             .filter(|w| self.state.desired.as_ref().map(|m| m.version.0) == Some(w.version))
     }
 
-    /// How long until a wait ends by itself (a window opens, a deferral ends), if it does:
-    /// the daemon polls again then at the latest.
+    /// How long until a wait ends by itself (a window opens, a deferral ends, a reboot
+    /// window opens), if it does: the daemon polls again then at the latest.
     pub fn until_wake(&self) -> Option<Duration> {
         let now = Timestamp::from(self.clock.now());
-        let until = match self.waiting() {
-            Some(w) => w.until?,
-            None => laptop::read_defer(self.dir.root()).filter(|_| self.has_work())?,
+        let deploy = match self.waiting() {
+            Some(w) => w.until,
+            None => laptop::read_defer(self.dir.root()).filter(|_| self.has_work()),
         };
+        let until = deploy.into_iter().chain(self.reboot_wake).min()?;
         Some(Duration::from_secs(until.secs_since(now) + 1))
     }
 

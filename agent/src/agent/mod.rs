@@ -76,6 +76,8 @@ pub struct Agent {
     refused_code: Option<&'static str>,
     /// Windows, power, metered, retention, notifications, metrics.
     laptop: laptop_hooks::LaptopRuntime,
+    /// When the reboot window that a due reboot waits for opens (§7.16).
+    reboot_wake: Option<Timestamp>,
 }
 
 /// The version a refused envelope claims, read without trusting it (for `status`).
@@ -163,6 +165,7 @@ impl Agent {
             seen_etag: None,
             refused_later: None,
             fresh: false,
+            reboot_wake: None,
         })
     }
 

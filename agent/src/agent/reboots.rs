@@ -5,10 +5,11 @@
 
 use std::time::Duration;
 
-use roost_common::Timestamp;
+use roost_common::nix::profiles;
 use roost_common::schedule::{local_zone, zoned};
 use roost_common::wire::v1::lease::LeaseAction;
 use roost_common::wire::v1::{Activation, Goal, Manifest, ReportState, Timings};
+use roost_common::{StorePath, Timestamp};
 
 use super::Agent;
 use super::error::Step;
@@ -64,6 +65,7 @@ impl Agent {
     /// logged-in users (`wall`), saves the [`RebootRecord`] and runs the reboot command. Back
     /// from the reboot (another boot id), [`Agent::back_from_reboot`] checks the outcome.
     pub async fn reboot_if_due(&mut self) {
+        self.reboot_wake = None;
         let boot = roost_common::process::boot_id();
         if let Some(r) = self.state.reboot.clone() {
             if r.boot_id != boot {
@@ -108,6 +110,7 @@ impl Agent {
         match decision {
             Decision::Stay => return,
             Decision::WaitUntil(t) => {
+                self.reboot_wake = Some(t);
                 tracing::info!(
                     policy = policy.as_str(),
                     "a reboot is due; waiting for the reboot window at {t}"
@@ -136,6 +139,7 @@ impl Agent {
             boot_id: boot,
             lease: lease.clone(),
             at: Timestamp::from(self.clock.now()),
+            rolling_back: None,
         });
         if let Err(e) = self.save() {
             tracing::error!("cannot save the reboot record, not rebooting: {e}");
@@ -143,17 +147,65 @@ impl Agent {
             self.give_back(lease.as_deref()).await;
             return;
         }
-        let cmd = self.cfg.laptop.reboot_command.clone();
-        tracing::warn!(version = %m.version, reasons = %reasons.join("; "), command = ?cmd, "rebooting");
-        let out = activate::run(&cmd, &[], None, Duration::from_secs(60)).await;
-        if out != Outcome::Ok {
-            tracing::error!("{}", out.describe("the reboot command"));
+        tracing::warn!(version = %m.version, reasons = %reasons.join("; "), "rebooting");
+        if let Err(e) = self.run_reboot_command().await {
+            tracing::error!("{e}");
             self.state.reboot = None;
             if let Err(e) = self.save() {
                 tracing::error!("cannot save state: {e}");
             }
             self.give_back(lease.as_deref()).await;
         }
+    }
+
+    /// Runs the configured reboot command (it returns once the shutdown is under way).
+    async fn run_reboot_command(&self) -> Result<(), String> {
+        let cmd = &self.cfg.laptop.reboot_command;
+        match activate::run(cmd, &[], None, Duration::from_secs(60)).await {
+            Outcome::Ok => Ok(()),
+            out => Err(out.describe(&format!("the reboot command {cmd:?}"))),
+        }
+    }
+
+    /// Makes the generation before the current one of `m`'s `nixos` profile its current
+    /// one and the boot default again (its `switch-to-configuration boot`), and deletes the
+    /// failed generation. Says what it did.
+    async fn restore_previous_boot_default(&self, m: &Manifest) -> Result<String, String> {
+        let p = m
+            .profiles
+            .iter()
+            .find(|p| matches!(p.activation, Activation::Nixos { .. }))
+            .ok_or("the manifest has no nixos profile")?;
+        let link = default_profile_path(p);
+        let shown = |e: std::io::Error| format!("{}: {e}", link.display());
+        let cur = profiles::current(&link)
+            .map_err(shown)?
+            .ok_or_else(|| format!("{} has no current generation", link.display()))?;
+        let prev = profiles::generations(&link)
+            .map_err(shown)?
+            .into_iter()
+            .rfind(|g| g.number < cur.number)
+            .ok_or_else(|| format!("{} has no generation before {}", link.display(), cur.number))?;
+        let path: StorePath = prev
+            .target
+            .display()
+            .to_string()
+            .parse()
+            .map_err(|e| format!("generation {}: {e}", prev.number))?;
+        profiles::switch_to(&link, prev.number).map_err(shown)?;
+        let mut boot = p.clone();
+        boot.activation = Activation::Nixos { goal: Goal::Boot };
+        let out = activate::activate(&boot, &path, &link, "reboot-rollback").await;
+        if out != Outcome::Ok {
+            return Err(out.describe(&format!("switch-to-configuration boot of {path}")));
+        }
+        if let Err(e) = profiles::delete_generation(&link, cur.number) {
+            tracing::warn!("deleting the failed generation {}: {e}", cur.number);
+        }
+        Ok(format!(
+            "{}: generation {} -> {} ({path}) is the boot default again",
+            p.name, cur.number, prev.number
+        ))
     }
 
     /// Gives a reboot lease back (logged when no coordinator takes it: it then expires).
@@ -177,12 +229,33 @@ impl Agent {
 
     /// After the reboot `r` asked for: the machine must have booted `r.system` and pass the
     /// health checks; then the lease is given back and `success` reported (without
-    /// `needs_reboot`). Otherwise the version is quarantined and reported `failed` (phase
-    /// `reboot`); the previous generation is not made the boot default again (§11).
+    /// `needs_reboot`). Otherwise the version is quarantined, the previous generation is made
+    /// the boot default again and, when the failed system is what runs, the machine reboots
+    /// once more (keeping the lease); `rolled_back` is reported once it runs the previous one.
     async fn back_from_reboot(&mut self, r: RebootRecord) {
         let booted = std::fs::canonicalize(Running::default().booted)
             .map(|p| p.display().to_string())
             .unwrap_or_default();
+        self.state.reboot = None;
+        if let Some(why) = r.rolling_back.clone() {
+            let (st, msg) = if booted != r.system {
+                (ReportState::RolledBack, why)
+            } else {
+                (
+                    ReportState::Failed,
+                    format!("{why}; but the machine booted {booted} again"),
+                )
+            };
+            self.finish(
+                r.version,
+                st,
+                Some(super::err(Step::Reboot, msg)),
+                vec![],
+                Timings::default(),
+            );
+            self.give_back(r.lease.as_deref()).await;
+            return;
+        }
         let m = self
             .state
             .applied
@@ -208,8 +281,7 @@ impl Agent {
                 }
             }
         };
-        self.state.reboot = None;
-        match outcome {
+        let (health, why) = match outcome {
             Ok(health) => {
                 tracing::info!(version = %r.version, "back from the reboot on the new system, healthy");
                 self.finish(
@@ -219,20 +291,72 @@ impl Agent {
                     health,
                     Timings::default(),
                 );
+                self.give_back(r.lease.as_deref()).await;
+                return;
             }
-            Err((health, why)) => {
-                tracing::error!(version = %r.version, "{why}");
-                self.state.quarantined.insert(r.version.0);
+            Err(e) => e,
+        };
+        tracing::error!(version = %r.version, "{why}");
+        self.state.quarantined.insert(r.version.0);
+        let restored = match &m {
+            Some(m) => self.restore_previous_boot_default(m).await,
+            None => Err("nothing to restore".to_owned()),
+        };
+        let what = match restored {
+            Ok(what) => what,
+            Err(e) => {
+                let msg = format!("{why}; the previous generation could not be restored: {e}");
                 self.finish(
                     r.version,
                     ReportState::Failed,
-                    Some(super::err(Step::Reboot, why)),
+                    Some(super::err(Step::Reboot, msg)),
                     health,
                     Timings::default(),
                 );
+                self.give_back(r.lease.as_deref()).await;
+                return;
             }
+        };
+        self.state.current_version = None;
+        self.state.applied = None;
+        let msg = format!("{why}; {what}");
+        if booted != r.system {
+            // Already on the previous system: nothing more to boot.
+            self.finish(
+                r.version,
+                ReportState::RolledBack,
+                Some(super::err(Step::Reboot, msg)),
+                health,
+                Timings::default(),
+            );
+            self.give_back(r.lease.as_deref()).await;
+            return;
         }
-        self.give_back(r.lease.as_deref()).await;
+        self.state.reboot = Some(RebootRecord {
+            boot_id: roost_common::process::boot_id(),
+            at: Timestamp::from(self.clock.now()),
+            rolling_back: Some(msg.clone()),
+            ..r.clone()
+        });
+        if let Err(e) = self.save() {
+            tracing::error!("cannot save the reboot record: {e}");
+        }
+        wall(&format!(
+            "roost: rebooting now back into the previous system ({msg})"
+        ))
+        .await;
+        if let Err(e) = self.run_reboot_command().await {
+            self.state.reboot = None;
+            let msg = format!("{msg}; but the reboot failed: {e}");
+            self.finish(
+                r.version,
+                ReportState::Failed,
+                Some(super::err(Step::Reboot, msg)),
+                health,
+                Timings::default(),
+            );
+            self.give_back(r.lease.as_deref()).await;
+        }
     }
 }
 

@@ -209,9 +209,17 @@ impl Agent {
             self.progress.within(left);
             let outcome = activate::wait_unit(&unit, left).await;
             tracing::info!(profile = %pp.name, phase = "activate", unit, ?outcome, "an activation that outlived the previous run of the agent");
+            // A nixos switch that exited 100 installed the system for the next boot (§7.16).
+            let installed_for_boot = self
+                .state
+                .desired
+                .as_ref()
+                .filter(|m| m.version == pending.version)
+                .and_then(|m| m.profiles.iter().find(|p| p.name.as_str() == pp.name))
+                .is_some_and(|p| crate::reboot::installed_for_boot(&p.activation, &outcome));
             match outcome {
                 Outcome::Interrupted => {}
-                Outcome::Ok => {
+                o if o == Outcome::Ok || installed_for_boot => {
                     let pp = self.pending_profile_mut(i);
                     pp.activated = true;
                     pp.activation = None;
