@@ -304,3 +304,212 @@ fn assert_seq_order(f: &VmFleet) {
         "final reports not one per version in version order: {versions:?}"
     );
 }
+
+/// Where in a deploy a power cut is aimed.
+#[derive(Debug, Clone, Copy)]
+enum Moment {
+    Realise,
+    SetProfile,
+    Activate,
+    Confirm,
+}
+
+impl Moment {
+    /// The version to deploy, made so the moment lasts long enough to be hit.
+    fn version(self, generation: u32) -> Version {
+        let v = Version {
+            // A long deadline (Σ activation timeouts + confirm + 60 s): a boot under TCG
+            // cannot outlast it, so the rule recovery follows is known from the record.
+            activation_timeout: 300,
+            ..Version::new(generation)
+        };
+        match self {
+            Moment::Realise => Version {
+                blob_kib: 8 * 1024,
+                ..v
+            },
+            Moment::SetProfile => v,
+            Moment::Activate => Version {
+                activation: "slow",
+                activation_seconds: 6,
+                ..v
+            },
+            Moment::Confirm => Version {
+                health_seconds: 6,
+                ..v
+            },
+        }
+    }
+
+    /// A guest script that prints `CUT …` at a random instant of the moment (`pick` is a
+    /// number in [0, 1) from the test's seeded generator).
+    fn aim(self, path: &str, pick: f64) -> String {
+        let (wait, window) = match self {
+            // The agent's phase while it realises (status.json, rewritten on phase changes).
+            Moment::Realise => (
+                r#"grep -q '"phase": *"downloading"' /var/lib/roost/status.json"#.to_owned(),
+                1.5,
+            ),
+            // The intent saved just before `nix-env --set`, no activation started yet.
+            Moment::SetProfile => (
+                r#"grep -q '"switched": *true' /var/lib/roost/state.json"#.to_owned(),
+                0.8,
+            ),
+            Moment::Activate => (
+                format!("grep -q '^activate-start .* {path}$' /var/lib/roost-vm/events.log"),
+                5.5,
+            ),
+            Moment::Confirm => (
+                format!("grep -q '^health-start .* {path}$' /var/lib/roost-vm/events.log"),
+                5.5,
+            ),
+        };
+        let delay = window * pick;
+        format!(
+            "until {wait} 2>/dev/null; do sleep 0.02; done\nsleep {delay:.3}\necho \"CUT {self:?} +{delay:.3}s\""
+        )
+    }
+}
+
+/// A small seeded generator (splitmix64): the seed is printed, so a failing run can be
+/// repeated with ROOST_VM_SEED.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> f64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^= z >> 31;
+        (z >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+/// What recovery must make of what a power cut left (protocol §7.10): `success` when no
+/// profile was really switched (the deploy is simply tried again) or everything was
+/// activated before the deadline (confirmation runs again), else `rolled_back`.
+fn expected_after_cut(f: &VmFleet, state: &Value) -> &'static str {
+    let pending = &state["pending"];
+    if pending.is_null() {
+        return "success";
+    }
+    let p = &pending["profiles"][0];
+    let link = f
+        .machine
+        .sh("readlink /nix/var/nix/profiles/system")
+        .unwrap();
+    let at: Option<u64> = link
+        .trim()
+        .strip_prefix("system-")
+        .and_then(|l| l.strip_suffix("-link"))
+        .and_then(|n| n.parse().ok());
+    let activated = p["activated"] == true;
+    let switched = at != p["previous_generation"].as_u64()
+        || (p["switched"] == true && (activated || !p["activation"].is_null()));
+    if !switched {
+        return "success";
+    }
+    let before_deadline = f
+        .machine
+        .exec(&format!(
+            "[ $(date +%s) -lt $(date -d {} +%s) ]",
+            pending["deadline"].as_str().unwrap()
+        ))
+        .unwrap()
+        .0
+        == 0;
+    if activated && before_deadline {
+        "success"
+    } else {
+        "rolled_back"
+    }
+}
+
+/// Ten power cuts, one guest rebooted after each: the longest test here (about a minute a
+/// cut under TCG), named to sort first so libtest starts it first and the other tests run
+/// beside it.
+#[test]
+fn a_power_cut_at_random_moments_of_deploys_leaves_the_old_or_the_new_generation_and_one_report_each()
+ {
+    require!(vm::preflight());
+    let seed = std::env::var("ROOST_VM_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64
+        });
+    eprintln!("power cuts: seed {seed} (ROOST_VM_SEED={seed} repeats it)");
+    let mut rng = Rng(seed);
+    let mut f = fleet("2s");
+    let v1 = f.publish(&Version::new(1)).unwrap();
+    f.machine.boot().unwrap();
+    f.wait_final(v1.version, DEPLOY).unwrap();
+    let mut current = v1.path.clone();
+    let mut published = vec![v1.version];
+
+    let moments = [
+        Moment::Realise,
+        Moment::SetProfile,
+        Moment::Activate,
+        Moment::Confirm,
+    ];
+    for i in 0..10u32 {
+        let moment = moments[i as usize % moments.len()];
+        let v = f.publish(&moment.version(i + 2)).unwrap();
+        published.push(v.version);
+        let cut = f
+            .machine
+            .wait_for_line(&moment.aim(&v.path, rng.next()), "CUT", DEPLOY)
+            .unwrap();
+        f.machine
+            .power_cut(&format!("version {} at {cut}", v.version));
+        // Look at what the cut left before the agent's recovery touches it.
+        f.agent_starts_at_boot(false).unwrap();
+        f.machine.boot().unwrap();
+        let found = f.system_profile().unwrap();
+        let context = format!(
+            "cut {} ({cut}) of version {} (seed {seed})",
+            i + 1,
+            v.version
+        );
+        assert!(
+            found == current || found == v.path,
+            "{context}: the profile is {found}, neither the old {current} nor the new {}",
+            v.path
+        );
+        let state = f.state().unwrap();
+        let expected = expected_after_cut(&f, &state);
+        eprintln!(
+            "{context}: profile at the {} generation, pending {}; expecting {expected}",
+            if found == current { "old" } else { "new" },
+            state["pending"]
+        );
+
+        f.start_agent().unwrap();
+        let r = f
+            .wait_final(v.version, DEPLOY)
+            .unwrap_or_else(|e| panic!("{context}: {e:#}"));
+        assert_eq!(r["state"], expected, "{context}: {r}\n{}", f.diagnose());
+        let settled = f.wait_settled(DEPLOY).unwrap();
+        if expected == "success" {
+            current = v.path.clone();
+        } else {
+            assert_eq!(r["error"]["phase"], "recover", "{context}: {r}");
+        }
+        assert_eq!(f.system_profile().unwrap(), current, "{context}");
+        assert!(settled["pending"].is_null(), "{context}: {settled}");
+        for version in &published {
+            let finals = f.final_reports(*version).unwrap();
+            assert_eq!(
+                finals.len(),
+                1,
+                "{context}: final reports of version {version}: {finals:?}"
+            );
+        }
+        assert_seq_order(&f);
+    }
+}

@@ -61,6 +61,12 @@ impl Agent {
         if let Some(v) = self.wait_before_apply(m).await {
             return v;
         }
+        // Nix writes what it substitutes without fsync (Nix 2.8 has no `fsync-store-paths`),
+        // so after a power cut the new generation, or the old one a rollback goes back to,
+        // could hold files that were never written (without this, the VM power-cut test saw
+        // a rollback after a cut whose old generation's activation could not be started).
+        // The closure is made durable before anything points at it.
+        let _ = tokio::task::spawn_blocking(sync_store).await;
         let m = &self.with_inhibitors_checked(m);
         let reachable_before = self.poller.reachable(self.state.etag.as_deref()).await;
         if let Err(e) = self.record_pending(m, reachable_before) {
@@ -516,5 +522,19 @@ impl Agent {
             }
         }
         (results, Ok(()))
+    }
+}
+
+/// Writes the store's file system out (`syncfs`), or every file system when the store cannot
+/// be opened.
+fn sync_store() {
+    use std::os::fd::AsRawFd;
+    match std::fs::File::open(roost_common::names::STORE_DIR) {
+        Ok(store) => {
+            if let Err(e) = ::nix::unistd::syncfs(store.as_raw_fd()) {
+                tracing::warn!("syncfs of {}: {e}", roost_common::names::STORE_DIR);
+            }
+        }
+        Err(_) => ::nix::unistd::sync(),
     }
 }

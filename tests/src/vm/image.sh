@@ -131,6 +131,10 @@ echo 'root:root' | chroot "$root" chpasswd
 mkdir -p "$root/etc/systemd/journald.conf.d"
 printf '[Journal]\nStorage=persistent\nRateLimitBurst=0\n' > "$root/etc/systemd/journald.conf.d/roost-vm.conf"
 # Nix as a stock node has it: Debian's nix.conf, no experimental features; builds as root.
+# Its store and database exist from the start, as on an installed node: made by the first
+# Nix command instead, the database's files were new at the first power cut, which lost
+# them (`/nix/var/nix/db/schema is corrupt` at every later Nix call).
+chroot "$root" nix-store --init
 rm -rf "$root/var/cache/apt"/* "$root/var/lib/apt/lists"/*
 
 cp "$root"/boot/vmlinuz-* "$out/vmlinuz"
