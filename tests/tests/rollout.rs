@@ -20,12 +20,18 @@ const LONG: Duration = Duration::from_secs(120);
 fn three_waves(f: &Fleet) {
     let path = f.flake.join("flake.nix");
     let text = std::fs::read_to_string(&path).unwrap();
-    let from = "roost.nodeKey = nodeKey \"pi-garage\";\n            roost.wave = 1;";
-    assert!(
-        text.contains(from),
-        "examples/offline/flake.nix changed: pi-garage's roost.wave not found"
+    let garage = text
+        .find("pi-garage = {")
+        .expect("examples/offline/flake.nix changed: no pi-garage node");
+    let wave = garage
+        + text[garage..]
+            .find("roost.wave = 1;")
+            .expect("examples/offline/flake.nix changed: pi-garage's roost.wave = 1 not found");
+    let text = format!(
+        "{}roost.wave = 2;{}",
+        &text[..wave],
+        &text[wave + "roost.wave = 1;".len()..]
     );
-    let text = text.replace(from, &from.replace("wave = 1", "wave = 2"));
     f.edit("flake.nix", &text).unwrap();
 }
 
