@@ -70,6 +70,17 @@ fn settled_mtime(dir: &std::path::Path) -> Option<SystemTime> {
 }
 
 impl Reporter {
+    /// POSTs the signed JSON `body` to `url`, within 30 s.
+    async fn post(&self, url: &str, body: &[u8]) -> reqwest::Result<reqwest::Response> {
+        self.http
+            .post(url)
+            .header("Content-Type", "application/json")
+            .body(body.to_vec())
+            .timeout(Duration::from_secs(30))
+            .send()
+            .await
+    }
+
     /// A reporter writing into `dir`'s queue and sending to `coordinators`.
     pub fn new(
         dir: StateDir,
@@ -154,14 +165,7 @@ impl Reporter {
             };
             for base in &self.coordinators {
                 let url = roost_common::wire::v1::http::reports_url(base, &self.node);
-                let sent = self
-                    .http
-                    .post(&url)
-                    .header("Content-Type", "application/json")
-                    .body(body.clone())
-                    .timeout(Duration::from_secs(30))
-                    .send()
-                    .await;
+                let sent = self.post(&url, &body).await;
                 let (status, unknown_node) = match sent {
                     Ok(r) if r.status() == reqwest::StatusCode::NOT_FOUND => {
                         (404, is_unknown_node(r).await)
@@ -235,14 +239,7 @@ impl Reporter {
         let mut no_leases = 0;
         for base in &self.coordinators {
             let url = roost_common::wire::v1::http::reboot_lease_url(base, &self.node);
-            let sent = self
-                .http
-                .post(&url)
-                .header("Content-Type", "application/json")
-                .body(body.clone())
-                .timeout(Duration::from_secs(30))
-                .send()
-                .await;
+            let sent = self.post(&url, &body).await;
             match sent {
                 Ok(r) if r.status().is_success() => match r.json::<LeaseAnswer>().await {
                     Ok(a) => return LeaseOutcome::Answer(a),

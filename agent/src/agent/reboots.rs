@@ -8,7 +8,7 @@ use std::time::Duration;
 use roost_common::nix::profiles;
 use roost_common::schedule::{local_zone, zoned};
 use roost_common::wire::v1::lease::LeaseAction;
-use roost_common::wire::v1::{Activation, Goal, Manifest, ReportState, Timings};
+use roost_common::wire::v1::{Activation, Goal, HealthResult, Manifest, ReportState, Timings};
 use roost_common::{StorePath, Timestamp};
 
 use super::Agent;
@@ -208,6 +208,20 @@ impl Agent {
         ))
     }
 
+    /// Reports how the reboot of record `r` ended (its error in phase `reboot`) and gives its
+    /// lease back.
+    async fn end_reboot(
+        &mut self,
+        r: &RebootRecord,
+        state: ReportState,
+        message: Option<String>,
+        health: Vec<HealthResult>,
+    ) {
+        let error = message.map(|m| super::err(Step::Reboot, m));
+        self.finish(r.version, state, error, health, Timings::default());
+        self.give_back(r.lease.as_deref()).await;
+    }
+
     /// Gives a reboot lease back (logged when no coordinator takes it: it then expires).
     async fn give_back(&self, lease: Option<&str>) {
         let Some(id) = lease else { return };
@@ -246,14 +260,7 @@ impl Agent {
                     format!("{why}; but the machine booted {booted} again"),
                 )
             };
-            self.finish(
-                r.version,
-                st,
-                Some(super::err(Step::Reboot, msg)),
-                vec![],
-                Timings::default(),
-            );
-            self.give_back(r.lease.as_deref()).await;
+            self.end_reboot(&r, st, Some(msg), vec![]).await;
             return;
         }
         let m = self
@@ -284,14 +291,8 @@ impl Agent {
         let (health, why) = match outcome {
             Ok(health) => {
                 tracing::info!(version = %r.version, "back from the reboot on the new system, healthy");
-                self.finish(
-                    r.version,
-                    ReportState::Success,
-                    None,
-                    health,
-                    Timings::default(),
-                );
-                self.give_back(r.lease.as_deref()).await;
+                self.end_reboot(&r, ReportState::Success, None, health)
+                    .await;
                 return;
             }
             Err(e) => e,
@@ -306,14 +307,8 @@ impl Agent {
             Ok(what) => what,
             Err(e) => {
                 let msg = format!("{why}; the previous generation could not be restored: {e}");
-                self.finish(
-                    r.version,
-                    ReportState::Failed,
-                    Some(super::err(Step::Reboot, msg)),
-                    health,
-                    Timings::default(),
-                );
-                self.give_back(r.lease.as_deref()).await;
+                self.end_reboot(&r, ReportState::Failed, Some(msg), health)
+                    .await;
                 return;
             }
         };
@@ -322,14 +317,8 @@ impl Agent {
         let msg = format!("{why}; {what}");
         if booted != r.system {
             // Already on the previous system: nothing more to boot.
-            self.finish(
-                r.version,
-                ReportState::RolledBack,
-                Some(super::err(Step::Reboot, msg)),
-                health,
-                Timings::default(),
-            );
-            self.give_back(r.lease.as_deref()).await;
+            self.end_reboot(&r, ReportState::RolledBack, Some(msg), health)
+                .await;
             return;
         }
         self.state.reboot = Some(RebootRecord {
@@ -348,14 +337,8 @@ impl Agent {
         if let Err(e) = self.run_reboot_command().await {
             self.state.reboot = None;
             let msg = format!("{msg}; but the reboot failed: {e}");
-            self.finish(
-                r.version,
-                ReportState::Failed,
-                Some(super::err(Step::Reboot, msg)),
-                health,
-                Timings::default(),
-            );
-            self.give_back(r.lease.as_deref()).await;
+            self.end_reboot(&r, ReportState::Failed, Some(msg), health)
+                .await;
         }
     }
 }
